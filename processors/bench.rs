@@ -1,0 +1,108 @@
+//! `herald bench`: throughput of the core alone, end to end through the mock cluster with
+//! transactions and Avro both ways, and the same loop with no processing (the ceiling).
+
+use crate::demo;
+use crate::kafka::{self, KafkaSettings};
+use crate::pipeline::{self, Ctx};
+use crate::registry::Codec;
+use crate::scenario::{self, FeedItem};
+use crate::stages::{PassthroughStage, ProcessorStage};
+use crate::state::CustomerState;
+use crate::store::EmbeddedStore;
+use crate::telemetry::Metrics;
+use crate::topology::Topology;
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The bench's one JSON line.
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub events: usize,
+    pub core_events_per_s: f64,
+    pub e2e_events_per_s: f64,
+    pub passthrough_events_per_s: f64,
+}
+
+/// Runs all three measurements on a scenario of `customers` customers.
+pub fn run(customers: usize) -> Result<BenchResult> {
+    let topology = Arc::new(Topology::embedded()?);
+    let scenario = scenario::generate(customers, 7);
+    let events: Vec<_> = scenario
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            FeedItem::Event(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+
+    // Core: the pipeline on decoded events, one thread.
+    let t = Instant::now();
+    let mut states: HashMap<String, CustomerState> = HashMap::new();
+    let mut now = 0;
+    let mut decisions = 0usize;
+    for e in &events {
+        now = e.envelope.occurred_at.max(now);
+        let ctx = Ctx { now, topology: &topology };
+        let s = states.entry(e.envelope.customer_id.clone()).or_default();
+        decisions += pipeline::process(s, e, &ctx).len();
+    }
+    let core = events.len() as f64 / t.elapsed().as_secs_f64();
+    tracing::debug!(decisions, "core pass done");
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let cluster = demo::start_cluster(&rt, &topology)?;
+    let codec = Arc::new(Codec::new(&cluster.registry_url)?);
+    rt.block_on(codec.register_all())?;
+    let settings = KafkaSettings::new(&cluster.bootstrap, true, "bench");
+    let producer = settings.producer(None)?;
+    let items: Vec<FeedItem> = events.into_iter().map(FeedItem::Event).collect();
+    demo::feed(&rt, &producer, &codec, &items, |_| {})?;
+    let n = items.len() as u64;
+
+    let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
+
+    let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| -> Result<f64> {
+        let stop = AtomicBool::new(false);
+        let m = Metrics::default();
+        let t = Instant::now();
+        std::thread::scope(|s| -> Result<f64> {
+            let h = s.spawn(|| run(&stop, &m));
+            while m.records_in.load(Ordering::Relaxed) < n {
+                if h.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let secs = t.elapsed().as_secs_f64();
+            stop.store(true, Ordering::SeqCst);
+            h.join().map_err(|_| anyhow!("bench stage panicked"))??;
+            if m.records_in.load(Ordering::Relaxed) < n {
+                return Err(anyhow!("bench stage stopped before consuming every event"));
+            }
+            Ok(n as f64 / secs)
+        })
+    };
+    let h = rt.handle().clone();
+    let e2e = timed(&|stop, m| {
+        let mut stage = ProcessorStage::new(topology.clone(), codec.clone(), store.clone(), h.clone(), Arc::new(Metrics::default()));
+        kafka::run_stage(&settings, &mut stage, stop, m, &h)
+    })?;
+    let passthrough = timed(&|stop, m| {
+        let mut stage = PassthroughStage::default();
+        kafka::run_stage(&settings, &mut stage, stop, m, &h)
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(BenchResult {
+        events: items.len(),
+        core_events_per_s: core.round(),
+        e2e_events_per_s: e2e.round(),
+        passthrough_events_per_s: passthrough.round(),
+    })
+}

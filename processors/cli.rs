@@ -1,0 +1,341 @@
+//! The `herald` command line.
+
+use crate::kafka::{self, KafkaSettings};
+use crate::provider::CloudApiClient;
+use crate::registry::Codec;
+use crate::stages::{DispatchStage, ProcessorStage};
+use crate::store::EmbeddedStore;
+use crate::telemetry::{self, Metrics};
+use crate::topology::Topology;
+use crate::{bench, demo};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Herald governs a brand's WhatsApp messaging from Kafka events.
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the whole system on this machine with nothing installed and plays a scenario.
+    Demo {
+        /// Customers in the scenario (about 12 events each).
+        #[arg(long, default_value_t = 10_000)]
+        customers: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// End with one JSON line instead of the readable summary.
+        #[arg(long)]
+        json: bool,
+        /// Stay up after the scenario and print the addresses for ordinary Kafka clients.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Measures core, end-to-end and passthrough throughput; prints one JSON line.
+    Bench {
+        #[arg(long, default_value_t = 5_000)]
+        customers: usize,
+    },
+    /// Runs the processors and/or dispatch against a Kafka cluster, a registry and a store.
+    Run(RunArgs),
+    /// Topic administration.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Schema administration.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
+    /// Serves Herald's schema registry subset (for local development and tests).
+    Registry {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
+    /// Serves the WhatsApp Cloud API simulator (for local development and tests).
+    Simulator {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicsAction {
+    /// Creates the topics of topology/topics.toml that are missing and reports what differs.
+    Apply {
+        #[arg(long, env = "HERALD_BOOTSTRAP")]
+        bootstrap: String,
+        /// Topology directory; the embedded one when absent.
+        #[arg(long, env = "HERALD_TOPOLOGY")]
+        topology: Option<PathBuf>,
+        /// Replication factor override (the file's default is 3).
+        #[arg(long)]
+        replication: Option<i32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SchemasAction {
+    /// Registers every Herald schema under `<topic>-value` (idempotent).
+    Register {
+        #[arg(long, env = "HERALD_REGISTRY_URL")]
+        registry: String,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageName {
+    Processors,
+    Dispatch,
+    All,
+}
+
+/// Options of `herald run`; every one can come from the environment.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    #[arg(long, env = "HERALD_BOOTSTRAP")]
+    pub bootstrap: String,
+    #[arg(long, env = "HERALD_REGISTRY_URL")]
+    pub registry: String,
+    /// Embedded state store file.
+    #[arg(long, env = "HERALD_STORE", default_value = ".herald/state.redb")]
+    pub store: PathBuf,
+    #[arg(long, env = "HERALD_STAGE", value_enum, default_value = "all")]
+    pub stage: StageName,
+    /// At-least-once mode, for brokers without transactions.
+    #[arg(long, env = "HERALD_AT_LEAST_ONCE")]
+    pub at_least_once: bool,
+    /// Unique per process (transactional id); defaults to the host name.
+    #[arg(long, env = "HERALD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    #[arg(long, env = "HERALD_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+    #[arg(long, env = "HERALD_PROVIDER_URL", default_value = "https://graph.facebook.com")]
+    pub provider_url: String,
+    #[arg(long, env = "HERALD_PHONE_NUMBER_ID", default_value = "")]
+    pub phone_number_id: String,
+    #[arg(long, env = "HERALD_PROVIDER_TOKEN", default_value = "", hide_env_values = true)]
+    pub provider_token: String,
+    #[arg(long, env = "HERALD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
+    #[arg(long = "kafka-config", value_parser = parse_kv)]
+    pub kafka_config: Vec<(String, String)>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected key=value, got '{s}'"))
+}
+
+fn topology(dir: &Option<PathBuf>) -> Result<Topology> {
+    match dir {
+        Some(d) => Topology::load(d),
+        None => Topology::embedded(),
+    }
+}
+
+/// Runs a parsed command line.
+pub fn main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo { customers, seed, json, keep_running } => {
+            telemetry::init_tracing(if json { "error" } else { "warn" });
+            let opts = demo::DemoOptions { customers, seed, json, keep_running, state_dir: None };
+            let summary = demo::run(&opts)?;
+            if !keep_running {
+                demo::print_summary(&summary, json);
+            }
+            if summary.sends_without_consent > 0 || summary.duplicate_sends > 0 {
+                bail!("guarantee violated: {} sends without consent, {} duplicate sends", summary.sends_without_consent, summary.duplicate_sends);
+            }
+            Ok(())
+        }
+        Command::Bench { customers } => {
+            telemetry::init_tracing("error");
+            let r = bench::run(customers)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::Run(args) => {
+            telemetry::init_tracing("info");
+            run(args)
+        }
+        Command::Topics { action: TopicsAction::Apply { bootstrap, topology: dir, replication } } => {
+            telemetry::init_tracing("warn");
+            let topo = topology(&dir)?;
+            let report = topics_apply(&bootstrap, &topo, replication)?;
+            for line in &report {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Schemas { action: SchemasAction::Register { registry } } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let codec = Codec::new(&registry)?;
+            for (subject, id) in rt.block_on(codec.register_all())? {
+                println!("{subject}\tid {id}");
+            }
+            Ok(())
+        }
+        Command::Registry { listen } => serve_forever(listen, true),
+        Command::Simulator { listen } => serve_forever(listen, false),
+    }
+}
+
+fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
+    telemetry::init_tracing("info");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let addr = if registry {
+            crate::registry::serve(listen).await?
+        } else {
+            crate::provider::serve_simulator(listen).await?.0
+        };
+        println!("listening on http://{addr}");
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let topo = Arc::new(topology(&args.topology)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(crate::registry::ping(&args.registry))?;
+    let codec = Arc::new(Codec::new(&args.registry)?);
+    let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&args.store)?);
+    let instance = args
+        .instance_id
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("pid{}", std::process::id()));
+    let mut settings = KafkaSettings::new(&args.bootstrap, !args.at_least_once, &instance);
+    settings.batch_size = args.batch_size;
+    settings.extra = args.kafka_config.clone();
+    let stop = kafka::stop_on_signal(rt.handle());
+    let metrics = Metrics::shared();
+    let bound = rt.block_on(telemetry::serve_metrics(args.metrics_addr, metrics.clone()))?;
+    tracing::info!(metrics = %bound, instance, "herald run");
+
+    let mut handles = Vec::new();
+    if matches!(args.stage, StageName::Processors | StageName::All) {
+        let (s, st, m, h, t, c, store) = (settings.clone(), stop.clone(), metrics.clone(), rt.handle().clone(), topo.clone(), codec.clone(), store.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone());
+            kafka::run_stage(&s, &mut stage, &st, &m, &h)
+        }));
+    }
+    if matches!(args.stage, StageName::Dispatch | StageName::All) {
+        if args.phone_number_id.is_empty() || args.provider_token.is_empty() {
+            bail!("dispatch needs HERALD_PHONE_NUMBER_ID and HERALD_PROVIDER_TOKEN (or --phone-number-id / --provider-token)");
+        }
+        let client = CloudApiClient::new(&args.provider_url, &args.phone_number_id, &args.provider_token)?;
+        let (s, st, m, h, c, store) = (settings.clone(), stop.clone(), metrics.clone(), rt.handle().clone(), codec.clone(), store.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone());
+            kafka::run_stage(&s, &mut stage, &st, &m, &h)
+        }));
+    }
+    let mut first_error = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // One stage failing stops the others, so the process exits and is restarted whole.
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                first_error.get_or_insert(anyhow!("a stage panicked"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Creates missing topics and reports differences; returns one line per topic.
+pub fn topics_apply(bootstrap: &str, topo: &Topology, replication: Option<i32>) -> Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("cannot create Kafka admin client")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(15))
+        .with_context(|| format!("cannot read cluster metadata from {bootstrap}"))?;
+    let mut report = Vec::new();
+    let mut missing = Vec::new();
+    for spec in &topo.topics {
+        match metadata.topics().iter().find(|t| t.name() == spec.name) {
+            Some(t) => {
+                let have = t.partitions().len() as i32;
+                if have != spec.partitions {
+                    report.push(format!("DIFFERS {}: partitions {have}, topics.toml says {}", spec.name, spec.partitions));
+                } else {
+                    report.push(format!("OK      {}: {} partitions", spec.name, have));
+                }
+            }
+            None => missing.push(spec),
+        }
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    // Configs of the topics that exist: cleanup.policy and retention.ms must match the file.
+    let existing: Vec<_> = topo.topics.iter().filter(|s| !missing.iter().any(|m| m.name == s.name)).collect();
+    if !existing.is_empty() {
+        let specs: Vec<ResourceSpecifier> = existing.iter().map(|s| ResourceSpecifier::Topic(&s.name)).collect();
+        if let Ok(results) = rt.block_on(admin.describe_configs(specs.iter(), &opts)) {
+            for (spec, res) in existing.iter().zip(results) {
+                let Ok(res) = res else { continue };
+                let get = |k: &str| res.get(k).and_then(|e| e.value.clone()).unwrap_or_default();
+                if get("cleanup.policy") != spec.cleanup_policy {
+                    report.push(format!("DIFFERS {}: cleanup.policy {}, topics.toml says {}", spec.name, get("cleanup.policy"), spec.cleanup_policy));
+                }
+                if get("retention.ms") != spec.retention_ms.to_string() {
+                    report.push(format!("DIFFERS {}: retention.ms {}, topics.toml says {}", spec.name, get("retention.ms"), spec.retention_ms));
+                }
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let retention: Vec<String> = missing.iter().map(|s| s.retention_ms.to_string()).collect();
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .zip(&retention)
+            .map(|(s, r)| {
+                NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(replication.unwrap_or(s.replication)))
+                    .set("cleanup.policy", &s.cleanup_policy)
+                    .set("retention.ms", r)
+            })
+            .collect();
+        let results = rt.block_on(admin.create_topics(new.iter(), &opts))?;
+        for r in results {
+            match r {
+                Ok(name) => report.push(format!("CREATED {name}")),
+                Err((name, e)) => report.push(format!("FAILED  {name}: {e}")),
+            }
+        }
+    }
+    if report.iter().any(|l| l.starts_with("FAILED")) {
+        bail!("some topics could not be created:\n{}", report.join("\n"));
+    }
+    Ok(report)
+}

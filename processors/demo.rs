@@ -1,0 +1,371 @@
+//! `herald demo`: the whole system on one machine with nothing installed. It starts a librdkafka
+//! mock cluster, the registry subset, the provider simulator and the processors, feeds the
+//! scenario, and checks the outcome with checks that do not use the policy code.
+
+use crate::events::*;
+use crate::kafka::{self, KafkaSettings};
+use crate::pipeline::deterministic_id;
+use crate::provider::{self, CloudApiClient, SimulatedSend};
+use crate::registry::{self, Codec};
+use crate::scenario::{self, FeedItem};
+use crate::stages::{DispatchStage, ProcessorStage, DECISIONS, DLQ};
+use crate::store::EmbeddedStore;
+use crate::telemetry::Metrics;
+use crate::topology::Topology;
+use anyhow::{anyhow, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of `herald demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub customers: usize,
+    pub seed: u64,
+    pub json: bool,
+    pub keep_running: bool,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What the demo prints at the end (the `--json` line).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub customers: usize,
+    pub events_in: u64,
+    pub decisions: u64,
+    pub decisions_by_kind: BTreeMap<String, u64>,
+    pub suppressions_by_reason: BTreeMap<String, u64>,
+    pub sends: u64,
+    pub sends_without_consent: u64,
+    pub duplicate_sends: u64,
+    pub dlq: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+}
+
+/// The running pieces of a one-machine Herald.
+pub struct Cluster {
+    pub mock: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pub bootstrap: String,
+    pub registry_url: String,
+    pub simulator_url: String,
+    pub simulator: Arc<provider::SimulatorLog>,
+}
+
+/// Starts the mock cluster with Herald's topics, the registry and the simulator.
+pub fn start_cluster(rt: &tokio::runtime::Runtime, topology: &Topology) -> Result<Cluster> {
+    let mock = rdkafka::mocking::MockCluster::new(1).context("cannot start the in-process Kafka cluster")?;
+    kafka::create_topics_on_mock(&mock, topology)?;
+    mock.create_topic(crate::stages::PASSTHROUGH, topology.partitions(), 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let any = "127.0.0.1:0".parse().map_err(|e| anyhow!("{e}"))?;
+    let reg = rt.block_on(registry::serve(any))?;
+    let (sim, log) = rt.block_on(provider::serve_simulator(any))?;
+    Ok(Cluster {
+        mock,
+        bootstrap,
+        registry_url: format!("http://{reg}"),
+        simulator_url: format!("http://{sim}"),
+        simulator: log,
+    })
+}
+
+/// Produces the scenario to the input topics, in feed order; returns how many records.
+pub fn feed(rt: &tokio::runtime::Runtime, producer: &FutureProducer, codec: &Codec, items: &[FeedItem], mut progress: impl FnMut(usize)) -> Result<usize> {
+    let mut pending = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let (topic, key, bytes) = match item {
+            FeedItem::Event(e) => (crate::avro::family_topic(e.fact.family()), e.envelope.customer_id.clone(), rt.block_on(codec.encode_input(e))?),
+            FeedItem::Garbage { topic, key, bytes } => (*topic, key.clone(), bytes.clone()),
+        };
+        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(&bytes);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(anyhow!("feeding {topic}: {e}")),
+            }
+        }
+        progress(i + 1);
+    }
+    for d in rt.block_on(futures::future::join_all(pending)) {
+        match d {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(anyhow!("feeding: {e}")),
+            Err(_) => return Err(anyhow!("feeding: delivery report lost")),
+        }
+    }
+    Ok(items.len())
+}
+
+/// Reads a whole topic with a read_committed reader and hands each value to `f`.
+pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, mut f: impl FnMut(&rdkafka::message::BorrowedMessage) -> Result<()>) -> Result<u64> {
+    let settings = KafkaSettings::new(bootstrap, true, &format!("reader-{}", std::process::id()));
+    let consumer: BaseConsumer = settings.log_reader()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut eof = HashSet::new();
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while eof.len() < partitions as usize && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                eof.insert(p);
+            }
+            Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
+            Some(Ok(m)) => {
+                eof.remove(&m.partition());
+                n += 1;
+                f(&m)?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Checks the simulator's log against the scenario's own consent events, without policy code:
+/// a send counts as without consent when, at its trigger's time, the scenario's latest consent
+/// event for the template's purpose on WhatsApp was not a grant. Returns (without, duplicates).
+pub fn independent_checks(items: &[FeedItem], topology: &Topology, sends: &[SimulatedSend]) -> (u64, u64) {
+    // Ground truth from the scenario: consent timeline and trigger times per message id.
+    let mut timeline: HashMap<&str, Vec<(Millis, Purpose, bool)>> = HashMap::new();
+    let mut triggers: HashMap<String, (&str, Millis)> = HashMap::new();
+    for item in items {
+        let FeedItem::Event(e) = item else { continue };
+        let c = e.envelope.customer_id.as_str();
+        match &e.fact {
+            Fact::ConsentGranted(x) if x.channel == Channel::Whatsapp => timeline.entry(c).or_default().push((e.envelope.occurred_at, x.purpose, true)),
+            Fact::ConsentRevoked(x) if x.channel == Channel::Whatsapp => timeline.entry(c).or_default().push((e.envelope.occurred_at, x.purpose, false)),
+            _ => {}
+        }
+        for template in topology.policy.triggers.values() {
+            let id = deterministic_id(&[c, &e.envelope.event_id, template]);
+            triggers.entry(id).or_insert((c, e.envelope.occurred_at));
+        }
+    }
+    let purpose_of = |template: &str| topology.catalog.variants(template).and_then(|v| v.first()).map(|t| t.purpose);
+    let mut without = 0;
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    for s in sends {
+        if !seen.insert((s.to.clone(), s.callback_data.clone())) {
+            duplicates += 1;
+        }
+        let Some((customer, at)) = triggers.get(&s.callback_data) else {
+            // A message the scenario never asked for is a send without grounds.
+            without += 1;
+            continue;
+        };
+        let Some(purpose) = purpose_of(&s.template) else {
+            without += 1;
+            continue;
+        };
+        let granted = timeline
+            .get(customer)
+            .map(|t| {
+                let mut events: Vec<_> = t.iter().filter(|(when, p, _)| *p == purpose && when <= at).collect();
+                events.sort_by_key(|(when, _, _)| *when);
+                events.last().is_some_and(|(_, _, g)| *g)
+            })
+            .unwrap_or(false);
+        if !granted {
+            without += 1;
+        }
+    }
+    (without, duplicates)
+}
+
+fn wait_until(stop: &AtomicBool, what: &str, timeout: Duration, mut done: impl FnMut() -> bool, mut tick: impl FnMut()) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if stop.load(Ordering::SeqCst) {
+            return Err(anyhow!("interrupted while waiting for {what}"));
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("timed out waiting for {what}"));
+        }
+        tick();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Runs the demo and returns its summary.
+pub fn run(opts: &DemoOptions) -> Result<Summary> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let topology = Arc::new(Topology::embedded()?);
+    let say = |s: String| {
+        if !opts.json {
+            eprintln!("{s}");
+        }
+    };
+    say(format!("herald demo: {} customers, seed {}", opts.customers, opts.seed));
+    let cluster = start_cluster(&rt, &topology)?;
+    say(format!("  kafka (in-process mock) {}\n  schema registry         {}\n  provider simulator      {}", cluster.bootstrap, cluster.registry_url, cluster.simulator_url));
+
+    let scenario = scenario::generate(opts.customers, opts.seed);
+    say(format!("  scenario: {} records", scenario.len()));
+    let tmp;
+    let state_dir = match &opts.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            tmp.clone()
+        }
+    };
+    let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&state_dir.join("state.redb"))?);
+    let codec = Arc::new(Codec::new(&cluster.registry_url)?);
+    rt.block_on(codec.register_all())?;
+
+    let stop = kafka::stop_on_signal(rt.handle());
+    let pm = Metrics::shared();
+    let dm = Metrics::shared();
+    let settings = KafkaSettings::new(&cluster.bootstrap, true, "demo");
+    let mut handles = Vec::new();
+    {
+        let (s, st, t, c, h, m) = (settings.clone(), stop.clone(), topology.clone(), codec.clone(), rt.handle().clone(), pm.clone());
+        let store = store.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone());
+            kafka::run_stage(&s, &mut stage, &st, &m, &h)
+        }));
+    }
+    {
+        let (s, st, c, h, m) = (settings.clone(), stop.clone(), codec.clone(), rt.handle().clone(), dm.clone());
+        let store = store.clone();
+        let client = CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "demo-token")?;
+        handles.push(std::thread::spawn(move || {
+            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone());
+            kafka::run_stage(&s, &mut stage, &st, &m, &h)
+        }));
+    }
+
+    let producer = settings.producer(None)?;
+    let started = Instant::now();
+    let total = scenario.len();
+    let show = |fed: usize| {
+        if !opts.json {
+            eprint!(
+                "\r  fed {fed:>7}/{total}  processed {:>7}  decisions {:>7}  sends {:>6}  dlq {:>3}   ",
+                pm.records_in.load(Ordering::Relaxed),
+                pm.decisions_out.load(Ordering::Relaxed),
+                dm.sends.load(Ordering::Relaxed),
+                pm.dead_letters.load(Ordering::Relaxed)
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    // Feed in chunks and let the processors catch up between them: records of different topics
+    // are only ordered within what the consumer has in hand, as in a live system.
+    let mut fed = 0;
+    for chunk in scenario.items.chunks(5_000) {
+        fed += feed(&rt, &producer, &codec, chunk, |_| {})?;
+        show(fed);
+        let target = fed as u64;
+        wait_until(&stop, "the processors", Duration::from_secs(600), || pm.records_in.load(Ordering::Relaxed) >= target || handles.iter().any(|h| h.is_finished()), || show(fed))?;
+        if let Some(h) = handles.iter().position(|h| h.is_finished()) {
+            let r = handles.remove(h).join().map_err(|_| anyhow!("a stage panicked"))?;
+            r?;
+            return Err(anyhow!("a stage stopped early"));
+        }
+    }
+    wait_until(&stop, "dispatch", Duration::from_secs(600), || dm.records_in.load(Ordering::Relaxed) >= pm.decisions_out.load(Ordering::Relaxed), || show(fed))?;
+    let seconds = started.elapsed().as_secs_f64();
+    show(fed);
+    say(String::new());
+
+    // Read back what was committed, as a warehouse consumer would.
+    let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    let decisions = read_topic(&cluster.bootstrap, DECISIONS, topology.partitions(), |m| {
+        let d = rt.block_on(codec.decode_decision(m.payload())).map_err(|e| anyhow!("{e}"))?;
+        *by_kind.entry(d.outcome.kind().to_string()).or_default() += 1;
+        if let Outcome::MessageSuppressed(s) = &d.outcome {
+            *by_reason.entry(format!("{:?}", s.reason)).or_default() += 1;
+        }
+        Ok(())
+    })?;
+    let dlq = read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |_| Ok(()))?;
+    let sends = cluster.simulator.sends.lock().map(|s| s.clone()).unwrap_or_default();
+    let (without, duplicates) = independent_checks(&scenario.items, &topology, &sends);
+
+    let summary = Summary {
+        customers: opts.customers,
+        events_in: total as u64,
+        decisions,
+        decisions_by_kind: by_kind,
+        suppressions_by_reason: by_reason,
+        sends: sends.len() as u64,
+        sends_without_consent: without,
+        duplicate_sends: duplicates,
+        dlq,
+        seconds,
+        events_per_s: total as f64 / seconds.max(1e-9),
+    };
+    if opts.keep_running {
+        print_summary(&summary, opts.json);
+        eprintln!("\nherald demo keeps running (Ctrl-C to stop):\n  bootstrap.servers   {}\n  schema.registry.url {}\n  provider simulator  {}\n  e.g. kcat -b {} -t herald.decisions.v1 -s value=avro -r {} -X isolation.level=read_committed",
+            cluster.bootstrap, cluster.registry_url, cluster.simulator_url, cluster.bootstrap, cluster.registry_url);
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in handles {
+        h.join().map_err(|_| anyhow!("a stage panicked"))??;
+    }
+    drop(cluster);
+    Ok(summary)
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("herald-demo-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Prints the summary for a person, or as one JSON line.
+pub fn print_summary(s: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(s).unwrap_or_default());
+        return;
+    }
+    println!("\nHerald demo summary");
+    println!("  customers               {}", s.customers);
+    println!("  events in               {}", s.events_in);
+    println!("  decisions               {}", s.decisions);
+    for (k, v) in &s.decisions_by_kind {
+        println!("    {k:<22}{v}");
+    }
+    println!("  suppressed, by reason");
+    for (k, v) in &s.suppressions_by_reason {
+        println!("    {k:<22}{v}");
+    }
+    println!("  messages sent           {}", s.sends);
+    println!("  dead letters            {}", s.dlq);
+    println!("  throughput              {:.0} events/s ({:.1} s)", s.events_per_s, s.seconds);
+    println!("  sends without consent   {}", s.sends_without_consent);
+    println!("  duplicate sends         {}", s.duplicate_sends);
+}

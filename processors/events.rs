@@ -1,0 +1,624 @@
+//! Herald's domain events: the input facts, the decisions and the dispatch steps, as Rust types
+//! that mirror the Avro schemas in `schemas/` field for field.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Milliseconds since the Unix epoch, UTC (Avro `timestamp-millis`).
+pub type Millis = i64;
+
+/// What every input event carries (`herald.common.Envelope`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub event_id: String,
+    pub source_system: String,
+    pub source_sequence: Option<i64>,
+    pub occurred_at: Millis,
+    pub customer_id: String,
+    pub trace_parent: Option<String>,
+    pub schema_version: i32,
+}
+
+/// Money with exactly two fraction digits (`herald.common.Money`), held as minor units so that
+/// arithmetic is exact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Money {
+    #[serde(rename = "amount", with = "decimal_scale2")]
+    pub minor_units: i64,
+    pub currency: String,
+}
+
+impl Money {
+    /// Renders the amount the way a template shows it, e.g. `EUR 129.90`.
+    pub fn display(&self) -> String {
+        let sign = if self.minor_units < 0 { "-" } else { "" };
+        let abs = self.minor_units.unsigned_abs();
+        format!("{} {}{}.{:02}", self.currency, sign, abs / 100, abs % 100)
+    }
+}
+
+/// Avro `decimal` (bytes, scale 2) <-> minor units: big-endian two's complement of the unscaled value.
+mod decimal_scale2 {
+    use serde::{de::Error, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+        let bytes = v.to_be_bytes();
+        // Shortest two's complement form: drop leading bytes that only repeat the sign.
+        let mut start = 0;
+        while start < 7 {
+            let b = bytes[start];
+            let next_sign = bytes[start + 1] & 0x80;
+            if (b == 0x00 && next_sign == 0) || (b == 0xff && next_sign != 0) {
+                start += 1;
+            } else {
+                break;
+            }
+        }
+        s.serialize_bytes(&bytes[start..])
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let bytes: serde_bytes_compat::ByteBuf = serde::Deserialize::deserialize(d)?;
+        let b = bytes.0;
+        if b.is_empty() || b.len() > 8 {
+            return Err(D::Error::custom(format!(
+                "decimal of {} bytes does not fit a 64-bit amount",
+                b.len()
+            )));
+        }
+        let fill = if b[0] & 0x80 != 0 { 0xff } else { 0x00 };
+        let mut full = [fill; 8];
+        full[8 - b.len()..].copy_from_slice(&b);
+        Ok(i64::from_be_bytes(full))
+    }
+
+    mod serde_bytes_compat {
+        use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+        /// Accepts bytes however the Avro deserializer offers them.
+        pub struct ByteBuf(pub Vec<u8>);
+        impl<'de> Deserialize<'de> for ByteBuf {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = ByteBuf;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("decimal bytes")
+                    }
+                    fn visit_bytes<E>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                        Ok(ByteBuf(v.to_vec()))
+                    }
+                    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                        Ok(ByteBuf(v))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<ByteBuf, A::Error> {
+                        let mut out = Vec::new();
+                        while let Some(b) = a.next_element::<u8>()? {
+                            out.push(b);
+                        }
+                        Ok(ByteBuf(out))
+                    }
+                }
+                d.deserialize_bytes(V)
+            }
+        }
+    }
+}
+
+/// One product line of an order or cart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineItem {
+    pub sku: String,
+    pub name: String,
+    pub quantity: i32,
+    pub unit_price: Option<Money>,
+}
+
+/// Why a message is sent; consent is per purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Purpose {
+    Transactional,
+    Marketing,
+}
+
+/// The channel a message travels on; consent is per channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Channel {
+    Whatsapp,
+    Sms,
+    Email,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    pub order_id: String,
+    pub items: Vec<LineItem>,
+    pub total: Option<Money>,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentDispatched {
+    pub order_id: String,
+    pub shipment_id: String,
+    pub carrier: String,
+    pub tracking_url: Option<String>,
+    pub skus: Vec<String>,
+    pub estimated_delivery: Option<Millis>,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentDelayed {
+    pub order_id: String,
+    pub shipment_id: String,
+    pub new_estimated_delivery: Millis,
+    pub reason: Option<String>,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentOutForDelivery {
+    pub order_id: String,
+    pub shipment_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentDelivered {
+    pub order_id: String,
+    pub shipment_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub order_id: String,
+    pub reason: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CartAbandoned {
+    pub cart_id: String,
+    pub items: Vec<LineItem>,
+    pub total: Option<Money>,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CartRecovered {
+    pub cart_id: String,
+    pub order_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentCaptured {
+    pub order_id: String,
+    pub payment_id: String,
+    pub amount: Money,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailed {
+    pub order_id: String,
+    pub payment_id: String,
+    pub reason: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundIssued {
+    pub order_id: String,
+    pub refund_id: String,
+    pub amount: Money,
+    pub partial: bool,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRenewalDue {
+    pub subscription_id: String,
+    pub due_at: Millis,
+    pub amount: Money,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRenewed {
+    pub subscription_id: String,
+    pub amount: Money,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentChange {
+    pub purpose: Purpose,
+    pub channel: Channel,
+    pub source: String,
+    pub artifact_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileChanged {
+    pub first_name: Option<String>,
+    pub locale: Option<String>,
+    pub time_zone: Option<String>,
+    pub phone_e164: Option<String>,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureRequested {
+    pub request_id: String,
+}
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MessageStatus {
+    Sent,
+    Delivered,
+    Read,
+    Failed,
+}
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TemplateStatus {
+    Approved,
+    Pending,
+    Paused,
+    Disabled,
+    Rejected,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageStatusChanged {
+    pub provider_message_id: String,
+    pub status: MessageStatus,
+    pub error_code: Option<i32>,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundMessageReceived {
+    pub provider_message_id: String,
+    pub text: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateStatusChanged {
+    pub template_name: String,
+    pub language: String,
+    pub status: TemplateStatus,
+}
+
+/// A fact from any input family. The variant order is the order of the `fact` union in
+/// `EventAccepted`; each family's own union is a contiguous, order-preserving slice of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Fact {
+    OrderPlaced(OrderPlaced),
+    ShipmentDispatched(ShipmentDispatched),
+    ShipmentDelayed(ShipmentDelayed),
+    ShipmentOutForDelivery(ShipmentOutForDelivery),
+    ShipmentDelivered(ShipmentDelivered),
+    OrderCancelled(OrderCancelled),
+    CartAbandoned(CartAbandoned),
+    CartRecovered(CartRecovered),
+    PaymentCaptured(PaymentCaptured),
+    PaymentFailed(PaymentFailed),
+    RefundIssued(RefundIssued),
+    SubscriptionRenewalDue(SubscriptionRenewalDue),
+    SubscriptionRenewed(SubscriptionRenewed),
+    ConsentGranted(ConsentChange),
+    ConsentRevoked(ConsentChange),
+    ProfileChanged(ProfileChanged),
+    ErasureRequested(ErasureRequested),
+    MessageStatusChanged(MessageStatusChanged),
+    InboundMessageReceived(InboundMessageReceived),
+    TemplateStatusChanged(TemplateStatusChanged),
+}
+
+/// The input families, one per input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Oms,
+    Billing,
+    Crm,
+    Provider,
+}
+
+impl Family {
+    /// Position of the family's first record in the `Fact` order, and how many records it has.
+    pub const fn fact_range(self) -> (usize, usize) {
+        match self {
+            Family::Oms => (0, 8),
+            Family::Billing => (8, 5),
+            Family::Crm => (13, 4),
+            Family::Provider => (17, 3),
+        }
+    }
+}
+
+impl Fact {
+    /// Index of this variant in the `Fact` union.
+    pub fn index(&self) -> usize {
+        match self {
+            Fact::OrderPlaced(_) => 0,
+            Fact::ShipmentDispatched(_) => 1,
+            Fact::ShipmentDelayed(_) => 2,
+            Fact::ShipmentOutForDelivery(_) => 3,
+            Fact::ShipmentDelivered(_) => 4,
+            Fact::OrderCancelled(_) => 5,
+            Fact::CartAbandoned(_) => 6,
+            Fact::CartRecovered(_) => 7,
+            Fact::PaymentCaptured(_) => 8,
+            Fact::PaymentFailed(_) => 9,
+            Fact::RefundIssued(_) => 10,
+            Fact::SubscriptionRenewalDue(_) => 11,
+            Fact::SubscriptionRenewed(_) => 12,
+            Fact::ConsentGranted(_) => 13,
+            Fact::ConsentRevoked(_) => 14,
+            Fact::ProfileChanged(_) => 15,
+            Fact::ErasureRequested(_) => 16,
+            Fact::MessageStatusChanged(_) => 17,
+            Fact::InboundMessageReceived(_) => 18,
+            Fact::TemplateStatusChanged(_) => 19,
+        }
+    }
+
+    /// The family (and so the topic) this fact belongs to.
+    pub fn family(&self) -> Family {
+        match self.index() {
+            0..=7 => Family::Oms,
+            8..=12 => Family::Billing,
+            13..=16 => Family::Crm,
+            _ => Family::Provider,
+        }
+    }
+
+    /// The record name, as in the schema and in decision summaries.
+    pub fn kind(&self) -> &'static str {
+        const NAMES: [&str; 20] = [
+            "OrderPlaced",
+            "ShipmentDispatched",
+            "ShipmentDelayed",
+            "ShipmentOutForDelivery",
+            "ShipmentDelivered",
+            "OrderCancelled",
+            "CartAbandoned",
+            "CartRecovered",
+            "PaymentCaptured",
+            "PaymentFailed",
+            "RefundIssued",
+            "SubscriptionRenewalDue",
+            "SubscriptionRenewed",
+            "ConsentGranted",
+            "ConsentRevoked",
+            "ProfileChanged",
+            "ErasureRequested",
+            "MessageStatusChanged",
+            "InboundMessageReceived",
+            "TemplateStatusChanged",
+        ];
+        NAMES[self.index()]
+    }
+
+    /// The order this fact is about, if any.
+    pub fn order_id(&self) -> Option<&str> {
+        match self {
+            Fact::OrderPlaced(f) => Some(&f.order_id),
+            Fact::ShipmentDispatched(f) => Some(&f.order_id),
+            Fact::ShipmentDelayed(f) => Some(&f.order_id),
+            Fact::ShipmentOutForDelivery(f) => Some(&f.order_id),
+            Fact::ShipmentDelivered(f) => Some(&f.order_id),
+            Fact::OrderCancelled(f) => Some(&f.order_id),
+            Fact::CartRecovered(f) => Some(&f.order_id),
+            Fact::PaymentCaptured(f) => Some(&f.order_id),
+            Fact::PaymentFailed(f) => Some(&f.order_id),
+            Fact::RefundIssued(f) => Some(&f.order_id),
+            _ => None,
+        }
+    }
+}
+
+/// An input event: envelope plus fact, as read from one of the four input topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputEvent {
+    pub envelope: Envelope,
+    pub fact: Fact,
+}
+
+/// Which processor took a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Processor {
+    Dedupe,
+    OrderingGuard,
+    Policy,
+}
+
+/// Why a message a trigger asked for was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SuppressionReason {
+    NoConsent,
+    NoPhone,
+    UnknownTemplate,
+    UnsupportedLocale,
+    MissingVariable,
+    OrderCancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventAccepted {
+    pub envelope: Envelope,
+    pub fact: Fact,
+    pub forget_before: Millis,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DuplicateIgnored {
+    pub event_id: String,
+    pub first_seen_at: Millis,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentHeld {
+    pub event_id: String,
+    pub shipment: ShipmentDispatched,
+    pub expires_at: Millis,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentReleased {
+    pub event_id: String,
+    pub order_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldExpired {
+    pub event_id: String,
+    pub order_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageApproved {
+    pub message_id: String,
+    pub trigger_event_id: String,
+    pub template_name: String,
+    pub template_version: i32,
+    pub locale: String,
+    pub purpose: Purpose,
+    pub channel: Channel,
+    pub recipient: String,
+    pub variables: BTreeMap<String, String>,
+    pub consent_artifact_id: String,
+    pub consent_granted_at: Millis,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageSuppressed {
+    pub trigger_event_id: String,
+    pub template_name: String,
+    pub purpose: Purpose,
+    pub reason: SuppressionReason,
+    pub detail: String,
+}
+
+/// What a decision says (the `payload` union of `DecisionEvent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Outcome {
+    EventAccepted(EventAccepted),
+    DuplicateIgnored(DuplicateIgnored),
+    ShipmentHeld(ShipmentHeld),
+    ShipmentReleased(ShipmentReleased),
+    HoldExpired(HoldExpired),
+    MessageApproved(MessageApproved),
+    MessageSuppressed(MessageSuppressed),
+}
+
+impl Outcome {
+    /// Index in the decision payload union.
+    pub fn index(&self) -> usize {
+        match self {
+            Outcome::EventAccepted(_) => 0,
+            Outcome::DuplicateIgnored(_) => 1,
+            Outcome::ShipmentHeld(_) => 2,
+            Outcome::ShipmentReleased(_) => 3,
+            Outcome::HoldExpired(_) => 4,
+            Outcome::MessageApproved(_) => 5,
+            Outcome::MessageSuppressed(_) => 6,
+        }
+    }
+
+    /// The decision kind, as shown in summaries.
+    pub fn kind(&self) -> &'static str {
+        [
+            "EventAccepted",
+            "DuplicateIgnored",
+            "ShipmentHeld",
+            "ShipmentReleased",
+            "HoldExpired",
+            "MessageApproved",
+            "MessageSuppressed",
+        ][self.index()]
+    }
+}
+
+/// One decision of dedupe, ordering guard or policy (`herald.decisions.DecisionEvent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub decision_id: String,
+    pub customer_id: String,
+    pub input_event_id: String,
+    pub processor: Processor,
+    pub decided_at: Millis,
+    pub policy_version: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchAttempted {
+    pub attempt: i32,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchAccepted {
+    pub provider_message_id: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchFailed {
+    pub code: i32,
+    pub retryable: bool,
+    pub detail: String,
+}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchSkipped {
+    pub first_provider_message_id: String,
+}
+
+/// One dispatch step (the `payload` union of `DispatchEvent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum DispatchStep {
+    Attempted(DispatchAttempted),
+    Accepted(DispatchAccepted),
+    Failed(DispatchFailed),
+    Skipped(DispatchSkipped),
+}
+
+impl DispatchStep {
+    /// Index in the dispatch payload union.
+    pub fn index(&self) -> usize {
+        match self {
+            DispatchStep::Attempted(_) => 0,
+            DispatchStep::Accepted(_) => 1,
+            DispatchStep::Failed(_) => 2,
+            DispatchStep::Skipped(_) => 3,
+        }
+    }
+}
+
+/// One record of `herald.dispatch.v1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchRecord {
+    pub dispatch_id: String,
+    pub message_id: String,
+    pub customer_id: String,
+    pub decision_id: String,
+    pub template_name: String,
+    pub channel: Channel,
+    pub recorded_at: Millis,
+    pub step: DispatchStep,
+}
+
+/// One record of `herald.dlq.v1`: the original bytes and why they could not be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub stage: String,
+    pub error: String,
+    pub failed_at: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_displays_exact_amounts() {
+        let m = Money {
+            minor_units: 12990,
+            currency: "EUR".into(),
+        };
+        assert_eq!(m.display(), "EUR 129.90");
+        let neg = Money {
+            minor_units: -5,
+            currency: "USD".into(),
+        };
+        assert_eq!(neg.display(), "USD -0.05");
+    }
+
+    #[test]
+    fn fact_indexes_follow_family_ranges() {
+        let f = Fact::PaymentCaptured(PaymentCaptured {
+            order_id: "o".into(),
+            payment_id: "p".into(),
+            amount: Money {
+                minor_units: 1,
+                currency: "EUR".into(),
+            },
+        });
+        let (start, len) = Family::Billing.fact_range();
+        assert!(f.index() >= start && f.index() < start + len);
+        assert_eq!(f.family(), Family::Billing);
+    }
+}

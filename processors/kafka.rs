@@ -1,0 +1,474 @@
+//! The Kafka shell: consume -> decide -> produce in Kafka transactions (or at-least-once for
+//! brokers without them), restore of partition state on assignment, the dead-letter topic, and a
+//! clean stop on SIGTERM. The loop is generic over a [`Stage`]; the rules live in the core.
+
+use crate::store::StateStore;
+use crate::telemetry::Metrics;
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the loop talks to the brokers.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap: String,
+    /// Kafka transactions (exactly-once); false for at-least-once on brokers without them.
+    pub exactly_once: bool,
+    /// Unique per process: the transactional id and client id derive from it.
+    pub instance_id: String,
+    pub batch_size: usize,
+    /// `range` keeps co-partitioned topics on one consumer; see the README on assignment.
+    pub assignment_strategy: String,
+    /// Extra librdkafka settings (security, timeouts), applied last.
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    /// Settings with Herald's defaults for a cluster.
+    pub fn new(bootstrap: &str, exactly_once: bool, instance_id: &str) -> Self {
+        KafkaSettings {
+            bootstrap: bootstrap.to_string(),
+            exactly_once,
+            instance_id: instance_id.to_string(),
+            batch_size: 1000,
+            assignment_strategy: "range".into(),
+            extra: vec![],
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// A producer; transactional when `transactional_id` is given.
+    pub fn producer(&self, transactional_id: Option<&str>) -> Result<FutureProducer> {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .set("partitioner", "murmur2_random");
+        if let Some(id) = transactional_id {
+            c.set("transactional.id", id).set("transaction.timeout.ms", "30000");
+        }
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c.create().context("cannot create Kafka producer")
+    }
+
+    /// A reader with no group, for restoring state from a log partition.
+    pub fn log_reader(&self) -> Result<BaseConsumer> {
+        let mut c = self.base();
+        c.set("group.id", format!("herald-restore-{}", self.instance_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest");
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c.create().context("cannot create Kafka restore reader")
+    }
+}
+
+/// One record a stage wants written in the current transaction.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub topic: &'static str,
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// What a stage produced while handling a batch.
+#[derive(Default)]
+pub struct Outbox {
+    pub records: Vec<OutRecord>,
+}
+
+/// The next offset of each (topic, partition) this transaction wrote to.
+pub type Produced = BTreeMap<(String, i32), i64>;
+
+/// A processing stage run by the loop: the processors, dispatch, or the bench passthrough.
+pub trait Stage {
+    /// Name used in group ids, transactional ids and store namespaces.
+    fn name(&self) -> &'static str;
+    /// Topics it consumes.
+    fn input_topics(&self) -> Vec<&'static str>;
+    /// Rebuilds the state of a partition it now owns.
+    fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()>;
+    /// Forgets the state of a partition it no longer owns.
+    fn revoke(&mut self, partition: i32);
+    /// Forgets everything (after an aborted transaction); state is restored again on demand.
+    fn reset(&mut self);
+    /// Whether the stage holds state for a partition.
+    fn owns(&self, partition: i32) -> bool;
+    /// Handles one input record. `Err` is fatal: the transaction is aborted and the loop stops.
+    fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()>;
+    /// Called once per batch after every record: timers, batched provider calls.
+    fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()>;
+    /// Called after the transaction committed, with the positions it wrote.
+    fn committed(&mut self, produced: &Produced) -> Result<()>;
+}
+
+/// Reads a log partition from an offset to its end (read_committed), for restore.
+pub struct LogReader {
+    consumer: BaseConsumer,
+}
+
+impl LogReader {
+    /// Feeds every record of `topic`/`partition` from `from` to the end; returns the next offset.
+    pub fn read(&self, topic: &str, partition: i32, from: i64, mut f: impl FnMut(&OwnedMessage) -> Result<()>) -> Result<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
+        self.consumer.assign(&tpl)?;
+        let mut next = from;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if Instant::now() > deadline {
+                bail!("restoring {topic}/{partition}: end of log not reached in 120 s");
+            }
+            match self.consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break,
+                Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
+                Some(Ok(m)) => {
+                    let owned = m.detach();
+                    next = owned.offset() + 1;
+                    f(&owned)?;
+                }
+            }
+        }
+        self.consumer.unassign()?;
+        Ok(next)
+    }
+}
+
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+/// Records rebalances so the loop can restore and drop state between batches.
+#[derive(Default)]
+struct RebalanceLog {
+    events: Mutex<Vec<RebalanceEvent>>,
+}
+
+impl ClientContext for RebalanceLog {}
+
+fn tpl_list(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+}
+
+impl ConsumerContext for RebalanceLog {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = r {
+            if let Ok(mut e) = self.events.lock() {
+                e.push(RebalanceEvent::Revoked(tpl_list(tpl)));
+            }
+        }
+    }
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = r {
+            if let Ok(mut e) = self.events.lock() {
+                e.push(RebalanceEvent::Assigned(tpl_list(tpl)));
+            }
+        }
+    }
+}
+
+/// Runs a stage until `stop` is set; the transaction in flight is finished first.
+pub fn run_stage<S: Stage>(settings: &KafkaSettings, stage: &mut S, stop: &AtomicBool, metrics: &Metrics, rt: &tokio::runtime::Handle) -> Result<()> {
+    let group = format!("herald-{}", stage.name());
+    let mut cc = settings.base();
+    cc.set("group.id", &group)
+        .set("client.id", format!("herald-{}-{}", stage.name(), settings.instance_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", &settings.assignment_strategy)
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    for (k, v) in &settings.extra {
+        cc.set(k, v);
+    }
+    let consumer: BaseConsumer<RebalanceLog> = cc
+        .create_with_context(RebalanceLog::default())
+        .context("cannot create Kafka consumer")?;
+    consumer.subscribe(&stage.input_topics())?;
+    let txn_id = format!("herald-{}-{}", stage.name(), settings.instance_id);
+    let producer = settings.producer(settings.exactly_once.then_some(txn_id.as_str()))?;
+    if settings.exactly_once {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .context("init_transactions failed: does the broker support transactions? (use at-least-once mode if not)")?;
+    }
+    let reader = LogReader {
+        consumer: settings.log_reader()?,
+    };
+    let mut owned: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+    tracing::info!(stage = stage.name(), group, exactly_once = settings.exactly_once, "loop started");
+
+    while !stop.load(Ordering::SeqCst) {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let started = Instant::now();
+        while batch.len() < settings.batch_size && started.elapsed() < Duration::from_millis(100) {
+            match consumer.poll(Duration::from_millis(20)) {
+                None => {
+                    if !batch.is_empty() {
+                        break;
+                    }
+                }
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            }
+            apply_rebalances(&consumer, stage, &mut owned, &mut batch, &reader, metrics)?;
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let result = run_batch(settings, stage, &consumer, &producer, &batch, &reader, metrics, rt);
+        match result {
+            Ok(()) => {}
+            Err(BatchError::Abortable(why)) => {
+                tracing::warn!(error = %why, "transaction aborted; rewinding to the last commit");
+                Metrics::inc(&metrics.aborted_transactions, 1);
+                if settings.exactly_once {
+                    producer.abort_transaction(Duration::from_secs(30)).context("abort_transaction")?;
+                }
+                stage.reset();
+                rewind(&consumer)?;
+            }
+            Err(BatchError::Fatal(e)) => {
+                if settings.exactly_once {
+                    let _ = producer.abort_transaction(Duration::from_secs(10));
+                }
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!(stage = stage.name(), "stopping: no transaction in flight");
+    consumer.unsubscribe();
+    Ok(())
+}
+
+fn apply_rebalances<S: Stage>(consumer: &BaseConsumer<RebalanceLog>, stage: &mut S, owned: &mut BTreeMap<i32, BTreeSet<String>>, batch: &mut Vec<OwnedMessage>, reader: &LogReader, metrics: &Metrics) -> Result<()> {
+    let events: Vec<RebalanceEvent> = match consumer.context().events.lock() {
+        Ok(mut e) => std::mem::take(&mut *e),
+        Err(_) => bail!("rebalance log poisoned"),
+    };
+    for ev in events {
+        match ev {
+            RebalanceEvent::Revoked(list) => {
+                for (topic, p) in list {
+                    if let Some(topics) = owned.get_mut(&p) {
+                        topics.remove(&topic);
+                        if topics.is_empty() {
+                            owned.remove(&p);
+                            stage.revoke(p);
+                            tracing::info!(partition = p, "partition revoked; state dropped");
+                        }
+                    }
+                    // Records fetched before the revoke belong to the next owner now.
+                    batch.retain(|m| !(m.topic() == topic && m.partition() == p));
+                }
+            }
+            RebalanceEvent::Assigned(list) => {
+                for (topic, p) in list {
+                    let topics = owned.entry(p).or_default();
+                    let first = topics.is_empty();
+                    topics.insert(topic);
+                    if first && !stage.owns(p) {
+                        let t = Instant::now();
+                        stage.restore(p, reader)?;
+                        Metrics::inc(&metrics.restored_partitions, 1);
+                        tracing::info!(partition = p, ms = t.elapsed().as_millis() as u64, "partition assigned; state restored");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Seeks every assigned partition back to its committed offset.
+fn rewind(consumer: &BaseConsumer<RebalanceLog>) -> Result<()> {
+    let assignment = consumer.assignment()?;
+    let committed = consumer.committed_offsets(assignment, Duration::from_secs(30))?;
+    let mut seek = TopicPartitionList::new();
+    for e in committed.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        seek.add_partition_offset(e.topic(), e.partition(), offset)?;
+    }
+    consumer.seek_partitions(seek, Duration::from_secs(30))?;
+    Ok(())
+}
+
+enum BatchError {
+    Abortable(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+fn kafka_error(e: KafkaError, what: &str) -> BatchError {
+    let fatal = match &e {
+        KafkaError::Transaction(t) => t.is_fatal() || !t.txn_requires_abort() && !t.is_retriable(),
+        KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced) => true,
+        _ => false,
+    };
+    let err = anyhow!("{what}: {e}");
+    if fatal {
+        BatchError::Fatal(err)
+    } else {
+        BatchError::Abortable(err)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseConsumer<RebalanceLog>, producer: &FutureProducer, batch: &[OwnedMessage], reader: &LogReader, metrics: &Metrics, rt: &tokio::runtime::Handle) -> Result<(), BatchError> {
+    if settings.exactly_once {
+        producer.begin_transaction().map_err(|e| kafka_error(e, "begin_transaction"))?;
+    }
+    let mut out = Outbox::default();
+    let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for msg in batch {
+        if !stage.owns(msg.partition()) {
+            stage.restore(msg.partition(), reader).map_err(BatchError::Abortable)?;
+        }
+        stage.handle(msg, &mut out).map_err(BatchError::Fatal)?;
+        offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
+    }
+    stage.end_of_batch(&mut out).map_err(BatchError::Fatal)?;
+    Metrics::inc(&metrics.records_in, batch.len() as u64);
+
+    let mut pending = Vec::with_capacity(out.records.len());
+    for r in &out.records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let record = FutureRecord::to(r.topic).partition(r.partition).key(&r.key).payload(&r.value).headers(headers);
+        let mut record = record;
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(kafka_error(e, "produce")),
+            }
+        }
+    }
+    let mut produced: Produced = BTreeMap::new();
+    let deliveries = rt.block_on(futures::future::join_all(pending));
+    for (d, r) in deliveries.into_iter().zip(&out.records) {
+        match d {
+            Ok(Ok(delivery)) => {
+                let next = produced.entry((r.topic.to_string(), delivery.partition)).or_insert(0);
+                *next = (*next).max(delivery.offset + 1);
+            }
+            Ok(Err((e, _))) => return Err(kafka_error(e, "delivery")),
+            Err(_) => return Err(BatchError::Abortable(anyhow!("delivery report lost"))),
+        }
+    }
+
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, p), next) in &offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
+            .map_err(|e| kafka_error(e, "offsets"))?;
+    }
+    if settings.exactly_once {
+        let meta = consumer
+            .group_metadata()
+            .ok_or_else(|| BatchError::Abortable(anyhow!("no consumer group metadata yet")))?;
+        producer
+            .send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))
+            .map_err(|e| kafka_error(e, "send_offsets_to_transaction"))?;
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .map_err(|e| kafka_error(e, "commit_transaction"))?;
+    } else {
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| BatchError::Abortable(anyhow!("offset commit: {e}")))?;
+    }
+    Metrics::inc(&metrics.transactions, 1);
+    stage.committed(&produced).map_err(BatchError::Fatal)?;
+    Ok(())
+}
+
+/// Creates Herald's topics on a librdkafka mock cluster (whose admin API is not usable).
+pub fn create_topics_on_mock<C: ClientContext>(cluster: &rdkafka::mocking::MockCluster<'_, C>, topology: &crate::topology::Topology) -> Result<()> {
+    for t in &topology.topics {
+        cluster
+            .create_topic(&t.name, t.partitions, 1)
+            .with_context(|| format!("creating {} on the mock cluster", t.name))?;
+    }
+    Ok(())
+}
+
+/// Headers that say where a record came from.
+pub fn provenance(msg: &OwnedMessage) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("herald.source.topic", msg.topic().as_bytes().to_vec()),
+        ("herald.source.partition", msg.partition().to_string().into_bytes()),
+        ("herald.source.offset", msg.offset().to_string().into_bytes()),
+    ]
+}
+
+/// A shared flag set on SIGTERM or Ctrl-C.
+pub fn stop_on_signal(rt: &tokio::runtime::Handle) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    rt.spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("stop requested; finishing the transaction in flight");
+        flag.store(true, Ordering::SeqCst);
+    });
+    stop
+}
+
+/// Keeps a store handle shareable across stages.
+pub type SharedStore = Arc<dyn StateStore>;

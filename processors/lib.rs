@@ -1,0 +1,28 @@
+//! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
+//!
+//! The pure core (`dedupe`, `ordering`, `policy`, `dispatch`, `state`, `pipeline`) decides; the
+//! shells (`kafka`, `stages`, `registry`, `store`, `provider`, `telemetry`, `cli`) move bytes.
+
+pub mod avro;
+pub mod events;
+pub mod topology;
+
+// The pure core: no I/O, no clock, no randomness.
+pub mod dedupe;
+pub mod dispatch;
+pub mod ordering;
+pub mod pipeline;
+pub mod policy;
+pub mod state;
+
+// Shells.
+pub mod bench;
+pub mod cli;
+pub mod demo;
+pub mod kafka;
+pub mod provider;
+pub mod registry;
+pub mod scenario;
+pub mod stages;
+pub mod store;
+pub mod telemetry;

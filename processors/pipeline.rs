@@ -1,0 +1,139 @@
+//! The pure core composed: dedupe, then the ordering guard, then policy, each deciding on the
+//! state as the previous one left it. One input and one state always give the same decisions.
+
+use crate::events::*;
+use crate::policy::Trigger;
+use crate::state::{evolve, CustomerState};
+use crate::topology::Topology;
+use crate::{dedupe, ordering, policy};
+use sha2::{Digest, Sha256};
+
+/// What the core needs besides state and input: stream time and configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    /// Stream time of the task (the largest occurred-at it has seen), never the wall clock.
+    pub now: Millis,
+    pub topology: &'a Topology,
+}
+
+/// A short, stable id derived from its parts (128 bits of SHA-256, hex).
+pub fn deterministic_id(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0x1f]);
+    }
+    let digest = h.finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Recorder<'s> {
+    state: &'s mut CustomerState,
+    customer_id: String,
+    input_event_id: String,
+    now: Millis,
+    policy_version: String,
+    out: Vec<Decision>,
+}
+
+impl Recorder<'_> {
+    fn record(&mut self, processor: Processor, outcomes: Vec<Outcome>) {
+        for outcome in outcomes {
+            let seq = self.out.len().to_string();
+            let d = Decision {
+                decision_id: deterministic_id(&[&self.customer_id, &self.input_event_id, &seq]),
+                customer_id: self.customer_id.clone(),
+                input_event_id: self.input_event_id.clone(),
+                processor,
+                decided_at: self.now,
+                policy_version: self.policy_version.clone(),
+                outcome,
+            };
+            evolve(self.state, &d);
+            self.out.push(d);
+        }
+    }
+}
+
+/// Runs one input through dedupe, the ordering guard and policy, folding as it goes.
+pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<Decision> {
+    let event_id = input.envelope.event_id.clone();
+    let mut r = Recorder {
+        state,
+        customer_id: input.envelope.customer_id.clone(),
+        input_event_id: event_id.clone(),
+        now: ctx.now,
+        policy_version: ctx.topology.policy.version.clone(),
+        out: Vec::new(),
+    };
+    let dedupe = dedupe::decide(r.state, input, ctx);
+    let accepted = matches!(dedupe.first(), Some(Outcome::EventAccepted(_)));
+    r.record(Processor::Dedupe, dedupe);
+    if !accepted {
+        return r.out;
+    }
+
+    let guard = ordering::decide(r.state, input, ctx);
+    let held = ordering::held_now(&guard, &event_id);
+    // Released shipments are policy triggers; take their facts before the fold forgets them.
+    let released: Vec<(String, Fact)> = guard
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::ShipmentReleased(rel) => r
+                .state
+                .held
+                .get(&rel.event_id)
+                .map(|h| (rel.event_id.clone(), Fact::ShipmentDispatched(h.shipment.clone()))),
+            _ => None,
+        })
+        .collect();
+    r.record(Processor::OrderingGuard, guard);
+
+    if !held {
+        let t = Trigger {
+            event_id: &event_id,
+            fact: &input.fact,
+        };
+        let p = policy::decide(r.state, &r.customer_id.clone(), &t, ctx);
+        r.record(Processor::Policy, p);
+    }
+    for (held_id, fact) in &released {
+        let t = Trigger {
+            event_id: held_id,
+            fact,
+        };
+        let p = policy::decide(r.state, &r.customer_id.clone(), &t, ctx);
+        r.record(Processor::Policy, p);
+    }
+    r.out
+}
+
+/// Fires the customer's timers that are due at stream time `ctx.now` (expired holds).
+pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Decision> {
+    let mut out = Vec::new();
+    for outcome in ordering::expire(state, ctx) {
+        let Outcome::HoldExpired(h) = &outcome else {
+            continue;
+        };
+        let mut r = Recorder {
+            state,
+            customer_id: customer_id.to_string(),
+            input_event_id: format!("timer:hold:{}", h.event_id),
+            now: ctx.now,
+            policy_version: ctx.topology.policy.version.clone(),
+            out: Vec::new(),
+        };
+        r.record(Processor::OrderingGuard, vec![outcome]);
+        out.extend(r.out);
+    }
+    out
+}
+
+/// Rebuilds a customer's state from their decisions.
+pub fn fold<'a>(decisions: impl IntoIterator<Item = &'a Decision>) -> CustomerState {
+    let mut s = CustomerState::default();
+    for d in decisions {
+        evolve(&mut s, d);
+    }
+    s
+}

@@ -1,0 +1,199 @@
+//! Policy: decides for each trigger whether a template message may go out, and records why.
+//! Rules here: the trigger table, template catalog and locale, consent per purpose on WhatsApp,
+//! a known recipient, cancelled orders, and validated variables (never a blank price).
+
+use crate::events::*;
+use crate::pipeline::{deterministic_id, Ctx};
+use crate::state::CustomerState;
+use crate::topology::{Template, VariableType};
+use std::collections::BTreeMap;
+
+/// Facts that may trigger a message (the keys allowed in policy.toml's `[triggers]`).
+pub const TRIGGER_FACTS: &[&str] = &[
+    "OrderPlaced",
+    "ShipmentDispatched",
+    "ShipmentDelayed",
+    "ShipmentOutForDelivery",
+    "ShipmentDelivered",
+    "CartAbandoned",
+    "SubscriptionRenewalDue",
+];
+
+/// Where a template variable may take its value from.
+pub const VARIABLE_SOURCES: &[&str] = &[
+    "customer.first_name",
+    "order.id",
+    "order.total",
+    "shipment.carrier",
+    "shipment.tracking_url",
+    "shipment.new_estimated_delivery",
+    "cart.total",
+    "cart.first_item",
+    "subscription.amount",
+    "subscription.due_date",
+];
+
+/// A fact that reached policy: an accepted input, or a shipment the guard released.
+#[derive(Debug, Clone, Copy)]
+pub struct Trigger<'a> {
+    pub event_id: &'a str,
+    pub fact: &'a Fact,
+}
+
+fn suppressed(t: &Trigger, template: &str, purpose: Purpose, reason: SuppressionReason, detail: String) -> Vec<Outcome> {
+    vec![Outcome::MessageSuppressed(MessageSuppressed {
+        trigger_event_id: t.event_id.to_string(),
+        template_name: template.to_string(),
+        purpose,
+        reason,
+        detail,
+    })]
+}
+
+/// The template variant for a locale: the exact locale, else the same language. Never another
+/// language: a customer who reads Spanish is not sent English.
+fn pick_locale<'t>(variants: &'t [Template], locale: &str) -> Option<&'t Template> {
+    let approved = || variants.iter().filter(|t| t.status == TemplateStatus::Approved);
+    let language = locale.split(['_', '-']).next().unwrap_or(locale);
+    approved().find(|t| t.locale == locale).or_else(|| {
+        approved().find(|t| t.locale.split(['_', '-']).next() == Some(language))
+    })
+}
+
+/// Civil date (UTC) of an instant, as `YYYY-MM-DD`.
+pub fn iso_date(at: Millis) -> String {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = at.div_euclid(86_400_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+enum Raw {
+    Text(String),
+    Money(Money),
+    Date(Millis),
+}
+
+fn source_value(source: &str, state: &CustomerState, fact: &Fact) -> Option<Raw> {
+    let text = |s: &str| (!s.trim().is_empty()).then(|| Raw::Text(s.to_string()));
+    match (source, fact) {
+        ("customer.first_name", _) => state.profile.first_name.as_deref().and_then(text),
+        ("order.id", f) => f.order_id().and_then(text),
+        ("order.total", Fact::OrderPlaced(o)) => o.total.clone().map(Raw::Money),
+        ("order.total", f) => f
+            .order_id()
+            .and_then(|id| state.orders.get(id))
+            .and_then(|o| o.total.clone())
+            .map(Raw::Money),
+        ("shipment.carrier", Fact::ShipmentDispatched(s)) => text(&s.carrier),
+        ("shipment.tracking_url", Fact::ShipmentDispatched(s)) => s.tracking_url.as_deref().and_then(text),
+        ("shipment.new_estimated_delivery", Fact::ShipmentDelayed(s)) => Some(Raw::Date(s.new_estimated_delivery)),
+        ("cart.total", Fact::CartAbandoned(c)) => c.total.clone().map(Raw::Money),
+        ("cart.first_item", Fact::CartAbandoned(c)) => c.items.first().and_then(|i| text(&i.name)),
+        ("subscription.amount", Fact::SubscriptionRenewalDue(s)) => Some(Raw::Money(s.amount.clone())),
+        ("subscription.due_date", Fact::SubscriptionRenewalDue(s)) => Some(Raw::Date(s.due_at)),
+        _ => None,
+    }
+}
+
+/// Renders every variable of a template, or names the first one that has no acceptable value.
+fn render(template: &Template, state: &CustomerState, fact: &Fact) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for v in &template.variables {
+        let rendered = match (source_value(&v.source, state, fact), v.kind) {
+            (Some(Raw::Money(m)), VariableType::Money) => Some(m.display()),
+            (Some(Raw::Date(d)), VariableType::Date) => Some(iso_date(d)),
+            (Some(Raw::Text(t)), VariableType::Text) => Some(t),
+            (Some(_), kind) => return Err(format!("{} has the wrong type for {kind:?}", v.name)),
+            (None, VariableType::Money) => None,
+            (None, _) => v.fallback.clone(),
+        };
+        match rendered {
+            Some(value) => {
+                out.insert(v.name.clone(), value);
+            }
+            None if v.required => return Err(format!("{} ({}) has no value", v.name, v.source)),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Decides whether the trigger's template message may be sent to this customer now.
+pub fn decide(state: &CustomerState, customer_id: &str, trigger: &Trigger, ctx: &Ctx) -> Vec<Outcome> {
+    let Some(template_name) = ctx.topology.policy.triggers.get(trigger.fact.kind()) else {
+        return vec![];
+    };
+    let Some(variants) = ctx.topology.catalog.variants(template_name).filter(|v| !v.is_empty()) else {
+        return suppressed(trigger, template_name, Purpose::Transactional, SuppressionReason::UnknownTemplate,
+            format!("template {template_name} is not in the catalog"));
+    };
+    let purpose = variants[0].purpose;
+    let t = trigger;
+    if let Some(order_id) = trigger.fact.order_id() {
+        let cancelled = state.orders.get(order_id).is_some_and(|o| o.cancelled);
+        if cancelled && !matches!(trigger.fact, Fact::OrderPlaced(_)) {
+            return suppressed(t, template_name, purpose, SuppressionReason::OrderCancelled,
+                format!("order {order_id} was cancelled"));
+        }
+    }
+    let consent = match state.consent_for(purpose, Channel::Whatsapp) {
+        Some(c) if c.granted => c,
+        Some(c) => {
+            return suppressed(t, template_name, purpose, SuppressionReason::NoConsent,
+                format!("{purpose:?} consent on WhatsApp revoked ({})", c.artifact_id));
+        }
+        None => {
+            return suppressed(t, template_name, purpose, SuppressionReason::NoConsent,
+                format!("no {purpose:?} consent on WhatsApp"));
+        }
+    };
+    let Some(phone) = state.profile.phone_e164.as_deref().filter(|p| !p.is_empty()) else {
+        return suppressed(t, template_name, purpose, SuppressionReason::NoPhone, "no WhatsApp number on file".into());
+    };
+    let locale = state.profile.locale.as_deref().unwrap_or(&ctx.topology.policy.default_locale);
+    let Some(template) = pick_locale(variants, locale) else {
+        return suppressed(t, template_name, purpose, SuppressionReason::UnsupportedLocale,
+            format!("no approved {template_name} template in {locale}"));
+    };
+    let variables = match render(template, state, trigger.fact) {
+        Ok(v) => v,
+        Err(detail) => return suppressed(t, template_name, purpose, SuppressionReason::MissingVariable, detail),
+    };
+    let message_id = deterministic_id(&[customer_id, trigger.event_id, template_name]);
+    if state.approved.contains(&message_id) {
+        return vec![];
+    }
+    vec![Outcome::MessageApproved(MessageApproved {
+        message_id,
+        trigger_event_id: trigger.event_id.to_string(),
+        template_name: template_name.clone(),
+        template_version: template.version,
+        locale: template.locale.clone(),
+        purpose,
+        channel: Channel::Whatsapp,
+        recipient: phone.to_string(),
+        variables,
+        consent_artifact_id: consent.artifact_id.clone(),
+        consent_granted_at: consent.changed_at,
+    })]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates_are_civil_utc_dates() {
+        assert_eq!(iso_date(0), "1970-01-01");
+        assert_eq!(iso_date(951_782_400_000), "2000-02-29");
+        assert_eq!(iso_date(1_795_392_000_000), "2026-11-22");
+    }
+}

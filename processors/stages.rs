@@ -1,0 +1,487 @@
+//! The stages the Kafka loop runs: the processors (dedupe, ordering guard, policy), dispatch, and
+//! the passthrough used as the benchmark's ceiling. Each turns records into core calls and core
+//! output into records; none holds a rule.
+
+use crate::dispatch::{self, DispatchState, Plan};
+use crate::events::*;
+use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
+use crate::pipeline::{self, Ctx};
+use crate::provider::{CloudApiClient, SendOutcome};
+use crate::registry::{Codec, DecodeError};
+use crate::state::{evolve, CustomerState};
+use crate::telemetry::Metrics;
+use crate::topology::Topology;
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::message::{Message, OwnedMessage};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DECISIONS: &str = "herald.decisions.v1";
+pub const DISPATCH: &str = "herald.dispatch.v1";
+pub const DLQ: &str = "herald.dlq.v1";
+pub const INPUTS: [&str; 4] = ["oms.events.v1", "billing.events.v1", "crm.events.v1", "provider.events.v1"];
+
+/// Wall-clock milliseconds, for shell-side timestamps only (never for decisions).
+pub fn wall_clock_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Decodes with retries for registry outages; poison is returned for the dead-letter topic.
+fn decode_with_retry<T>(rt: &tokio::runtime::Handle, mut f: impl FnMut() -> Result<T, DecodeError>) -> Result<Result<T, String>> {
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..10 {
+        match f() {
+            Ok(v) => return Ok(Ok(v)),
+            Err(DecodeError::Poison(why)) => return Ok(Err(why)),
+            Err(DecodeError::Retryable(why)) => {
+                tracing::warn!(error = %why, "registry unavailable; retrying");
+                rt.block_on(tokio::time::sleep(delay));
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    bail!("schema registry unavailable after 10 attempts")
+}
+
+fn dead_letter(codec: &Codec, rt: &tokio::runtime::Handle, msg: &OwnedMessage, stage: &str, error: String, metrics: &Metrics) -> Result<OutRecord> {
+    let letter = DeadLetter {
+        source_topic: msg.topic().to_string(),
+        source_partition: msg.partition(),
+        source_offset: msg.offset(),
+        key: msg.key().map(|k| k.to_vec()),
+        value: msg.payload().map(|v| v.to_vec()),
+        stage: stage.to_string(),
+        error: error.clone(),
+        failed_at: wall_clock_ms(),
+    };
+    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), error = %error, "record dead-lettered");
+    Metrics::inc(&metrics.dead_letters, 1);
+    let mut headers = provenance(msg);
+    headers.push(("herald.error", error.into_bytes()));
+    Ok(OutRecord {
+        topic: DLQ,
+        partition: msg.partition(),
+        key: msg.key().map(|k| k.to_vec()).unwrap_or_default(),
+        value: rt.block_on(codec.encode_dead_letter(&letter))?,
+        headers,
+    })
+}
+
+#[derive(Default)]
+struct ProcessorPartition {
+    customers: HashMap<String, CustomerState>,
+    stream_time: Millis,
+    next_decision_offset: i64,
+    touched: BTreeSet<String>,
+}
+
+/// Dedupe, ordering guard and policy over the four input topics.
+pub struct ProcessorStage {
+    pub topology: Arc<Topology>,
+    pub codec: Arc<Codec>,
+    pub store: SharedStore,
+    pub rt: tokio::runtime::Handle,
+    pub metrics: Arc<Metrics>,
+    partitions: HashMap<i32, ProcessorPartition>,
+}
+
+impl ProcessorStage {
+    /// A processor stage with no partitions yet.
+    pub fn new(topology: Arc<Topology>, codec: Arc<Codec>, store: SharedStore, rt: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+        ProcessorStage {
+            topology,
+            codec,
+            store,
+            rt,
+            metrics,
+            partitions: HashMap::new(),
+        }
+    }
+
+    fn emit(&self, p: i32, decisions: Vec<Decision>, headers: Vec<(&'static str, Vec<u8>)>, out: &mut Outbox) -> Result<()> {
+        for d in decisions {
+            let value = self.rt.block_on(self.codec.encode_decision(&d))?;
+            Metrics::inc(&self.metrics.decisions_out, 1);
+            self.metrics.count_kind(d.outcome.kind());
+            out.records.push(OutRecord {
+                topic: DECISIONS,
+                partition: p,
+                key: d.customer_id.into_bytes(),
+                value,
+                headers: headers.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Stage for ProcessorStage {
+    fn name(&self) -> &'static str {
+        "processors"
+    }
+
+    fn input_topics(&self) -> Vec<&'static str> {
+        INPUTS.to_vec()
+    }
+
+    fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+        let snap = self.store.load("processors", partition)?;
+        let mut part = ProcessorPartition::default();
+        for (customer, bytes) in snap.customers {
+            let state: CustomerState = serde_json::from_slice(&bytes).with_context(|| format!("stored state of {customer} is unreadable"))?;
+            part.customers.insert(customer, state);
+        }
+        let codec = self.codec.clone();
+        let rt = self.rt.clone();
+        let mut stream_time = 0;
+        let next = reader.read(DECISIONS, partition, snap.next_offset, |m| {
+            let d = rt
+                .block_on(codec.decode_decision(m.payload()))
+                .map_err(|e| anyhow!("decision log {DECISIONS}/{partition}@{}: {e}", m.offset()))?;
+            stream_time = stream_time.max(d.decided_at);
+            evolve(part.customers.entry(d.customer_id.clone()).or_default(), &d);
+            part.touched.insert(d.customer_id.clone());
+            Ok(())
+        })?;
+        part.next_decision_offset = next;
+        part.stream_time = stream_time;
+        self.partitions.insert(partition, part);
+        // Persist what the replay folded so the next restore starts further on.
+        self.committed(&Produced::new())?;
+        Ok(())
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    fn reset(&mut self) {
+        self.partitions.clear();
+    }
+
+    fn owns(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
+        let p = msg.partition();
+        let decoded = decode_with_retry(&self.rt, || self.rt.block_on(self.codec.decode_input(msg.topic(), msg.payload())))?;
+        let input = match decoded {
+            Ok(input) => input,
+            Err(why) => {
+                out.records.push(dead_letter(&self.codec, &self.rt, msg, "decode", why, &self.metrics)?);
+                return Ok(());
+            }
+        };
+        if msg.key() != Some(input.envelope.customer_id.as_bytes()) {
+            let why = format!("record key does not match envelope.customer_id '{}'; records must be keyed by customer", input.envelope.customer_id);
+            out.records.push(dead_letter(&self.codec, &self.rt, msg, "validate", why, &self.metrics)?);
+            return Ok(());
+        }
+        let part = self.partitions.get_mut(&p).ok_or_else(|| anyhow!("partition {p} not restored"))?;
+        part.stream_time = part.stream_time.max(input.envelope.occurred_at);
+        let ctx = Ctx {
+            now: part.stream_time,
+            topology: &self.topology,
+        };
+        let customer = input.envelope.customer_id.clone();
+        let state = part.customers.entry(customer.clone()).or_default();
+        let decisions = pipeline::process(state, &input, &ctx);
+        part.touched.insert(customer);
+        self.emit(p, decisions, provenance(msg), out)
+    }
+
+    fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
+        let mut timers = Vec::new();
+        for (p, part) in self.partitions.iter_mut() {
+            let ctx = Ctx {
+                now: part.stream_time,
+                topology: &self.topology,
+            };
+            for (customer, state) in part.customers.iter_mut() {
+                if state.held.values().any(|h| h.expires_at <= ctx.now) {
+                    let ds = pipeline::tick(state, customer, &ctx);
+                    if !ds.is_empty() {
+                        part.touched.insert(customer.clone());
+                        timers.push((*p, ds));
+                    }
+                }
+            }
+        }
+        for (p, ds) in timers {
+            self.emit(p, ds, vec![("herald.timer", b"hold-expiry".to_vec())], out)?;
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, produced: &Produced) -> Result<()> {
+        for (p, part) in self.partitions.iter_mut() {
+            if let Some(next) = produced.get(&(DECISIONS.to_string(), *p)) {
+                part.next_decision_offset = part.next_decision_offset.max(*next);
+            }
+            if part.touched.is_empty() {
+                continue;
+            }
+            let mut changed = Vec::with_capacity(part.touched.len());
+            for c in std::mem::take(&mut part.touched) {
+                if let Some(s) = part.customers.get(&c) {
+                    changed.push((c, serde_json::to_vec(s)?));
+                }
+            }
+            self.store.save("processors", *p, &changed, part.next_decision_offset)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct DispatchPartition {
+    customers: HashMap<String, DispatchState>,
+    next_offset: i64,
+    touched: BTreeSet<String>,
+}
+
+struct PendingSend {
+    partition: i32,
+    decision: Decision,
+    approved: MessageApproved,
+}
+
+/// Carries approved messages to the provider and records each step on `herald.dispatch.v1`.
+pub struct DispatchStage {
+    pub codec: Arc<Codec>,
+    pub store: SharedStore,
+    pub client: CloudApiClient,
+    pub rt: tokio::runtime::Handle,
+    pub metrics: Arc<Metrics>,
+    partitions: HashMap<i32, DispatchPartition>,
+    pending: Vec<PendingSend>,
+}
+
+impl DispatchStage {
+    /// A dispatch stage sending through `client`.
+    pub fn new(codec: Arc<Codec>, store: SharedStore, client: CloudApiClient, rt: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+        DispatchStage {
+            codec,
+            store,
+            client,
+            rt,
+            metrics,
+            partitions: HashMap::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, partition: i32, rec: DispatchRecord, out: &mut Outbox) -> Result<()> {
+        if let Some(part) = self.partitions.get_mut(&partition) {
+            dispatch::evolve(part.customers.entry(rec.customer_id.clone()).or_default(), &rec);
+            part.touched.insert(rec.customer_id.clone());
+        }
+        out.records.push(OutRecord {
+            topic: DISPATCH,
+            partition,
+            key: rec.customer_id.clone().into_bytes(),
+            value: self.rt.block_on(self.codec.encode_dispatch(&rec))?,
+            headers: vec![],
+        });
+        Ok(())
+    }
+}
+
+impl Stage for DispatchStage {
+    fn name(&self) -> &'static str {
+        "dispatch"
+    }
+
+    fn input_topics(&self) -> Vec<&'static str> {
+        vec![DECISIONS]
+    }
+
+    fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+        let snap = self.store.load("dispatch", partition)?;
+        let mut part = DispatchPartition::default();
+        for (customer, bytes) in snap.customers {
+            part.customers.insert(customer, serde_json::from_slice(&bytes)?);
+        }
+        let codec = self.codec.clone();
+        let rt = self.rt.clone();
+        part.next_offset = reader.read(DISPATCH, partition, snap.next_offset, |m| {
+            let r = rt
+                .block_on(codec.decode_dispatch(m.payload()))
+                .map_err(|e| anyhow!("dispatch log {DISPATCH}/{partition}@{}: {e}", m.offset()))?;
+            dispatch::evolve(part.customers.entry(r.customer_id.clone()).or_default(), &r);
+            part.touched.insert(r.customer_id.clone());
+            Ok(())
+        })?;
+        self.partitions.insert(partition, part);
+        self.committed(&Produced::new())?;
+        Ok(())
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    fn reset(&mut self) {
+        self.partitions.clear();
+        self.pending.clear();
+    }
+
+    fn owns(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
+        let decoded = decode_with_retry(&self.rt, || self.rt.block_on(self.codec.decode_decision(msg.payload())))?;
+        let decision = match decoded {
+            Ok(d) => d,
+            Err(why) => {
+                out.records.push(dead_letter(&self.codec, &self.rt, msg, "decode", why, &self.metrics)?);
+                return Ok(());
+            }
+        };
+        let Outcome::MessageApproved(approved) = &decision.outcome else {
+            return Ok(());
+        };
+        let approved = approved.clone();
+        let p = msg.partition();
+        let state = self
+            .partitions
+            .get(&p)
+            .and_then(|part| part.customers.get(&decision.customer_id))
+            .cloned()
+            .unwrap_or_default();
+        let in_batch = self.pending.iter().any(|s| s.approved.message_id == approved.message_id);
+        match dispatch::plan(&state, &approved) {
+            Plan::AlreadySent { provider_message_id } => {
+                let rec = dispatch::record(&decision, &approved, DispatchStep::Skipped(DispatchSkipped { first_provider_message_id: provider_message_id }), wall_clock_ms());
+                self.record(p, rec, out)?;
+            }
+            Plan::Send if in_batch => {}
+            Plan::Send => self.pending.push(PendingSend {
+                partition: p,
+                decision,
+                approved,
+            }),
+        }
+        Ok(())
+    }
+
+    fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        for chunk in pending.chunks(64) {
+            let client = &self.client;
+            let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(|s| async move {
+                let mut delay = Duration::from_millis(50);
+                let mut attempt = 1;
+                loop {
+                    match client.send(&s.approved).await {
+                        Ok(SendOutcome::Rejected { retryable: true, .. }) | Err(_) if attempt < 4 => {
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                            attempt += 1;
+                        }
+                        other => return (attempt, other),
+                    }
+                }
+            })));
+            for (s, (attempts, result)) in chunk.iter().zip(results) {
+                let now = wall_clock_ms();
+                let attempted = dispatch::record(&s.decision, &s.approved, DispatchStep::Attempted(DispatchAttempted { attempt: attempts }), now);
+                self.record(s.partition, attempted, out)?;
+                let step = match result {
+                    Ok(SendOutcome::Accepted(id)) => {
+                        Metrics::inc(&self.metrics.sends, 1);
+                        DispatchStep::Accepted(DispatchAccepted { provider_message_id: id })
+                    }
+                    Ok(SendOutcome::Rejected { code, retryable, detail }) => {
+                        Metrics::inc(&self.metrics.send_failures, 1);
+                        DispatchStep::Failed(DispatchFailed { code, retryable, detail })
+                    }
+                    Err(e) => {
+                        Metrics::inc(&self.metrics.send_failures, 1);
+                        DispatchStep::Failed(DispatchFailed {
+                            code: 0,
+                            retryable: true,
+                            detail: format!("provider unreachable: {e}"),
+                        })
+                    }
+                };
+                let rec = dispatch::record(&s.decision, &s.approved, step, now);
+                self.record(s.partition, rec, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, produced: &Produced) -> Result<()> {
+        for (p, part) in self.partitions.iter_mut() {
+            if let Some(next) = produced.get(&(DISPATCH.to_string(), *p)) {
+                part.next_offset = part.next_offset.max(*next);
+            }
+            if part.touched.is_empty() {
+                continue;
+            }
+            let mut changed = Vec::new();
+            for c in std::mem::take(&mut part.touched) {
+                if let Some(s) = part.customers.get(&c) {
+                    changed.push((c, serde_json::to_vec(s)?));
+                }
+            }
+            self.store.save("dispatch", *p, &changed, part.next_offset)?;
+        }
+        Ok(())
+    }
+}
+
+/// Consumes the input topics and produces the same bytes, with the same settings: the ceiling
+/// the benchmark compares the processors against.
+#[derive(Default)]
+pub struct PassthroughStage {
+    owned: BTreeSet<i32>,
+}
+
+/// The topic the passthrough writes to.
+pub const PASSTHROUGH: &str = "herald.bench.passthrough";
+
+impl Stage for PassthroughStage {
+    fn name(&self) -> &'static str {
+        "passthrough"
+    }
+    fn input_topics(&self) -> Vec<&'static str> {
+        INPUTS.to_vec()
+    }
+    fn restore(&mut self, partition: i32, _reader: &LogReader) -> Result<()> {
+        self.owned.insert(partition);
+        Ok(())
+    }
+    fn revoke(&mut self, partition: i32) {
+        self.owned.remove(&partition);
+    }
+    fn reset(&mut self) {
+        self.owned.clear();
+    }
+    fn owns(&self, partition: i32) -> bool {
+        self.owned.contains(&partition)
+    }
+    fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
+        out.records.push(OutRecord {
+            topic: PASSTHROUGH,
+            partition: msg.partition(),
+            key: msg.key().map(|k| k.to_vec()).unwrap_or_default(),
+            value: msg.payload().map(|v| v.to_vec()).unwrap_or_default(),
+            headers: vec![],
+        });
+        Ok(())
+    }
+    fn end_of_batch(&mut self, _out: &mut Outbox) -> Result<()> {
+        Ok(())
+    }
+    fn committed(&mut self, _produced: &Produced) -> Result<()> {
+        Ok(())
+    }
+}

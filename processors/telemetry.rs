@@ -1,0 +1,104 @@
+//! Telemetry shell: tracing setup, Prometheus counters, and the small HTTP helper every Herald
+//! server (registry, simulator, metrics) uses.
+
+use anyhow::{Context, Result};
+use axum::routing::get;
+use axum::Router;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Starts logging to stderr; `RUST_LOG` overrides the level.
+pub fn init_tracing(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Binds `addr`, serves `router` in the background, and returns the bound address.
+pub async fn serve_router(addr: SocketAddr, router: Router, what: &str) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let name = what.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(server = %name, error = %e, "server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+/// Counters a processor exposes on `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub records_in: AtomicU64,
+    pub decisions_out: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub transactions: AtomicU64,
+    pub aborted_transactions: AtomicU64,
+    pub sends: AtomicU64,
+    pub send_failures: AtomicU64,
+    pub restored_partitions: AtomicU64,
+    by_kind: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    /// A shared set of counters.
+    pub fn shared() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    /// Adds one to an atomic counter.
+    pub fn inc(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+
+    /// Counts a decision by its kind.
+    pub fn count_kind(&self, kind: &str) {
+        if let Ok(mut m) = self.by_kind.lock() {
+            *m.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut line = |name: &str, help: &str, v: u64| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+        };
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        line("herald_records_in_total", "Input records consumed.", g(&self.records_in));
+        line("herald_decisions_total", "Decisions produced.", g(&self.decisions_out));
+        line("herald_dead_letters_total", "Records sent to herald.dlq.v1.", g(&self.dead_letters));
+        line("herald_transactions_total", "Kafka transactions committed.", g(&self.transactions));
+        line("herald_transactions_aborted_total", "Kafka transactions aborted.", g(&self.aborted_transactions));
+        line("herald_sends_total", "Messages accepted by the provider.", g(&self.sends));
+        line("herald_send_failures_total", "Provider calls that failed.", g(&self.send_failures));
+        line("herald_partitions_restored_total", "Partitions whose state was restored on assignment.", g(&self.restored_partitions));
+        if let Ok(m) = self.by_kind.lock() {
+            out.push_str("# HELP herald_decisions_by_kind_total Decisions by kind.\n# TYPE herald_decisions_by_kind_total counter\n");
+            for (k, v) in m.iter() {
+                out.push_str(&format!("herald_decisions_by_kind_total{{kind=\"{k}\"}} {v}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` for a running process.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+    let router = Router::new()
+        .route("/metrics", get(move || {
+            let m = metrics.clone();
+            async move { m.render() }
+        }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    serve_router(addr, router, "metrics").await
+}
