@@ -145,18 +145,41 @@ pub fn record_of_topic(topic: &str) -> Result<&'static str> {
 /// Parsed reader schemas, one per topic, built once.
 pub struct Schemas {
     by_topic: BTreeMap<&'static str, (String, Schema)>,
+    /// Every named type of every topic schema, for following references while conforming.
+    names: std::collections::HashMap<apache_avro::schema::Name, Schema>,
+}
+
+fn collect_names(schema: &Schema, names: &mut std::collections::HashMap<apache_avro::schema::Name, Schema>) {
+    use apache_avro::schema::Schema as S;
+    match schema {
+        S::Record(r) => {
+            names.entry(r.name.clone()).or_insert_with(|| schema.clone());
+            for f in &r.fields {
+                collect_names(&f.schema, names);
+            }
+        }
+        S::Enum(e) => {
+            names.entry(e.name.clone()).or_insert_with(|| schema.clone());
+        }
+        S::Union(u) => u.variants().iter().for_each(|v| collect_names(v, names)),
+        S::Array(a) => collect_names(&a.items, names),
+        S::Map(m) => collect_names(&m.types, names),
+        _ => {}
+    }
 }
 
 impl Schemas {
     fn build() -> Result<Self> {
         let mut by_topic = BTreeMap::new();
+        let mut names = std::collections::HashMap::new();
         for (topic, record) in TOPIC_RECORDS {
             let text = assembled_schema(record)?;
             let schema = Schema::parse_str(&text)
                 .with_context(|| format!("schema {record} does not parse"))?;
+            collect_names(&schema, &mut names);
             by_topic.insert(*topic, (text, schema));
         }
-        Ok(Schemas { by_topic })
+        Ok(Schemas { by_topic, names })
     }
 
     /// The schemas of every Herald topic; a broken embedded schema is a build defect.
@@ -205,12 +228,11 @@ fn union_branch(v: &Value) -> Result<(usize, &Value)> {
 
 /// `Some(x)` must land in the non-null branch of a `["null", T]` union; apache-avro's value
 /// serializer leaves options bare, so fix them up against the schema before writing.
-fn conform(value: Value, schema: &Schema, names: &apache_avro::schema::ResolvedSchema) -> Result<Value> {
+fn conform(value: Value, schema: &Schema, names: &std::collections::HashMap<apache_avro::schema::Name, Schema>) -> Result<Value> {
     use apache_avro::schema::Schema as S;
     Ok(match (value, schema) {
         (v, S::Ref { name }) => {
             let target = names
-                .get_names()
                 .get(name)
                 .ok_or_else(|| anyhow!("unresolved schema reference {name}"))?;
             conform(v, target, names)?
@@ -277,9 +299,8 @@ fn conform(value: Value, schema: &Schema, names: &apache_avro::schema::ResolvedS
 
 /// Converts a serde value into an Avro value that conforms to the topic's schema.
 fn conform_to_topic(value: Value, topic: &str) -> Result<Value> {
-    let schema = Schemas::get().schema(topic)?;
-    let resolved = apache_avro::schema::ResolvedSchema::try_from(schema)?;
-    conform(value, schema, &resolved)
+    let schemas = Schemas::get();
+    conform(value, schemas.schema(topic)?, &schemas.names)
 }
 
 macro_rules! union_codec {
@@ -533,13 +554,15 @@ fn branch_names(schema: &Schema, field_name: &str) -> Vec<String> {
     }
 }
 
+/// Whether a writer schema is the reader's own, so values need no remapping.
+pub fn same_as_reader(topic: &str, writer: &Schema) -> Result<bool> {
+    Ok(writer.canonical_form() == Schemas::get().schema(topic)?.canonical_form())
+}
+
 /// Maps a value written with another version of the topic's schema onto the reader's union
 /// order, by record name, so that a producer with an older or newer schema is read correctly.
 pub fn to_reader_shape(topic: &str, writer: &Schema, value: Value) -> Result<Value> {
     let reader = Schemas::get().schema(topic)?;
-    if writer.canonical_form() == reader.canonical_form() {
-        return Ok(value);
-    }
     let w = branch_names(writer, "payload");
     let r = branch_names(reader, "payload");
     let Value::Record(fields) = value else {

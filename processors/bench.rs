@@ -71,22 +71,28 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| -> Result<f64> {
         let stop = AtomicBool::new(false);
         let m = Metrics::default();
-        let t = Instant::now();
         std::thread::scope(|s| -> Result<f64> {
             let h = s.spawn(|| run(&stop, &m));
+            // Steady state: from the first committed batch, after the group join and restore.
+            let mut first: Option<(Instant, u64)> = None;
             while m.records_in.load(Ordering::Relaxed) < n {
                 if h.is_finished() {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                let seen = m.records_in.load(Ordering::Relaxed);
+                if first.is_none() && seen > 0 {
+                    first = Some((Instant::now(), seen));
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
-            let secs = t.elapsed().as_secs_f64();
+            let (t0, n0) = first.unwrap_or((Instant::now(), 0));
+            let secs = t0.elapsed().as_secs_f64().max(1e-6);
             stop.store(true, Ordering::SeqCst);
             h.join().map_err(|_| anyhow!("bench stage panicked"))??;
             if m.records_in.load(Ordering::Relaxed) < n {
                 return Err(anyhow!("bench stage stopped before consuming every event"));
             }
-            Ok(n as f64 / secs)
+            Ok((n - n0) as f64 / secs)
         })
     };
     let h = rt.handle().clone();

@@ -114,9 +114,9 @@ pub fn feed(rt: &tokio::runtime::Runtime, producer: &FutureProducer, codec: &Cod
 }
 
 /// Reads a whole topic with a read_committed reader and hands each value to `f`.
-pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, mut f: impl FnMut(&rdkafka::message::BorrowedMessage) -> Result<()>) -> Result<u64> {
+pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>) -> Result<u64> {
     let settings = KafkaSettings::new(bootstrap, true, &format!("reader-{}", std::process::id()));
-    let consumer: BaseConsumer = settings.log_reader()?;
+    let consumer: BaseConsumer<kafka::EndOfLogIsExpected> = settings.log_reader()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -333,6 +333,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     for h in handles {
         h.join().map_err(|_| anyhow!("a stage panicked"))??;
     }
+    // Clients go before the cluster they talk to.
+    drop(producer);
     drop(cluster);
     Ok(summary)
 }

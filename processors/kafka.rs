@@ -61,7 +61,9 @@ impl KafkaSettings {
             .set("message.timeout.ms", "60000")
             .set("partitioner", "murmur2_random");
         if let Some(id) = transactional_id {
-            c.set("transactional.id", id).set("transaction.timeout.ms", "30000");
+            c.set("transactional.id", id)
+                .set("transaction.timeout.ms", "60000")
+                .set("message.timeout.ms", "55000");
         }
         for (k, v) in &self.extra {
             c.set(k, v);
@@ -70,7 +72,7 @@ impl KafkaSettings {
     }
 
     /// A reader with no group, for restoring state from a log partition.
-    pub fn log_reader(&self) -> Result<BaseConsumer> {
+    pub fn log_reader(&self) -> Result<BaseConsumer<EndOfLogIsExpected>> {
         let mut c = self.base();
         c.set("group.id", format!("herald-restore-{}", self.instance_id))
             .set("enable.auto.commit", "false")
@@ -80,9 +82,24 @@ impl KafkaSettings {
         for (k, v) in &self.extra {
             c.set(k, v);
         }
-        c.create().context("cannot create Kafka restore reader")
+        c.create_with_context(EndOfLogIsExpected)
+            .context("cannot create Kafka restore reader")
     }
 }
+
+/// Client context for log readers: reaching the end of a partition is the signal they wait for,
+/// not an error worth logging.
+pub struct EndOfLogIsExpected;
+
+impl ClientContext for EndOfLogIsExpected {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for EndOfLogIsExpected {}
 
 /// One record a stage wants written in the current transaction.
 #[derive(Debug, Clone)]
@@ -127,7 +144,7 @@ pub trait Stage {
 
 /// Reads a log partition from an offset to its end (read_committed), for restore.
 pub struct LogReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<EndOfLogIsExpected>,
 }
 
 impl LogReader {
@@ -229,13 +246,10 @@ pub fn run_stage<S: Stage>(settings: &KafkaSettings, stage: &mut S, stop: &Atomi
     while !stop.load(Ordering::SeqCst) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let started = Instant::now();
-        while batch.len() < settings.batch_size && started.elapsed() < Duration::from_millis(100) {
-            match consumer.poll(Duration::from_millis(20)) {
-                None => {
-                    if !batch.is_empty() {
-                        break;
-                    }
-                }
+        // A transaction costs round trips to the coordinator: fill the batch for up to 50 ms.
+        while batch.len() < settings.batch_size && started.elapsed() < Duration::from_millis(50) {
+            match consumer.poll(Duration::from_millis(10)) {
+                None => {}
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
@@ -349,6 +363,7 @@ fn kafka_error(e: KafkaError, what: &str) -> BatchError {
 
 #[allow(clippy::too_many_arguments)]
 fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseConsumer<RebalanceLog>, producer: &FutureProducer, batch: &[OwnedMessage], reader: &LogReader, metrics: &Metrics, rt: &tokio::runtime::Handle) -> Result<(), BatchError> {
+    let t_start = Instant::now();
     if settings.exactly_once {
         producer.begin_transaction().map_err(|e| kafka_error(e, "begin_transaction"))?;
     }
@@ -386,6 +401,7 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
             }
         }
     }
+    let t_handled = Instant::now();
     let mut produced: Produced = BTreeMap::new();
     let deliveries = rt.block_on(futures::future::join_all(pending));
     for (d, r) in deliveries.into_iter().zip(&out.records) {
@@ -420,7 +436,16 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
             .map_err(|e| BatchError::Abortable(anyhow!("offset commit: {e}")))?;
     }
     Metrics::inc(&metrics.transactions, 1);
+    let t_committed = Instant::now();
     stage.committed(&produced).map_err(BatchError::Fatal)?;
+    tracing::debug!(
+        records = batch.len(),
+        produced = out.records.len(),
+        handle_ms = (t_handled - t_start).as_millis() as u64,
+        commit_ms = (t_committed - t_handled).as_millis() as u64,
+        store_ms = t_committed.elapsed().as_millis() as u64,
+        "batch committed"
+    );
     Ok(())
 }
 

@@ -195,6 +195,8 @@ pub struct Codec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
     strategies: BTreeMap<&'static str, SubjectNameStrategy>,
+    /// Writer schema id -> whether it is the reader's own schema (checked once per id).
+    same_shape: std::sync::Mutex<std::collections::HashMap<(String, u32), bool>>,
 }
 
 /// A decode failure, split by who must act.
@@ -233,6 +235,7 @@ impl Codec {
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings),
             strategies,
+            same_shape: Default::default(),
         })
     }
 
@@ -291,6 +294,21 @@ impl Codec {
             .await
             .map_err(classify)?
             .ok_or_else(|| DecodeError::Poison("record has no value".into()))?;
+        let key = (topic.to_string(), decoded.schema.id);
+        let cached = self.same_shape.lock().ok().and_then(|m| m.get(&key).copied());
+        let same = match cached {
+            Some(same) => same,
+            None => {
+                let same = avro::same_as_reader(topic, &decoded.schema.parsed).map_err(|e| DecodeError::Poison(format!("{e:#}")))?;
+                if let Ok(mut m) = self.same_shape.lock() {
+                    m.insert(key, same);
+                }
+                same
+            }
+        };
+        if same {
+            return Ok(decoded.value);
+        }
         avro::to_reader_shape(topic, &decoded.schema.parsed, decoded.value).map_err(|e| DecodeError::Poison(format!("{e:#}")))
     }
 
