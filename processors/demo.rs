@@ -118,25 +118,41 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, mut f: impl FnM
     let settings = KafkaSettings::new(bootstrap, true, &format!("reader-{}", std::process::id()));
     let consumer: BaseConsumer<kafka::EndOfLogIsExpected> = settings.log_reader()?;
     let mut tpl = TopicPartitionList::new();
+    let mut highs = HashMap::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+        if high > 0 {
+            highs.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+    }
+    if highs.is_empty() {
+        return Ok(0);
     }
     consumer.assign(&tpl)?;
-    let mut eof = HashSet::new();
+    let mut done = HashSet::new();
     let mut n = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while eof.len() < partitions as usize && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                eof.insert(p);
-            }
-            Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
+    while done.len() < highs.len() {
+        if Instant::now() > deadline {
+            return Err(anyhow!("reading {topic}: end not reached in 300 s"));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                eof.remove(&m.partition());
                 n += 1;
                 f(&m)?;
+                if m.offset() + 1 >= highs[&m.partition()] {
+                    done.insert(m.partition());
+                }
             }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                for (p, high) in &highs {
+                    if kafka::position_of(&consumer, topic, *p)? >= *high {
+                        done.insert(*p);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
         }
     }
     Ok(n)

@@ -57,49 +57,58 @@ mod decimal_scale2 {
         s.serialize_bytes(&bytes[start..])
     }
 
+    /// Accepts Avro decimal bytes, a byte array (stored state) or a decimal string such as
+    /// "129.90" (scenario files).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        let bytes: serde_bytes_compat::ByteBuf = serde::Deserialize::deserialize(d)?;
-        let b = bytes.0;
+        d.deserialize_any(AmountVisitor)
+    }
+
+    fn from_twos_complement<E: Error>(b: &[u8]) -> Result<i64, E> {
         if b.is_empty() || b.len() > 8 {
-            return Err(D::Error::custom(format!(
-                "decimal of {} bytes does not fit a 64-bit amount",
-                b.len()
-            )));
+            return Err(E::custom(format!("decimal of {} bytes does not fit a 64-bit amount", b.len())));
         }
         let fill = if b[0] & 0x80 != 0 { 0xff } else { 0x00 };
         let mut full = [fill; 8];
-        full[8 - b.len()..].copy_from_slice(&b);
+        full[8 - b.len()..].copy_from_slice(b);
         Ok(i64::from_be_bytes(full))
     }
 
-    mod serde_bytes_compat {
-        use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
-        /// Accepts bytes however the Avro deserializer offers them.
-        pub struct ByteBuf(pub Vec<u8>);
-        impl<'de> Deserialize<'de> for ByteBuf {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> Visitor<'de> for V {
-                    type Value = ByteBuf;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("decimal bytes")
-                    }
-                    fn visit_bytes<E>(self, v: &[u8]) -> Result<ByteBuf, E> {
-                        Ok(ByteBuf(v.to_vec()))
-                    }
-                    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
-                        Ok(ByteBuf(v))
-                    }
-                    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<ByteBuf, A::Error> {
-                        let mut out = Vec::new();
-                        while let Some(b) = a.next_element::<u8>()? {
-                            out.push(b);
-                        }
-                        Ok(ByteBuf(out))
-                    }
-                }
-                d.deserialize_bytes(V)
+    /// "129.90" -> 12990; at most two fraction digits, never rounded.
+    pub fn parse_decimal(s: &str) -> Option<i64> {
+        let (neg, s) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        if whole.is_empty() || frac.len() > 2 || !whole.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let frac = format!("{frac:0<2}");
+        let v = whole.parse::<i64>().ok()?.checked_mul(100)?.checked_add(frac.parse::<i64>().ok()?)?;
+        Some(if neg { -v } else { v })
+    }
+
+    struct AmountVisitor;
+    impl<'de> serde::de::Visitor<'de> for AmountVisitor {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a decimal amount with at most two fraction digits")
+        }
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<i64, E> {
+            from_twos_complement(v)
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<i64, E> {
+            from_twos_complement(&v)
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<i64, E> {
+            parse_decimal(v).ok_or_else(|| E::custom(format!("'{v}' is not an amount like 129.90")))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<i64, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = a.next_element::<u8>()? {
+                out.push(b);
             }
+            from_twos_complement(&out)
         }
     }
 }

@@ -150,29 +150,54 @@ pub struct LogReader {
 impl LogReader {
     /// Feeds every record of `topic`/`partition` from `from` to the end; returns the next offset.
     pub fn read(&self, topic: &str, partition: i32, from: i64, mut f: impl FnMut(&OwnedMessage) -> Result<()>) -> Result<i64> {
+        // End of partition alone is not the end: a reader may see it before everything up to
+        // the high watermark taken now was fetched. Done means the position reached it.
+        let (_, high) = self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+        let mut next = from;
+        if from >= high {
+            return Ok(from.max(next));
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
         self.consumer.assign(&tpl)?;
-        let mut next = from;
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if Instant::now() > deadline {
-                bail!("restoring {topic}/{partition}: end of log not reached in 120 s");
+                bail!("restoring {topic}/{partition}: end of log not reached in 300 s");
             }
-            match self.consumer.poll(Duration::from_millis(200)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break,
-                Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
+            match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     let owned = m.detach();
                     next = owned.offset() + 1;
                     f(&owned)?;
+                    if next >= high {
+                        break;
+                    }
                 }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    if position_of(&self.consumer, topic, partition)? >= high {
+                        break;
+                    }
+                }
+                Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
             }
         }
         self.consumer.unassign()?;
-        Ok(next)
+        // Transaction markers occupy offsets too: the next record is at or after the watermark.
+        Ok(next.max(high))
     }
+}
+
+/// The consumer's current position in one partition (-1 when it has none yet).
+pub fn position_of<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32) -> Result<i64> {
+    let pos = consumer.position()?;
+    Ok(pos
+        .find_partition(topic, partition)
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .unwrap_or(-1))
 }
 
 #[derive(Debug)]
