@@ -45,9 +45,10 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     let mut states: HashMap<String, CustomerState> = HashMap::new();
     let mut now = 0;
     let mut decisions = 0usize;
-    for e in &events {
+    for (i, e) in events.iter().enumerate() {
         now = e.envelope.occurred_at.max(now);
-        let ctx = Ctx { now, topology: &topology };
+        let input_ref = i.to_string();
+        let ctx = Ctx { now, topology: &topology, input_ref: &input_ref };
         let s = states.entry(e.envelope.customer_id.clone()).or_default();
         decisions += pipeline::process(s, e, &ctx).len();
     }

@@ -134,6 +134,11 @@ pub trait Stage {
     fn reset(&mut self);
     /// Whether the stage holds state for a partition.
     fn owns(&self, partition: i32) -> bool;
+    /// Input positions (topic, next offset) the stage already decided for a partition; the
+    /// loop seeks there after restore when the broker's committed offset is behind.
+    fn resume_positions(&self, _partition: i32) -> Vec<(String, i64)> {
+        Vec::new()
+    }
     /// Handles one input record. `Err` is fatal: the transaction is aborted and the loop stops.
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()>;
     /// Called once per batch after every record: timers, batched provider calls.
@@ -345,6 +350,15 @@ fn apply_rebalances<S: Stage>(consumer: &BaseConsumer<RebalanceLog>, stage: &mut
                         tracing::info!(partition = p, ms = t.elapsed().as_millis() as u64, "partition assigned; state restored");
                     }
                 }
+                // Skip what the decision log shows as decided; records below it are also
+                // filtered by the stage, so a failed seek costs time, not correctness.
+                for (p, _) in owned.iter() {
+                    for (topic, next) in stage.resume_positions(*p) {
+                        if let Err(e) = consumer.seek(&topic, *p, Offset::Offset(next), Duration::from_secs(5)) {
+                            tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet");
+                        }
+                    }
+                }
             }
         }
     }
@@ -452,6 +466,7 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
         producer
             .send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))
             .map_err(|e| kafka_error(e, "send_offsets_to_transaction"))?;
+        crash_here_if_asked(metrics);
         producer
             .commit_transaction(Duration::from_secs(30))
             .map_err(|e| kafka_error(e, "commit_transaction"))?;
@@ -472,6 +487,19 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
         "batch committed"
     );
     Ok(())
+}
+
+/// Fault injection for the crash tests: `HERALD_FAULT_CRASH_BEFORE_COMMIT=N` aborts the process
+/// with everything of the N-th transaction produced and nothing committed.
+fn crash_here_if_asked(metrics: &Metrics) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("HERALD_FAULT_CRASH_BEFORE_COMMIT").ok().and_then(|v| v.parse().ok()));
+    if let Some(n) = at {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n {
+            eprintln!("herald: fault injection: aborting before commit of transaction {n}");
+            std::process::abort();
+        }
+    }
 }
 
 /// Creates Herald's topics on a librdkafka mock cluster (whose admin API is not usable).

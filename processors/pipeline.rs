@@ -14,6 +14,9 @@ pub struct Ctx<'a> {
     /// Stream time of the task (the largest occurred-at it has seen), never the wall clock.
     pub now: Millis,
     pub topology: &'a Topology,
+    /// Where the input record sits in the log (`topic/partition/offset`): a redelivered record
+    /// gets the same decision ids, a second delivery of the same fact gets new ones.
+    pub input_ref: &'a str,
 }
 
 /// A short, stable id derived from its parts (128 bits of SHA-256, hex).
@@ -31,6 +34,7 @@ struct Recorder<'s> {
     state: &'s mut CustomerState,
     customer_id: String,
     input_event_id: String,
+    input_ref: String,
     now: Millis,
     policy_version: String,
     out: Vec<Decision>,
@@ -41,7 +45,7 @@ impl Recorder<'_> {
         for outcome in outcomes {
             let seq = self.out.len().to_string();
             let d = Decision {
-                decision_id: deterministic_id(&[&self.customer_id, &self.input_event_id, &seq]),
+                decision_id: deterministic_id(&[&self.customer_id, &self.input_ref, &self.input_event_id, &seq]),
                 customer_id: self.customer_id.clone(),
                 input_event_id: self.input_event_id.clone(),
                 processor,
@@ -62,6 +66,7 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
         state,
         customer_id: input.envelope.customer_id.clone(),
         input_event_id: event_id.clone(),
+        input_ref: ctx.input_ref.to_string(),
         now: ctx.now,
         policy_version: ctx.topology.policy.version.clone(),
         out: Vec::new(),
@@ -119,6 +124,7 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
             state,
             customer_id: customer_id.to_string(),
             input_event_id: format!("timer:hold:{}", h.event_id),
+            input_ref: "timer".to_string(),
             now: ctx.now,
             policy_version: ctx.topology.policy.version.clone(),
             out: Vec::new(),

@@ -30,6 +30,14 @@ pub fn wall_clock_ms() -> Millis {
         .unwrap_or(0)
 }
 
+/// The input record a decision came from, from its provenance headers.
+fn source_position(m: &OwnedMessage) -> Option<(String, i64)> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?;
+    let get = |key: &str| h.iter().find(|x| x.key == key).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).to_string());
+    Some((get("herald.source.topic")?, get("herald.source.offset")?.parse().ok()?))
+}
+
 /// Decodes with retries for registry outages; poison is returned for the dead-letter topic.
 fn decode_with_retry<T>(rt: &tokio::runtime::Handle, mut f: impl FnMut() -> Result<T, DecodeError>) -> Result<Result<T, String>> {
     let mut delay = Duration::from_millis(100);
@@ -74,6 +82,8 @@ fn dead_letter(codec: &Codec, rt: &tokio::runtime::Handle, msg: &OwnedMessage, s
 #[derive(Default)]
 struct ProcessorPartition {
     customers: HashMap<String, CustomerState>,
+    /// Next unprocessed offset per input topic: records below it were already decided.
+    inputs: std::collections::BTreeMap<String, i64>,
     stream_time: Millis,
     next_decision_offset: i64,
     touched: BTreeSet<String>,
@@ -137,8 +147,13 @@ impl Stage for ProcessorStage {
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
+        part.inputs = snap.inputs.clone();
         let mut stream_time = 0;
         let next = reader.read(DECISIONS, partition, snap.next_offset, |m| {
+            if let Some((topic, offset)) = source_position(m) {
+                let e = part.inputs.entry(topic).or_insert(0);
+                *e = (*e).max(offset + 1);
+            }
             let d = rt
                 .block_on(codec.decode_decision(m.payload()))
                 .map_err(|e| anyhow!("decision log {DECISIONS}/{partition}@{}: {e}", m.offset()))?;
@@ -167,8 +182,23 @@ impl Stage for ProcessorStage {
         self.partitions.contains_key(&partition)
     }
 
+    fn resume_positions(&self, partition: i32) -> Vec<(String, i64)> {
+        self.partitions
+            .get(&partition)
+            .map(|p| p.inputs.iter().map(|(t, o)| (t.clone(), *o)).collect())
+            .unwrap_or_default()
+    }
+
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
         let p = msg.partition();
+        let part = self.partitions.get_mut(&p).ok_or_else(|| anyhow!("partition {p} not restored"))?;
+        // Already decided (its decisions are in the log): the broker's committed offset was
+        // behind what the decision log shows, e.g. a broker that drops transactional commits.
+        if part.inputs.get(msg.topic()).is_some_and(|next| msg.offset() < *next) {
+            return Ok(());
+        }
+        let e = part.inputs.entry(msg.topic().to_string()).or_insert(0);
+        *e = (*e).max(msg.offset() + 1);
         let decoded = decode_with_retry(&self.rt, || self.rt.block_on(self.codec.decode_input(msg.topic(), msg.payload())))?;
         let input = match decoded {
             Ok(input) => input,
@@ -184,9 +214,11 @@ impl Stage for ProcessorStage {
         }
         let part = self.partitions.get_mut(&p).ok_or_else(|| anyhow!("partition {p} not restored"))?;
         part.stream_time = part.stream_time.max(input.envelope.occurred_at);
+        let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
         let ctx = Ctx {
             now: part.stream_time,
             topology: &self.topology,
+            input_ref: &input_ref,
         };
         let customer = input.envelope.customer_id.clone();
         let state = part.customers.entry(customer.clone()).or_default();
@@ -201,6 +233,7 @@ impl Stage for ProcessorStage {
             let ctx = Ctx {
                 now: part.stream_time,
                 topology: &self.topology,
+                input_ref: "timer",
             };
             for (customer, state) in part.customers.iter_mut() {
                 if state.held.values().any(|h| h.expires_at <= ctx.now) {
@@ -232,7 +265,7 @@ impl Stage for ProcessorStage {
                     changed.push((c, serde_json::to_vec(s)?));
                 }
             }
-            self.store.save("processors", *p, &changed, part.next_decision_offset)?;
+            self.store.save("processors", *p, &changed, part.next_decision_offset, &part.inputs)?;
         }
         Ok(())
     }
@@ -432,7 +465,7 @@ impl Stage for DispatchStage {
                     changed.push((c, serde_json::to_vec(s)?));
                 }
             }
-            self.store.save("dispatch", *p, &changed, part.next_offset)?;
+            self.store.save("dispatch", *p, &changed, part.next_offset, &Default::default())?;
         }
         Ok(())
     }

@@ -45,7 +45,9 @@ pub struct HeldShipment {
 /// Everything Herald knows about one customer: the fold of their decisions.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerState {
-    /// Dedupe window: accepted event id -> occurred-at.
+    /// Dedupe window: accepted event id -> stream time when it was accepted. The window counts
+    /// from when Herald saw the id, not from when the fact occurred: a late fact is still
+    /// remembered for the whole window.
     pub seen: BTreeMap<String, Millis>,
     /// Latest consent per purpose and channel, kept sorted by (purpose, channel).
     pub consent: Vec<ConsentEntry>,
@@ -128,7 +130,7 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
         Outcome::EventAccepted(a) => {
             state
                 .seen
-                .insert(a.envelope.event_id.clone(), a.envelope.occurred_at);
+                .insert(a.envelope.event_id.clone(), decision.decided_at);
             state.seen.retain(|_, at| *at >= a.forget_before);
             state.apply_fact(&a.fact, a.envelope.occurred_at);
         }

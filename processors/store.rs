@@ -12,6 +12,8 @@ use std::path::Path;
 pub struct PartitionSnapshot {
     pub customers: BTreeMap<String, Vec<u8>>,
     pub next_offset: i64,
+    /// Next input offset per input topic for this partition: how far the snapshot has read.
+    pub inputs: BTreeMap<String, i64>,
 }
 
 /// Where snapshots live. Writes are idempotent: saving the same state and position twice is
@@ -20,11 +22,12 @@ pub trait StateStore: Send + Sync {
     /// Loads everything stored for a partition of a namespace ("processors", "dispatch").
     fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
     /// Saves changed customers and the partition's new position atomically.
-    fn save(&self, namespace: &str, partition: i32, changed: &[(String, Vec<u8>)], next_offset: i64) -> Result<()>;
+    fn save(&self, namespace: &str, partition: i32, changed: &[(String, Vec<u8>)], next_offset: i64, inputs: &BTreeMap<String, i64>) -> Result<()>;
 }
 
 const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_state");
 const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("partition_position");
+const INPUT_POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_position");
 
 /// The embedded store, a redb file.
 pub struct EmbeddedStore {
@@ -41,6 +44,7 @@ impl EmbeddedStore {
         let w = db.begin_write()?;
         w.open_table(STATES)?;
         w.open_table(POSITIONS)?;
+        w.open_table(INPUT_POSITIONS)?;
         w.commit()?;
         Ok(EmbeddedStore { db })
     }
@@ -64,10 +68,15 @@ impl StateStore for EmbeddedStore {
             customers.insert(k.value()[p.len()..].to_string(), v.value().to_vec());
         }
         let next_offset = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
-        Ok(PartitionSnapshot { customers, next_offset })
+        let mut inputs = BTreeMap::new();
+        for item in r.open_table(INPUT_POSITIONS)?.range(p.as_str()..end.as_str())? {
+            let (k, v) = item?;
+            inputs.insert(k.value()[p.len()..].to_string(), v.value());
+        }
+        Ok(PartitionSnapshot { customers, next_offset, inputs })
     }
 
-    fn save(&self, namespace: &str, partition: i32, changed: &[(String, Vec<u8>)], next_offset: i64) -> Result<()> {
+    fn save(&self, namespace: &str, partition: i32, changed: &[(String, Vec<u8>)], next_offset: i64, inputs: &BTreeMap<String, i64>) -> Result<()> {
         let p = prefix(namespace, partition);
         let w = self.db.begin_write()?;
         {
@@ -79,6 +88,12 @@ impl StateStore for EmbeddedStore {
             // A position never moves back: replaying an older save cannot undo a newer one.
             let current = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
             positions.insert(p.as_str(), current.max(next_offset))?;
+            let mut input_positions = w.open_table(INPUT_POSITIONS)?;
+            for (topic, next) in inputs {
+                let key = format!("{p}{topic}");
+                let current = input_positions.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+                input_positions.insert(key.as_str(), current.max(*next))?;
+            }
         }
         w.commit()?;
         Ok(())
@@ -93,13 +108,14 @@ mod tests {
     fn snapshots_roundtrip_per_partition_and_namespace() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
-        s.save("processors", 1, &[("c-1".into(), b"a".to_vec())], 10).unwrap();
-        s.save("processors", 11, &[("c-9".into(), b"z".to_vec())], 3).unwrap();
-        s.save("dispatch", 1, &[("c-1".into(), b"d".to_vec())], 4).unwrap();
+        s.save("processors", 1, &[("c-1".into(), b"a".to_vec())], 10, &BTreeMap::from([("oms.events.v1".to_string(), 4)])).unwrap();
+        s.save("processors", 11, &[("c-9".into(), b"z".to_vec())], 3, &BTreeMap::new()).unwrap();
+        s.save("dispatch", 1, &[("c-1".into(), b"d".to_vec())], 4, &BTreeMap::new()).unwrap();
         let snap = s.load("processors", 1).unwrap();
         assert_eq!(snap.next_offset, 10);
         assert_eq!(snap.customers.len(), 1);
         assert_eq!(snap.customers["c-1"], b"a");
+        assert_eq!(snap.inputs["oms.events.v1"], 4);
         assert_eq!(s.load("dispatch", 1).unwrap().customers["c-1"], b"d");
         assert_eq!(s.load("processors", 2).unwrap(), PartitionSnapshot::default());
     }
@@ -108,9 +124,10 @@ mod tests {
     fn saving_twice_is_idempotent_and_positions_never_move_back() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
-        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7).unwrap();
-        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7).unwrap();
-        s.save("processors", 0, &[], 5).unwrap();
+        let none = BTreeMap::new();
+        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none).unwrap();
+        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none).unwrap();
+        s.save("processors", 0, &[], 5, &none).unwrap();
         let snap = s.load("processors", 0).unwrap();
         assert_eq!(snap.next_offset, 7);
         assert_eq!(snap.customers.len(), 1);

@@ -48,10 +48,11 @@ fn run(s: &Scenario, topology: &Topology) -> (Vec<String>, Vec<Decision>, BTreeM
     let mut states: BTreeMap<String, CustomerState> = BTreeMap::new();
     let mut all = Vec::new();
     let mut now = 0;
-    for step in &s.steps {
+    for (i, step) in s.steps.iter().enumerate() {
         let at = EPOCH + (step.at_h * 3_600_000.0) as i64;
         now = now.max(at);
-        let ctx = Ctx { now, topology };
+        let input_ref = format!("step/{i}");
+        let ctx = Ctx { now, topology, input_ref: &input_ref };
         let state = states.entry(step.customer.clone()).or_default();
         let ds = match (&step.id, &step.fact) {
             (Some(id), Some(fact)) => {
@@ -98,6 +99,11 @@ fn every_scenario_file_decides_as_expected() {
             if &rebuilt != live {
                 failures.push(format!("{}: folding the decisions of {customer} does not rebuild the live state", f.display()));
             }
+        }
+        let mut ids: Vec<&str> = decisions.iter().map(|d| d.decision_id.as_str()).collect();
+        ids.sort();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            failures.push(format!("{}: two decisions share an id", f.display()));
         }
         // The same input always gives the same decisions, ids included.
         let (_, again, _) = run(&s, &topology);
