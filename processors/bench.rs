@@ -48,14 +48,21 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     for (i, e) in events.iter().enumerate() {
         now = e.envelope.occurred_at.max(now);
         let input_ref = i.to_string();
-        let ctx = Ctx { now, topology: &topology, input_ref: &input_ref };
+        let ctx = Ctx {
+            now,
+            topology: &topology,
+            input_ref: &input_ref,
+        };
         let s = states.entry(e.envelope.customer_id.clone()).or_default();
         decisions += pipeline::process(s, e, &ctx).len();
     }
     let core = events.len() as f64 / t.elapsed().as_secs_f64();
     tracing::debug!(decisions, "core pass done");
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let cluster = demo::start_cluster(&rt, &topology)?;
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
@@ -98,7 +105,13 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     };
     let h = rt.handle().clone();
     let e2e = timed(&|stop, m| {
-        let mut stage = ProcessorStage::new(topology.clone(), codec.clone(), store.clone(), h.clone(), Arc::new(Metrics::default()));
+        let mut stage = ProcessorStage::new(
+            topology.clone(),
+            codec.clone(),
+            store.clone(),
+            h.clone(),
+            Arc::new(Metrics::default()),
+        );
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let passthrough = timed(&|stop, m| {

@@ -48,7 +48,7 @@ pub enum Command {
         customers: usize,
     },
     /// Runs the processors and/or dispatch against a Kafka cluster, a registry and a store.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -122,11 +122,20 @@ pub struct RunArgs {
     pub instance_id: Option<String>,
     #[arg(long, env = "HERALD_TOPOLOGY")]
     pub topology: Option<PathBuf>,
-    #[arg(long, env = "HERALD_PROVIDER_URL", default_value = "https://graph.facebook.com")]
+    #[arg(
+        long,
+        env = "HERALD_PROVIDER_URL",
+        default_value = "https://graph.facebook.com"
+    )]
     pub provider_url: String,
     #[arg(long, env = "HERALD_PHONE_NUMBER_ID", default_value = "")]
     pub phone_number_id: String,
-    #[arg(long, env = "HERALD_PROVIDER_TOKEN", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HERALD_PROVIDER_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub provider_token: String,
     #[arg(long, env = "HERALD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
@@ -153,15 +162,30 @@ fn topology(dir: &Option<PathBuf>) -> Result<Topology> {
 /// Runs a parsed command line.
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { customers, seed, json, keep_running } => {
+        Command::Demo {
+            customers,
+            seed,
+            json,
+            keep_running,
+        } => {
             telemetry::init_tracing(if json { "error" } else { "warn" });
-            let opts = demo::DemoOptions { customers, seed, json, keep_running, state_dir: None };
+            let opts = demo::DemoOptions {
+                customers,
+                seed,
+                json,
+                keep_running,
+                state_dir: None,
+            };
             let summary = demo::run(&opts)?;
             if !keep_running {
                 demo::print_summary(&summary, json);
             }
             if summary.sends_without_consent > 0 || summary.duplicate_sends > 0 {
-                bail!("guarantee violated: {} sends without consent, {} duplicate sends", summary.sends_without_consent, summary.duplicate_sends);
+                bail!(
+                    "guarantee violated: {} sends without consent, {} duplicate sends",
+                    summary.sends_without_consent,
+                    summary.duplicate_sends
+                );
             }
             Ok(())
         }
@@ -173,9 +197,16 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Run(args) => {
             telemetry::init_tracing("info");
-            run(args)
+            run(*args)
         }
-        Command::Topics { action: TopicsAction::Apply { bootstrap, topology: dir, replication } } => {
+        Command::Topics {
+            action:
+                TopicsAction::Apply {
+                    bootstrap,
+                    topology: dir,
+                    replication,
+                },
+        } => {
             telemetry::init_tracing("warn");
             let topo = topology(&dir)?;
             let report = topics_apply(&bootstrap, &topo, replication)?;
@@ -184,7 +215,9 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Schemas { action: SchemasAction::Register { registry } } => {
+        Command::Schemas {
+            action: SchemasAction::Register { registry },
+        } => {
             let rt = tokio::runtime::Runtime::new()?;
             let codec = Codec::new(&registry)?;
             for (subject, id) in rt.block_on(codec.register_all())? {
@@ -214,7 +247,10 @@ fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
 
 fn run(args: RunArgs) -> Result<()> {
     let topo = Arc::new(topology(&args.topology)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(crate::registry::ping(&args.registry))?;
     let codec = Arc::new(Codec::new(&args.registry)?);
     let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&args.store)?);
@@ -233,7 +269,15 @@ fn run(args: RunArgs) -> Result<()> {
 
     let mut handles = Vec::new();
     if matches!(args.stage, StageName::Processors | StageName::All) {
-        let (s, st, m, h, t, c, store) = (settings.clone(), stop.clone(), metrics.clone(), rt.handle().clone(), topo.clone(), codec.clone(), store.clone());
+        let (s, st, m, h, t, c, store) = (
+            settings.clone(),
+            stop.clone(),
+            metrics.clone(),
+            rt.handle().clone(),
+            topo.clone(),
+            codec.clone(),
+            store.clone(),
+        );
         handles.push(std::thread::spawn(move || {
             let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone());
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
@@ -243,8 +287,19 @@ fn run(args: RunArgs) -> Result<()> {
         if args.phone_number_id.is_empty() || args.provider_token.is_empty() {
             bail!("dispatch needs HERALD_PHONE_NUMBER_ID and HERALD_PROVIDER_TOKEN (or --phone-number-id / --provider-token)");
         }
-        let client = CloudApiClient::new(&args.provider_url, &args.phone_number_id, &args.provider_token)?;
-        let (s, st, m, h, c, store) = (settings.clone(), stop.clone(), metrics.clone(), rt.handle().clone(), codec.clone(), store.clone());
+        let client = CloudApiClient::new(
+            &args.provider_url,
+            &args.phone_number_id,
+            &args.provider_token,
+        )?;
+        let (s, st, m, h, c, store) = (
+            settings.clone(),
+            stop.clone(),
+            metrics.clone(),
+            rt.handle().clone(),
+            codec.clone(),
+            store.clone(),
+        );
         handles.push(std::thread::spawn(move || {
             let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone());
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
@@ -272,7 +327,11 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Creates missing topics and reports differences; returns one line per topic.
-pub fn topics_apply(bootstrap: &str, topo: &Topology, replication: Option<i32>) -> Result<Vec<String>> {
+pub fn topics_apply(
+    bootstrap: &str,
+    topo: &Topology,
+    replication: Option<i32>,
+) -> Result<Vec<String>> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
@@ -289,7 +348,10 @@ pub fn topics_apply(bootstrap: &str, topo: &Topology, replication: Option<i32>) 
             Some(t) => {
                 let have = t.partitions().len() as i32;
                 if have != spec.partitions {
-                    report.push(format!("DIFFERS {}: partitions {have}, topics.toml says {}", spec.name, spec.partitions));
+                    report.push(format!(
+                        "DIFFERS {}: partitions {have}, topics.toml says {}",
+                        spec.name, spec.partitions
+                    ));
                 } else {
                     report.push(format!("OK      {}: {} partitions", spec.name, have));
                 }
@@ -299,18 +361,35 @@ pub fn topics_apply(bootstrap: &str, topo: &Topology, replication: Option<i32>) 
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     // Configs of the topics that exist: cleanup.policy and retention.ms must match the file.
-    let existing: Vec<_> = topo.topics.iter().filter(|s| !missing.iter().any(|m| m.name == s.name)).collect();
+    let existing: Vec<_> = topo
+        .topics
+        .iter()
+        .filter(|s| !missing.iter().any(|m| m.name == s.name))
+        .collect();
     if !existing.is_empty() {
-        let specs: Vec<ResourceSpecifier> = existing.iter().map(|s| ResourceSpecifier::Topic(&s.name)).collect();
+        let specs: Vec<ResourceSpecifier> = existing
+            .iter()
+            .map(|s| ResourceSpecifier::Topic(&s.name))
+            .collect();
         if let Ok(results) = rt.block_on(admin.describe_configs(specs.iter(), &opts)) {
             for (spec, res) in existing.iter().zip(results) {
                 let Ok(res) = res else { continue };
                 let get = |k: &str| res.get(k).and_then(|e| e.value.clone()).unwrap_or_default();
                 if get("cleanup.policy") != spec.cleanup_policy {
-                    report.push(format!("DIFFERS {}: cleanup.policy {}, topics.toml says {}", spec.name, get("cleanup.policy"), spec.cleanup_policy));
+                    report.push(format!(
+                        "DIFFERS {}: cleanup.policy {}, topics.toml says {}",
+                        spec.name,
+                        get("cleanup.policy"),
+                        spec.cleanup_policy
+                    ));
                 }
                 if get("retention.ms") != spec.retention_ms.to_string() {
-                    report.push(format!("DIFFERS {}: retention.ms {}, topics.toml says {}", spec.name, get("retention.ms"), spec.retention_ms));
+                    report.push(format!(
+                        "DIFFERS {}: retention.ms {}, topics.toml says {}",
+                        spec.name,
+                        get("retention.ms"),
+                        spec.retention_ms
+                    ));
                 }
             }
         }
@@ -321,9 +400,13 @@ pub fn topics_apply(bootstrap: &str, topo: &Topology, replication: Option<i32>) 
             .iter()
             .zip(&retention)
             .map(|(s, r)| {
-                NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(replication.unwrap_or(s.replication)))
-                    .set("cleanup.policy", &s.cleanup_policy)
-                    .set("retention.ms", r)
+                NewTopic::new(
+                    &s.name,
+                    s.partitions,
+                    TopicReplication::Fixed(replication.unwrap_or(s.replication)),
+                )
+                .set("cleanup.policy", &s.cleanup_policy)
+                .set("retention.ms", r)
             })
             .collect();
         let results = rt.block_on(admin.create_topics(new.iter(), &opts))?;

@@ -63,7 +63,8 @@ pub struct Cluster {
 
 /// Starts the mock cluster with Herald's topics, the registry and the simulator.
 pub fn start_cluster(rt: &tokio::runtime::Runtime, topology: &Topology) -> Result<Cluster> {
-    let mock = rdkafka::mocking::MockCluster::new(1).context("cannot start the in-process Kafka cluster")?;
+    let mock = rdkafka::mocking::MockCluster::new(1)
+        .context("cannot start the in-process Kafka cluster")?;
     kafka::create_topics_on_mock(&mock, topology)?;
     mock.create_topic(crate::stages::PASSTHROUGH, topology.partitions(), 1)?;
     let bootstrap = mock.bootstrap_servers();
@@ -80,11 +81,21 @@ pub fn start_cluster(rt: &tokio::runtime::Runtime, topology: &Topology) -> Resul
 }
 
 /// Produces the scenario to the input topics, in feed order; returns how many records.
-pub fn feed(rt: &tokio::runtime::Runtime, producer: &FutureProducer, codec: &Codec, items: &[FeedItem], mut progress: impl FnMut(usize)) -> Result<usize> {
+pub fn feed(
+    rt: &tokio::runtime::Runtime,
+    producer: &FutureProducer,
+    codec: &Codec,
+    items: &[FeedItem],
+    mut progress: impl FnMut(usize),
+) -> Result<usize> {
     let mut pending = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let (topic, key, bytes) = match item {
-            FeedItem::Event(e) => (crate::avro::family_topic(e.fact.family()), e.envelope.customer_id.clone(), rt.block_on(codec.encode_input(e))?),
+            FeedItem::Event(e) => (
+                crate::avro::family_topic(e.fact.family()),
+                e.envelope.customer_id.clone(),
+                rt.block_on(codec.encode_input(e))?,
+            ),
             FeedItem::Garbage { topic, key, bytes } => (*topic, key.clone(), bytes.clone()),
         };
         let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(&bytes);
@@ -94,7 +105,10 @@ pub fn feed(rt: &tokio::runtime::Runtime, producer: &FutureProducer, codec: &Cod
                     pending.push(f);
                     break;
                 }
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                Err((
+                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
                     record = back;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -114,7 +128,12 @@ pub fn feed(rt: &tokio::runtime::Runtime, producer: &FutureProducer, codec: &Cod
 }
 
 /// Reads a whole topic with a read_committed reader and hands each value to `f`.
-pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>) -> Result<u64> {
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>,
+) -> Result<u64> {
     let settings = KafkaSettings::new(bootstrap, true, &format!("reader-{}", std::process::id()));
     let consumer: BaseConsumer<kafka::EndOfLogIsExpected> = settings.log_reader()?;
     let mut tpl = TopicPartitionList::new();
@@ -161,7 +180,11 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, mut f: impl FnM
 /// Checks the simulator's log against the scenario's own consent events, without policy code:
 /// a send counts as without consent when, at its trigger's time, the scenario's latest consent
 /// event for the template's purpose on WhatsApp was not a grant. Returns (without, duplicates).
-pub fn independent_checks(items: &[FeedItem], topology: &Topology, sends: &[SimulatedSend]) -> (u64, u64) {
+pub fn independent_checks(
+    items: &[FeedItem],
+    topology: &Topology,
+    sends: &[SimulatedSend],
+) -> (u64, u64) {
     // Ground truth from the scenario: consent timeline and trigger times per message id.
     let mut timeline: HashMap<&str, Vec<(Millis, Purpose, bool)>> = HashMap::new();
     let mut triggers: HashMap<String, (&str, Millis)> = HashMap::new();
@@ -169,8 +192,14 @@ pub fn independent_checks(items: &[FeedItem], topology: &Topology, sends: &[Simu
         let FeedItem::Event(e) = item else { continue };
         let c = e.envelope.customer_id.as_str();
         match &e.fact {
-            Fact::ConsentGranted(x) if x.channel == Channel::Whatsapp => timeline.entry(c).or_default().push((e.envelope.occurred_at, x.purpose, true)),
-            Fact::ConsentRevoked(x) if x.channel == Channel::Whatsapp => timeline.entry(c).or_default().push((e.envelope.occurred_at, x.purpose, false)),
+            Fact::ConsentGranted(x) if x.channel == Channel::Whatsapp => timeline
+                .entry(c)
+                .or_default()
+                .push((e.envelope.occurred_at, x.purpose, true)),
+            Fact::ConsentRevoked(x) if x.channel == Channel::Whatsapp => timeline
+                .entry(c)
+                .or_default()
+                .push((e.envelope.occurred_at, x.purpose, false)),
             _ => {}
         }
         for template in topology.policy.triggers.values() {
@@ -178,7 +207,13 @@ pub fn independent_checks(items: &[FeedItem], topology: &Topology, sends: &[Simu
             triggers.entry(id).or_insert((c, e.envelope.occurred_at));
         }
     }
-    let purpose_of = |template: &str| topology.catalog.variants(template).and_then(|v| v.first()).map(|t| t.purpose);
+    let purpose_of = |template: &str| {
+        topology
+            .catalog
+            .variants(template)
+            .and_then(|v| v.first())
+            .map(|t| t.purpose)
+    };
     let mut without = 0;
     let mut seen = HashSet::new();
     let mut duplicates = 0;
@@ -198,7 +233,10 @@ pub fn independent_checks(items: &[FeedItem], topology: &Topology, sends: &[Simu
         let granted = timeline
             .get(customer)
             .map(|t| {
-                let mut events: Vec<_> = t.iter().filter(|(when, p, _)| *p == purpose && when <= at).collect();
+                let mut events: Vec<_> = t
+                    .iter()
+                    .filter(|(when, p, _)| *p == purpose && when <= at)
+                    .collect();
                 events.sort_by_key(|(when, _, _)| *when);
                 events.last().is_some_and(|(_, _, g)| *g)
             })
@@ -210,7 +248,13 @@ pub fn independent_checks(items: &[FeedItem], topology: &Topology, sends: &[Simu
     (without, duplicates)
 }
 
-fn wait_until(stop: &AtomicBool, what: &str, timeout: Duration, mut done: impl FnMut() -> bool, mut tick: impl FnMut()) -> Result<()> {
+fn wait_until(
+    stop: &AtomicBool,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+    mut tick: impl FnMut(),
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !done() {
         if stop.load(Ordering::SeqCst) {
@@ -227,16 +271,25 @@ fn wait_until(stop: &AtomicBool, what: &str, timeout: Duration, mut done: impl F
 
 /// Runs the demo and returns its summary.
 pub fn run(opts: &DemoOptions) -> Result<Summary> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let topology = Arc::new(Topology::embedded()?);
     let say = |s: String| {
         if !opts.json {
             eprintln!("{s}");
         }
     };
-    say(format!("herald demo: {} customers, seed {}", opts.customers, opts.seed));
+    say(format!(
+        "herald demo: {} customers, seed {}",
+        opts.customers, opts.seed
+    ));
     let cluster = start_cluster(&rt, &topology)?;
-    say(format!("  kafka (in-process mock) {}\n  schema registry         {}\n  provider simulator      {}", cluster.bootstrap, cluster.registry_url, cluster.simulator_url));
+    say(format!(
+        "  kafka (in-process mock) {}\n  schema registry         {}\n  provider simulator      {}",
+        cluster.bootstrap, cluster.registry_url, cluster.simulator_url
+    ));
 
     let scenario = scenario::generate(opts.customers, opts.seed);
     say(format!("  scenario: {} records", scenario.len()));
@@ -258,7 +311,14 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "demo");
     let mut handles = Vec::new();
     {
-        let (s, st, t, c, h, m) = (settings.clone(), stop.clone(), topology.clone(), codec.clone(), rt.handle().clone(), pm.clone());
+        let (s, st, t, c, h, m) = (
+            settings.clone(),
+            stop.clone(),
+            topology.clone(),
+            codec.clone(),
+            rt.handle().clone(),
+            pm.clone(),
+        );
         let store = store.clone();
         handles.push(std::thread::spawn(move || {
             let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone());
@@ -266,7 +326,13 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         }));
     }
     {
-        let (s, st, c, h, m) = (settings.clone(), stop.clone(), codec.clone(), rt.handle().clone(), dm.clone());
+        let (s, st, c, h, m) = (
+            settings.clone(),
+            stop.clone(),
+            codec.clone(),
+            rt.handle().clone(),
+            dm.clone(),
+        );
         let store = store.clone();
         let client = CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "demo-token")?;
         handles.push(std::thread::spawn(move || {
@@ -297,14 +363,32 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         fed += feed(&rt, &producer, &codec, chunk, |_| {})?;
         show(fed);
         let target = fed as u64;
-        wait_until(&stop, "the processors", Duration::from_secs(600), || pm.records_in.load(Ordering::Relaxed) >= target || handles.iter().any(|h| h.is_finished()), || show(fed))?;
+        wait_until(
+            &stop,
+            "the processors",
+            Duration::from_secs(600),
+            || {
+                pm.records_in.load(Ordering::Relaxed) >= target
+                    || handles.iter().any(|h| h.is_finished())
+            },
+            || show(fed),
+        )?;
         if let Some(h) = handles.iter().position(|h| h.is_finished()) {
-            let r = handles.remove(h).join().map_err(|_| anyhow!("a stage panicked"))?;
+            let r = handles
+                .remove(h)
+                .join()
+                .map_err(|_| anyhow!("a stage panicked"))?;
             r?;
             return Err(anyhow!("a stage stopped early"));
         }
     }
-    wait_until(&stop, "dispatch", Duration::from_secs(600), || dm.records_in.load(Ordering::Relaxed) >= pm.decisions_out.load(Ordering::Relaxed), || show(fed))?;
+    wait_until(
+        &stop,
+        "dispatch",
+        Duration::from_secs(600),
+        || dm.records_in.load(Ordering::Relaxed) >= pm.decisions_out.load(Ordering::Relaxed),
+        || show(fed),
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     show(fed);
     say(String::new());
@@ -313,7 +397,9 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
     let decisions = read_topic(&cluster.bootstrap, DECISIONS, topology.partitions(), |m| {
-        let d = rt.block_on(codec.decode_decision(m.payload())).map_err(|e| anyhow!("{e}"))?;
+        let d = rt
+            .block_on(codec.decode_decision(m.payload()))
+            .map_err(|e| anyhow!("{e}"))?;
         *by_kind.entry(d.outcome.kind().to_string()).or_default() += 1;
         if let Outcome::MessageSuppressed(s) = &d.outcome {
             *by_reason.entry(format!("{:?}", s.reason)).or_default() += 1;
@@ -321,7 +407,12 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         Ok(())
     })?;
     let dlq = read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |_| Ok(()))?;
-    let sends = cluster.simulator.sends.lock().map(|s| s.clone()).unwrap_or_default();
+    let sends = cluster
+        .simulator
+        .sends
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     let (without, duplicates) = independent_checks(&scenario.items, &topology, &sends);
 
     let summary = Summary {
@@ -383,7 +474,10 @@ pub fn print_summary(s: &Summary, json: bool) {
     }
     println!("  messages sent           {}", s.sends);
     println!("  dead letters            {}", s.dlq);
-    println!("  throughput              {:.0} events/s ({:.1} s)", s.events_per_s, s.seconds);
+    println!(
+        "  throughput              {:.0} events/s ({:.1} s)",
+        s.events_per_s, s.seconds
+    );
     println!("  sends without consent   {}", s.sends_without_consent);
     println!("  duplicate sends         {}", s.duplicate_sends);
 }

@@ -33,7 +33,12 @@ pub fn plan(state: &DispatchState, approved: &MessageApproved) -> Plan {
 }
 
 /// The dispatch record of one step for an approval.
-pub fn record(decision: &Decision, approved: &MessageApproved, step: DispatchStep, now: Millis) -> DispatchRecord {
+pub fn record(
+    decision: &Decision,
+    approved: &MessageApproved,
+    step: DispatchStep,
+    now: Millis,
+) -> DispatchRecord {
     let step_key = match &step {
         DispatchStep::Attempted(a) => format!("attempt-{}", a.attempt),
         DispatchStep::Accepted(_) => "accepted".into(),
@@ -63,5 +68,8 @@ pub fn evolve(state: &mut DispatchState, rec: &DispatchRecord) {
 
 /// Provider error codes worth retrying: throttling and transient provider faults.
 pub fn is_retryable(code: i32) -> bool {
-    matches!(code, 4 | 80007 | 130429 | 131000 | 131016 | 429 | 500 | 502 | 503 | 504)
+    matches!(
+        code,
+        4 | 80007 | 130429 | 131000 | 131016 | 429 | 500 | 502 | 503 | 504
+    )
 }

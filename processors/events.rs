@@ -65,7 +65,10 @@ mod decimal_scale2 {
 
     fn from_twos_complement<E: Error>(b: &[u8]) -> Result<i64, E> {
         if b.is_empty() || b.len() > 8 {
-            return Err(E::custom(format!("decimal of {} bytes does not fit a 64-bit amount", b.len())));
+            return Err(E::custom(format!(
+                "decimal of {} bytes does not fit a 64-bit amount",
+                b.len()
+            )));
         }
         let fill = if b[0] & 0x80 != 0 { 0xff } else { 0x00 };
         let mut full = [fill; 8];
@@ -80,11 +83,21 @@ mod decimal_scale2 {
             None => (false, s),
         };
         let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-        if whole.is_empty() || frac.len() > 2 || !whole.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
+        if whole.is_empty()
+            || frac.len() > 2
+            || !whole
+                .chars()
+                .chain(frac.chars())
+                .all(|c| c.is_ascii_digit())
+        {
             return None;
         }
         let frac = format!("{frac:0<2}");
-        let v = whole.parse::<i64>().ok()?.checked_mul(100)?.checked_add(frac.parse::<i64>().ok()?)?;
+        let v = whole
+            .parse::<i64>()
+            .ok()?
+            .checked_mul(100)?
+            .checked_add(frac.parse::<i64>().ok()?)?;
         Some(if neg { -v } else { v })
     }
 

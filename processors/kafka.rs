@@ -93,7 +93,10 @@ pub struct EndOfLogIsExpected;
 
 impl ClientContext for EndOfLogIsExpected {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
             tracing::error!(error = %error, reason, "kafka client error");
         }
     }
@@ -154,10 +157,18 @@ pub struct LogReader {
 
 impl LogReader {
     /// Feeds every record of `topic`/`partition` from `from` to the end; returns the next offset.
-    pub fn read(&self, topic: &str, partition: i32, from: i64, mut f: impl FnMut(&OwnedMessage) -> Result<()>) -> Result<i64> {
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        mut f: impl FnMut(&OwnedMessage) -> Result<()>,
+    ) -> Result<i64> {
         // End of partition alone is not the end: a reader may see it before everything up to
         // the high watermark taken now was fetched. Done means the position reached it.
-        let (_, high) = self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+        let (_, high) =
+            self.consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(30))?;
         let mut next = from;
         if from >= high {
             return Ok(from.max(next));
@@ -194,7 +205,11 @@ impl LogReader {
 }
 
 /// The consumer's current position in one partition (-1 when it has none yet).
-pub fn position_of<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32) -> Result<i64> {
+pub fn position_of<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<i64> {
     let pos = consumer.position()?;
     Ok(pos
         .find_partition(topic, partition)
@@ -220,7 +235,10 @@ struct RebalanceLog {
 impl ClientContext for RebalanceLog {}
 
 fn tpl_list(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
-    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
 }
 
 impl ConsumerContext for RebalanceLog {
@@ -241,16 +259,28 @@ impl ConsumerContext for RebalanceLog {
 }
 
 /// Runs a stage until `stop` is set; the transaction in flight is finished first.
-pub fn run_stage<S: Stage>(settings: &KafkaSettings, stage: &mut S, stop: &AtomicBool, metrics: &Metrics, rt: &tokio::runtime::Handle) -> Result<()> {
+pub fn run_stage<S: Stage>(
+    settings: &KafkaSettings,
+    stage: &mut S,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<()> {
     let group = format!("herald-{}", stage.name());
     let mut cc = settings.base();
     cc.set("group.id", &group)
-        .set("client.id", format!("herald-{}-{}", stage.name(), settings.instance_id))
+        .set(
+            "client.id",
+            format!("herald-{}-{}", stage.name(), settings.instance_id),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", &settings.assignment_strategy)
+        .set(
+            "partition.assignment.strategy",
+            &settings.assignment_strategy,
+        )
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
     for (k, v) in &settings.extra {
@@ -271,7 +301,12 @@ pub fn run_stage<S: Stage>(settings: &KafkaSettings, stage: &mut S, stop: &Atomi
         consumer: settings.log_reader()?,
     };
     let mut owned: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
-    tracing::info!(stage = stage.name(), group, exactly_once = settings.exactly_once, "loop started");
+    tracing::info!(
+        stage = stage.name(),
+        group,
+        exactly_once = settings.exactly_once,
+        "loop started"
+    );
 
     while !stop.load(Ordering::SeqCst) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
@@ -292,14 +327,18 @@ pub fn run_stage<S: Stage>(settings: &KafkaSettings, stage: &mut S, stop: &Atomi
         if batch.is_empty() {
             continue;
         }
-        let result = run_batch(settings, stage, &consumer, &producer, &batch, &reader, metrics, rt);
+        let result = run_batch(
+            settings, stage, &consumer, &producer, &batch, &reader, metrics, rt,
+        );
         match result {
             Ok(()) => {}
             Err(BatchError::Abortable(why)) => {
                 tracing::warn!(error = %why, "transaction aborted; rewinding to the last commit");
                 Metrics::inc(&metrics.aborted_transactions, 1);
                 if settings.exactly_once {
-                    producer.abort_transaction(Duration::from_secs(30)).context("abort_transaction")?;
+                    producer
+                        .abort_transaction(Duration::from_secs(30))
+                        .context("abort_transaction")?;
                 }
                 stage.reset();
                 rewind(&consumer)?;
@@ -317,7 +356,14 @@ pub fn run_stage<S: Stage>(settings: &KafkaSettings, stage: &mut S, stop: &Atomi
     Ok(())
 }
 
-fn apply_rebalances<S: Stage>(consumer: &BaseConsumer<RebalanceLog>, stage: &mut S, owned: &mut BTreeMap<i32, BTreeSet<String>>, batch: &mut Vec<OwnedMessage>, reader: &LogReader, metrics: &Metrics) -> Result<()> {
+fn apply_rebalances<S: Stage>(
+    consumer: &BaseConsumer<RebalanceLog>,
+    stage: &mut S,
+    owned: &mut BTreeMap<i32, BTreeSet<String>>,
+    batch: &mut Vec<OwnedMessage>,
+    reader: &LogReader,
+    metrics: &Metrics,
+) -> Result<()> {
     let events: Vec<RebalanceEvent> = match consumer.context().events.lock() {
         Ok(mut e) => std::mem::take(&mut *e),
         Err(_) => bail!("rebalance log poisoned"),
@@ -347,14 +393,20 @@ fn apply_rebalances<S: Stage>(consumer: &BaseConsumer<RebalanceLog>, stage: &mut
                         let t = Instant::now();
                         stage.restore(p, reader)?;
                         Metrics::inc(&metrics.restored_partitions, 1);
-                        tracing::info!(partition = p, ms = t.elapsed().as_millis() as u64, "partition assigned; state restored");
+                        tracing::info!(
+                            partition = p,
+                            ms = t.elapsed().as_millis() as u64,
+                            "partition assigned; state restored"
+                        );
                     }
                 }
                 // Skip what the decision log shows as decided; records below it are also
                 // filtered by the stage, so a failed seek costs time, not correctness.
                 for (p, _) in owned.iter() {
                     for (topic, next) in stage.resume_positions(*p) {
-                        if let Err(e) = consumer.seek(&topic, *p, Offset::Offset(next), Duration::from_secs(5)) {
+                        if let Err(e) =
+                            consumer.seek(&topic, *p, Offset::Offset(next), Duration::from_secs(5))
+                        {
                             tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet");
                         }
                     }
@@ -401,16 +453,29 @@ fn kafka_error(e: KafkaError, what: &str) -> BatchError {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseConsumer<RebalanceLog>, producer: &FutureProducer, batch: &[OwnedMessage], reader: &LogReader, metrics: &Metrics, rt: &tokio::runtime::Handle) -> Result<(), BatchError> {
+fn run_batch<S: Stage>(
+    settings: &KafkaSettings,
+    stage: &mut S,
+    consumer: &BaseConsumer<RebalanceLog>,
+    producer: &FutureProducer,
+    batch: &[OwnedMessage],
+    reader: &LogReader,
+    metrics: &Metrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), BatchError> {
     let t_start = Instant::now();
     if settings.exactly_once {
-        producer.begin_transaction().map_err(|e| kafka_error(e, "begin_transaction"))?;
+        producer
+            .begin_transaction()
+            .map_err(|e| kafka_error(e, "begin_transaction"))?;
     }
     let mut out = Outbox::default();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for msg in batch {
         if !stage.owns(msg.partition()) {
-            stage.restore(msg.partition(), reader).map_err(BatchError::Abortable)?;
+            stage
+                .restore(msg.partition(), reader)
+                .map_err(BatchError::Abortable)?;
         }
         stage.handle(msg, &mut out).map_err(BatchError::Fatal)?;
         offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
@@ -422,9 +487,16 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
     for r in &out.records {
         let mut headers = OwnedHeaders::new();
         for (k, v) in &r.headers {
-            headers = headers.insert(Header { key: k, value: Some(v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
-        let record = FutureRecord::to(r.topic).partition(r.partition).key(&r.key).payload(&r.value).headers(headers);
+        let record = FutureRecord::to(r.topic)
+            .partition(r.partition)
+            .key(&r.key)
+            .payload(&r.value)
+            .headers(headers);
         let mut record = record;
         loop {
             match producer.send_result(record) {
@@ -446,7 +518,9 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
     for (d, r) in deliveries.into_iter().zip(&out.records) {
         match d {
             Ok(Ok(delivery)) => {
-                let next = produced.entry((r.topic.to_string(), delivery.partition)).or_insert(0);
+                let next = produced
+                    .entry((r.topic.to_string(), delivery.partition))
+                    .or_insert(0);
                 *next = (*next).max(delivery.offset + 1);
             }
             Ok(Err((e, _))) => return Err(kafka_error(e, "delivery")),
@@ -493,7 +567,11 @@ fn run_batch<S: Stage>(settings: &KafkaSettings, stage: &mut S, consumer: &BaseC
 /// with everything of the N-th transaction produced and nothing committed.
 fn crash_here_if_asked(metrics: &Metrics) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| std::env::var("HERALD_FAULT_CRASH_BEFORE_COMMIT").ok().and_then(|v| v.parse().ok()));
+    let at = AT.get_or_init(|| {
+        std::env::var("HERALD_FAULT_CRASH_BEFORE_COMMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
     if let Some(n) = at {
         if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n {
             eprintln!("herald: fault injection: aborting before commit of transaction {n}");
@@ -503,7 +581,10 @@ fn crash_here_if_asked(metrics: &Metrics) {
 }
 
 /// Creates Herald's topics on a librdkafka mock cluster (whose admin API is not usable).
-pub fn create_topics_on_mock<C: ClientContext>(cluster: &rdkafka::mocking::MockCluster<'_, C>, topology: &crate::topology::Topology) -> Result<()> {
+pub fn create_topics_on_mock<C: ClientContext>(
+    cluster: &rdkafka::mocking::MockCluster<'_, C>,
+    topology: &crate::topology::Topology,
+) -> Result<()> {
     for t in &topology.topics {
         cluster
             .create_topic(&t.name, t.partitions, 1)
@@ -516,8 +597,14 @@ pub fn create_topics_on_mock<C: ClientContext>(cluster: &rdkafka::mocking::MockC
 pub fn provenance(msg: &OwnedMessage) -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("herald.source.topic", msg.topic().as_bytes().to_vec()),
-        ("herald.source.partition", msg.partition().to_string().into_bytes()),
-        ("herald.source.offset", msg.offset().to_string().into_bytes()),
+        (
+            "herald.source.partition",
+            msg.partition().to_string().into_bytes(),
+        ),
+        (
+            "herald.source.offset",
+            msg.offset().to_string().into_bytes(),
+        ),
     ]
 }
 

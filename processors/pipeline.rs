@@ -45,7 +45,12 @@ impl Recorder<'_> {
         for outcome in outcomes {
             let seq = self.out.len().to_string();
             let d = Decision {
-                decision_id: deterministic_id(&[&self.customer_id, &self.input_ref, &self.input_event_id, &seq]),
+                decision_id: deterministic_id(&[
+                    &self.customer_id,
+                    &self.input_ref,
+                    &self.input_event_id,
+                    &seq,
+                ]),
                 customer_id: self.customer_id.clone(),
                 input_event_id: self.input_event_id.clone(),
                 processor,
@@ -84,11 +89,12 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
     let released: Vec<(String, Fact)> = guard
         .iter()
         .filter_map(|o| match o {
-            Outcome::ShipmentReleased(rel) => r
-                .state
-                .held
-                .get(&rel.event_id)
-                .map(|h| (rel.event_id.clone(), Fact::ShipmentDispatched(h.shipment.clone()))),
+            Outcome::ShipmentReleased(rel) => r.state.held.get(&rel.event_id).map(|h| {
+                (
+                    rel.event_id.clone(),
+                    Fact::ShipmentDispatched(h.shipment.clone()),
+                )
+            }),
             _ => None,
         })
         .collect();

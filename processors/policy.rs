@@ -40,7 +40,13 @@ pub struct Trigger<'a> {
     pub fact: &'a Fact,
 }
 
-fn suppressed(t: &Trigger, template: &str, purpose: Purpose, reason: SuppressionReason, detail: String) -> Vec<Outcome> {
+fn suppressed(
+    t: &Trigger,
+    template: &str,
+    purpose: Purpose,
+    reason: SuppressionReason,
+    detail: String,
+) -> Vec<Outcome> {
     vec![Outcome::MessageSuppressed(MessageSuppressed {
         trigger_event_id: t.event_id.to_string(),
         template_name: template.to_string(),
@@ -53,11 +59,15 @@ fn suppressed(t: &Trigger, template: &str, purpose: Purpose, reason: Suppression
 /// The template variant for a locale: the exact locale, else the same language. Never another
 /// language: a customer who reads Spanish is not sent English.
 fn pick_locale<'t>(variants: &'t [Template], locale: &str) -> Option<&'t Template> {
-    let approved = || variants.iter().filter(|t| t.status == TemplateStatus::Approved);
+    let approved = || {
+        variants
+            .iter()
+            .filter(|t| t.status == TemplateStatus::Approved)
+    };
     let language = locale.split(['_', '-']).next().unwrap_or(locale);
-    approved().find(|t| t.locale == locale).or_else(|| {
-        approved().find(|t| t.locale.split(['_', '-']).next() == Some(language))
-    })
+    approved()
+        .find(|t| t.locale == locale)
+        .or_else(|| approved().find(|t| t.locale.split(['_', '-']).next() == Some(language)))
 }
 
 /// Civil date (UTC) of an instant, as `YYYY-MM-DD`.
@@ -93,18 +103,28 @@ fn source_value(source: &str, state: &CustomerState, fact: &Fact) -> Option<Raw>
             .and_then(|o| o.total.clone())
             .map(Raw::Money),
         ("shipment.carrier", Fact::ShipmentDispatched(s)) => text(&s.carrier),
-        ("shipment.tracking_url", Fact::ShipmentDispatched(s)) => s.tracking_url.as_deref().and_then(text),
-        ("shipment.new_estimated_delivery", Fact::ShipmentDelayed(s)) => Some(Raw::Date(s.new_estimated_delivery)),
+        ("shipment.tracking_url", Fact::ShipmentDispatched(s)) => {
+            s.tracking_url.as_deref().and_then(text)
+        }
+        ("shipment.new_estimated_delivery", Fact::ShipmentDelayed(s)) => {
+            Some(Raw::Date(s.new_estimated_delivery))
+        }
         ("cart.total", Fact::CartAbandoned(c)) => c.total.clone().map(Raw::Money),
         ("cart.first_item", Fact::CartAbandoned(c)) => c.items.first().and_then(|i| text(&i.name)),
-        ("subscription.amount", Fact::SubscriptionRenewalDue(s)) => Some(Raw::Money(s.amount.clone())),
+        ("subscription.amount", Fact::SubscriptionRenewalDue(s)) => {
+            Some(Raw::Money(s.amount.clone()))
+        }
         ("subscription.due_date", Fact::SubscriptionRenewalDue(s)) => Some(Raw::Date(s.due_at)),
         _ => None,
     }
 }
 
 /// Renders every variable of a template, or names the first one that has no acceptable value.
-fn render(template: &Template, state: &CustomerState, fact: &Fact) -> Result<BTreeMap<String, String>, String> {
+fn render(
+    template: &Template,
+    state: &CustomerState,
+    fact: &Fact,
+) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for v in &template.variables {
         let rendered = match (source_value(&v.source, state, fact), v.kind) {
@@ -127,45 +147,106 @@ fn render(template: &Template, state: &CustomerState, fact: &Fact) -> Result<BTr
 }
 
 /// Decides whether the trigger's template message may be sent to this customer now.
-pub fn decide(state: &CustomerState, customer_id: &str, trigger: &Trigger, ctx: &Ctx) -> Vec<Outcome> {
+pub fn decide(
+    state: &CustomerState,
+    customer_id: &str,
+    trigger: &Trigger,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
     let Some(template_name) = ctx.topology.policy.triggers.get(trigger.fact.kind()) else {
         return vec![];
     };
-    let Some(variants) = ctx.topology.catalog.variants(template_name).filter(|v| !v.is_empty()) else {
-        return suppressed(trigger, template_name, Purpose::Transactional, SuppressionReason::UnknownTemplate,
-            format!("template {template_name} is not in the catalog"));
+    let Some(variants) = ctx
+        .topology
+        .catalog
+        .variants(template_name)
+        .filter(|v| !v.is_empty())
+    else {
+        return suppressed(
+            trigger,
+            template_name,
+            Purpose::Transactional,
+            SuppressionReason::UnknownTemplate,
+            format!("template {template_name} is not in the catalog"),
+        );
     };
     let purpose = variants[0].purpose;
     let t = trigger;
     if let Some(order_id) = trigger.fact.order_id() {
         let cancelled = state.orders.get(order_id).is_some_and(|o| o.cancelled);
         if cancelled && !matches!(trigger.fact, Fact::OrderPlaced(_)) {
-            return suppressed(t, template_name, purpose, SuppressionReason::OrderCancelled,
-                format!("order {order_id} was cancelled"));
+            return suppressed(
+                t,
+                template_name,
+                purpose,
+                SuppressionReason::OrderCancelled,
+                format!("order {order_id} was cancelled"),
+            );
         }
     }
     let consent = match state.consent_for(purpose, Channel::Whatsapp) {
         Some(c) if c.granted => c,
         Some(c) => {
-            return suppressed(t, template_name, purpose, SuppressionReason::NoConsent,
-                format!("{purpose:?} consent on WhatsApp revoked ({})", c.artifact_id));
+            return suppressed(
+                t,
+                template_name,
+                purpose,
+                SuppressionReason::NoConsent,
+                format!(
+                    "{purpose:?} consent on WhatsApp revoked ({})",
+                    c.artifact_id
+                ),
+            );
         }
         None => {
-            return suppressed(t, template_name, purpose, SuppressionReason::NoConsent,
-                format!("no {purpose:?} consent on WhatsApp"));
+            return suppressed(
+                t,
+                template_name,
+                purpose,
+                SuppressionReason::NoConsent,
+                format!("no {purpose:?} consent on WhatsApp"),
+            );
         }
     };
-    let Some(phone) = state.profile.phone_e164.as_deref().filter(|p| !p.is_empty()) else {
-        return suppressed(t, template_name, purpose, SuppressionReason::NoPhone, "no WhatsApp number on file".into());
+    let Some(phone) = state
+        .profile
+        .phone_e164
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    else {
+        return suppressed(
+            t,
+            template_name,
+            purpose,
+            SuppressionReason::NoPhone,
+            "no WhatsApp number on file".into(),
+        );
     };
-    let locale = state.profile.locale.as_deref().unwrap_or(&ctx.topology.policy.default_locale);
+    let locale = state
+        .profile
+        .locale
+        .as_deref()
+        .unwrap_or(&ctx.topology.policy.default_locale);
     let Some(template) = pick_locale(variants, locale) else {
-        return suppressed(t, template_name, purpose, SuppressionReason::UnsupportedLocale,
-            format!("no approved {template_name} template in {locale}"));
+        return suppressed(
+            t,
+            template_name,
+            purpose,
+            SuppressionReason::UnsupportedLocale,
+            format!("no approved {template_name} template in {locale}"),
+        );
     };
     let variables = match render(template, state, trigger.fact) {
         Ok(v) => v,
-        Err(detail) => return suppressed(t, template_name, purpose, SuppressionReason::MissingVariable, detail),
+        Err(detail) => {
+            return suppressed(
+                t,
+                template_name,
+                purpose,
+                SuppressionReason::MissingVariable,
+                detail,
+            )
+        }
     };
     let message_id = deterministic_id(&[customer_id, trigger.event_id, template_name]);
     if state.approved.contains(&message_id) {

@@ -25,7 +25,11 @@ pub enum SendOutcome {
     /// Accepted; the provider's message id (wamid).
     Accepted(String),
     /// Refused with the provider's error code.
-    Rejected { code: i32, retryable: bool, detail: String },
+    Rejected {
+        code: i32,
+        retryable: bool,
+        detail: String,
+    },
 }
 
 /// A client for the WhatsApp Cloud API `/{phone-number-id}/messages` endpoint.
@@ -76,7 +80,10 @@ impl CloudApiClient {
 
     /// Sends one approved template message. `Err` means the provider could not be reached.
     pub async fn send(&self, m: &MessageApproved) -> Result<SendOutcome> {
-        let url = format!("{}/{GRAPH_VERSION}/{}/messages", self.base_url, self.phone_number_id);
+        let url = format!(
+            "{}/{GRAPH_VERSION}/{}/messages",
+            self.base_url, self.phone_number_id
+        );
         let resp = self
             .http
             .post(url)
@@ -91,8 +98,13 @@ impl CloudApiClient {
                 return Ok(SendOutcome::Accepted(id.to_string()));
             }
         }
-        let code = body["error"]["code"].as_i64().unwrap_or(status.as_u16() as i64) as i32;
-        let detail = body["error"]["message"].as_str().unwrap_or("no error message").to_string();
+        let code = body["error"]["code"]
+            .as_i64()
+            .unwrap_or(status.as_u16() as i64) as i32;
+        let detail = body["error"]["message"]
+            .as_str()
+            .unwrap_or("no error message")
+            .to_string();
         Ok(SendOutcome::Rejected {
             code,
             retryable: crate::dispatch::is_retryable(code) || status.is_server_error(),
@@ -124,7 +136,12 @@ fn graph_error(status: StatusCode, code: i32, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn messages(State(log): State<Arc<SimulatorLog>>, Path((_version, phone_id)): Path<(String, String)>, headers: HeaderMap, body: Option<Json<Value>>) -> Response {
+async fn messages(
+    State(log): State<Arc<SimulatorLog>>,
+    Path((_version, phone_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
     let reject = |status, code, msg: &str| {
         if let Ok(mut r) = log.rejected.lock() {
             *r += 1;
@@ -145,36 +162,68 @@ async fn messages(State(log): State<Arc<SimulatorLog>>, Path((_version, phone_id
         return reject(StatusCode::BAD_REQUEST, 100, "Request body is not JSON");
     };
     if b["messaging_product"] != "whatsapp" {
-        return reject(StatusCode::BAD_REQUEST, 100, "(#100) The parameter messaging_product is required.");
+        return reject(
+            StatusCode::BAD_REQUEST,
+            100,
+            "(#100) The parameter messaging_product is required.",
+        );
     }
     let to = b["to"].as_str().unwrap_or_default().to_string();
     let digits: String = to.chars().filter(|c| c.is_ascii_digit()).collect();
     if digits.len() < 8 {
-        return reject(StatusCode::BAD_REQUEST, 131009, "(#131009) Parameter value is not valid: to");
+        return reject(
+            StatusCode::BAD_REQUEST,
+            131009,
+            "(#131009) Parameter value is not valid: to",
+        );
     }
     if b["type"] != "template" {
         // Herald only sends templates outside a service window; a free-form message is refused
         // the way the Cloud API refuses it outside the 24-hour window.
         return reject(StatusCode::BAD_REQUEST, 131047, "Re-engagement message: more than 24 hours have passed since the recipient last replied.");
     }
-    let template = b["template"]["name"].as_str().unwrap_or_default().to_string();
-    let language = b["template"]["language"]["code"].as_str().unwrap_or_default().to_string();
+    let template = b["template"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let language = b["template"]["language"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if template.is_empty() || language.is_empty() {
-        return reject(StatusCode::BAD_REQUEST, 132000, "(#132000) Template name and language are required");
+        return reject(
+            StatusCode::BAD_REQUEST,
+            132000,
+            "(#132000) Template name and language are required",
+        );
     }
     let mut parameters = Vec::new();
     for c in b["template"]["components"].as_array().into_iter().flatten() {
         for p in c["parameters"].as_array().into_iter().flatten() {
             let text = p["text"].as_str().unwrap_or_default();
             if text.trim().is_empty() {
-                return reject(StatusCode::BAD_REQUEST, 131008, "(#131008) Required parameter is missing");
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    131008,
+                    "(#131008) Required parameter is missing",
+                );
             }
-            parameters.push((p["parameter_name"].as_str().unwrap_or_default().to_string(), text.to_string()));
+            parameters.push((
+                p["parameter_name"].as_str().unwrap_or_default().to_string(),
+                text.to_string(),
+            ));
         }
     }
-    let callback_data = b["biz_opaque_callback_data"].as_str().unwrap_or_default().to_string();
+    let callback_data = b["biz_opaque_callback_data"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let Ok(mut sends) = log.sends.lock() else {
-        return graph_error(StatusCode::INTERNAL_SERVER_ERROR, 1, "simulator state poisoned");
+        return graph_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            1,
+            "simulator state poisoned",
+        );
     };
     let wamid = format!("wamid.HERALDSIM{:012}", sends.len() + 1);
     sends.push(SimulatedSend {

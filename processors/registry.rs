@@ -15,7 +15,9 @@ use axum::{Json, Router};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,7 +34,11 @@ struct Registry {
 type Shared = Arc<Mutex<Registry>>;
 
 fn error(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error_code": code, "message": message.into()}))).into_response()
+    (
+        status,
+        Json(json!({"error_code": code, "message": message.into()})),
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -44,17 +50,21 @@ struct RegisterBody {
     references: Vec<serde_json::Value>,
 }
 
-fn parse_body(body: &RegisterBody) -> Result<Schema, Response> {
+/// Why a registration body was refused: Confluent answers every case with 422 / 42201.
+fn parse_body(body: &RegisterBody) -> Result<Schema, String> {
     if let Some(t) = &body.schema_type {
         if t != "AVRO" {
-            return Err(error(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("schema type {t} is not supported by this registry")));
+            return Err(format!("schema type {t} is not supported by this registry"));
         }
     }
     if !body.references.is_empty() {
-        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "schema references are not supported by this registry"));
+        return Err("schema references are not supported by this registry".into());
     }
-    Schema::parse_str(&body.schema)
-        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema: {e}")))
+    Schema::parse_str(&body.schema).map_err(|e| format!("Invalid schema: {e}"))
+}
+
+fn invalid_schema(why: String) -> Response {
+    error(StatusCode::UNPROCESSABLE_ENTITY, 42201, why)
 }
 
 /// BACKWARD: the new schema can read everything written with the latest one.
@@ -64,14 +74,22 @@ fn backward_compatible(latest: &Schema, candidate: &Schema) -> Result<(), String
         .map_err(|e| e.to_string())
 }
 
-async fn register(State(reg): State<Shared>, Path(subject): Path<String>, Json(body): Json<RegisterBody>) -> Response {
+async fn register(
+    State(reg): State<Shared>,
+    Path(subject): Path<String>,
+    Json(body): Json<RegisterBody>,
+) -> Response {
     let schema = match parse_body(&body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(why) => return invalid_schema(why),
     };
     let canonical = schema.canonical_form();
     let Ok(mut r) = reg.lock() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, 50001, "registry state poisoned");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            "registry state poisoned",
+        );
     };
     let versions = r.subjects.get(&subject).cloned().unwrap_or_default();
     for id in &versions {
@@ -84,7 +102,11 @@ async fn register(State(reg): State<Shared>, Path(subject): Path<String>, Json(b
             return error(StatusCode::CONFLICT, 409, format!("Schema being registered is incompatible with an earlier schema for subject \"{subject}\": {why}"));
         }
     }
-    let id = match r.schemas.iter().position(|(_, s)| s.canonical_form() == canonical) {
+    let id = match r
+        .schemas
+        .iter()
+        .position(|(_, s)| s.canonical_form() == canonical)
+    {
         Some(i) => i as u32 + 1,
         None => {
             r.schemas.push((body.schema.clone(), schema));
@@ -97,7 +119,11 @@ async fn register(State(reg): State<Shared>, Path(subject): Path<String>, Json(b
 
 async fn schema_by_id(State(reg): State<Shared>, Path(id): Path<u32>) -> Response {
     let Ok(r) = reg.lock() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, 50001, "registry state poisoned");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            "registry state poisoned",
+        );
     };
     match r.schemas.get((id as usize).wrapping_sub(1)) {
         Some((text, _)) => Json(json!({"schema": text})).into_response(),
@@ -107,13 +133,23 @@ async fn schema_by_id(State(reg): State<Shared>, Path(id): Path<u32>) -> Respons
 
 fn version_response(r: &Registry, subject: &str, version: &str) -> Response {
     let Some(versions) = r.subjects.get(subject) else {
-        return error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."));
+        return error(
+            StatusCode::NOT_FOUND,
+            40401,
+            format!("Subject '{subject}' not found."),
+        );
     };
     let index = match version {
         "latest" | "-1" => versions.len().checked_sub(1),
         v => match v.parse::<usize>() {
             Ok(n) if n >= 1 => Some(n - 1),
-            _ => return error(StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("The specified version '{v}' is not a valid version id.")),
+            _ => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    42202,
+                    format!("The specified version '{v}' is not a valid version id."),
+                )
+            }
         },
     };
     match index.and_then(|i| versions.get(i).map(|id| (i, *id))) {
@@ -122,51 +158,93 @@ fn version_response(r: &Registry, subject: &str, version: &str) -> Response {
             "schemaType": "AVRO", "schema": r.schemas[id as usize - 1].0,
         }))
         .into_response(),
-        None => error(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            40402,
+            format!("Version {version} not found."),
+        ),
     }
 }
 
-async fn subject_version(State(reg): State<Shared>, Path((subject, version)): Path<(String, String)>) -> Response {
+async fn subject_version(
+    State(reg): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Response {
     match reg.lock() {
         Ok(r) => version_response(&r, &subject, &version),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, 50001, "registry state poisoned"),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            "registry state poisoned",
+        ),
     }
 }
 
 async fn list_versions(State(reg): State<Shared>, Path(subject): Path<String>) -> Response {
     let Ok(r) = reg.lock() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, 50001, "registry state poisoned");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            "registry state poisoned",
+        );
     };
     match r.subjects.get(&subject) {
         Some(v) => Json((1..=v.len()).collect::<Vec<_>>()).into_response(),
-        None => error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found.")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            40401,
+            format!("Subject '{subject}' not found."),
+        ),
     }
 }
 
 async fn list_subjects(State(reg): State<Shared>) -> Response {
     match reg.lock() {
         Ok(r) => Json(r.subjects.keys().cloned().collect::<Vec<_>>()).into_response(),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, 50001, "registry state poisoned"),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            "registry state poisoned",
+        ),
     }
 }
 
-async fn compatibility(State(reg): State<Shared>, Path((subject, version)): Path<(String, String)>, Json(body): Json<RegisterBody>) -> Response {
+async fn compatibility(
+    State(reg): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+    Json(body): Json<RegisterBody>,
+) -> Response {
     let candidate = match parse_body(&body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(why) => return invalid_schema(why),
     };
     let Ok(r) = reg.lock() else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, 50001, "registry state poisoned");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            "registry state poisoned",
+        );
     };
     let Some(versions) = r.subjects.get(&subject) else {
-        return error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."));
+        return error(
+            StatusCode::NOT_FOUND,
+            40401,
+            format!("Subject '{subject}' not found."),
+        );
     };
     let id = match version.as_str() {
         "latest" => versions.last().copied(),
-        v => v.parse::<usize>().ok().and_then(|n| versions.get(n.wrapping_sub(1)).copied()),
+        v => v
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| versions.get(n.wrapping_sub(1)).copied()),
     };
     let Some(id) = id else {
-        return error(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found."));
+        return error(
+            StatusCode::NOT_FOUND,
+            40402,
+            format!("Version {version} not found."),
+        );
     };
     match backward_compatible(&r.schemas[id as usize - 1].1, &candidate) {
         Ok(()) => Json(json!({"is_compatible": true})).into_response(),
@@ -178,10 +256,19 @@ async fn compatibility(State(reg): State<Shared>, Path((subject, version)): Path
 pub fn router() -> Router {
     Router::new()
         .route("/subjects", get(list_subjects))
-        .route("/subjects/{subject}/versions", post(register).get(list_versions))
-        .route("/subjects/{subject}/versions/{version}", get(subject_version))
+        .route(
+            "/subjects/{subject}/versions",
+            post(register).get(list_versions),
+        )
+        .route(
+            "/subjects/{subject}/versions/{version}",
+            get(subject_version),
+        )
         .route("/schemas/ids/{id}", get(schema_by_id))
-        .route("/compatibility/subjects/{subject}/versions/{version}", post(compatibility))
+        .route(
+            "/compatibility/subjects/{subject}/versions/{version}",
+            post(compatibility),
+        )
         .with_state(Shared::default())
 }
 
@@ -229,7 +316,14 @@ impl Codec {
         for (topic, record) in avro::TOPIC_RECORDS {
             let text = Schemas::get().text(topic)?.to_string();
             let supplied = SuppliedSchema::new(Some(record.to_string()), SchemaType::Avro, text);
-            strategies.insert(*topic, SubjectNameStrategy::TopicNameStrategyWithSchema(topic.to_string(), false, supplied));
+            strategies.insert(
+                *topic,
+                SubjectNameStrategy::TopicNameStrategyWithSchema(
+                    topic.to_string(),
+                    false,
+                    supplied,
+                ),
+            );
         }
         Ok(Codec {
             encoder: AvroEncoder::new(settings.clone()),
@@ -256,7 +350,10 @@ impl Codec {
         for (topic, strategy) in &self.strategies {
             let schema = self
                 .encoder
-                .get_schema_and_id(&strategy.get_subject().map_err(|e| anyhow!("{e}"))?, strategy.clone())
+                .get_schema_and_id(
+                    &strategy.get_subject().map_err(|e| anyhow!("{e}"))?,
+                    strategy.clone(),
+                )
                 .await
                 .map_err(|e| anyhow!("registering {topic}-value: {e}"))?;
             out.push((format!("{topic}-value"), schema.id));
@@ -266,27 +363,40 @@ impl Codec {
 
     /// Wire bytes of an input event for its family's topic.
     pub async fn encode_input(&self, e: &InputEvent) -> Result<Vec<u8>> {
-        self.encode(avro::family_topic(e.fact.family()), avro::input_to_value(e)?).await
+        self.encode(
+            avro::family_topic(e.fact.family()),
+            avro::input_to_value(e)?,
+        )
+        .await
     }
 
     /// Wire bytes of a decision.
     pub async fn encode_decision(&self, d: &Decision) -> Result<Vec<u8>> {
-        self.encode("herald.decisions.v1", avro::decision_to_value(d)?).await
+        self.encode("herald.decisions.v1", avro::decision_to_value(d)?)
+            .await
     }
 
     /// Wire bytes of a dispatch step.
     pub async fn encode_dispatch(&self, r: &DispatchRecord) -> Result<Vec<u8>> {
-        self.encode("herald.dispatch.v1", avro::dispatch_to_value(r)?).await
+        self.encode("herald.dispatch.v1", avro::dispatch_to_value(r)?)
+            .await
     }
 
     /// Wire bytes of a dead letter.
     pub async fn encode_dead_letter(&self, d: &DeadLetter) -> Result<Vec<u8>> {
-        self.encode("herald.dlq.v1", avro::dead_letter_to_value(d)?).await
+        self.encode("herald.dlq.v1", avro::dead_letter_to_value(d)?)
+            .await
     }
 
-    async fn decode_value(&self, topic: &str, bytes: Option<&[u8]>) -> Result<apache_avro::types::Value, DecodeError> {
+    async fn decode_value(
+        &self,
+        topic: &str,
+        bytes: Option<&[u8]>,
+    ) -> Result<apache_avro::types::Value, DecodeError> {
         let Some(bytes) = bytes else {
-            return Err(DecodeError::Poison("record has no value (tombstone)".into()));
+            return Err(DecodeError::Poison(
+                "record has no value (tombstone)".into(),
+            ));
         };
         let decoded = self
             .decoder
@@ -295,11 +405,16 @@ impl Codec {
             .map_err(classify)?
             .ok_or_else(|| DecodeError::Poison("record has no value".into()))?;
         let key = (topic.to_string(), decoded.schema.id);
-        let cached = self.same_shape.lock().ok().and_then(|m| m.get(&key).copied());
+        let cached = self
+            .same_shape
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied());
         let same = match cached {
             Some(same) => same,
             None => {
-                let same = avro::same_as_reader(topic, &decoded.schema.parsed).map_err(|e| DecodeError::Poison(format!("{e:#}")))?;
+                let same = avro::same_as_reader(topic, &decoded.schema.parsed)
+                    .map_err(|e| DecodeError::Poison(format!("{e:#}")))?;
                 if let Ok(mut m) = self.same_shape.lock() {
                     m.insert(key, same);
                 }
@@ -309,40 +424,61 @@ impl Codec {
         if same {
             return Ok(decoded.value);
         }
-        avro::to_reader_shape(topic, &decoded.schema.parsed, decoded.value).map_err(|e| DecodeError::Poison(format!("{e:#}")))
+        avro::to_reader_shape(topic, &decoded.schema.parsed, decoded.value)
+            .map_err(|e| DecodeError::Poison(format!("{e:#}")))
     }
 
     /// Reads an input event off one of the four input topics.
-    pub async fn decode_input(&self, topic: &str, bytes: Option<&[u8]>) -> Result<InputEvent, DecodeError> {
-        let family = avro::topic_family(topic).ok_or_else(|| DecodeError::Poison(format!("{topic} is not an input topic")))?;
+    pub async fn decode_input(
+        &self,
+        topic: &str,
+        bytes: Option<&[u8]>,
+    ) -> Result<InputEvent, DecodeError> {
+        let family = avro::topic_family(topic)
+            .ok_or_else(|| DecodeError::Poison(format!("{topic} is not an input topic")))?;
         let v = self.decode_value(topic, bytes).await?;
-        avro::input_from_value(family, &v).map_err(|e| DecodeError::Poison(format!("not a {topic} record: {e:#}")))
+        avro::input_from_value(family, &v)
+            .map_err(|e| DecodeError::Poison(format!("not a {topic} record: {e:#}")))
     }
 
     /// Reads a decision off `herald.decisions.v1`.
     pub async fn decode_decision(&self, bytes: Option<&[u8]>) -> Result<Decision, DecodeError> {
         let v = self.decode_value("herald.decisions.v1", bytes).await?;
-        avro::decision_from_value(&v).map_err(|e| DecodeError::Poison(format!("not a decision: {e:#}")))
+        avro::decision_from_value(&v)
+            .map_err(|e| DecodeError::Poison(format!("not a decision: {e:#}")))
     }
 
     /// Reads a dispatch step off `herald.dispatch.v1`.
-    pub async fn decode_dispatch(&self, bytes: Option<&[u8]>) -> Result<DispatchRecord, DecodeError> {
+    pub async fn decode_dispatch(
+        &self,
+        bytes: Option<&[u8]>,
+    ) -> Result<DispatchRecord, DecodeError> {
         let v = self.decode_value("herald.dispatch.v1", bytes).await?;
-        avro::dispatch_from_value(&v).map_err(|e| DecodeError::Poison(format!("not a dispatch step: {e:#}")))
+        avro::dispatch_from_value(&v)
+            .map_err(|e| DecodeError::Poison(format!("not a dispatch step: {e:#}")))
     }
 
     /// Reads a dead letter off `herald.dlq.v1`.
-    pub async fn decode_dead_letter(&self, bytes: Option<&[u8]>) -> Result<DeadLetter, DecodeError> {
+    pub async fn decode_dead_letter(
+        &self,
+        bytes: Option<&[u8]>,
+    ) -> Result<DeadLetter, DecodeError> {
         let v = self.decode_value("herald.dlq.v1", bytes).await?;
-        avro::dead_letter_from_value(&v).map_err(|e| DecodeError::Poison(format!("not a dead letter: {e:#}")))
+        avro::dead_letter_from_value(&v)
+            .map_err(|e| DecodeError::Poison(format!("not a dead letter: {e:#}")))
     }
 }
 
 /// Checks that a registry answers at `url`.
 pub async fn ping(url: &str) -> Result<()> {
-    let resp = reqwest::get(format!("{url}/subjects")).await.context("schema registry unreachable")?;
+    let resp = reqwest::get(format!("{url}/subjects"))
+        .await
+        .context("schema registry unreachable")?;
     if !resp.status().is_success() {
-        return Err(anyhow!("schema registry at {url} answered {}", resp.status()));
+        return Err(anyhow!(
+            "schema registry at {url} answered {}",
+            resp.status()
+        ));
     }
     Ok(())
 }

@@ -47,7 +47,10 @@ const PRODUCTS: &[(&str, &str, i64)] = &[
     ("HG-BED-PERC", "Percale duvet cover", 11900),
     ("HG-LAMP-BRS", "Brass table lamp", 15900),
 ];
-const NAMES: &[&str] = &["Ana", "Bruno", "Carla", "Diego", "Elena", "Felipe", "Grace", "Hugo", "Inês", "João", "Laura", "Marco", "Nina", "Olivia", "Pedro", "Rosa"];
+const NAMES: &[&str] = &[
+    "Ana", "Bruno", "Carla", "Diego", "Elena", "Felipe", "Grace", "Hugo", "Inês", "João", "Laura",
+    "Marco", "Nina", "Olivia", "Pedro", "Rosa",
+];
 const LOCALES: &[(&str, &str, &str, u64)] = &[
     ("en_US", "America/New_York", "EUR", 55),
     ("es_ES", "Europe/Madrid", "EUR", 25),
@@ -60,7 +63,11 @@ const CARRIERS: &[&str] = &["DHL", "UPS", "Correos", "Loggi"];
 #[derive(Debug, Clone)]
 pub enum FeedItem {
     Event(InputEvent),
-    Garbage { topic: &'static str, key: String, bytes: Vec<u8> },
+    Garbage {
+        topic: &'static str,
+        key: String,
+        bytes: Vec<u8>,
+    },
 }
 
 /// The generated scenario, in feed order.
@@ -96,7 +103,8 @@ impl Gen {
         if self.rng.chance(0.06) {
             let later = at + 1 + self.rng.below(2 * HOUR as u64) as i64;
             self.seq += 1;
-            self.events.push((later, self.seq, FeedItem::Event(e.clone())));
+            self.events
+                .push((later, self.seq, FeedItem::Event(e.clone())));
         }
         e
     }
@@ -157,14 +165,25 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                 roll < acc
             })
             .unwrap_or(&LOCALES[0]);
-        let phone = g.rng.chance(0.97).then(|| format!("+{}", 340_000_000_000u64 + c as u64 * 7919 % 99_999_999));
-        let first_name = g.rng.chance(0.9).then(|| NAMES[g.rng.below(NAMES.len() as u64) as usize].to_string());
-        g.push(&customer, "crm", t0, Fact::ProfileChanged(ProfileChanged {
-            first_name,
-            locale: Some(locale.into()),
-            time_zone: Some(tz.into()),
-            phone_e164: phone,
-        }));
+        let phone = g
+            .rng
+            .chance(0.97)
+            .then(|| format!("+{}", 340_000_000_000u64 + c as u64 * 7919 % 99_999_999));
+        let first_name = g
+            .rng
+            .chance(0.9)
+            .then(|| NAMES[g.rng.below(NAMES.len() as u64) as usize].to_string());
+        g.push(
+            &customer,
+            "crm",
+            t0,
+            Fact::ProfileChanged(ProfileChanged {
+                first_name,
+                locale: Some(locale.into()),
+                time_zone: Some(tz.into()),
+                phone_e164: phone,
+            }),
+        );
         let consent = |purpose, artifact: String| ConsentChange {
             purpose,
             channel: Channel::Whatsapp,
@@ -172,11 +191,24 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
             artifact_id: artifact,
         };
         if g.rng.chance(0.92) {
-            g.push(&customer, "crm", t0 + 60_000, Fact::ConsentGranted(consent(Purpose::Transactional, format!("form-{customer}-t"))));
+            g.push(
+                &customer,
+                "crm",
+                t0 + 60_000,
+                Fact::ConsentGranted(consent(
+                    Purpose::Transactional,
+                    format!("form-{customer}-t"),
+                )),
+            );
         }
         let marketing = g.rng.chance(0.55);
         if marketing {
-            g.push(&customer, "crm", t0 + 120_000, Fact::ConsentGranted(consent(Purpose::Marketing, format!("form-{customer}-m"))));
+            g.push(
+                &customer,
+                "crm",
+                t0 + 120_000,
+                Fact::ConsentGranted(consent(Purpose::Marketing, format!("form-{customer}-m"))),
+            );
         }
 
         let orders = 1 + g.rng.below(3);
@@ -185,13 +217,26 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
             let t = t0 + HOUR + o as i64 * 3 * DAY + g.rng.below(DAY as u64) as i64;
             let items = g.items(currency, true);
             let priced = g.rng.chance(0.97);
-            g.push(&customer, "oms", t, Fact::OrderPlaced(OrderPlaced {
-                order_id: order_id.clone(),
-                items: items.clone(),
-                total: if priced { total(&items) } else { None },
-            }));
+            g.push(
+                &customer,
+                "oms",
+                t,
+                Fact::OrderPlaced(OrderPlaced {
+                    order_id: order_id.clone(),
+                    items: items.clone(),
+                    total: if priced { total(&items) } else { None },
+                }),
+            );
             if g.rng.chance(0.03) {
-                g.push(&customer, "oms", t + 2 * HOUR, Fact::OrderCancelled(OrderCancelled { order_id: order_id.clone(), reason: "customer request".into() }));
+                g.push(
+                    &customer,
+                    "oms",
+                    t + 2 * HOUR,
+                    Fact::OrderCancelled(OrderCancelled {
+                        order_id: order_id.clone(),
+                        reason: "customer request".into(),
+                    }),
+                );
                 continue;
             }
             let amount = total(&items).unwrap_or_else(|| g.money(0, currency));
@@ -206,67 +251,194 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
             };
             match paid_at {
                 Some(at) => {
-                    g.push(&customer, "billing", at, Fact::PaymentCaptured(PaymentCaptured { order_id: order_id.clone(), payment_id: format!("pay-{order_id}"), amount: amount.clone() }));
+                    g.push(
+                        &customer,
+                        "billing",
+                        at,
+                        Fact::PaymentCaptured(PaymentCaptured {
+                            order_id: order_id.clone(),
+                            payment_id: format!("pay-{order_id}"),
+                            amount: amount.clone(),
+                        }),
+                    );
                 }
                 None => {
-                    g.push(&customer, "billing", t + 10 * 60_000, Fact::PaymentFailed(PaymentFailed { order_id: order_id.clone(), payment_id: format!("pay-{order_id}"), reason: "card_declined".into() }));
+                    g.push(
+                        &customer,
+                        "billing",
+                        t + 10 * 60_000,
+                        Fact::PaymentFailed(PaymentFailed {
+                            order_id: order_id.clone(),
+                            payment_id: format!("pay-{order_id}"),
+                            reason: "card_declined".into(),
+                        }),
+                    );
                 }
             }
-            let parcels = if items.len() > 1 && g.rng.chance(0.3) { 2 } else { 1 };
+            let parcels = if items.len() > 1 && g.rng.chance(0.3) {
+                2
+            } else {
+                1
+            };
             for s in 0..parcels {
                 let shipment_id = format!("shp-{order_id}-{s}");
-                let skus = items.iter().skip(s).step_by(parcels).map(|i| i.sku.clone()).collect();
+                let skus = items
+                    .iter()
+                    .skip(s)
+                    .step_by(parcels)
+                    .map(|i| i.sku.clone())
+                    .collect();
                 let carrier = CARRIERS[g.rng.below(CARRIERS.len() as u64) as usize].to_string();
-                let tracking_url = g.rng.chance(0.85).then(|| format!("https://track.example/{shipment_id}"));
-                g.push(&customer, "oms", ship_at + s as i64 * HOUR, Fact::ShipmentDispatched(ShipmentDispatched {
-                    order_id: order_id.clone(),
-                    shipment_id: shipment_id.clone(),
-                    carrier,
-                    tracking_url,
-                    skus,
-                    estimated_delivery: Some(ship_at + 3 * DAY),
-                }));
+                let tracking_url = g
+                    .rng
+                    .chance(0.85)
+                    .then(|| format!("https://track.example/{shipment_id}"));
+                g.push(
+                    &customer,
+                    "oms",
+                    ship_at + s as i64 * HOUR,
+                    Fact::ShipmentDispatched(ShipmentDispatched {
+                        order_id: order_id.clone(),
+                        shipment_id: shipment_id.clone(),
+                        carrier,
+                        tracking_url,
+                        skus,
+                        estimated_delivery: Some(ship_at + 3 * DAY),
+                    }),
+                );
                 if paid_at.is_none() {
                     continue;
                 }
                 if g.rng.chance(0.1) {
-                    g.push(&customer, "oms", ship_at + DAY, Fact::ShipmentDelayed(ShipmentDelayed { order_id: order_id.clone(), shipment_id: shipment_id.clone(), new_estimated_delivery: ship_at + 5 * DAY, reason: Some("weather".into()) }));
+                    g.push(
+                        &customer,
+                        "oms",
+                        ship_at + DAY,
+                        Fact::ShipmentDelayed(ShipmentDelayed {
+                            order_id: order_id.clone(),
+                            shipment_id: shipment_id.clone(),
+                            new_estimated_delivery: ship_at + 5 * DAY,
+                            reason: Some("weather".into()),
+                        }),
+                    );
                 }
-                g.push(&customer, "oms", ship_at + 2 * DAY + 8 * HOUR, Fact::ShipmentOutForDelivery(ShipmentOutForDelivery { order_id: order_id.clone(), shipment_id: shipment_id.clone() }));
-                g.push(&customer, "oms", ship_at + 2 * DAY + 14 * HOUR, Fact::ShipmentDelivered(ShipmentDelivered { order_id: order_id.clone(), shipment_id }));
+                g.push(
+                    &customer,
+                    "oms",
+                    ship_at + 2 * DAY + 8 * HOUR,
+                    Fact::ShipmentOutForDelivery(ShipmentOutForDelivery {
+                        order_id: order_id.clone(),
+                        shipment_id: shipment_id.clone(),
+                    }),
+                );
+                g.push(
+                    &customer,
+                    "oms",
+                    ship_at + 2 * DAY + 14 * HOUR,
+                    Fact::ShipmentDelivered(ShipmentDelivered {
+                        order_id: order_id.clone(),
+                        shipment_id,
+                    }),
+                );
             }
             if g.rng.chance(0.08) {
                 let partial = g.rng.chance(0.6);
-                let refund = if partial { amount.minor_units / 3 } else { amount.minor_units };
-                g.push(&customer, "billing", ship_at + 4 * DAY, Fact::RefundIssued(RefundIssued { order_id: order_id.clone(), refund_id: format!("ref-{order_id}"), amount: g.money(refund, currency), partial }));
+                let refund = if partial {
+                    amount.minor_units / 3
+                } else {
+                    amount.minor_units
+                };
+                g.push(
+                    &customer,
+                    "billing",
+                    ship_at + 4 * DAY,
+                    Fact::RefundIssued(RefundIssued {
+                        order_id: order_id.clone(),
+                        refund_id: format!("ref-{order_id}"),
+                        amount: g.money(refund, currency),
+                        partial,
+                    }),
+                );
             }
         }
         // Marketing opt-outs land two days before a cart at the earliest, so that the check
         // compares against a consent state every topic has caught up with.
         let cart_at = t0 + 8 * DAY + g.rng.below(6 * DAY as u64) as i64;
         if marketing && g.rng.chance(0.15) {
-            let at = if g.rng.chance(0.5) { cart_at - 2 * DAY } else { cart_at + 2 * DAY };
-            g.push(&customer, "crm", at, Fact::ConsentRevoked(ConsentChange { purpose: Purpose::Marketing, channel: Channel::Whatsapp, source: "preference_center".into(), artifact_id: format!("pref-{customer}") }));
+            let at = if g.rng.chance(0.5) {
+                cart_at - 2 * DAY
+            } else {
+                cart_at + 2 * DAY
+            };
+            g.push(
+                &customer,
+                "crm",
+                at,
+                Fact::ConsentRevoked(ConsentChange {
+                    purpose: Purpose::Marketing,
+                    channel: Channel::Whatsapp,
+                    source: "preference_center".into(),
+                    artifact_id: format!("pref-{customer}"),
+                }),
+            );
         }
         if g.rng.chance(0.35) {
             let priced = g.rng.chance(0.88);
             let items = g.items(currency, priced);
-            g.push(&customer, "oms", cart_at, Fact::CartAbandoned(CartAbandoned { cart_id: format!("cart-{c:06}"), total: total(&items), items }));
+            g.push(
+                &customer,
+                "oms",
+                cart_at,
+                Fact::CartAbandoned(CartAbandoned {
+                    cart_id: format!("cart-{c:06}"),
+                    total: total(&items),
+                    items,
+                }),
+            );
         }
         if g.rng.chance(0.1) {
             let at = t0 + 10 * DAY;
-            g.push(&customer, "billing", at, Fact::SubscriptionRenewalDue(SubscriptionRenewalDue { subscription_id: format!("sub-{c:06}"), due_at: at + 3 * DAY, amount: g.money(2900, currency) }));
+            g.push(
+                &customer,
+                "billing",
+                at,
+                Fact::SubscriptionRenewalDue(SubscriptionRenewalDue {
+                    subscription_id: format!("sub-{c:06}"),
+                    due_at: at + 3 * DAY,
+                    amount: g.money(2900, currency),
+                }),
+            );
         }
         if g.rng.chance(0.1) {
-            g.push(&customer, "provider", t0 + 5 * DAY, Fact::InboundMessageReceived(InboundMessageReceived { provider_message_id: format!("wamid.in-{c}"), text: "Hi, where is my order?".into() }));
+            g.push(
+                &customer,
+                "provider",
+                t0 + 5 * DAY,
+                Fact::InboundMessageReceived(InboundMessageReceived {
+                    provider_message_id: format!("wamid.in-{c}"),
+                    text: "Hi, where is my order?".into(),
+                }),
+            );
         }
     }
     // A few records no decoder can read: they must land in the dead-letter topic.
     for i in 0..12u64 {
         let at = EPOCH + (i as i64) * DAY;
-        let bytes = if i % 2 == 0 { b"{\"not\":\"avro\"}".to_vec() } else { vec![0, 0, 0, 0x7f, 0x7f, 1, 2, 3] };
+        let bytes = if i % 2 == 0 {
+            b"{\"not\":\"avro\"}".to_vec()
+        } else {
+            vec![0, 0, 0, 0x7f, 0x7f, 1, 2, 3]
+        };
         g.seq += 1;
-        g.events.push((at, g.seq, FeedItem::Garbage { topic: "oms.events.v1", key: format!("cust-{:06}", i), bytes }));
+        g.events.push((
+            at,
+            g.seq,
+            FeedItem::Garbage {
+                topic: "oms.events.v1",
+                key: format!("cust-{:06}", i),
+                bytes,
+            },
+        ));
     }
     g.events.sort_by_key(|(at, seq, _)| (*at, *seq));
     Scenario {

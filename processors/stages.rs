@@ -20,7 +20,12 @@ use std::time::Duration;
 pub const DECISIONS: &str = "herald.decisions.v1";
 pub const DISPATCH: &str = "herald.dispatch.v1";
 pub const DLQ: &str = "herald.dlq.v1";
-pub const INPUTS: [&str; 4] = ["oms.events.v1", "billing.events.v1", "crm.events.v1", "provider.events.v1"];
+pub const INPUTS: [&str; 4] = [
+    "oms.events.v1",
+    "billing.events.v1",
+    "crm.events.v1",
+    "provider.events.v1",
+];
 
 /// Wall-clock milliseconds, for shell-side timestamps only (never for decisions).
 pub fn wall_clock_ms() -> Millis {
@@ -34,12 +39,23 @@ pub fn wall_clock_ms() -> Millis {
 fn source_position(m: &OwnedMessage) -> Option<(String, i64)> {
     use rdkafka::message::Headers;
     let h = m.headers()?;
-    let get = |key: &str| h.iter().find(|x| x.key == key).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).to_string());
-    Some((get("herald.source.topic")?, get("herald.source.offset")?.parse().ok()?))
+    let get = |key: &str| {
+        h.iter()
+            .find(|x| x.key == key)
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).to_string())
+    };
+    Some((
+        get("herald.source.topic")?,
+        get("herald.source.offset")?.parse().ok()?,
+    ))
 }
 
 /// Decodes with retries for registry outages; poison is returned for the dead-letter topic.
-fn decode_with_retry<T>(rt: &tokio::runtime::Handle, mut f: impl FnMut() -> Result<T, DecodeError>) -> Result<Result<T, String>> {
+fn decode_with_retry<T>(
+    rt: &tokio::runtime::Handle,
+    mut f: impl FnMut() -> Result<T, DecodeError>,
+) -> Result<Result<T, String>> {
     let mut delay = Duration::from_millis(100);
     for _ in 0..10 {
         match f() {
@@ -55,7 +71,14 @@ fn decode_with_retry<T>(rt: &tokio::runtime::Handle, mut f: impl FnMut() -> Resu
     bail!("schema registry unavailable after 10 attempts")
 }
 
-fn dead_letter(codec: &Codec, rt: &tokio::runtime::Handle, msg: &OwnedMessage, stage: &str, error: String, metrics: &Metrics) -> Result<OutRecord> {
+fn dead_letter(
+    codec: &Codec,
+    rt: &tokio::runtime::Handle,
+    msg: &OwnedMessage,
+    stage: &str,
+    error: String,
+    metrics: &Metrics,
+) -> Result<OutRecord> {
     let letter = DeadLetter {
         source_topic: msg.topic().to_string(),
         source_partition: msg.partition(),
@@ -101,7 +124,13 @@ pub struct ProcessorStage {
 
 impl ProcessorStage {
     /// A processor stage with no partitions yet.
-    pub fn new(topology: Arc<Topology>, codec: Arc<Codec>, store: SharedStore, rt: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        topology: Arc<Topology>,
+        codec: Arc<Codec>,
+        store: SharedStore,
+        rt: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         ProcessorStage {
             topology,
             codec,
@@ -112,7 +141,13 @@ impl ProcessorStage {
         }
     }
 
-    fn emit(&self, p: i32, decisions: Vec<Decision>, headers: Vec<(&'static str, Vec<u8>)>, out: &mut Outbox) -> Result<()> {
+    fn emit(
+        &self,
+        p: i32,
+        decisions: Vec<Decision>,
+        headers: Vec<(&'static str, Vec<u8>)>,
+        out: &mut Outbox,
+    ) -> Result<()> {
         for d in decisions {
             let value = self.rt.block_on(self.codec.encode_decision(&d))?;
             Metrics::inc(&self.metrics.decisions_out, 1);
@@ -142,7 +177,8 @@ impl Stage for ProcessorStage {
         let snap = self.store.load("processors", partition)?;
         let mut part = ProcessorPartition::default();
         for (customer, bytes) in snap.customers {
-            let state: CustomerState = serde_json::from_slice(&bytes).with_context(|| format!("stored state of {customer} is unreadable"))?;
+            let state: CustomerState = serde_json::from_slice(&bytes)
+                .with_context(|| format!("stored state of {customer} is unreadable"))?;
             part.customers.insert(customer, state);
         }
         let codec = self.codec.clone();
@@ -191,28 +227,55 @@ impl Stage for ProcessorStage {
 
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
         let p = msg.partition();
-        let part = self.partitions.get_mut(&p).ok_or_else(|| anyhow!("partition {p} not restored"))?;
+        let part = self
+            .partitions
+            .get_mut(&p)
+            .ok_or_else(|| anyhow!("partition {p} not restored"))?;
         // Already decided (its decisions are in the log): the broker's committed offset was
         // behind what the decision log shows, e.g. a broker that drops transactional commits.
-        if part.inputs.get(msg.topic()).is_some_and(|next| msg.offset() < *next) {
+        if part
+            .inputs
+            .get(msg.topic())
+            .is_some_and(|next| msg.offset() < *next)
+        {
             return Ok(());
         }
         let e = part.inputs.entry(msg.topic().to_string()).or_insert(0);
         *e = (*e).max(msg.offset() + 1);
-        let decoded = decode_with_retry(&self.rt, || self.rt.block_on(self.codec.decode_input(msg.topic(), msg.payload())))?;
+        let decoded = decode_with_retry(&self.rt, || {
+            self.rt
+                .block_on(self.codec.decode_input(msg.topic(), msg.payload()))
+        })?;
         let input = match decoded {
             Ok(input) => input,
             Err(why) => {
-                out.records.push(dead_letter(&self.codec, &self.rt, msg, "decode", why, &self.metrics)?);
+                out.records.push(dead_letter(
+                    &self.codec,
+                    &self.rt,
+                    msg,
+                    "decode",
+                    why,
+                    &self.metrics,
+                )?);
                 return Ok(());
             }
         };
         if msg.key() != Some(input.envelope.customer_id.as_bytes()) {
             let why = format!("record key does not match envelope.customer_id '{}'; records must be keyed by customer", input.envelope.customer_id);
-            out.records.push(dead_letter(&self.codec, &self.rt, msg, "validate", why, &self.metrics)?);
+            out.records.push(dead_letter(
+                &self.codec,
+                &self.rt,
+                msg,
+                "validate",
+                why,
+                &self.metrics,
+            )?);
             return Ok(());
         }
-        let part = self.partitions.get_mut(&p).ok_or_else(|| anyhow!("partition {p} not restored"))?;
+        let part = self
+            .partitions
+            .get_mut(&p)
+            .ok_or_else(|| anyhow!("partition {p} not restored"))?;
         part.stream_time = part.stream_time.max(input.envelope.occurred_at);
         let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
         let ctx = Ctx {
@@ -265,7 +328,13 @@ impl Stage for ProcessorStage {
                     changed.push((c, serde_json::to_vec(s)?));
                 }
             }
-            self.store.save("processors", *p, &changed, part.next_decision_offset, &part.inputs)?;
+            self.store.save(
+                "processors",
+                *p,
+                &changed,
+                part.next_decision_offset,
+                &part.inputs,
+            )?;
         }
         Ok(())
     }
@@ -297,7 +366,13 @@ pub struct DispatchStage {
 
 impl DispatchStage {
     /// A dispatch stage sending through `client`.
-    pub fn new(codec: Arc<Codec>, store: SharedStore, client: CloudApiClient, rt: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        codec: Arc<Codec>,
+        store: SharedStore,
+        client: CloudApiClient,
+        rt: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         DispatchStage {
             codec,
             store,
@@ -311,7 +386,10 @@ impl DispatchStage {
 
     fn record(&mut self, partition: i32, rec: DispatchRecord, out: &mut Outbox) -> Result<()> {
         if let Some(part) = self.partitions.get_mut(&partition) {
-            dispatch::evolve(part.customers.entry(rec.customer_id.clone()).or_default(), &rec);
+            dispatch::evolve(
+                part.customers.entry(rec.customer_id.clone()).or_default(),
+                &rec,
+            );
             part.touched.insert(rec.customer_id.clone());
         }
         out.records.push(OutRecord {
@@ -338,7 +416,8 @@ impl Stage for DispatchStage {
         let snap = self.store.load("dispatch", partition)?;
         let mut part = DispatchPartition::default();
         for (customer, bytes) in snap.customers {
-            part.customers.insert(customer, serde_json::from_slice(&bytes)?);
+            part.customers
+                .insert(customer, serde_json::from_slice(&bytes)?);
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
@@ -369,11 +448,20 @@ impl Stage for DispatchStage {
     }
 
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
-        let decoded = decode_with_retry(&self.rt, || self.rt.block_on(self.codec.decode_decision(msg.payload())))?;
+        let decoded = decode_with_retry(&self.rt, || {
+            self.rt.block_on(self.codec.decode_decision(msg.payload()))
+        })?;
         let decision = match decoded {
             Ok(d) => d,
             Err(why) => {
-                out.records.push(dead_letter(&self.codec, &self.rt, msg, "decode", why, &self.metrics)?);
+                out.records.push(dead_letter(
+                    &self.codec,
+                    &self.rt,
+                    msg,
+                    "decode",
+                    why,
+                    &self.metrics,
+                )?);
                 return Ok(());
             }
         };
@@ -388,10 +476,22 @@ impl Stage for DispatchStage {
             .and_then(|part| part.customers.get(&decision.customer_id))
             .cloned()
             .unwrap_or_default();
-        let in_batch = self.pending.iter().any(|s| s.approved.message_id == approved.message_id);
+        let in_batch = self
+            .pending
+            .iter()
+            .any(|s| s.approved.message_id == approved.message_id);
         match dispatch::plan(&state, &approved) {
-            Plan::AlreadySent { provider_message_id } => {
-                let rec = dispatch::record(&decision, &approved, DispatchStep::Skipped(DispatchSkipped { first_provider_message_id: provider_message_id }), wall_clock_ms());
+            Plan::AlreadySent {
+                provider_message_id,
+            } => {
+                let rec = dispatch::record(
+                    &decision,
+                    &approved,
+                    DispatchStep::Skipped(DispatchSkipped {
+                        first_provider_message_id: provider_message_id,
+                    }),
+                    wall_clock_ms(),
+                );
                 self.record(p, rec, out)?;
             }
             Plan::Send if in_batch => {}
@@ -408,32 +508,54 @@ impl Stage for DispatchStage {
         let pending = std::mem::take(&mut self.pending);
         for chunk in pending.chunks(64) {
             let client = &self.client;
-            let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(|s| async move {
-                let mut delay = Duration::from_millis(50);
-                let mut attempt = 1;
-                loop {
-                    match client.send(&s.approved).await {
-                        Ok(SendOutcome::Rejected { retryable: true, .. }) | Err(_) if attempt < 4 => {
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
-                            attempt += 1;
+            let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(
+                |s| async move {
+                    let mut delay = Duration::from_millis(50);
+                    let mut attempt = 1;
+                    loop {
+                        match client.send(&s.approved).await {
+                            Ok(SendOutcome::Rejected {
+                                retryable: true, ..
+                            })
+                            | Err(_)
+                                if attempt < 4 =>
+                            {
+                                tokio::time::sleep(delay).await;
+                                delay *= 2;
+                                attempt += 1;
+                            }
+                            other => return (attempt, other),
                         }
-                        other => return (attempt, other),
                     }
-                }
-            })));
+                },
+            )));
             for (s, (attempts, result)) in chunk.iter().zip(results) {
                 let now = wall_clock_ms();
-                let attempted = dispatch::record(&s.decision, &s.approved, DispatchStep::Attempted(DispatchAttempted { attempt: attempts }), now);
+                let attempted = dispatch::record(
+                    &s.decision,
+                    &s.approved,
+                    DispatchStep::Attempted(DispatchAttempted { attempt: attempts }),
+                    now,
+                );
                 self.record(s.partition, attempted, out)?;
                 let step = match result {
                     Ok(SendOutcome::Accepted(id)) => {
                         Metrics::inc(&self.metrics.sends, 1);
-                        DispatchStep::Accepted(DispatchAccepted { provider_message_id: id })
+                        DispatchStep::Accepted(DispatchAccepted {
+                            provider_message_id: id,
+                        })
                     }
-                    Ok(SendOutcome::Rejected { code, retryable, detail }) => {
+                    Ok(SendOutcome::Rejected {
+                        code,
+                        retryable,
+                        detail,
+                    }) => {
                         Metrics::inc(&self.metrics.send_failures, 1);
-                        DispatchStep::Failed(DispatchFailed { code, retryable, detail })
+                        DispatchStep::Failed(DispatchFailed {
+                            code,
+                            retryable,
+                            detail,
+                        })
                     }
                     Err(e) => {
                         Metrics::inc(&self.metrics.send_failures, 1);
@@ -465,7 +587,13 @@ impl Stage for DispatchStage {
                     changed.push((c, serde_json::to_vec(s)?));
                 }
             }
-            self.store.save("dispatch", *p, &changed, part.next_offset, &Default::default())?;
+            self.store.save(
+                "dispatch",
+                *p,
+                &changed,
+                part.next_offset,
+                &Default::default(),
+            )?;
         }
         Ok(())
     }

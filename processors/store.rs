@@ -22,7 +22,14 @@ pub trait StateStore: Send + Sync {
     /// Loads everything stored for a partition of a namespace ("processors", "dispatch").
     fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
     /// Saves changed customers and the partition's new position atomically.
-    fn save(&self, namespace: &str, partition: i32, changed: &[(String, Vec<u8>)], next_offset: i64, inputs: &BTreeMap<String, i64>) -> Result<()>;
+    fn save(
+        &self,
+        namespace: &str,
+        partition: i32,
+        changed: &[(String, Vec<u8>)],
+        next_offset: i64,
+        inputs: &BTreeMap<String, i64>,
+    ) -> Result<()>;
 }
 
 const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_state");
@@ -38,9 +45,11 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let db = Database::create(path).with_context(|| format!("cannot open state store {}", path.display()))?;
+        let db = Database::create(path)
+            .with_context(|| format!("cannot open state store {}", path.display()))?;
         let w = db.begin_write()?;
         w.open_table(STATES)?;
         w.open_table(POSITIONS)?;
@@ -69,14 +78,28 @@ impl StateStore for EmbeddedStore {
         }
         let next_offset = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
         let mut inputs = BTreeMap::new();
-        for item in r.open_table(INPUT_POSITIONS)?.range(p.as_str()..end.as_str())? {
+        for item in r
+            .open_table(INPUT_POSITIONS)?
+            .range(p.as_str()..end.as_str())?
+        {
             let (k, v) = item?;
             inputs.insert(k.value()[p.len()..].to_string(), v.value());
         }
-        Ok(PartitionSnapshot { customers, next_offset, inputs })
+        Ok(PartitionSnapshot {
+            customers,
+            next_offset,
+            inputs,
+        })
     }
 
-    fn save(&self, namespace: &str, partition: i32, changed: &[(String, Vec<u8>)], next_offset: i64, inputs: &BTreeMap<String, i64>) -> Result<()> {
+    fn save(
+        &self,
+        namespace: &str,
+        partition: i32,
+        changed: &[(String, Vec<u8>)],
+        next_offset: i64,
+        inputs: &BTreeMap<String, i64>,
+    ) -> Result<()> {
         let p = prefix(namespace, partition);
         let w = self.db.begin_write()?;
         {
@@ -91,7 +114,10 @@ impl StateStore for EmbeddedStore {
             let mut input_positions = w.open_table(INPUT_POSITIONS)?;
             for (topic, next) in inputs {
                 let key = format!("{p}{topic}");
-                let current = input_positions.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+                let current = input_positions
+                    .get(key.as_str())?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
                 input_positions.insert(key.as_str(), current.max(*next))?;
             }
         }
@@ -108,16 +134,40 @@ mod tests {
     fn snapshots_roundtrip_per_partition_and_namespace() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
-        s.save("processors", 1, &[("c-1".into(), b"a".to_vec())], 10, &BTreeMap::from([("oms.events.v1".to_string(), 4)])).unwrap();
-        s.save("processors", 11, &[("c-9".into(), b"z".to_vec())], 3, &BTreeMap::new()).unwrap();
-        s.save("dispatch", 1, &[("c-1".into(), b"d".to_vec())], 4, &BTreeMap::new()).unwrap();
+        s.save(
+            "processors",
+            1,
+            &[("c-1".into(), b"a".to_vec())],
+            10,
+            &BTreeMap::from([("oms.events.v1".to_string(), 4)]),
+        )
+        .unwrap();
+        s.save(
+            "processors",
+            11,
+            &[("c-9".into(), b"z".to_vec())],
+            3,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        s.save(
+            "dispatch",
+            1,
+            &[("c-1".into(), b"d".to_vec())],
+            4,
+            &BTreeMap::new(),
+        )
+        .unwrap();
         let snap = s.load("processors", 1).unwrap();
         assert_eq!(snap.next_offset, 10);
         assert_eq!(snap.customers.len(), 1);
         assert_eq!(snap.customers["c-1"], b"a");
         assert_eq!(snap.inputs["oms.events.v1"], 4);
         assert_eq!(s.load("dispatch", 1).unwrap().customers["c-1"], b"d");
-        assert_eq!(s.load("processors", 2).unwrap(), PartitionSnapshot::default());
+        assert_eq!(
+            s.load("processors", 2).unwrap(),
+            PartitionSnapshot::default()
+        );
     }
 
     #[test]
@@ -125,8 +175,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
         let none = BTreeMap::new();
-        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none).unwrap();
-        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none).unwrap();
+        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none)
+            .unwrap();
+        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none)
+            .unwrap();
         s.save("processors", 0, &[], 5, &none).unwrap();
         let snap = s.load("processors", 0).unwrap();
         assert_eq!(snap.next_offset, 7);

@@ -70,21 +70,57 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut line = |name: &str, help: &str, v: u64| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
         };
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        line("herald_records_in_total", "Input records consumed.", g(&self.records_in));
-        line("herald_decisions_total", "Decisions produced.", g(&self.decisions_out));
-        line("herald_dead_letters_total", "Records sent to herald.dlq.v1.", g(&self.dead_letters));
-        line("herald_transactions_total", "Kafka transactions committed.", g(&self.transactions));
-        line("herald_transactions_aborted_total", "Kafka transactions aborted.", g(&self.aborted_transactions));
-        line("herald_sends_total", "Messages accepted by the provider.", g(&self.sends));
-        line("herald_send_failures_total", "Provider calls that failed.", g(&self.send_failures));
-        line("herald_partitions_restored_total", "Partitions whose state was restored on assignment.", g(&self.restored_partitions));
+        line(
+            "herald_records_in_total",
+            "Input records consumed.",
+            g(&self.records_in),
+        );
+        line(
+            "herald_decisions_total",
+            "Decisions produced.",
+            g(&self.decisions_out),
+        );
+        line(
+            "herald_dead_letters_total",
+            "Records sent to herald.dlq.v1.",
+            g(&self.dead_letters),
+        );
+        line(
+            "herald_transactions_total",
+            "Kafka transactions committed.",
+            g(&self.transactions),
+        );
+        line(
+            "herald_transactions_aborted_total",
+            "Kafka transactions aborted.",
+            g(&self.aborted_transactions),
+        );
+        line(
+            "herald_sends_total",
+            "Messages accepted by the provider.",
+            g(&self.sends),
+        );
+        line(
+            "herald_send_failures_total",
+            "Provider calls that failed.",
+            g(&self.send_failures),
+        );
+        line(
+            "herald_partitions_restored_total",
+            "Partitions whose state was restored on assignment.",
+            g(&self.restored_partitions),
+        );
         if let Ok(m) = self.by_kind.lock() {
             out.push_str("# HELP herald_decisions_by_kind_total Decisions by kind.\n# TYPE herald_decisions_by_kind_total counter\n");
             for (k, v) in m.iter() {
-                out.push_str(&format!("herald_decisions_by_kind_total{{kind=\"{k}\"}} {v}\n"));
+                out.push_str(&format!(
+                    "herald_decisions_by_kind_total{{kind=\"{k}\"}} {v}\n"
+                ));
             }
         }
         out
@@ -94,10 +130,13 @@ impl Metrics {
 /// Serves `/metrics`, `/healthz` and `/readyz` for a running process.
 pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
     let router = Router::new()
-        .route("/metrics", get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }));
     serve_router(addr, router, "metrics").await

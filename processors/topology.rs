@@ -138,7 +138,11 @@ impl Topology {
                 .map(|(_, t)| *t)
                 .unwrap_or_default()
         };
-        Self::from_texts(get("topics.toml"), get("templates.toml"), get("policy.toml"))
+        Self::from_texts(
+            get("topics.toml"),
+            get("templates.toml"),
+            get("policy.toml"),
+        )
     }
 
     /// Reads `topics.toml`, `templates.toml` and `policy.toml` from a directory.
@@ -176,7 +180,10 @@ impl Topology {
         let partitions: Vec<i32> = self.topics.iter().map(|t| t.partitions).collect();
         for t in &self.topics {
             if t.partitions < 1 {
-                bail!("topology/topics.toml: topic {}: partitions must be >= 1", t.name);
+                bail!(
+                    "topology/topics.toml: topic {}: partitions must be >= 1",
+                    t.name
+                );
             }
             if t.cleanup_policy != "delete" && t.cleanup_policy != "compact" {
                 bail!(
@@ -192,7 +199,9 @@ impl Topology {
         }
         for (fact, template) in &self.policy.triggers {
             if !crate::policy::TRIGGER_FACTS.contains(&fact.as_str()) {
-                bail!("topology/policy.toml: triggers.{fact}: not a fact that can trigger a message");
+                bail!(
+                    "topology/policy.toml: triggers.{fact}: not a fact that can trigger a message"
+                );
             }
             if self.catalog.variants(template).is_none() {
                 bail!("topology/policy.toml: triggers.{fact}: template '{template}' is not in templates.toml");
@@ -248,7 +257,8 @@ mod tests {
     #[test]
     fn a_bad_key_is_named() {
         let t = Topology::embedded().unwrap();
-        let policy = include_str!("../topology/policy.toml").replace("dedupe_window_hours", "dedupe_window_hourz");
+        let policy = include_str!("../topology/policy.toml")
+            .replace("dedupe_window_hours", "dedupe_window_hourz");
         let err = Topology::from_texts(
             include_str!("../topology/topics.toml"),
             include_str!("../topology/templates.toml"),
@@ -262,7 +272,8 @@ mod tests {
 
     #[test]
     fn topics_must_be_co_partitioned() {
-        let topics = include_str!("../topology/topics.toml").replacen("partitions = 6", "partitions = 5", 1);
+        let topics =
+            include_str!("../topology/topics.toml").replacen("partitions = 6", "partitions = 5", 1);
         let err = Topology::from_texts(
             &topics,
             include_str!("../topology/templates.toml"),

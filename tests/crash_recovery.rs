@@ -13,13 +13,31 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-
-fn herald(bootstrap: &str, registry: &str, store: &std::path::Path, crash_at: Option<u32>) -> Child {
+fn herald(
+    bootstrap: &str,
+    registry: &str,
+    store: &std::path::Path,
+    crash_at: Option<u32>,
+) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
-    c.args(["run", "--stage", "processors", "--bootstrap", bootstrap, "--registry", registry, "--instance-id", "crash-test", "--metrics-addr", "127.0.0.1:0", "--batch-size", "300"])
-        .arg("--store")
-        .arg(store)
-        .env("RUST_LOG", "error");
+    c.args([
+        "run",
+        "--stage",
+        "processors",
+        "--bootstrap",
+        bootstrap,
+        "--registry",
+        registry,
+        "--instance-id",
+        "crash-test",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--batch-size",
+        "300",
+    ])
+    .arg("--store")
+    .arg(store)
+    .env("RUST_LOG", "error");
     if let Some(n) = crash_at {
         c.env("HERALD_FAULT_CRASH_BEFORE_COMMIT", n.to_string());
     }
@@ -27,11 +45,21 @@ fn herald(bootstrap: &str, registry: &str, store: &std::path::Path, crash_at: Op
 }
 
 /// Dedupe decisions and dead letters a read_committed reader sees now.
-fn visible(bootstrap: &str, partitions: i32, codec: &Codec, rt: &tokio::runtime::Runtime) -> (usize, usize) {
+fn visible(
+    bootstrap: &str,
+    partitions: i32,
+    codec: &Codec,
+    rt: &tokio::runtime::Runtime,
+) -> (usize, usize) {
     let mut dedupe = 0;
     demo::read_topic(bootstrap, "herald.decisions.v1", partitions, |m| {
-        let d = rt.block_on(codec.decode_decision(m.payload())).map_err(|e| anyhow::anyhow!("{e}"))?;
-        if matches!(d.outcome, Outcome::EventAccepted(_) | Outcome::DuplicateIgnored(_)) {
+        let d = rt
+            .block_on(codec.decode_decision(m.payload()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if matches!(
+            d.outcome,
+            Outcome::EventAccepted(_) | Outcome::DuplicateIgnored(_)
+        ) {
             dedupe += 1;
         }
         Ok(())
@@ -43,7 +71,11 @@ fn visible(bootstrap: &str, partitions: i32, codec: &Codec, rt: &tokio::runtime:
 
 #[test]
 fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let topology = Topology::embedded().unwrap();
     let cluster = demo::start_cluster(&rt, &topology).unwrap();
     let codec = Codec::new(&cluster.registry_url).unwrap();
@@ -52,7 +84,17 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "feeder");
     let producer = settings.producer(None).unwrap();
     demo::feed(&rt, &producer, &codec, &s.items, |_| {}).unwrap();
-    let events: Vec<_> = s.items.iter().filter_map(|i| if let FeedItem::Event(e) = i { Some(e) } else { None }).collect();
+    let events: Vec<_> = s
+        .items
+        .iter()
+        .filter_map(|i| {
+            if let FeedItem::Event(e) = i {
+                Some(e)
+            } else {
+                None
+            }
+        })
+        .collect();
     let garbage = s.len() - events.len();
 
     let dir = tempfile::tempdir().unwrap();
@@ -71,8 +113,15 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         if dedupe >= events.len() && dlq >= garbage {
             break;
         }
-        assert!(Instant::now() < deadline, "processors did not catch up: {dedupe} of {} records decided", events.len());
-        assert!(second.try_wait().unwrap().is_none(), "the restarted processors stopped");
+        assert!(
+            Instant::now() < deadline,
+            "processors did not catch up: {dedupe} of {} records decided",
+            events.len()
+        );
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the restarted processors stopped"
+        );
         std::thread::sleep(Duration::from_millis(1000));
     }
     // SIGTERM: the transaction in flight is finished and the process exits 0.
@@ -80,7 +129,10 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         libc_kill(second.id() as i32, 15);
     }
     let status = second.wait().unwrap();
-    assert!(status.success(), "SIGTERM must stop herald cleanly, got {status:?}");
+    assert!(
+        status.success(),
+        "SIGTERM must stop herald cleanly, got {status:?}"
+    );
 
     // What a read_committed consumer sees.
     let mut ids = HashSet::new();
@@ -88,38 +140,95 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
     let mut dedupe_per_record: HashMap<String, usize> = HashMap::new();
     let mut accepted: HashMap<String, String> = HashMap::new();
     let mut twice: Vec<String> = Vec::new();
-    demo::read_topic(&cluster.bootstrap, "herald.decisions.v1", topology.partitions(), |m| {
-        let d = rt.block_on(codec.decode_decision(m.payload())).map_err(|e| anyhow::anyhow!("{e}"))?;
-        if !ids.insert(d.decision_id.clone()) {
-            duplicates += 1;
-        }
-        match &d.outcome {
-            Outcome::EventAccepted(a) => {
-                *dedupe_per_record.entry(d.input_event_id.clone()).or_default() += 1;
-                let src = m
-                    .headers()
-                    .map(|h| h.iter().map(|x| format!("{}={}", x.key, String::from_utf8_lossy(x.value.unwrap_or_default()))).collect::<Vec<_>>().join(" "))
-                    .unwrap_or_default();
-                let here = format!("decision {} at {}/{} from {src}", d.decision_id, m.partition(), m.offset());
-                if let Some(first) = accepted.insert(a.envelope.event_id.clone(), here.clone()) {
-                    twice.push(format!("event {} accepted twice:\n  {first}\n  {here}", a.envelope.event_id));
-                }
+    demo::read_topic(
+        &cluster.bootstrap,
+        "herald.decisions.v1",
+        topology.partitions(),
+        |m| {
+            let d = rt
+                .block_on(codec.decode_decision(m.payload()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if !ids.insert(d.decision_id.clone()) {
+                duplicates += 1;
             }
-            Outcome::DuplicateIgnored(_) => *dedupe_per_record.entry(d.input_event_id.clone()).or_default() += 1,
-            _ => {}
-        }
-        Ok(())
-    })
+            match &d.outcome {
+                Outcome::EventAccepted(a) => {
+                    *dedupe_per_record
+                        .entry(d.input_event_id.clone())
+                        .or_default() += 1;
+                    let src = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| {
+                                    format!(
+                                        "{}={}",
+                                        x.key,
+                                        String::from_utf8_lossy(x.value.unwrap_or_default())
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default();
+                    let here = format!(
+                        "decision {} at {}/{} from {src}",
+                        d.decision_id,
+                        m.partition(),
+                        m.offset()
+                    );
+                    if let Some(first) = accepted.insert(a.envelope.event_id.clone(), here.clone())
+                    {
+                        twice.push(format!(
+                            "event {} accepted twice:\n  {first}\n  {here}",
+                            a.envelope.event_id
+                        ));
+                    }
+                }
+                Outcome::DuplicateIgnored(_) => {
+                    *dedupe_per_record
+                        .entry(d.input_event_id.clone())
+                        .or_default() += 1
+                }
+                _ => {}
+            }
+            Ok(())
+        },
+    )
     .unwrap();
-    assert!(twice.is_empty(), "{} events accepted twice, e.g.\n{}", twice.len(), twice.iter().take(3).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        twice.is_empty(),
+        "{} events accepted twice, e.g.\n{}",
+        twice.len(),
+        twice.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(duplicates, 0, "decisions written twice");
     let deliveries: usize = dedupe_per_record.values().sum();
-    assert_eq!(deliveries, events.len(), "every input record gets exactly one dedupe decision");
+    assert_eq!(
+        deliveries,
+        events.len(),
+        "every input record gets exactly one dedupe decision"
+    );
     let distinct: HashSet<_> = events.iter().map(|e| e.envelope.event_id.clone()).collect();
-    assert_eq!(accepted.len(), distinct.len(), "every distinct fact is accepted exactly once");
-    assert!(events.iter().any(|e| matches!(e.fact, Fact::ShipmentDispatched(_))));
-    let dlq = demo::read_topic(&cluster.bootstrap, "herald.dlq.v1", topology.partitions(), |_| Ok(())).unwrap();
-    assert_eq!(dlq as usize, garbage, "every undecodable record is dead-lettered once");
+    assert_eq!(
+        accepted.len(),
+        distinct.len(),
+        "every distinct fact is accepted exactly once"
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e.fact, Fact::ShipmentDispatched(_))));
+    let dlq = demo::read_topic(
+        &cluster.bootstrap,
+        "herald.dlq.v1",
+        topology.partitions(),
+        |_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(
+        dlq as usize, garbage,
+        "every undecodable record is dead-lettered once"
+    );
     drop(producer);
 }
 

@@ -23,19 +23,46 @@ use serde::Deserialize;
 #[test]
 fn every_deployment_has_probes_on_its_metrics_port_and_a_grace_period() {
     let docs = docs();
-    let deployments: Vec<_> = docs.iter().filter(|(_, d)| d["kind"] == "Deployment").collect();
-    let names: Vec<&str> = deployments.iter().filter_map(|(_, d)| d["metadata"]["name"].as_str()).collect();
-    assert!(names.contains(&"herald-processors") && names.contains(&"herald-dispatch"), "{names:?}");
+    let deployments: Vec<_> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"] == "Deployment")
+        .collect();
+    let names: Vec<&str> = deployments
+        .iter()
+        .filter_map(|(_, d)| d["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"herald-processors") && names.contains(&"herald-dispatch"),
+        "{names:?}"
+    );
     for (file, d) in deployments {
         let spec = &d["spec"]["template"]["spec"];
-        assert!(spec["terminationGracePeriodSeconds"].as_i64().unwrap_or(0) >= 30, "{file}: grace period too short to finish a transaction");
+        assert!(
+            spec["terminationGracePeriodSeconds"].as_i64().unwrap_or(0) >= 30,
+            "{file}: grace period too short to finish a transaction"
+        );
         let c = &spec["containers"][0];
         for probe in ["readinessProbe", "livenessProbe"] {
             assert_eq!(c[probe]["httpGet"]["port"], "metrics", "{file}: {probe}");
         }
-        assert!(c["ports"].as_sequence().unwrap().iter().any(|p| p["name"] == "metrics"), "{file}");
-        assert_eq!(d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"], "{file}: selector must match pod labels");
-        let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+        assert!(
+            c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "metrics"),
+            "{file}"
+        );
+        assert_eq!(
+            d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"],
+            "{file}: selector must match pod labels"
+        );
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
         assert_eq!(args[0], "run", "{file}");
     }
 }
@@ -43,5 +70,7 @@ fn every_deployment_has_probes_on_its_metrics_port_and_a_grace_period() {
 #[test]
 fn the_gateway_service_exists() {
     let docs = docs();
-    assert!(docs.iter().any(|(_, d)| d["kind"] == "Service" && d["metadata"]["name"] == "herald-gateway"));
+    assert!(docs
+        .iter()
+        .any(|(_, d)| d["kind"] == "Service" && d["metadata"]["name"] == "herald-gateway"));
 }

@@ -39,12 +39,17 @@ fn summary(d: &Decision) -> Option<String> {
     Some(match &d.outcome {
         Outcome::EventAccepted(_) => return None,
         Outcome::MessageApproved(m) => format!("MessageApproved:{}:{}", m.template_name, m.locale),
-        Outcome::MessageSuppressed(s) => format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason),
+        Outcome::MessageSuppressed(s) => {
+            format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason)
+        }
         other => other.kind().to_string(),
     })
 }
 
-fn run(s: &Scenario, topology: &Topology) -> (Vec<String>, Vec<Decision>, BTreeMap<String, CustomerState>) {
+fn run(
+    s: &Scenario,
+    topology: &Topology,
+) -> (Vec<String>, Vec<Decision>, BTreeMap<String, CustomerState>) {
     let mut states: BTreeMap<String, CustomerState> = BTreeMap::new();
     let mut all = Vec::new();
     let mut now = 0;
@@ -52,7 +57,11 @@ fn run(s: &Scenario, topology: &Topology) -> (Vec<String>, Vec<Decision>, BTreeM
         let at = EPOCH + (step.at_h * 3_600_000.0) as i64;
         now = now.max(at);
         let input_ref = format!("step/{i}");
-        let ctx = Ctx { now, topology, input_ref: &input_ref };
+        let ctx = Ctx {
+            now,
+            topology,
+            input_ref: &input_ref,
+        };
         let state = states.entry(step.customer.clone()).or_default();
         let ds = match (&step.id, &step.fact) {
             (Some(id), Some(fact)) => {
@@ -80,24 +89,42 @@ fn run(s: &Scenario, topology: &Topology) -> (Vec<String>, Vec<Decision>, BTreeM
 
 #[test]
 fn every_scenario_file_decides_as_expected() {
-    let topology = Topology::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topology"))).expect("topology loads");
+    let topology = Topology::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/topology"
+    )))
+    .expect("topology loads");
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scenarios");
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
     files.sort();
     assert!(files.len() >= 8, "expected the scenario files in {dir}");
     let mut failures = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        let s: Scenario = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let s: Scenario =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let (got, decisions, states) = run(&s, &topology);
         if got != s.expect {
-            failures.push(format!("{} ({})\n  expected {:?}\n  got      {:?}", f.display(), s.description, s.expect, got));
+            failures.push(format!(
+                "{} ({})\n  expected {:?}\n  got      {:?}",
+                f.display(),
+                s.description,
+                s.expect,
+                got
+            ));
         }
         // Replay gives the same state: the fold of a customer's decisions is their live state.
         for (customer, live) in &states {
             let rebuilt = pipeline::fold(decisions.iter().filter(|d| &d.customer_id == customer));
             if &rebuilt != live {
-                failures.push(format!("{}: folding the decisions of {customer} does not rebuild the live state", f.display()));
+                failures.push(format!(
+                    "{}: folding the decisions of {customer} does not rebuild the live state",
+                    f.display()
+                ));
             }
         }
         let mut ids: Vec<&str> = decisions.iter().map(|d| d.decision_id.as_str()).collect();

@@ -9,7 +9,9 @@ use herald::registry::{self, Codec, DecodeError};
 use std::path::PathBuf;
 
 fn history_dir(topic: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/history").join(format!("{topic}-value"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas/history")
+        .join(format!("{topic}-value"))
 }
 
 fn versions(topic: &str) -> Vec<(u32, String)> {
@@ -18,7 +20,11 @@ fn versions(topic: &str) -> Vec<(u32, String)> {
             d.filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let name = e.file_name().to_string_lossy().to_string();
-                    let v = name.strip_prefix('v')?.strip_suffix(".avsc")?.parse().ok()?;
+                    let v = name
+                        .strip_prefix('v')?
+                        .strip_suffix(".avsc")?
+                        .parse()
+                        .ok()?;
                     Some((v, std::fs::read_to_string(e.path()).ok()?))
                 })
                 .collect()
@@ -41,16 +47,25 @@ fn every_schema_is_backward_compatible_with_its_history() {
         for (v, text) in &history {
             let old = Schema::parse_str(text).unwrap();
             if let Err(e) = SchemaCompatibility::can_read(&old, current) {
-                problems.push(format!("{topic}-value: current schema cannot read v{v}: {e}"));
+                problems.push(format!(
+                    "{topic}-value: current schema cannot read v{v}: {e}"
+                ));
             }
         }
-        let latest_is_current = history.last().is_some_and(|(_, t)| Schema::parse_str(t).unwrap().canonical_form() == current.canonical_form());
+        let latest_is_current = history.last().is_some_and(|(_, t)| {
+            Schema::parse_str(t).unwrap().canonical_form() == current.canonical_form()
+        });
         if !latest_is_current {
             if record {
                 let next = history.last().map(|(v, _)| v + 1).unwrap_or(1);
-                let pretty: serde_json::Value = serde_json::from_str(Schemas::get().text(topic).unwrap()).unwrap();
+                let pretty: serde_json::Value =
+                    serde_json::from_str(Schemas::get().text(topic).unwrap()).unwrap();
                 std::fs::create_dir_all(history_dir(topic)).unwrap();
-                std::fs::write(history_dir(topic).join(format!("v{next}.avsc")), serde_json::to_string_pretty(&pretty).unwrap() + "\n").unwrap();
+                std::fs::write(
+                    history_dir(topic).join(format!("v{next}.avsc")),
+                    serde_json::to_string_pretty(&pretty).unwrap() + "\n",
+                )
+                .unwrap();
             } else {
                 problems.push(format!("{topic}-value: schema changed without a history entry; run HERALD_RECORD_SCHEMAS=1 cargo test --test schemas"));
             }
@@ -60,7 +75,11 @@ fn every_schema_is_backward_compatible_with_its_history() {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -114,7 +133,9 @@ fn the_registry_refuses_an_incompatible_schema_with_409() {
 fn records_roundtrip_in_the_confluent_wire_format_over_http() {
     let rt = rt();
     rt.block_on(async {
-        let addr = registry::serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = registry::serve("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let codec = Codec::new(&format!("http://{addr}")).unwrap();
         let registered = codec.register_all().await.unwrap();
         assert_eq!(registered.len(), TOPIC_RECORDS.len());
@@ -131,20 +152,44 @@ fn records_roundtrip_in_the_confluent_wire_format_over_http() {
             fact: Fact::RefundIssued(RefundIssued {
                 order_id: "ord-1".into(),
                 refund_id: "r-1".into(),
-                amount: Money { minor_units: 2990, currency: "EUR".into() },
+                amount: Money {
+                    minor_units: 2990,
+                    currency: "EUR".into(),
+                },
                 partial: true,
             }),
         };
         let bytes = codec.encode_input(&e).await.unwrap();
         assert_eq!(bytes[0], 0, "Confluent magic byte");
         let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-        assert!(registered.iter().any(|(s, i)| s == "billing.events.v1-value" && *i == id));
-        assert_eq!(codec.decode_input("billing.events.v1", Some(&bytes)).await.unwrap(), e);
+        assert!(registered
+            .iter()
+            .any(|(s, i)| s == "billing.events.v1-value" && *i == id));
+        assert_eq!(
+            codec
+                .decode_input("billing.events.v1", Some(&bytes))
+                .await
+                .unwrap(),
+            e
+        );
         // Bytes that are not a Herald record are poison (dead-letter), not a retry.
-        assert!(matches!(codec.decode_input("billing.events.v1", Some(b"plain text")).await, Err(DecodeError::Poison(_))));
-        assert!(matches!(codec.decode_input("billing.events.v1", Some(&[0, 0, 0, 0x7f, 0x7f, 1])).await, Err(DecodeError::Poison(_))));
+        assert!(matches!(
+            codec
+                .decode_input("billing.events.v1", Some(b"plain text"))
+                .await,
+            Err(DecodeError::Poison(_))
+        ));
+        assert!(matches!(
+            codec
+                .decode_input("billing.events.v1", Some(&[0, 0, 0, 0x7f, 0x7f, 1]))
+                .await,
+            Err(DecodeError::Poison(_))
+        ));
         // A record of another family on the wrong topic is poison too.
-        assert!(matches!(codec.decode_input("oms.events.v1", Some(&bytes)).await, Err(DecodeError::Poison(_))));
+        assert!(matches!(
+            codec.decode_input("oms.events.v1", Some(&bytes)).await,
+            Err(DecodeError::Poison(_))
+        ));
         let _ = avro::record_of_topic("herald.dlq.v1").unwrap();
     });
 }
@@ -154,7 +199,9 @@ fn an_unreachable_registry_is_a_retry_not_poison() {
     let rt = rt();
     rt.block_on(async {
         let codec = Codec::new("http://127.0.0.1:9").unwrap();
-        let r = codec.decode_input("oms.events.v1", Some(&[0, 0, 0, 0, 1, 2])).await;
+        let r = codec
+            .decode_input("oms.events.v1", Some(&[0, 0, 0, 0, 1, 2]))
+            .await;
         assert!(matches!(r, Err(DecodeError::Retryable(_))), "{r:?}");
     });
 }
