@@ -275,6 +275,6 @@ mod tests {
     fn iso_dates_are_civil_utc_dates() {
         assert_eq!(iso_date(0), "1970-01-01");
         assert_eq!(iso_date(951_782_400_000), "2000-02-29");
-        assert_eq!(iso_date(1_795_392_000_000), "2026-11-22");
+        assert_eq!(iso_date(1_795_392_000_000), "2026-11-23");
     }
 }

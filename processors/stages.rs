@@ -35,6 +35,10 @@ pub fn wall_clock_ms() -> Millis {
         .unwrap_or(0)
 }
 
+/// Key under which a partition's stream time is kept among its input positions: both only grow,
+/// and both must survive a restart (the dedupe window and hold timers run on stream time).
+const STREAM_TIME_KEY: &str = "~stream-time";
+
 /// The input record a decision came from, from its provenance headers.
 fn source_position(m: &OwnedMessage) -> Option<(String, i64)> {
     use rdkafka::message::Headers;
@@ -183,8 +187,12 @@ impl Stage for ProcessorStage {
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
-        part.inputs = snap.inputs.clone();
-        let mut stream_time = 0;
+        let mut stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
+        part.inputs = snap
+            .inputs
+            .into_iter()
+            .filter(|(k, _)| k != STREAM_TIME_KEY)
+            .collect();
         let next = reader.read(DECISIONS, partition, snap.next_offset, |m| {
             if let Some((topic, offset)) = source_position(m) {
                 let e = part.inputs.entry(topic).or_insert(0);

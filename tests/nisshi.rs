@@ -1,0 +1,244 @@
+//! Against Nisshi, an independent Kafka-compatible broker without transactions: `herald topics
+//! apply` creates the topics, and two processor processes share one consumer group in
+//! at-least-once mode. Every input record must get its decisions, and any repeat must be the
+//! same decision (same deterministic id), so idempotent consumers see each decision once.
+//! `scripts/install-nisshi` installs the broker; CI fails if it is missing.
+
+use herald::demo;
+use herald::events::Outcome;
+use herald::kafka::KafkaSettings;
+use herald::registry::{self, Codec};
+use herald::scenario::{self, FeedItem};
+use herald::topology::Topology;
+use rdkafka::message::Message;
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn nisshi_binary() -> Option<PathBuf> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let candidate = home.join("bin/nisshi");
+    if candidate.exists() {
+        return Some(candidate);
+    }
+    std::env::var("PATH")
+        .ok()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join("nisshi"))
+        .find(|p| p.exists())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(c: &Child) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe {
+        kill(c.id() as i32, 15);
+    }
+}
+
+#[test]
+fn two_processes_share_a_group_at_least_once_on_nisshi() {
+    let Some(nisshi) = nisshi_binary() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "nisshi is not installed; scripts/install-nisshi installs it"
+        );
+        eprintln!("SKIPPED: nisshi not installed (run scripts/install-nisshi)");
+        return;
+    };
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let _broker = Killed(
+        Command::new(nisshi)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://nisshi/",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nisshi starts"),
+    );
+    let bootstrap = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&bootstrap).is_err() {
+        assert!(Instant::now() < deadline, "nisshi did not start listening");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Topics through the real admin path, twice: the second run finds everything in place.
+    let topology = Topology::embedded().unwrap();
+    let first = herald::cli::topics_apply(&bootstrap, &topology, Some(1)).expect("topics apply");
+    assert_eq!(
+        first.iter().filter(|l| l.starts_with("CREATED")).count(),
+        topology.topics.len(),
+        "{first:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let second =
+        herald::cli::topics_apply(&bootstrap, &topology, Some(1)).expect("topics apply again");
+    assert!(
+        second.iter().all(|l| !l.starts_with("CREATED")),
+        "{second:?}"
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let reg = rt
+        .block_on(registry::serve("127.0.0.1:0".parse().unwrap()))
+        .unwrap();
+    let registry_url = format!("http://{reg}");
+    let codec = Codec::new(&registry_url).unwrap();
+    rt.block_on(codec.register_all()).unwrap();
+    let s = scenario::generate(200, 5);
+    let producer = KafkaSettings::new(&bootstrap, false, "feeder")
+        .producer(None)
+        .unwrap();
+    demo::feed(&rt, &producer, &codec, &s.items, |_| {}).unwrap();
+    let records: usize = s
+        .items
+        .iter()
+        .filter(|i| matches!(i, FeedItem::Event(_)))
+        .count();
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let spawn = |name: &str, port: u16| {
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "run",
+                "--stage",
+                "processors",
+                "--at-least-once",
+                "--bootstrap",
+                &bootstrap,
+                "--registry",
+                &registry_url,
+                "--instance-id",
+                name,
+                "--batch-size",
+                "200",
+            ])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--store")
+            .arg(dir.path().join(format!("{name}.redb")))
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("herald starts")
+    };
+    let mut a = Killed(spawn("a", metrics[0]));
+    let mut b = Killed(spawn("b", metrics[1]));
+
+    let count = || {
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        demo::read_topic(
+            &bootstrap,
+            "herald.decisions.v1",
+            topology.partitions(),
+            |m| {
+                let d = rt
+                    .block_on(codec.decode_decision(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if matches!(
+                    d.outcome,
+                    Outcome::EventAccepted(_) | Outcome::DuplicateIgnored(_)
+                ) {
+                    *ids.entry(d.decision_id).or_default() += 1;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        ids
+    };
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let ids = loop {
+        let ids = count();
+        if ids.len() >= records {
+            break ids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {records} records decided",
+            ids.len()
+        );
+        assert!(
+            a.0.try_wait().unwrap().is_none() && b.0.try_wait().unwrap().is_none(),
+            "a processor stopped"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    // One distinct dedupe decision per input record: nothing lost, and repeats (if any) carry
+    // the same id.
+    assert_eq!(ids.len(), records);
+
+    // Both processes took part in the group.
+    for port in &metrics {
+        let body = rt.block_on(async {
+            reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        let consumed: u64 = body
+            .lines()
+            .find(|l| l.starts_with("herald_records_in_total "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            consumed > 0,
+            "process on metrics port {port} consumed nothing:\n{body}"
+        );
+    }
+    let dlq = demo::read_topic(&bootstrap, "herald.dlq.v1", topology.partitions(), |_| {
+        Ok(())
+    })
+    .unwrap();
+    let garbage = s.len() - records;
+    assert!(
+        dlq as usize >= garbage,
+        "every undecodable record reaches the DLQ ({dlq} of {garbage})"
+    );
+
+    sigterm(&a.0);
+    sigterm(&b.0);
+    assert!(
+        a.0.wait().unwrap().success() && b.0.wait().unwrap().success(),
+        "SIGTERM must stop both cleanly"
+    );
+}
