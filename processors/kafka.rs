@@ -190,11 +190,14 @@ impl LogReader {
                         break;
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                // Only the end-of-partition event, queued after the records, makes the position
+                // trustworthy; an empty poll may still have records prefetched.
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
                     if position_of(&self.consumer, topic, partition)? >= high {
                         break;
                     }
                 }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
                 Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
             }
         }

@@ -156,6 +156,9 @@ impl ProcessorStage {
             let value = self.rt.block_on(self.codec.encode_decision(&d))?;
             Metrics::inc(&self.metrics.decisions_out, 1);
             self.metrics.count_kind(d.outcome.kind());
+            if let Outcome::MessageSuppressed(m) = &d.outcome {
+                self.metrics.count_reason(&format!("{:?}", m.reason));
+            }
             out.records.push(OutRecord {
                 topic: DECISIONS,
                 partition: p,

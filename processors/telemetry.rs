@@ -46,6 +46,7 @@ pub struct Metrics {
     pub send_failures: AtomicU64,
     pub restored_partitions: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
+    by_reason: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -64,6 +65,23 @@ impl Metrics {
         if let Ok(mut m) = self.by_kind.lock() {
             *m.entry(kind.to_string()).or_default() += 1;
         }
+    }
+
+    /// Counts a suppression by its reason.
+    pub fn count_reason(&self, reason: &str) {
+        if let Ok(mut m) = self.by_reason.lock() {
+            *m.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Decisions by kind so far.
+    pub fn kinds(&self) -> BTreeMap<String, u64> {
+        self.by_kind.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Suppressions by reason so far.
+    pub fn reasons(&self) -> BTreeMap<String, u64> {
+        self.by_reason.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Prometheus text exposition of every counter.
