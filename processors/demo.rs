@@ -166,14 +166,14 @@ pub fn read_topic(
             }
             // End of partition is queued after that partition's records, so only then can the
             // position be trusted; an empty poll says nothing about prefetched records.
-            Some(Err(KafkaError::PartitionEOF(p))) => {
+            Some(Err(KafkaError::PartitionEOF(p)))
                 if highs.get(&p).is_some_and(|high| {
                     kafka::position_of(&consumer, topic, p).is_ok_and(|pos| pos >= *high)
-                }) {
-                    done.insert(p);
-                }
+                }) =>
+            {
+                done.insert(p);
             }
-            None => {}
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
         }
     }
