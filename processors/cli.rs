@@ -141,6 +141,10 @@ pub struct RunArgs {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
+    /// Consumer group assignment: `range` keeps co-partitioned inputs on one consumer;
+    /// `cooperative-sticky` rebalances incrementally but does not guarantee co-partitioning.
+    #[arg(long, env = "HERALD_ASSIGNMENT_STRATEGY", default_value = "range")]
+    pub assignment_strategy: String,
     /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     pub kafka_config: Vec<(String, String)>,
@@ -261,6 +265,7 @@ fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| format!("pid{}", std::process::id()));
     let mut settings = KafkaSettings::new(&args.bootstrap, !args.at_least_once, &instance);
     settings.batch_size = args.batch_size;
+    settings.assignment_strategy = args.assignment_strategy.clone();
     settings.extra = args.kafka_config.clone();
     let stop = kafka::stop_on_signal(rt.handle());
     let metrics = Metrics::shared();
