@@ -19,3 +19,74 @@ pub fn decide(state: &CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<Outco
         })],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::evolve;
+    use crate::topology::Topology;
+
+    fn input(id: &str, at: Millis) -> InputEvent {
+        InputEvent {
+            envelope: Envelope {
+                event_id: id.into(),
+                source_system: "crm".into(),
+                source_sequence: None,
+                occurred_at: at,
+                customer_id: "c".into(),
+                trace_parent: None,
+                schema_version: 1,
+            },
+            fact: Fact::ErasureRequested(ErasureRequested {
+                request_id: "r".into(),
+            }),
+        }
+    }
+
+    fn fold(state: &mut CustomerState, outcome: Outcome, at: Millis) {
+        let d = Decision {
+            decision_id: "d".into(),
+            customer_id: "c".into(),
+            input_event_id: "e".into(),
+            processor: Processor::Dedupe,
+            decided_at: at,
+            policy_version: "v".into(),
+            outcome,
+        };
+        evolve(state, &d);
+    }
+
+    #[test]
+    fn a_repeat_inside_the_window_is_recorded_and_a_repeat_after_it_is_new() {
+        let topology = Topology::embedded().unwrap();
+        let window = topology.policy.dedupe_window_hours * 3_600_000;
+        let mut state = CustomerState::default();
+        let ctx = Ctx {
+            now: 1_000,
+            topology: &topology,
+            input_ref: "r/0/1",
+        };
+        let first = decide(&state, &input("e-1", 1_000), &ctx);
+        assert!(matches!(first[0], Outcome::EventAccepted(_)));
+        fold(&mut state, first[0].clone(), 1_000);
+        let again = decide(&state, &input("e-1", 1_000), &ctx);
+        assert_eq!(
+            again,
+            vec![Outcome::DuplicateIgnored(DuplicateIgnored {
+                event_id: "e-1".into(),
+                first_seen_at: 1_000
+            })]
+        );
+        // Once stream time has moved past the window, another event's acceptance forgets e-1.
+        let later = Ctx {
+            now: 1_000 + window + 1,
+            ..ctx
+        };
+        let other = decide(&state, &input("e-2", later.now), &later);
+        fold(&mut state, other[0].clone(), later.now);
+        assert!(matches!(
+            decide(&state, &input("e-1", 1_000), &later)[0],
+            Outcome::EventAccepted(_)
+        ));
+    }
+}

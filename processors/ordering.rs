@@ -58,3 +58,59 @@ pub fn held_now(outcomes: &[Outcome], event_id: &str) -> bool {
         .iter()
         .any(|o| matches!(o, Outcome::ShipmentHeld(h) if h.event_id == event_id))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::OrderFacts;
+    use crate::topology::Topology;
+
+    fn shipment(order: &str) -> InputEvent {
+        InputEvent {
+            envelope: Envelope {
+                event_id: format!("ship-{order}"),
+                source_system: "oms".into(),
+                source_sequence: None,
+                occurred_at: 10,
+                customer_id: "c".into(),
+                trace_parent: None,
+                schema_version: 1,
+            },
+            fact: Fact::ShipmentDispatched(ShipmentDispatched {
+                order_id: order.into(),
+                shipment_id: "s".into(),
+                carrier: "DHL".into(),
+                tracking_url: None,
+                skus: vec![],
+                estimated_delivery: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_unpaid_shipment_is_held_and_a_paid_one_is_not() {
+        let topology = Topology::embedded().unwrap();
+        let ctx = Ctx {
+            now: 10,
+            topology: &topology,
+            input_ref: "r",
+        };
+        let mut state = CustomerState::default();
+        let held = decide(&state, &shipment("o-1"), &ctx);
+        assert!(held_now(&held, "ship-o-1"));
+        if let Outcome::ShipmentHeld(h) = &held[0] {
+            assert_eq!(
+                h.expires_at,
+                10 + topology.policy.payment_hold_timeout_hours * 3_600_000
+            );
+        }
+        state.orders.insert(
+            "o-2".into(),
+            OrderFacts {
+                paid: true,
+                ..Default::default()
+            },
+        );
+        assert!(decide(&state, &shipment("o-2"), &ctx).is_empty());
+    }
+}
