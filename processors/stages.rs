@@ -35,6 +35,20 @@ pub fn wall_clock_ms() -> Millis {
         .unwrap_or(0)
 }
 
+/// The encoded states of the customers a batch touched, for the store; clears `touched`.
+fn encode_touched<S: serde::Serialize>(
+    touched: &mut BTreeSet<String>,
+    customers: &HashMap<String, S>,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut changed = Vec::with_capacity(touched.len());
+    for c in std::mem::take(touched) {
+        if let Some(s) = customers.get(&c) {
+            changed.push((c, serde_json::to_vec(s)?));
+        }
+    }
+    Ok(changed)
+}
+
 /// Key under which a partition's stream time is kept among its input positions: both only grow,
 /// and both must survive a restart (the dedupe window and hold timers run on stream time).
 const STREAM_TIME_KEY: &str = "~stream-time";
@@ -333,12 +347,7 @@ impl Stage for ProcessorStage {
             if part.touched.is_empty() {
                 continue;
             }
-            let mut changed = Vec::with_capacity(part.touched.len());
-            for c in std::mem::take(&mut part.touched) {
-                if let Some(s) = part.customers.get(&c) {
-                    changed.push((c, serde_json::to_vec(s)?));
-                }
-            }
+            let changed = encode_touched(&mut part.touched, &part.customers)?;
             self.store.save(
                 "processors",
                 *p,
@@ -592,12 +601,7 @@ impl Stage for DispatchStage {
             if part.touched.is_empty() {
                 continue;
             }
-            let mut changed = Vec::new();
-            for c in std::mem::take(&mut part.touched) {
-                if let Some(s) = part.customers.get(&c) {
-                    changed.push((c, serde_json::to_vec(s)?));
-                }
-            }
+            let changed = encode_touched(&mut part.touched, &part.customers)?;
             self.store.save(
                 "dispatch",
                 *p,
