@@ -89,6 +89,29 @@ fn decode_with_retry<T>(
     bail!("schema registry unavailable after 10 attempts")
 }
 
+/// Decodes a record, retrying registry outages; poison goes to the dead-letter topic in the
+/// current transaction and yields `None`.
+fn decode_or_dead_letter<'a, T, F>(
+    codec: &'a Codec,
+    rt: &tokio::runtime::Handle,
+    metrics: &Metrics,
+    msg: &OwnedMessage,
+    out: &mut Outbox,
+    decode: impl Fn(&'a Codec) -> F,
+) -> Result<Option<T>>
+where
+    F: std::future::Future<Output = Result<T, DecodeError>>,
+{
+    match decode_with_retry(rt, || rt.block_on(decode(codec)))? {
+        Ok(v) => Ok(Some(v)),
+        Err(why) => {
+            out.records
+                .push(dead_letter(codec, rt, msg, "decode", why, metrics)?);
+            Ok(None)
+        }
+    }
+}
+
 fn dead_letter(
     codec: &Codec,
     rt: &tokio::runtime::Handle,
@@ -267,23 +290,12 @@ impl Stage for ProcessorStage {
         }
         let e = part.inputs.entry(msg.topic().to_string()).or_insert(0);
         *e = (*e).max(msg.offset() + 1);
-        let decoded = decode_with_retry(&self.rt, || {
-            self.rt
-                .block_on(self.codec.decode_input(msg.topic(), msg.payload()))
-        })?;
-        let input = match decoded {
-            Ok(input) => input,
-            Err(why) => {
-                out.records.push(dead_letter(
-                    &self.codec,
-                    &self.rt,
-                    msg,
-                    "decode",
-                    why,
-                    &self.metrics,
-                )?);
-                return Ok(());
-            }
+        let Some(input) =
+            decode_or_dead_letter(&self.codec, &self.rt, &self.metrics, msg, out, |c| {
+                c.decode_input(msg.topic(), msg.payload())
+            })?
+        else {
+            return Ok(());
         };
         if msg.key() != Some(input.envelope.customer_id.as_bytes()) {
             let why = format!("record key does not match envelope.customer_id '{}'; records must be keyed by customer", input.envelope.customer_id);
@@ -468,22 +480,12 @@ impl Stage for DispatchStage {
     }
 
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
-        let decoded = decode_with_retry(&self.rt, || {
-            self.rt.block_on(self.codec.decode_decision(msg.payload()))
-        })?;
-        let decision = match decoded {
-            Ok(d) => d,
-            Err(why) => {
-                out.records.push(dead_letter(
-                    &self.codec,
-                    &self.rt,
-                    msg,
-                    "decode",
-                    why,
-                    &self.metrics,
-                )?);
-                return Ok(());
-            }
+        let Some(decision) =
+            decode_or_dead_letter(&self.codec, &self.rt, &self.metrics, msg, out, |c| {
+                c.decode_decision(msg.payload())
+            })?
+        else {
+            return Ok(());
         };
         let Outcome::MessageApproved(approved) = &decision.outcome else {
             return Ok(());
