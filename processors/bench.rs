@@ -69,7 +69,14 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "bench");
     let producer = settings.producer(None)?;
     let items: Vec<FeedItem> = events.into_iter().map(FeedItem::Event).collect();
-    demo::feed(&rt, &producer, &codec, &items, |_| {})?;
+    demo::feed(
+        &rt,
+        &producer,
+        &codec,
+        &items,
+        demo::FeedStamp::OccurredAt,
+        |_| {},
+    )?;
     let n = items.len() as u64;
 
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));

@@ -145,6 +145,10 @@ pub struct RunArgs {
     /// `cooperative-sticky` rebalances incrementally but does not guarantee co-partitioning.
     #[arg(long, env = "HERALD_ASSIGNMENT_STRATEGY", default_value = "range")]
     pub assignment_strategy: String,
+    /// How long an input topic with nothing buffered may hold its partition back, so that
+    /// records of all four inputs are decided in timestamp order (Kafka Streams' max.task.idle.ms).
+    #[arg(long, env = "HERALD_MAX_TASK_IDLE_MS", default_value_t = 250)]
+    pub max_task_idle_ms: u64,
     /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     pub kafka_config: Vec<(String, String)>,
@@ -266,6 +270,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut settings = KafkaSettings::new(&args.bootstrap, !args.at_least_once, &instance);
     settings.batch_size = args.batch_size;
     settings.assignment_strategy = args.assignment_strategy.clone();
+    settings.max_task_idle_ms = args.max_task_idle_ms;
     settings.extra = args.kafka_config.clone();
     let stop = kafka::stop_on_signal(rt.handle());
     let metrics = Metrics::shared();

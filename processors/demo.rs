@@ -80,25 +80,44 @@ pub fn start_cluster(rt: &tokio::runtime::Runtime, topology: &Topology) -> Resul
     })
 }
 
+/// Which timestamp the fed records carry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FeedStamp {
+    /// The event's occurred-at, as the source system would stamp it live.
+    OccurredAt,
+    /// Produce time: for brokers whose retention would delete records dated weeks back.
+    ProduceTime,
+}
+
 /// Produces the scenario to the input topics, in feed order; returns how many records.
 pub fn feed(
     rt: &tokio::runtime::Runtime,
     producer: &FutureProducer,
     codec: &Codec,
     items: &[FeedItem],
+    stamp_with: FeedStamp,
     mut progress: impl FnMut(usize),
 ) -> Result<usize> {
     let mut pending = Vec::with_capacity(items.len());
+    let mut stamp = None;
     for (i, item) in items.iter().enumerate() {
         let (topic, key, bytes) = match item {
-            FeedItem::Event(e) => (
-                crate::avro::family_topic(e.fact.family()),
-                e.envelope.customer_id.clone(),
-                rt.block_on(codec.encode_input(e))?,
-            ),
+            FeedItem::Event(e) => {
+                stamp = Some(e.envelope.occurred_at);
+                (
+                    crate::avro::family_topic(e.fact.family()),
+                    e.envelope.customer_id.clone(),
+                    rt.block_on(codec.encode_input(e))?,
+                )
+            }
             FeedItem::Garbage { topic, key, bytes } => (*topic, key.clone(), bytes.clone()),
         };
         let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(&bytes);
+        // Source systems stamp a record when the fact happens; a replayed month keeps its
+        // event time so the processors' intake can merge topics the way it would live.
+        if let (Some(at), FeedStamp::OccurredAt) = (stamp, stamp_with) {
+            record = record.timestamp(at);
+        }
         loop {
             match producer.send_result(record) {
                 Ok(f) => {
@@ -363,7 +382,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     // are only ordered within what the consumer has in hand, as in a live system.
     let mut fed = 0;
     for chunk in scenario.items.chunks(5_000) {
-        fed += feed(&rt, &producer, &codec, chunk, |_| {})?;
+        fed += feed(&rt, &producer, &codec, chunk, FeedStamp::OccurredAt, |_| {})?;
         show(fed);
         let target = fed as u64;
         wait_until(

@@ -2,6 +2,7 @@
 //! brokers without them), restore of partition state on assignment, the dead-letter topic, and a
 //! clean stop on SIGTERM. The loop is generic over a [`Stage`]; the rules live in the core.
 
+use crate::intake::{FlowChange, Intake};
 use crate::store::StateStore;
 use crate::telemetry::Metrics;
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,6 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Records one input lane may buffer before its fetching pauses.
+const LANE_PAUSE_ABOVE: usize = 20_000;
+
 /// How the loop talks to the brokers.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
@@ -27,6 +31,9 @@ pub struct KafkaSettings {
     pub batch_size: usize,
     /// `range` keeps co-partitioned topics on one consumer; see the README on assignment.
     pub assignment_strategy: String,
+    /// How long an empty input lane may hold its partition back before the others go on
+    /// without it (Kafka Streams' `max.task.idle.ms`); see `intake`.
+    pub max_task_idle_ms: u64,
     /// Extra librdkafka settings (security, timeouts), applied last.
     pub extra: Vec<(String, String)>,
 }
@@ -40,6 +47,7 @@ impl KafkaSettings {
             instance_id: instance_id.to_string(),
             batch_size: 1000,
             assignment_strategy: "range".into(),
+            max_task_idle_ms: 250,
             extra: vec![],
         }
     }
@@ -304,6 +312,9 @@ pub fn run_stage<S: Stage>(
         consumer: settings.log_reader()?,
     };
     let mut owned: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+    let mut intake: Intake<OwnedMessage> = Intake::new(settings.max_task_idle_ms, LANE_PAUSE_ABOVE);
+    let clock = Instant::now();
+    let now_ms = || clock.elapsed().as_millis() as u64;
     tracing::info!(
         stage = stage.name(),
         group,
@@ -316,13 +327,44 @@ pub fn run_stage<S: Stage>(
         let started = Instant::now();
         // A transaction costs round trips to the coordinator: fill the batch for up to 50 ms.
         while batch.len() < settings.batch_size && started.elapsed() < Duration::from_millis(50) {
-            match consumer.poll(Duration::from_millis(10)) {
+            let wait = if intake.len() > settings.batch_size {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(10)
+            };
+            match consumer.poll(wait) {
                 None => {}
-                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Ok(m)) => intake.push(m.detach()),
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             }
-            apply_rebalances(&consumer, stage, &mut owned, &mut batch, &reader, metrics)?;
+            apply_rebalances(
+                &consumer,
+                stage,
+                &mut owned,
+                &mut intake,
+                &now_ms,
+                &mut batch,
+                &reader,
+                metrics,
+            )?;
+            for (topic, p, next) in intake.waiting(now_ms()) {
+                let at_end = match (cached_watermarks(&consumer, &topic, p), next) {
+                    (Some((_, high)), Some(next)) => next >= high,
+                    (Some((low, high)), None) => low >= high,
+                    (None, _) => false,
+                };
+                if at_end {
+                    intake.caught_up(&topic, p);
+                }
+            }
+            while batch.len() < settings.batch_size {
+                match intake.next(now_ms()) {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+            apply_flow(&consumer, intake.flow());
             if stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -345,6 +387,7 @@ pub fn run_stage<S: Stage>(
                 }
                 stage.reset();
                 rewind(&consumer)?;
+                intake.clear(now_ms());
             }
             Err(BatchError::Fatal(e)) => {
                 if settings.exactly_once {
@@ -359,10 +402,13 @@ pub fn run_stage<S: Stage>(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_rebalances<S: Stage>(
     consumer: &BaseConsumer<RebalanceLog>,
     stage: &mut S,
     owned: &mut BTreeMap<i32, BTreeSet<String>>,
+    intake: &mut Intake<OwnedMessage>,
+    now_ms: &dyn Fn() -> u64,
     batch: &mut Vec<OwnedMessage>,
     reader: &LogReader,
     metrics: &Metrics,
@@ -375,6 +421,7 @@ fn apply_rebalances<S: Stage>(
         match ev {
             RebalanceEvent::Revoked(list) => {
                 for (topic, p) in list {
+                    intake.close(&topic, p);
                     if let Some(topics) = owned.get_mut(&p) {
                         topics.remove(&topic);
                         if topics.is_empty() {
@@ -388,13 +435,13 @@ fn apply_rebalances<S: Stage>(
                 }
             }
             RebalanceEvent::Assigned(list) => {
-                for (topic, p) in list {
-                    let topics = owned.entry(p).or_default();
+                for (topic, p) in &list {
+                    let topics = owned.entry(*p).or_default();
                     let first = topics.is_empty();
-                    topics.insert(topic);
-                    if first && !stage.owns(p) {
+                    topics.insert(topic.clone());
+                    if first && !stage.owns(*p) {
                         let t = Instant::now();
-                        stage.restore(p, reader)?;
+                        stage.restore(*p, reader)?;
                         Metrics::inc(&metrics.restored_partitions, 1);
                         tracing::info!(
                             partition = p,
@@ -405,19 +452,73 @@ fn apply_rebalances<S: Stage>(
                 }
                 // Skip what the decision log shows as decided; records below it are also
                 // filtered by the stage, so a failed seek costs time, not correctness.
-                for (p, _) in owned.iter() {
-                    for (topic, next) in stage.resume_positions(*p) {
+                for (topic, p) in &list {
+                    let start = stage
+                        .resume_positions(*p)
+                        .into_iter()
+                        .find(|(t, _)| t == topic)
+                        .map(|(_, next)| next);
+                    if let Some(next) = start {
                         if let Err(e) =
-                            consumer.seek(&topic, *p, Offset::Offset(next), Duration::from_secs(5))
+                            consumer.seek(topic, *p, Offset::Offset(next), Duration::from_secs(5))
                         {
                             tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet");
                         }
                     }
+                    // The lane's patience starts now, after the restore, not at the assignment.
+                    intake.open(topic, *p, start, now_ms());
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Start and end of a partition as of the consumer's last fetch response (the end is the last
+/// stable offset under read_committed), without a round trip; None while unknown. Behind a
+/// transactional producer the last record is followed by a commit marker, so such a lane never
+/// looks caught up and falls back to the idle timeout.
+fn cached_watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`; librdkafka copies what it needs
+    // from the topic string and only writes the two out-parameters.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low, high))
+}
+
+/// Pauses and resumes fetching as the intake asks; a failure only costs memory, so it is logged.
+fn apply_flow(consumer: &BaseConsumer<RebalanceLog>, change: FlowChange) {
+    let list = |lanes: &[(String, i32)]| {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in lanes {
+            tpl.add_partition(t, *p);
+        }
+        tpl
+    };
+    if !change.pause.is_empty() {
+        if let Err(e) = consumer.pause(&list(&change.pause)) {
+            tracing::warn!(error = %e, lanes = ?change.pause, "cannot pause lanes that ran ahead");
+        }
+    }
+    if !change.resume.is_empty() {
+        if let Err(e) = consumer.resume(&list(&change.resume)) {
+            tracing::warn!(error = %e, lanes = ?change.resume, "cannot resume drained lanes");
+        }
+    }
 }
 
 /// Seeks every assigned partition back to its committed offset.

@@ -1,7 +1,7 @@
 //! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
 //!
 //! The pure core (`dedupe`, `ordering`, `policy`, `dispatch`, `state`, `pipeline`) decides; the
-//! shells (`kafka`, `stages`, `registry`, `store`, `provider`, `telemetry`, `cli`) move bytes.
+//! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `provider`, `telemetry`, `cli`) move bytes.
 
 pub mod avro;
 pub mod events;
@@ -19,6 +19,7 @@ pub mod state;
 pub mod bench;
 pub mod cli;
 pub mod demo;
+pub mod intake;
 pub mod kafka;
 pub mod provider;
 pub mod registry;

@@ -125,7 +125,15 @@ fn two_processes_share_a_group_at_least_once_on_nisshi() {
     let producer = KafkaSettings::new(&bootstrap, false, "feeder")
         .producer(None)
         .unwrap();
-    demo::feed(&rt, &producer, &codec, &s.items, |_| {}).unwrap();
+    demo::feed(
+        &rt,
+        &producer,
+        &codec,
+        &s.items,
+        demo::FeedStamp::ProduceTime,
+        |_| {},
+    )
+    .unwrap();
     let records: usize = s
         .items
         .iter()
