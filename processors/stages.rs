@@ -148,6 +148,8 @@ struct ProcessorPartition {
     customers: HashMap<String, CustomerState>,
     /// Next unprocessed offset per input topic: records below it were already decided.
     inputs: std::collections::BTreeMap<String, i64>,
+    /// Input positions advanced since the last save.
+    inputs_moved: bool,
     stream_time: Millis,
     next_decision_offset: i64,
     touched: BTreeSet<String>,
@@ -290,6 +292,7 @@ impl Stage for ProcessorStage {
         }
         let e = part.inputs.entry(msg.topic().to_string()).or_insert(0);
         *e = (*e).max(msg.offset() + 1);
+        part.inputs_moved = true;
         let Some(input) =
             decode_or_dead_letter(&self.codec, &self.rt, &self.metrics, msg, out, |c| {
                 c.decode_input(msg.topic(), msg.payload())
@@ -356,17 +359,22 @@ impl Stage for ProcessorStage {
             if let Some(next) = produced.get(&(DECISIONS.to_string(), *p)) {
                 part.next_decision_offset = part.next_decision_offset.max(*next);
             }
-            if part.touched.is_empty() {
+            // A batch of nothing but dead letters touches no customer, yet its input positions
+            // must be kept, or a broker that lost the group offsets would dead-letter it again.
+            if part.touched.is_empty() && !part.inputs_moved {
                 continue;
             }
             let changed = encode_touched(&mut part.touched, &part.customers)?;
+            let mut positions = part.inputs.clone();
+            positions.insert(STREAM_TIME_KEY.to_string(), part.stream_time);
             self.store.save(
                 "processors",
                 *p,
                 &changed,
                 part.next_decision_offset,
-                &part.inputs,
+                &positions,
             )?;
+            part.inputs_moved = false;
         }
         Ok(())
     }
