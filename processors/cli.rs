@@ -141,9 +141,13 @@ pub struct RunArgs {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
-    /// Consumer group assignment: `range` keeps co-partitioned inputs on one consumer;
-    /// `cooperative-sticky` rebalances incrementally but does not guarantee co-partitioning.
-    #[arg(long, env = "HERALD_ASSIGNMENT_STRATEGY", default_value = "range")]
+    /// Consumer group assignor for the lead topic: `cooperative-sticky` moves only the
+    /// partitions that change owner; `range` stops every member on each rebalance.
+    #[arg(
+        long,
+        env = "HERALD_ASSIGNMENT_STRATEGY",
+        default_value = "cooperative-sticky"
+    )]
     pub assignment_strategy: String,
     /// How long an input topic with nothing buffered may hold its partition back, so that
     /// records of all four inputs are decided in timestamp order (Kafka Streams' max.task.idle.ms).

@@ -8,7 +8,7 @@ use crate::telemetry::Metrics;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -29,7 +29,7 @@ pub struct KafkaSettings {
     /// Unique per process: the transactional id and client id derive from it.
     pub instance_id: String,
     pub batch_size: usize,
-    /// `range` keeps co-partitioned topics on one consumer; see the README on assignment.
+    /// Assignor for the lead topic; companions follow it, so co-partitioning holds with any.
     pub assignment_strategy: String,
     /// How long an empty input lane may hold its partition back before the others go on
     /// without it (Kafka Streams' `max.task.idle.ms`); see `intake`.
@@ -46,7 +46,7 @@ impl KafkaSettings {
             exactly_once,
             instance_id: instance_id.to_string(),
             batch_size: 1000,
-            assignment_strategy: "range".into(),
+            assignment_strategy: "cooperative-sticky".into(),
             max_task_idle_ms: 250,
             extra: vec![],
         }
@@ -300,7 +300,40 @@ pub fn run_stage<S: Stage>(
     let consumer: BaseConsumer<RebalanceLog> = cc
         .create_with_context(RebalanceLog::default())
         .context("cannot create Kafka consumer")?;
-    consumer.subscribe(&stage.input_topics())?;
+    let topics = stage.input_topics();
+    let (lead, companions) = topics
+        .split_first()
+        .ok_or_else(|| anyhow!("stage {} reads no topic", stage.name()))?;
+    // Only the lead topic is subscribed, so any assignor (cooperative-sticky included) hands
+    // out whole partitions: the companion topics' same-numbered partitions follow by manual
+    // assignment. That is what keeps one customer's whole history on one task.
+    consumer.subscribe(&[lead])?;
+    let mut companion_config = settings.base();
+    companion_config
+        .set("group.id", &group)
+        .set(
+            "client.id",
+            format!(
+                "herald-{}-{}-companions",
+                stage.name(),
+                settings.instance_id
+            ),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    for (k, v) in &settings.extra {
+        companion_config.set(k, v);
+    }
+    let inputs = Inputs {
+        group: consumer,
+        companions: companion_config
+            .create_with_context(EndOfLogIsExpected)
+            .context("cannot create Kafka consumer for companion topics")?,
+        lead: lead.to_string(),
+        companion_topics: companions.iter().map(|t| t.to_string()).collect(),
+    };
     let txn_id = format!("herald-{}-{}", stage.name(), settings.instance_id);
     let producer = settings.producer(settings.exactly_once.then_some(txn_id.as_str()))?;
     if settings.exactly_once {
@@ -311,7 +344,7 @@ pub fn run_stage<S: Stage>(
     let reader = LogReader {
         consumer: settings.log_reader()?,
     };
-    let mut owned: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+    let mut owned: BTreeSet<i32> = BTreeSet::new();
     let mut intake: Intake<OwnedMessage> = Intake::new(settings.max_task_idle_ms, LANE_PAUSE_ABOVE);
     let clock = Instant::now();
     let now_ms = || clock.elapsed().as_millis() as u64;
@@ -332,14 +365,11 @@ pub fn run_stage<S: Stage>(
             } else {
                 Duration::from_millis(10)
             };
-            match consumer.poll(wait) {
-                None => {}
-                Some(Ok(m)) => intake.push(m.detach()),
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            for m in inputs.poll(wait) {
+                intake.push(m);
             }
             apply_rebalances(
-                &consumer,
+                &inputs,
                 stage,
                 &mut owned,
                 &mut intake,
@@ -349,7 +379,7 @@ pub fn run_stage<S: Stage>(
                 metrics,
             )?;
             for (topic, p, next) in intake.waiting(now_ms()) {
-                let at_end = match (cached_watermarks(&consumer, &topic, p), next) {
+                let at_end = match (inputs.cached_watermarks(&topic, p), next) {
                     (Some((_, high)), Some(next)) => next >= high,
                     (Some((low, high)), None) => low >= high,
                     (None, _) => false,
@@ -364,7 +394,7 @@ pub fn run_stage<S: Stage>(
                     None => break,
                 }
             }
-            apply_flow(&consumer, intake.flow());
+            inputs.apply_flow(intake.flow());
             if stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -373,7 +403,14 @@ pub fn run_stage<S: Stage>(
             continue;
         }
         let result = run_batch(
-            settings, stage, &consumer, &producer, &batch, &reader, metrics, rt,
+            settings,
+            stage,
+            &inputs.group,
+            &producer,
+            &batch,
+            &reader,
+            metrics,
+            rt,
         );
         match result {
             Ok(()) => {}
@@ -386,7 +423,7 @@ pub fn run_stage<S: Stage>(
                         .context("abort_transaction")?;
                 }
                 stage.reset();
-                rewind(&consumer)?;
+                inputs.rewind()?;
                 intake.clear(now_ms());
             }
             Err(BatchError::Fatal(e)) => {
@@ -398,50 +435,51 @@ pub fn run_stage<S: Stage>(
         }
     }
     tracing::info!(stage = stage.name(), "stopping: no transaction in flight");
-    consumer.unsubscribe();
+    inputs.group.unsubscribe();
     Ok(())
 }
 
+/// Restores state for partitions of the lead topic just assigned, with their companion topics,
+/// and drops it for the revoked ones.
 #[allow(clippy::too_many_arguments)]
 fn apply_rebalances<S: Stage>(
-    consumer: &BaseConsumer<RebalanceLog>,
+    inputs: &Inputs,
     stage: &mut S,
-    owned: &mut BTreeMap<i32, BTreeSet<String>>,
+    owned: &mut BTreeSet<i32>,
     intake: &mut Intake<OwnedMessage>,
     now_ms: &dyn Fn() -> u64,
     batch: &mut Vec<OwnedMessage>,
     reader: &LogReader,
     metrics: &Metrics,
 ) -> Result<()> {
-    let events: Vec<RebalanceEvent> = match consumer.context().events.lock() {
+    let events: Vec<RebalanceEvent> = match inputs.group.context().events.lock() {
         Ok(mut e) => std::mem::take(&mut *e),
         Err(_) => bail!("rebalance log poisoned"),
     };
     for ev in events {
         match ev {
             RebalanceEvent::Revoked(list) => {
-                for (topic, p) in list {
-                    intake.close(&topic, p);
-                    if let Some(topics) = owned.get_mut(&p) {
-                        topics.remove(&topic);
-                        if topics.is_empty() {
-                            owned.remove(&p);
-                            stage.revoke(p);
-                            tracing::info!(partition = p, "partition revoked; state dropped");
-                        }
+                for (_, p) in list {
+                    inputs.unassign_companions(p)?;
+                    for topic in inputs.all_topics() {
+                        intake.close(topic, p);
+                    }
+                    if owned.remove(&p) {
+                        stage.revoke(p);
+                        tracing::info!(partition = p, "partition revoked; state dropped");
                     }
                     // Records fetched before the revoke belong to the next owner now.
-                    batch.retain(|m| !(m.topic() == topic && m.partition() == p));
+                    batch.retain(|m| m.partition() != p);
                 }
             }
             RebalanceEvent::Assigned(list) => {
-                for (topic, p) in &list {
-                    let topics = owned.entry(*p).or_default();
-                    let first = topics.is_empty();
-                    topics.insert(topic.clone());
-                    if first && !stage.owns(*p) {
+                for (_, p) in list {
+                    if !owned.insert(p) {
+                        continue;
+                    }
+                    if !stage.owns(p) {
                         let t = Instant::now();
-                        stage.restore(*p, reader)?;
+                        stage.restore(p, reader)?;
                         Metrics::inc(&metrics.restored_partitions, 1);
                         tracing::info!(
                             partition = p,
@@ -449,28 +487,162 @@ fn apply_rebalances<S: Stage>(
                             "partition assigned; state restored"
                         );
                     }
-                }
-                // Skip what the decision log shows as decided; records below it are also
-                // filtered by the stage, so a failed seek costs time, not correctness.
-                for (topic, p) in &list {
-                    let start = stage
-                        .resume_positions(*p)
-                        .into_iter()
-                        .find(|(t, _)| t == topic)
-                        .map(|(_, next)| next);
-                    if let Some(next) = start {
-                        if let Err(e) =
-                            consumer.seek(topic, *p, Offset::Offset(next), Duration::from_secs(5))
-                        {
-                            tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet");
+                    // Skip what the decision log shows as decided; records below it are also
+                    // filtered by the stage, so a failed seek costs time, not correctness.
+                    let starts: BTreeMap<String, i64> =
+                        stage.resume_positions(p).into_iter().collect();
+                    inputs.assign_companions(p, &starts)?;
+                    if let Some(next) = starts.get(&inputs.lead) {
+                        if let Err(e) = inputs.group.seek(
+                            &inputs.lead,
+                            p,
+                            Offset::Offset(*next),
+                            Duration::from_secs(5),
+                        ) {
+                            tracing::debug!(partition = p, error = %e, "seek after restore not possible yet");
                         }
                     }
-                    // The lane's patience starts now, after the restore, not at the assignment.
-                    intake.open(topic, *p, start, now_ms());
+                    // The lanes' patience starts now, after the restore, not at the assignment.
+                    for topic in inputs.all_topics() {
+                        intake.open(topic, p, starts.get(topic).copied(), now_ms());
+                    }
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// The two consumers a stage reads with: the group member for the lead topic, and a
+/// manually assigned one for the companion topics' partitions that follow it.
+struct Inputs {
+    group: BaseConsumer<RebalanceLog>,
+    companions: BaseConsumer<EndOfLogIsExpected>,
+    lead: String,
+    companion_topics: Vec<String>,
+}
+
+impl Inputs {
+    fn all_topics(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.lead).chain(self.companion_topics.iter())
+    }
+
+    fn is_lead(&self, topic: &str) -> bool {
+        topic == self.lead
+    }
+
+    /// Records from both consumers; waits up to `wait` on the group member, which also serves
+    /// the rebalance callbacks.
+    fn poll(&self, wait: Duration) -> Vec<OwnedMessage> {
+        let mut got = Vec::new();
+        let mut take = |r: Option<KafkaResult<OwnedMessage>>| match r {
+            Some(Ok(m)) => got.push(m),
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+        };
+        take(self.group.poll(wait).map(|r| r.map(|m| m.detach())));
+        if !self.companion_topics.is_empty() {
+            for _ in 0..64 {
+                match self.companions.poll(Duration::ZERO) {
+                    None => break,
+                    r => take(r.map(|r| r.map(|m| m.detach()))),
+                }
+            }
+        }
+        got
+    }
+
+    /// Assigns partition `p` of every companion topic, from the stage's resume position when
+    /// it has one and from the group's committed offset otherwise.
+    fn assign_companions(&self, p: i32, starts: &BTreeMap<String, i64>) -> Result<()> {
+        if self.companion_topics.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for t in &self.companion_topics {
+            let offset = match starts.get(t) {
+                Some(o) => Offset::Offset(*o),
+                None => Offset::Stored,
+            };
+            tpl.add_partition_offset(t, p, offset)?;
+        }
+        self.companions
+            .incremental_assign(&tpl)
+            .with_context(|| format!("cannot assign companion partitions {p}"))?;
+        Ok(())
+    }
+
+    fn unassign_companions(&self, p: i32) -> Result<()> {
+        if self.companion_topics.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for t in &self.companion_topics {
+            tpl.add_partition(t, p);
+        }
+        self.companions
+            .incremental_unassign(&tpl)
+            .with_context(|| format!("cannot unassign companion partitions {p}"))?;
+        Ok(())
+    }
+
+    fn cached_watermarks(&self, topic: &str, p: i32) -> Option<(i64, i64)> {
+        if self.is_lead(topic) {
+            cached_watermarks(&self.group, topic, p)
+        } else {
+            cached_watermarks(&self.companions, topic, p)
+        }
+    }
+
+    /// Pauses and resumes fetching as the intake asks; a failure only costs memory, so it is
+    /// logged.
+    fn apply_flow(&self, change: FlowChange) {
+        for (lanes, pause) in [(&change.pause, true), (&change.resume, false)] {
+            for (topic, p) in lanes {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, *p);
+                let result = match (self.is_lead(topic), pause) {
+                    (true, true) => self.group.pause(&tpl),
+                    (true, false) => self.group.resume(&tpl),
+                    (false, true) => self.companions.pause(&tpl),
+                    (false, false) => self.companions.resume(&tpl),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, topic, partition = p, pause, "cannot pause or resume a lane");
+                }
+            }
+        }
+    }
+
+    /// Seeks every assigned partition of both consumers back to the group's committed offset.
+    fn rewind(&self) -> Result<()> {
+        let committed = self
+            .group
+            .committed_offsets(self.group.assignment()?, Duration::from_secs(30))?;
+        seek_to(&self.group, &committed)?;
+        if !self.companion_topics.is_empty() {
+            let committed = self
+                .companions
+                .committed_offsets(self.companions.assignment()?, Duration::from_secs(30))?;
+            seek_to(&self.companions, &committed)?;
+        }
+        Ok(())
+    }
+}
+
+fn seek_to<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    committed: &TopicPartitionList,
+) -> Result<()> {
+    let mut seek = TopicPartitionList::new();
+    for e in committed.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        seek.add_partition_offset(e.topic(), e.partition(), offset)?;
+    }
+    consumer.seek_partitions(seek, Duration::from_secs(30))?;
     Ok(())
 }
 
@@ -498,43 +670,6 @@ fn cached_watermarks<C: ConsumerContext>(
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some((low, high))
-}
-
-/// Pauses and resumes fetching as the intake asks; a failure only costs memory, so it is logged.
-fn apply_flow(consumer: &BaseConsumer<RebalanceLog>, change: FlowChange) {
-    let list = |lanes: &[(String, i32)]| {
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in lanes {
-            tpl.add_partition(t, *p);
-        }
-        tpl
-    };
-    if !change.pause.is_empty() {
-        if let Err(e) = consumer.pause(&list(&change.pause)) {
-            tracing::warn!(error = %e, lanes = ?change.pause, "cannot pause lanes that ran ahead");
-        }
-    }
-    if !change.resume.is_empty() {
-        if let Err(e) = consumer.resume(&list(&change.resume)) {
-            tracing::warn!(error = %e, lanes = ?change.resume, "cannot resume drained lanes");
-        }
-    }
-}
-
-/// Seeks every assigned partition back to its committed offset.
-fn rewind(consumer: &BaseConsumer<RebalanceLog>) -> Result<()> {
-    let assignment = consumer.assignment()?;
-    let committed = consumer.committed_offsets(assignment, Duration::from_secs(30))?;
-    let mut seek = TopicPartitionList::new();
-    for e in committed.elements() {
-        let offset = match e.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            _ => Offset::Beginning,
-        };
-        seek.add_partition_offset(e.topic(), e.partition(), offset)?;
-    }
-    consumer.seek_partitions(seek, Duration::from_secs(30))?;
-    Ok(())
 }
 
 enum BatchError {

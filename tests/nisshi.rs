@@ -171,6 +171,7 @@ fn two_processes_share_a_group_at_least_once_on_nisshi() {
 
     let count = || {
         let mut ids: HashMap<String, usize> = HashMap::new();
+        let mut accepted: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
         demo::read_topic(
             &bootstrap,
             "herald.decisions.v1",
@@ -183,19 +184,25 @@ fn two_processes_share_a_group_at_least_once_on_nisshi() {
                     d.outcome,
                     Outcome::EventAccepted(_) | Outcome::DuplicateIgnored(_)
                 ) {
+                    if let Outcome::EventAccepted(a) = &d.outcome {
+                        accepted
+                            .entry(a.envelope.event_id.clone())
+                            .or_default()
+                            .insert(d.decision_id.clone());
+                    }
                     *ids.entry(d.decision_id).or_default() += 1;
                 }
                 Ok(())
             },
         )
         .unwrap();
-        ids
+        (ids, accepted)
     };
     let deadline = Instant::now() + Duration::from_secs(240);
-    let ids = loop {
-        let ids = count();
+    let (ids, accepted) = loop {
+        let (ids, accepted) = count();
         if ids.len() >= records {
-            break ids;
+            break (ids, accepted);
         }
         assert!(
             Instant::now() < deadline,
@@ -211,6 +218,19 @@ fn two_processes_share_a_group_at_least_once_on_nisshi() {
     // One distinct dedupe decision per input record: nothing lost, and repeats (if any) carry
     // the same id.
     assert_eq!(ids.len(), records);
+    // Each fact accepted once: a redelivered record repeats its decision id, and a second
+    // delivery of a fact meets the state that saw the first, on whichever process owns it.
+    let distinct: std::collections::HashSet<String> = s
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            FeedItem::Event(e) => Some(e.envelope.event_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accepted.len(), distinct.len(), "every fact accepted");
+    let twice: Vec<_> = accepted.iter().filter(|(_, d)| d.len() > 1).collect();
+    assert!(twice.is_empty(), "facts accepted twice: {twice:?}");
 
     // Both processes took part in the group.
     for port in &metrics {
