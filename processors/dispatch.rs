@@ -73,3 +73,105 @@ pub fn is_retryable(code: i32) -> bool {
         4 | 80007 | 130429 | 131000 | 131016 | 429 | 500 | 502 | 503 | 504
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn approval() -> (Decision, MessageApproved) {
+        let m = MessageApproved {
+            message_id: "m-1".into(),
+            trigger_event_id: "e-1".into(),
+            template_name: "order_confirmation".into(),
+            template_version: 1,
+            locale: "en_US".into(),
+            purpose: Purpose::Transactional,
+            channel: Channel::Whatsapp,
+            recipient: "+15550100001".into(),
+            variables: BTreeMap::new(),
+            consent_artifact_id: "form-1".into(),
+            consent_granted_at: 0,
+        };
+        let d = Decision {
+            decision_id: "d-1".into(),
+            customer_id: "c-1".into(),
+            input_event_id: "e-1".into(),
+            processor: Processor::Policy,
+            decided_at: 0,
+            policy_version: "v".into(),
+            outcome: Outcome::MessageApproved(m.clone()),
+        };
+        (d, m)
+    }
+
+    fn accepted(d: &Decision, m: &MessageApproved, wamid: &str) -> DispatchRecord {
+        record(
+            d,
+            m,
+            DispatchStep::Accepted(DispatchAccepted {
+                provider_message_id: wamid.into(),
+            }),
+            5,
+        )
+    }
+
+    #[test]
+    fn a_message_the_provider_accepted_is_never_sent_again() {
+        let (d, m) = approval();
+        let mut state = DispatchState::default();
+        assert_eq!(plan(&state, &m), Plan::Send);
+        evolve(&mut state, &accepted(&d, &m, "wamid.1"));
+        assert_eq!(
+            plan(&state, &m),
+            Plan::AlreadySent {
+                provider_message_id: "wamid.1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_attempt_does_not_count_as_sent() {
+        let (d, m) = approval();
+        let mut state = DispatchState::default();
+        let failed = record(
+            &d,
+            &m,
+            DispatchStep::Failed(DispatchFailed {
+                code: 131000,
+                retryable: true,
+                detail: "provider fault".into(),
+            }),
+            5,
+        );
+        evolve(&mut state, &failed);
+        assert_eq!(plan(&state, &m), Plan::Send);
+    }
+
+    #[test]
+    fn the_same_step_of_the_same_message_has_the_same_id() {
+        let (d, m) = approval();
+        assert_eq!(
+            accepted(&d, &m, "wamid.1").dispatch_id,
+            accepted(&d, &m, "wamid.1").dispatch_id,
+            "a re-recorded step must be recognisable as a repeat"
+        );
+        let attempt = |n| {
+            record(
+                &d,
+                &m,
+                DispatchStep::Attempted(DispatchAttempted { attempt: n }),
+                5,
+            )
+            .dispatch_id
+        };
+        assert_ne!(attempt(1), attempt(2));
+    }
+
+    #[test]
+    fn only_throttling_and_transient_faults_are_retried() {
+        assert!(is_retryable(130429), "rate limit hit");
+        assert!(is_retryable(503));
+        assert!(!is_retryable(131026), "undeliverable: retrying cannot help");
+        assert!(!is_retryable(132001), "template does not exist");
+    }
+}

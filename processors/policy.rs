@@ -270,6 +270,191 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{ConsentEntry, OrderFacts};
+    use crate::topology::Topology;
+
+    const T0: Millis = 1_793_491_200_000;
+
+    fn customer(locale: &str) -> CustomerState {
+        let mut s = CustomerState::default();
+        s.profile.first_name = Some("Ana".into());
+        s.profile.locale = Some(locale.into());
+        s.profile.phone_e164 = Some("+34600000001".into());
+        s.consent.push(ConsentEntry {
+            purpose: Purpose::Transactional,
+            channel: Channel::Whatsapp,
+            granted: true,
+            source: "checkout".into(),
+            artifact_id: "form-1".into(),
+            changed_at: T0,
+        });
+        s
+    }
+
+    fn order(total: Option<i64>) -> Fact {
+        Fact::OrderPlaced(OrderPlaced {
+            order_id: "o-1".into(),
+            items: vec![],
+            total: total.map(|minor_units| Money {
+                minor_units,
+                currency: "EUR".into(),
+            }),
+        })
+    }
+
+    fn decide_on(state: &CustomerState, fact: &Fact) -> Vec<Outcome> {
+        let topology = Topology::embedded().expect("embedded topology");
+        let ctx = Ctx {
+            now: T0,
+            topology: &topology,
+            input_ref: "test/0/0",
+        };
+        let trigger = Trigger {
+            event_id: "e-1",
+            fact,
+        };
+        decide(state, "c-1", &trigger, &ctx)
+    }
+
+    fn reason(outcomes: &[Outcome]) -> Option<SuppressionReason> {
+        match outcomes {
+            [Outcome::MessageSuppressed(m)] => Some(m.reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_order_with_consent_phone_and_price_is_approved_in_the_customers_language() {
+        let out = decide_on(&customer("es_ES"), &order(Some(12_990)));
+        let [Outcome::MessageApproved(m)] = out.as_slice() else {
+            panic!("expected an approval, got {out:?}");
+        };
+        assert_eq!(m.locale, "es_ES");
+        assert_eq!(m.recipient, "+34600000001");
+        assert_eq!(m.consent_artifact_id, "form-1");
+        assert_eq!(
+            m.variables.get("total").map(String::as_str),
+            Some("EUR 129.90")
+        );
+    }
+
+    #[test]
+    fn a_revoked_or_absent_consent_suppresses() {
+        let mut revoked = customer("en_US");
+        revoked.consent[0].granted = false;
+        assert_eq!(
+            reason(&decide_on(&revoked, &order(Some(100)))),
+            Some(SuppressionReason::NoConsent)
+        );
+        let mut none = customer("en_US");
+        none.consent.clear();
+        assert_eq!(
+            reason(&decide_on(&none, &order(Some(100)))),
+            Some(SuppressionReason::NoConsent)
+        );
+    }
+
+    #[test]
+    fn transactional_consent_does_not_cover_marketing() {
+        let cart = Fact::CartAbandoned(CartAbandoned {
+            cart_id: "k-1".into(),
+            items: vec![],
+            total: None,
+        });
+        assert_eq!(
+            reason(&decide_on(&customer("en_US"), &cart)),
+            Some(SuppressionReason::NoConsent)
+        );
+    }
+
+    #[test]
+    fn a_missing_price_is_never_sent() {
+        assert_eq!(
+            reason(&decide_on(&customer("en_US"), &order(None))),
+            Some(SuppressionReason::MissingVariable)
+        );
+    }
+
+    #[test]
+    fn a_missing_first_name_takes_the_locales_fallback() {
+        let mut s = customer("es_ES");
+        s.profile.first_name = None;
+        let out = decide_on(&s, &order(Some(100)));
+        let [Outcome::MessageApproved(m)] = out.as_slice() else {
+            panic!("expected an approval, got {out:?}");
+        };
+        assert_eq!(
+            m.variables.get("first_name").map(String::as_str),
+            Some("hola")
+        );
+    }
+
+    #[test]
+    fn another_language_is_never_substituted() {
+        assert_eq!(
+            reason(&decide_on(&customer("de_DE"), &order(Some(100)))),
+            Some(SuppressionReason::UnsupportedLocale)
+        );
+        // Same language, other region: the language matches, so it goes out.
+        let out = decide_on(&customer("es_MX"), &order(Some(100)));
+        assert!(matches!(out.as_slice(), [Outcome::MessageApproved(m)] if m.locale == "es_ES"));
+    }
+
+    #[test]
+    fn no_number_no_send_and_a_cancelled_order_gets_no_shipping_message() {
+        let mut s = customer("en_US");
+        s.profile.phone_e164 = None;
+        assert_eq!(
+            reason(&decide_on(&s, &order(Some(100)))),
+            Some(SuppressionReason::NoPhone)
+        );
+        let mut s = customer("en_US");
+        s.orders.insert(
+            "o-1".into(),
+            OrderFacts {
+                placed: true,
+                paid: true,
+                cancelled: true,
+                total: None,
+            },
+        );
+        let shipped = Fact::ShipmentDispatched(ShipmentDispatched {
+            order_id: "o-1".into(),
+            shipment_id: "s-1".into(),
+            carrier: "DHL".into(),
+            tracking_url: None,
+            skus: vec![],
+            estimated_delivery: None,
+        });
+        assert_eq!(
+            reason(&decide_on(&s, &shipped)),
+            Some(SuppressionReason::OrderCancelled)
+        );
+    }
+
+    #[test]
+    fn a_message_already_approved_is_not_approved_again() {
+        let mut s = customer("en_US");
+        let first = decide_on(&s, &order(Some(100)));
+        let [Outcome::MessageApproved(m)] = first.as_slice() else {
+            panic!("expected an approval, got {first:?}");
+        };
+        s.approved.insert(m.message_id.clone());
+        assert_eq!(decide_on(&s, &order(Some(100))), vec![]);
+    }
+
+    #[test]
+    fn facts_that_trigger_nothing_decide_nothing() {
+        let paid = Fact::PaymentCaptured(PaymentCaptured {
+            order_id: "o-1".into(),
+            payment_id: "p-1".into(),
+            amount: Money {
+                minor_units: 100,
+                currency: "EUR".into(),
+            },
+        });
+        assert_eq!(decide_on(&customer("en_US"), &paid), vec![]);
+    }
 
     #[test]
     fn iso_dates_are_civil_utc_dates() {

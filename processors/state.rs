@@ -69,12 +69,20 @@ impl CustomerState {
             .find(|c| c.purpose == purpose && c.channel == channel)
     }
 
+    /// Keeps the consent change that happened last, whatever order the changes arrived in: a
+    /// grant delivered late never overrides a newer revocation. At the same instant a
+    /// revocation wins, because an ambiguous signal must not lead to a send.
     fn set_consent(&mut self, entry: ConsentEntry) {
         match self
             .consent
             .binary_search_by(|c| (c.purpose, c.channel).cmp(&(entry.purpose, entry.channel)))
         {
-            Ok(i) => self.consent[i] = entry,
+            Ok(i) => {
+                let current = &self.consent[i];
+                if (entry.changed_at, !entry.granted) >= (current.changed_at, !current.granted) {
+                    self.consent[i] = entry;
+                }
+            }
             Err(i) => self.consent.insert(i, entry),
         }
     }
