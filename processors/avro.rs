@@ -181,6 +181,14 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/decisions/message_suppressed.avsc"),
     ),
     (
+        "decisions/deferral_reason.avsc",
+        include_str!("../schemas/decisions/deferral_reason.avsc"),
+    ),
+    (
+        "decisions/message_deferred.avsc",
+        include_str!("../schemas/decisions/message_deferred.avsc"),
+    ),
+    (
         "decisions/decision_event.avsc",
         include_str!("../schemas/decisions/decision_event.avsc"),
     ),
@@ -503,6 +511,7 @@ union_codec!(outcome_record, outcome_from, Outcome {
     4 => HoldExpired(HoldExpired),
     5 => MessageApproved(MessageApproved),
     6 => MessageSuppressed(MessageSuppressed),
+    7 => MessageDeferred(MessageDeferred),
 });
 
 union_codec!(step_record, step_from, DispatchStep {

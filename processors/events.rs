@@ -439,6 +439,22 @@ pub enum SuppressionReason {
     UnsupportedLocale,
     MissingVariable,
     OrderCancelled,
+    /// Quiet hours or blackout days would have pushed it past its template's time to live.
+    Stale,
+    /// The customer's time zone stayed unknown (or not an IANA name) for the whole time to live.
+    UnknownTimeZone,
+}
+
+/// Why a message waits instead of going out now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DeferralReason {
+    /// Inside quiet hours in the customer's time zone.
+    QuietHours,
+    /// A corporate holiday or regional blackout day there.
+    Blackout,
+    /// The time zone is unknown: an ambiguous signal holds rather than sends.
+    UnknownTimeZone,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,6 +507,18 @@ pub struct MessageSuppressed {
     pub detail: String,
 }
 
+/// Policy deferred a message it would otherwise approve; it is decided again when due.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageDeferred {
+    pub reason: DeferralReason,
+    /// Not before this instant; the customer's consent and window are checked again then.
+    pub deferred_until: Millis,
+    /// After this instant the message is stale and is dropped with a reason instead.
+    pub expires_at: Millis,
+    /// The message as it would have been approved now.
+    pub planned: MessageApproved,
+}
+
 /// What a decision says (the `payload` union of `DecisionEvent`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -502,6 +530,7 @@ pub enum Outcome {
     HoldExpired(HoldExpired),
     MessageApproved(MessageApproved),
     MessageSuppressed(MessageSuppressed),
+    MessageDeferred(MessageDeferred),
 }
 
 impl Outcome {
@@ -515,6 +544,7 @@ impl Outcome {
             Outcome::HoldExpired(_) => 4,
             Outcome::MessageApproved(_) => 5,
             Outcome::MessageSuppressed(_) => 6,
+            Outcome::MessageDeferred(_) => 7,
         }
     }
 
@@ -528,6 +558,7 @@ impl Outcome {
             "HoldExpired",
             "MessageApproved",
             "MessageSuppressed",
+            "MessageDeferred",
         ][self.index()]
     }
 }

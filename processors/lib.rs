@@ -1,6 +1,6 @@
 //! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
 //!
-//! The pure core (`dedupe`, `ordering`, `policy`, `dispatch`, `state`, `pipeline`) decides; the
+//! The pure core (`dedupe`, `ordering`, `policy`, `quiet_hours`, `dispatch`, `state`, `pipeline`) decides; the
 //! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `provider`, `telemetry`, `cli`) move bytes.
 
 pub mod avro;
@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod ordering;
 pub mod pipeline;
 pub mod policy;
+pub mod quiet_hours;
 pub mod state;
 
 // Shells.

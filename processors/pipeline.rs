@@ -86,13 +86,14 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
     let guard = ordering::decide(r.state, input, ctx);
     let held = ordering::held_now(&guard, &event_id);
     // Released shipments are policy triggers; take their facts before the fold forgets them.
-    let released: Vec<(String, Fact)> = guard
+    let released: Vec<(String, Fact, Millis)> = guard
         .iter()
         .filter_map(|o| match o {
             Outcome::ShipmentReleased(rel) => r.state.held.get(&rel.event_id).map(|h| {
                 (
                     rel.event_id.clone(),
                     Fact::ShipmentDispatched(h.shipment.clone()),
+                    h.envelope_occurred_at,
                 )
             }),
             _ => None,
@@ -104,14 +105,16 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
         let t = Trigger {
             event_id: &event_id,
             fact: &input.fact,
+            occurred_at: input.envelope.occurred_at,
         };
         let p = policy::decide(r.state, &r.customer_id.clone(), &t, ctx);
         r.record(Processor::Policy, p);
     }
-    for (held_id, fact) in &released {
+    for (held_id, fact, occurred_at) in &released {
         let t = Trigger {
             event_id: held_id,
             fact,
+            occurred_at: *occurred_at,
         };
         let p = policy::decide(r.state, &r.customer_id.clone(), &t, ctx);
         r.record(Processor::Policy, p);
@@ -119,9 +122,33 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
     r.out
 }
 
-/// Fires the customer's timers that are due at stream time `ctx.now` (expired holds).
+/// Fires the customer's timers that are due at stream time `ctx.now`: expired holds, and
+/// deferred messages to decide again.
 pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Decision> {
     let mut out = Vec::new();
+    let due: Vec<MessageDeferred> = state
+        .deferred
+        .values()
+        .filter(|d| d.deferred_until <= ctx.now)
+        .cloned()
+        .collect();
+    for deferral in due {
+        let outcomes = policy::decide_deferred(state, &deferral, ctx);
+        let mut r = Recorder {
+            state,
+            customer_id: customer_id.to_string(),
+            input_event_id: format!(
+                "timer:deferral:{}:{}",
+                deferral.planned.message_id, deferral.deferred_until
+            ),
+            input_ref: "timer".to_string(),
+            now: ctx.now,
+            policy_version: ctx.topology.policy.version.clone(),
+            out: Vec::new(),
+        };
+        r.record(Processor::Policy, outcomes);
+        out.extend(r.out);
+    }
     for outcome in ordering::expire(state, ctx) {
         let Outcome::HoldExpired(h) = &outcome else {
             continue;

@@ -4,6 +4,7 @@
 
 use crate::events::*;
 use crate::pipeline::{deterministic_id, Ctx};
+use crate::quiet_hours::SendWindow;
 use crate::state::CustomerState;
 use crate::topology::{Template, VariableType};
 use std::collections::BTreeMap;
@@ -38,7 +39,11 @@ pub const VARIABLE_SOURCES: &[&str] = &[
 pub struct Trigger<'a> {
     pub event_id: &'a str,
     pub fact: &'a Fact,
+    /// When the fact happened: a message's time to live counts from here.
+    pub occurred_at: Millis,
 }
+
+const HOUR: Millis = 3_600_000;
 
 fn suppressed(
     t: &Trigger,
@@ -249,10 +254,10 @@ pub fn decide(
         }
     };
     let message_id = deterministic_id(&[customer_id, trigger.event_id, template_name]);
-    if state.approved.contains(&message_id) {
+    if state.approved.contains(&message_id) || state.deferred.contains_key(&message_id) {
         return vec![];
     }
-    vec![Outcome::MessageApproved(MessageApproved {
+    let planned = MessageApproved {
         message_id,
         trigger_event_id: trigger.event_id.to_string(),
         template_name: template_name.clone(),
@@ -264,7 +269,133 @@ pub fn decide(
         variables,
         consent_artifact_id: consent.artifact_id.clone(),
         consent_granted_at: consent.changed_at,
-    })]
+    };
+    let expires_at = trigger.occurred_at + template.ttl_hours * HOUR;
+    when_to_send(state, planned, expires_at, ctx)
+}
+
+/// Decides a deferred message again once it is due: consent and number as they are now, then
+/// the send window again (the stream may have moved into the next quiet period meanwhile).
+pub fn decide_deferred(
+    state: &CustomerState,
+    deferral: &MessageDeferred,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
+    let p = &deferral.planned;
+    let suppress = |reason, detail: String| {
+        vec![Outcome::MessageSuppressed(MessageSuppressed {
+            trigger_event_id: p.trigger_event_id.clone(),
+            template_name: p.template_name.clone(),
+            purpose: p.purpose,
+            reason,
+            detail,
+        })]
+    };
+    let consent = match state.consent_for(p.purpose, p.channel) {
+        Some(c) if c.granted => c,
+        Some(c) => {
+            return suppress(
+                SuppressionReason::NoConsent,
+                format!(
+                    "{:?} consent on WhatsApp revoked ({}) while the message waited",
+                    p.purpose, c.artifact_id
+                ),
+            )
+        }
+        None => {
+            return suppress(
+                SuppressionReason::NoConsent,
+                format!("no {:?} consent on WhatsApp", p.purpose),
+            )
+        }
+    };
+    let Some(phone) = state
+        .profile
+        .phone_e164
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    else {
+        return suppress(
+            SuppressionReason::NoPhone,
+            "no WhatsApp number on file".into(),
+        );
+    };
+    let planned = MessageApproved {
+        recipient: phone.to_string(),
+        consent_artifact_id: consent.artifact_id.clone(),
+        consent_granted_at: consent.changed_at,
+        ..p.clone()
+    };
+    when_to_send(state, planned, deferral.expires_at, ctx)
+}
+
+/// The customer's region for regional blackouts: the country part of their locale.
+fn region(state: &CustomerState) -> Option<&str> {
+    state.profile.locale.as_deref()?.split(['_', '-']).nth(1)
+}
+
+/// Approves the message now, defers it to the next allowed instant in the customer's time zone,
+/// or drops it when that instant is past its time to live.
+fn when_to_send(
+    state: &CustomerState,
+    planned: MessageApproved,
+    expires_at: Millis,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
+    let policy = &ctx.topology.policy;
+    let stale = |reason, detail: String| {
+        vec![Outcome::MessageSuppressed(MessageSuppressed {
+            trigger_event_id: planned.trigger_event_id.clone(),
+            template_name: planned.template_name.clone(),
+            purpose: planned.purpose,
+            reason,
+            detail,
+        })]
+    };
+    if ctx.now > expires_at {
+        return stale(
+            SuppressionReason::Stale,
+            format!(
+                "decided {} h after its trigger, past the template's time to live",
+                (ctx.now - expires_at) / HOUR
+            ),
+        );
+    }
+    let quiet = match &policy.quiet_hours {
+        Some(q) if !q.exempt_purposes.contains(&planned.purpose) => q,
+        _ => return vec![Outcome::MessageApproved(planned)],
+    };
+    let defer = |reason, until| {
+        vec![Outcome::MessageDeferred(MessageDeferred {
+            reason,
+            deferred_until: until,
+            expires_at,
+            planned: planned.clone(),
+        })]
+    };
+    let zone_name = state.profile.time_zone.as_deref().unwrap_or("");
+    let Some(tz) = crate::quiet_hours::time_zone(zone_name) else {
+        // Quiet hours cannot be judged without the customer's time zone: hold, and look again.
+        let recheck = ctx.now + quiet.recheck_unknown_time_zone_hours.max(1) * HOUR;
+        if recheck > expires_at {
+            return stale(
+                SuppressionReason::UnknownTimeZone,
+                format!("time zone '{zone_name}' unknown until the message went stale"),
+            );
+        }
+        return defer(DeferralReason::UnknownTimeZone, recheck);
+    };
+    match crate::quiet_hours::next_allowed(ctx.now, &tz, region(state), quiet, &policy.blackout) {
+        SendWindow::Now => vec![Outcome::MessageApproved(planned)],
+        SendWindow::NotBefore(at, reason) if at <= expires_at => defer(reason, at),
+        SendWindow::NotBefore(at, reason) => stale(
+            SuppressionReason::Stale,
+            format!(
+                "{reason:?} in {zone_name} until {}, past the template's time to live",
+                iso_date(at)
+            ),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +443,7 @@ mod tests {
         let trigger = Trigger {
             event_id: "e-1",
             fact,
+            occurred_at: T0,
         };
         decide(state, "c-1", &trigger, &ctx)
     }

@@ -57,11 +57,22 @@ pub struct CustomerState {
     pub held: BTreeMap<String, HeldShipment>,
     /// Messages approved so far (deterministic ids).
     pub approved: BTreeSet<String>,
+    /// Messages deferred by policy and not yet decided again, by message id.
+    #[serde(default)]
+    pub deferred: BTreeMap<String, MessageDeferred>,
     /// Set once an erasure request was applied.
     pub erased: bool,
 }
 
 impl CustomerState {
+    /// The earliest instant a timer of this customer is due: a hold expiring or a deferred
+    /// message to decide again.
+    pub fn next_timer(&self) -> Option<Millis> {
+        let holds = self.held.values().map(|h| h.expires_at);
+        let deferrals = self.deferred.values().map(|d| d.deferred_until);
+        holds.chain(deferrals).min()
+    }
+
     /// The consent currently recorded for a purpose and channel.
     pub fn consent_for(&self, purpose: Purpose, channel: Channel) -> Option<&ConsentEntry> {
         self.consent
@@ -158,7 +169,19 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
         }
         Outcome::MessageApproved(m) => {
             state.approved.insert(m.message_id.clone());
+            state.deferred.remove(&m.message_id);
         }
-        Outcome::DuplicateIgnored(_) | Outcome::MessageSuppressed(_) => {}
+        Outcome::MessageDeferred(d) => {
+            state
+                .deferred
+                .insert(d.planned.message_id.clone(), d.clone());
+        }
+        Outcome::MessageSuppressed(m) => {
+            state.deferred.retain(|_, d| {
+                d.planned.trigger_event_id != m.trigger_event_id
+                    || d.planned.template_name != m.template_name
+            });
+        }
+        Outcome::DuplicateIgnored(_) => {}
     }
 }

@@ -78,6 +78,64 @@ pub struct Template {
     pub body: String,
     #[serde(default)]
     pub variables: Vec<TemplateVariable>,
+    /// How long after its trigger the message is still worth sending; a deferral past this
+    /// drops it as stale.
+    #[serde(default = "default_ttl_hours")]
+    pub ttl_hours: i64,
+}
+
+fn default_ttl_hours() -> i64 {
+    72
+}
+
+/// Quiet hours in each customer's own time zone, from policy.toml's `[quiet_hours]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHours {
+    /// Local time quiet hours begin, as minutes after midnight (`start = "21:00"`).
+    #[serde(rename = "start", deserialize_with = "clock_time")]
+    pub start_minute: i32,
+    /// Local time they end (`end = "08:00"`); before start means they span midnight.
+    #[serde(rename = "end", deserialize_with = "clock_time")]
+    pub end_minute: i32,
+    /// Purposes that may still go out in quiet hours and on blackout days.
+    #[serde(default)]
+    pub exempt_purposes: Vec<Purpose>,
+    /// How often a message held for an unknown time zone looks again.
+    #[serde(default = "default_recheck_hours")]
+    pub recheck_unknown_time_zone_hours: i64,
+}
+
+fn default_recheck_hours() -> i64 {
+    6
+}
+
+fn clock_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    let s = String::deserialize(d)?;
+    let parsed = s.split_once(':').and_then(|(h, m)| {
+        let (h, m) = (h.parse::<i32>().ok()?, m.parse::<i32>().ok()?);
+        ((0..24).contains(&h) && (0..60).contains(&m) && s.len() == 5).then_some(h * 60 + m)
+    });
+    parsed.ok_or_else(|| serde::de::Error::custom(format!("'{s}' is not a local time HH:MM")))
+}
+
+/// A corporate holiday or regional blackout day: no message of a non-exempt purpose goes out on
+/// that local date.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Blackout {
+    pub name: String,
+    #[serde(deserialize_with = "civil_date")]
+    pub date: jiff::civil::Date,
+    /// Region codes (the locale's country, e.g. `BR`); empty means everywhere.
+    #[serde(default)]
+    pub regions: Vec<String>,
+}
+
+fn civil_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<jiff::civil::Date, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|_| serde::de::Error::custom(format!("'{s}' is not a date YYYY-MM-DD")))
 }
 
 fn approved() -> TemplateStatus {
@@ -114,6 +172,12 @@ pub struct PolicySettings {
     pub default_locale: String,
     /// Which fact triggers which template.
     pub triggers: BTreeMap<String, String>,
+    /// No quiet hours when absent.
+    #[serde(default)]
+    pub quiet_hours: Option<QuietHours>,
+    /// Holidays and regional blackout days (`[[blackout]]`).
+    #[serde(default)]
+    pub blackout: Vec<Blackout>,
 }
 
 /// Everything the pure core needs to decide, loaded once.

@@ -147,7 +147,20 @@ fn no_message_is_approved_without_consent() {
                 .states
                 .entry(e.envelope.customer_id.clone())
                 .or_default();
-            for d in pipeline::process(state, e, &ctx) {
+            let mut decided = pipeline::process(state, e, &ctx);
+            // Deferred messages are decided again by the timer: judged the same way.
+            task.since_tick += 1;
+            if task.since_tick == TICK_EVERY {
+                task.since_tick = 0;
+                let ctx = Ctx {
+                    input_ref: "timer",
+                    ..ctx
+                };
+                for (customer, state) in task.states.iter_mut() {
+                    decided.extend(pipeline::tick(state, customer, &ctx));
+                }
+            }
+            for d in decided {
                 if let Outcome::MessageApproved(m) = &d.outcome {
                     approvals += 1;
                     assert!(
@@ -162,6 +175,49 @@ fn no_message_is_approved_without_consent() {
         }
     }
     assert!(approvals > 1_000, "the scenarios must exercise approvals");
+}
+
+/// Marketing goes out only in daytime (08:00–21:00) of a time zone the customer's own profile
+/// facts name, judged with the time zone database directly rather than through policy code.
+#[test]
+fn no_marketing_is_approved_in_quiet_hours_or_without_a_known_time_zone() {
+    let topology = Topology::embedded().unwrap();
+    let (mut daytime, mut deferred) = (0, 0);
+    for seed in SEEDS {
+        let inputs = inputs_of(seed);
+        let mut zones: HashMap<String, String> = HashMap::new();
+        for (_, e) in &inputs {
+            if let Fact::ProfileChanged(p) = &e.fact {
+                if let Some(tz) = &p.time_zone {
+                    zones.insert(e.envelope.customer_id.clone(), tz.clone());
+                }
+            }
+        }
+        for d in run(&inputs, &topology).decisions {
+            match &d.outcome {
+                Outcome::MessageApproved(m) if m.purpose == Purpose::Marketing => {
+                    let zone = zones.get(&d.customer_id).unwrap_or_else(|| {
+                        panic!("seed {seed}: marketing approved for {} whose time zone was never given", d.customer_id)
+                    });
+                    let tz = jiff::tz::TimeZone::get(zone).expect("scenario zones are IANA names");
+                    let local =
+                        tz.to_datetime(jiff::Timestamp::from_millisecond(d.decided_at).unwrap());
+                    assert!(
+                        (8..21).contains(&local.hour()),
+                        "seed {seed}: marketing approved at {local} in {zone} for {}",
+                        d.customer_id
+                    );
+                    daytime += 1;
+                }
+                Outcome::MessageDeferred(_) => deferred += 1,
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        daytime > 100 && deferred > 100,
+        "both paths exercised: {daytime} sent, {deferred} deferred"
+    );
 }
 
 #[test]

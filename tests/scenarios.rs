@@ -42,6 +42,9 @@ fn summary(d: &Decision) -> Option<String> {
         Outcome::MessageSuppressed(s) => {
             format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason)
         }
+        Outcome::MessageDeferred(d) => {
+            format!("MessageDeferred:{}:{:?}", d.planned.template_name, d.reason)
+        }
         other => other.kind().to_string(),
     })
 }
