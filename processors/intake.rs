@@ -42,14 +42,18 @@ impl Stamped for OwnedMessage {
 /// other topics meanwhile would run stream time ahead of it.
 pub const FIRST_FETCH_WAIT_MS: u64 = 5_000;
 
+/// How long after records arrive on one lane another lane's end-of-partition counts: the
+/// cached watermark that says so may predate a fetch response still on its way.
+pub const CONFIRM_GRACE_MS: u64 = 100;
+
 struct Lane<R> {
     records: VecDeque<R>,
     /// Monotonic ms at which the lane last became empty.
     empty_since: u64,
     /// Offset after the last record buffered, once one was.
     next_offset: Option<i64>,
-    /// The broker has nothing after `next_offset`: an empty lane has nothing to wait for.
-    caught_up: bool,
+    /// When the broker was last seen to have nothing after `next_offset`.
+    caught_up_at: Option<u64>,
     /// Nothing buffered since the lane was opened or rewound: its first fetch may be slow.
     fresh: bool,
 }
@@ -60,21 +64,27 @@ impl<R> Lane<R> {
             records: VecDeque::new(),
             empty_since: now_ms,
             next_offset: start,
-            caught_up: false,
+            caught_up_at: None,
             fresh: true,
         }
     }
 
-    /// Empty, and may still receive records older than what other lanes hold.
-    fn holds_back(&self, now_ms: u64, max_idle_ms: u64) -> bool {
+    /// Empty, and may still receive records older than what other lanes hold. `last_fill` is
+    /// when records last arrived on an empty lane of the partition: data that arrives together
+    /// (one produce burst) reaches the lanes in separate fetch responses, so an empty lane is
+    /// waited for from then on, unless it was seen at its end well after that.
+    fn holds_back(&self, now_ms: u64, last_fill: u64, max_idle_ms: u64) -> bool {
         let patience = if self.fresh {
             max_idle_ms.max(FIRST_FETCH_WAIT_MS)
         } else {
             max_idle_ms
         };
+        let confirmed_at_end = self
+            .caught_up_at
+            .is_some_and(|at| at >= last_fill + CONFIRM_GRACE_MS);
         self.records.is_empty()
-            && !self.caught_up
-            && now_ms.saturating_sub(self.empty_since) < patience
+            && !confirmed_at_end
+            && now_ms.saturating_sub(self.empty_since.max(last_fill)) < patience
     }
 }
 
@@ -84,6 +94,8 @@ pub struct Intake<R> {
     pause_above: usize,
     lanes: BTreeMap<(i32, String), Lane<R>>,
     paused: BTreeSet<(i32, String)>,
+    /// Per partition, when records last arrived on one of its empty lanes.
+    last_fill: BTreeMap<i32, u64>,
 }
 
 /// Lanes whose fetching should stop or start again, so one fast topic cannot fill memory
@@ -102,6 +114,7 @@ impl<R: Stamped> Intake<R> {
             pause_above: pause_above.max(2),
             lanes: BTreeMap::new(),
             paused: BTreeSet::new(),
+            last_fill: BTreeMap::new(),
         }
     }
 
@@ -121,6 +134,9 @@ impl<R: Stamped> Intake<R> {
         let key = (partition, topic.to_string());
         self.lanes.remove(&key);
         self.paused.remove(&key);
+        if !self.lanes.keys().any(|(p, _)| *p == partition) {
+            self.last_fill.remove(&partition);
+        }
     }
 
     /// Forgets every buffered record (the consumer was rewound); lanes stay open.
@@ -131,32 +147,41 @@ impl<R: Stamped> Intake<R> {
     }
 
     /// Buffers a record; one for a lane that is not open (revoked meanwhile) is dropped.
-    pub fn push(&mut self, record: R) {
-        if let Some(lane) = self
-            .lanes
-            .get_mut(&(record.partition(), record.topic().to_string()))
-        {
+    pub fn push(&mut self, record: R, now_ms: u64) {
+        let p = record.partition();
+        if let Some(lane) = self.lanes.get_mut(&(p, record.topic().to_string())) {
+            if lane.records.is_empty() {
+                self.last_fill.insert(p, now_ms);
+            }
             lane.next_offset = Some(record.offset() + 1);
-            lane.caught_up = false;
+            lane.caught_up_at = None;
             lane.fresh = false;
             lane.records.push_back(record);
         }
     }
 
+    fn blocking(&self, now_ms: u64) -> impl Iterator<Item = (&(i32, String), &Lane<R>)> {
+        self.lanes.iter().filter(move |((p, _), l)| {
+            let last_fill = self.last_fill.get(p).copied().unwrap_or(0);
+            l.holds_back(now_ms, last_fill, self.max_idle_ms)
+        })
+    }
+
     /// Empty lanes holding their partition back, with the offset they wait for if known: the
     /// shell compares it with the broker's watermarks and reports the ones at the end.
     pub fn waiting(&self, now_ms: u64) -> Vec<(String, i32, Option<i64>)> {
-        self.lanes
-            .iter()
-            .filter(|(_, l)| l.holds_back(now_ms, self.max_idle_ms))
+        self.blocking(now_ms)
             .map(|((p, t), l)| (t.clone(), *p, l.next_offset))
             .collect()
     }
 
-    /// The lane has read all the broker has: it stops holding its partition back.
-    pub fn caught_up(&mut self, topic: &str, partition: i32) {
+    /// The lane has read all the broker has, as of `now_ms`: once that is well after the
+    /// partition's last arrival, it stops holding the partition back.
+    pub fn caught_up(&mut self, topic: &str, partition: i32, now_ms: u64) {
         if let Some(lane) = self.lanes.get_mut(&(partition, topic.to_string())) {
-            lane.caught_up = lane.records.is_empty();
+            if lane.records.is_empty() {
+                lane.caught_up_at = Some(now_ms);
+            }
         }
     }
 
@@ -173,12 +198,7 @@ impl<R: Stamped> Intake<R> {
     /// The oldest head among partitions whose every lane either has records or has idled out.
     /// Ties go to the lower partition, then the topic name, so the choice is reproducible.
     pub fn next(&mut self, now_ms: u64) -> Option<R> {
-        let blocked: BTreeSet<i32> = self
-            .lanes
-            .iter()
-            .filter(|(_, l)| l.holds_back(now_ms, self.max_idle_ms))
-            .map(|(k, _)| k.0)
-            .collect();
+        let blocked: BTreeSet<i32> = self.blocking(now_ms).map(|(k, _)| k.0).collect();
         let mut best: Option<(i64, &(i32, String))> = None;
         for (key, lane) in &self.lanes {
             if blocked.contains(&key.0) {
@@ -261,10 +281,10 @@ mod tests {
     #[test]
     fn records_of_one_partition_come_out_oldest_first_across_topics() {
         let mut i = intake(&["crm", "oms"], &[0]);
-        i.push(R("oms", 0, 10));
-        i.push(R("oms", 0, 30));
-        i.push(R("crm", 0, 20));
-        i.push(R("crm", 0, 40));
+        i.push(R("oms", 0, 10), 0);
+        i.push(R("oms", 0, 30), 0);
+        i.push(R("crm", 0, 20), 0);
+        i.push(R("crm", 0, 40), 0);
         // The revocation at 20 is decided before the order at 30, whatever the fetch order.
         // Once crm is drained it holds the partition back: the order at 30 waits for it.
         assert_eq!(
@@ -276,15 +296,15 @@ mod tests {
             1,
             "crm's 40 waits: oms may still deliver older records"
         );
-        i.push(R("oms", 0, 35));
+        i.push(R("oms", 0, 35), 0);
         assert_eq!(drain(&mut i, 0), vec![R("oms", 0, 35)]);
     }
 
     #[test]
     fn an_empty_lane_holds_its_partition_back_until_it_idles_out() {
         let mut i = intake(&["crm", "oms"], &[0]);
-        i.push(R("crm", 0, 1));
-        i.push(R("oms", 0, 10));
+        i.push(R("crm", 0, 1), 0);
+        i.push(R("oms", 0, 10), 0);
         assert_eq!(i.next(0), Some(R("crm", 0, 1)));
         assert_eq!(i.next(50), None, "crm may still deliver something older");
         assert_eq!(i.next(100), Some(R("oms", 0, 10)));
@@ -293,7 +313,7 @@ mod tests {
     #[test]
     fn a_lane_not_yet_fetched_gets_longer_to_deliver_its_first_record() {
         let mut i = intake(&["crm", "oms"], &[0]);
-        i.push(R("oms", 0, 10));
+        i.push(R("oms", 0, 10), 0);
         assert_eq!(
             i.next(1_000),
             None,
@@ -313,36 +333,58 @@ mod tests {
     #[test]
     fn a_lane_at_the_end_of_its_partition_does_not_hold_it_back() {
         let mut i = intake(&["crm", "oms"], &[0]);
-        i.push(R("crm", 0, 5));
-        i.push(R("oms", 0, 10));
+        i.push(R("crm", 0, 5), 0);
+        i.push(R("oms", 0, 10), 0);
         assert_eq!(i.next(0), Some(R("crm", 0, 5)));
         assert_eq!(i.waiting(0), vec![("crm".to_string(), 0, Some(6))]);
         assert_eq!(i.next(0), None);
-        i.caught_up("crm", 0);
-        assert_eq!(i.waiting(0), vec![]);
-        assert_eq!(i.next(0), Some(R("oms", 0, 10)));
+        i.caught_up("crm", 0, 100);
+        assert_eq!(i.waiting(100), vec![]);
+        assert_eq!(i.next(100), Some(R("oms", 0, 10)));
         assert_eq!(
-            i.waiting(0),
+            i.waiting(100),
             vec![("oms".to_string(), 0, Some(11))],
             "crm is still at its end"
         );
-        i.push(R("crm", 0, 20));
-        assert_eq!(i.next(0), None, "oms is not known to be at its end");
-        i.caught_up("oms", 0);
-        assert_eq!(i.next(0), Some(R("crm", 0, 20)));
+        i.push(R("crm", 0, 20), 200);
+        assert_eq!(i.next(200), None, "oms is not known to be at its end");
+        i.caught_up("oms", 0, 250);
         assert_eq!(
-            i.waiting(0),
+            i.next(250),
+            None,
+            "seen at its end too soon after crm's arrival: its own fetch may be on the way"
+        );
+        i.caught_up("oms", 0, 300);
+        assert_eq!(i.next(300), Some(R("crm", 0, 20)));
+        assert_eq!(
+            i.waiting(300),
             vec![("crm".to_string(), 0, Some(21))],
             "a new record means crm may have more again"
         );
     }
 
     #[test]
+    fn records_after_a_quiet_spell_wait_briefly_for_the_other_lanes() {
+        let mut i = intake(&["crm", "oms"], &[0]);
+        i.push(R("crm", 0, 1), 0);
+        i.push(R("oms", 0, 2), 0);
+        drain(&mut i, 1_000);
+        drain(&mut i, 2_000);
+        assert!(i.is_empty());
+        // Long after, a burst reaches oms first; crm's part of it may be a fetch behind.
+        i.push(R("oms", 0, 50), 10_000);
+        assert_eq!(i.next(10_050), None);
+        i.push(R("crm", 0, 40), 10_060);
+        assert_eq!(drain(&mut i, 10_060), vec![R("crm", 0, 40)]);
+        assert_eq!(drain(&mut i, 10_160), vec![R("oms", 0, 50)]);
+    }
+
+    #[test]
     fn a_waiting_partition_does_not_hold_back_the_others() {
         let mut i = intake(&["crm", "oms"], &[0, 1]);
-        i.push(R("oms", 0, 10));
-        i.push(R("oms", 1, 50));
-        i.push(R("crm", 1, 60));
+        i.push(R("oms", 0, 10), 0);
+        i.push(R("oms", 1, 50), 0);
+        i.push(R("crm", 1, 60), 0);
         assert_eq!(i.next(0), Some(R("oms", 1, 50)));
         assert_eq!(i.next(0), None, "partition 1's oms lane is empty now");
     }
@@ -350,22 +392,22 @@ mod tests {
     #[test]
     fn order_within_a_lane_is_kept_even_when_timestamps_go_back() {
         let mut i = intake(&["oms"], &[0]);
-        i.push(R("oms", 0, 50));
-        i.push(R("oms", 0, 10));
+        i.push(R("oms", 0, 50), 0);
+        i.push(R("oms", 0, 10), 0);
         assert_eq!(drain(&mut i, 0), vec![R("oms", 0, 50), R("oms", 0, 10)]);
     }
 
     #[test]
     fn revoked_and_cleared_lanes_lose_their_records() {
         let mut i = intake(&["crm", "oms"], &[0]);
-        i.push(R("oms", 0, 10));
+        i.push(R("oms", 0, 10), 0);
         i.close("oms", 0);
-        i.push(R("oms", 0, 20));
+        i.push(R("oms", 0, 20), 0);
         assert!(
             i.is_empty(),
             "records of a revoked lane belong to its next owner"
         );
-        i.push(R("crm", 0, 5));
+        i.push(R("crm", 0, 5), 0);
         i.clear(7);
         assert!(i.is_empty());
     }
@@ -374,9 +416,9 @@ mod tests {
     fn a_lane_that_runs_ahead_is_paused_and_resumed_when_drained() {
         let mut i = intake(&["crm", "oms"], &[0]);
         for t in 0..6 {
-            i.push(R("oms", 0, 100 + t));
+            i.push(R("oms", 0, 100 + t), 0);
         }
-        i.push(R("crm", 0, 1));
+        i.push(R("crm", 0, 1), 0);
         assert_eq!(
             i.flow(),
             FlowChange {

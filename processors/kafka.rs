@@ -366,7 +366,7 @@ pub fn run_stage<S: Stage>(
                 Duration::from_millis(10)
             };
             for m in inputs.poll(wait) {
-                intake.push(m);
+                intake.push(m, now_ms());
             }
             apply_rebalances(
                 &inputs,
@@ -385,7 +385,7 @@ pub fn run_stage<S: Stage>(
                     (None, _) => false,
                 };
                 if at_end {
-                    intake.caught_up(&topic, p);
+                    intake.caught_up(&topic, p, now_ms());
                 }
             }
             while batch.len() < settings.batch_size {
