@@ -5,7 +5,7 @@
 use crate::events::*;
 use crate::pipeline::{deterministic_id, Ctx};
 use crate::quiet_hours::SendWindow;
-use crate::state::CustomerState;
+use crate::state::{ConsentEntry, CustomerState};
 use crate::topology::{Template, VariableType};
 use std::collections::BTreeMap;
 
@@ -59,6 +59,42 @@ fn suppressed(
         reason,
         detail,
     })]
+}
+
+/// Suppresses a message that was already planned (deferred, or timed out of its window).
+fn suppressed_planned(
+    p: &MessageApproved,
+    reason: SuppressionReason,
+    detail: String,
+) -> Vec<Outcome> {
+    vec![Outcome::MessageSuppressed(MessageSuppressed {
+        trigger_event_id: p.trigger_event_id.clone(),
+        template_name: p.template_name.clone(),
+        purpose: p.purpose,
+        reason,
+        detail,
+    })]
+}
+
+/// The customer's standing consent for a purpose on WhatsApp, or why there is none.
+fn whatsapp_consent(state: &CustomerState, purpose: Purpose) -> Result<&ConsentEntry, String> {
+    match state.consent_for(purpose, Channel::Whatsapp) {
+        Some(c) if c.granted => Ok(c),
+        Some(c) => Err(format!(
+            "{purpose:?} consent on WhatsApp revoked ({})",
+            c.artifact_id
+        )),
+        None => Err(format!("no {purpose:?} consent on WhatsApp")),
+    }
+}
+
+/// The customer's WhatsApp number, if one is on file.
+fn whatsapp_number(state: &CustomerState) -> Option<&str> {
+    state
+        .profile
+        .phone_e164
+        .as_deref()
+        .filter(|p| !p.is_empty())
 }
 
 /// The template variant for a locale: the exact locale, else the same language. Never another
@@ -189,36 +225,19 @@ pub fn decide(
             );
         }
     }
-    let consent = match state.consent_for(purpose, Channel::Whatsapp) {
-        Some(c) if c.granted => c,
-        Some(c) => {
+    let consent = match whatsapp_consent(state, purpose) {
+        Ok(c) => c,
+        Err(detail) => {
             return suppressed(
                 t,
                 template_name,
                 purpose,
                 SuppressionReason::NoConsent,
-                format!(
-                    "{purpose:?} consent on WhatsApp revoked ({})",
-                    c.artifact_id
-                ),
-            );
-        }
-        None => {
-            return suppressed(
-                t,
-                template_name,
-                purpose,
-                SuppressionReason::NoConsent,
-                format!("no {purpose:?} consent on WhatsApp"),
-            );
+                detail,
+            )
         }
     };
-    let Some(phone) = state
-        .profile
-        .phone_e164
-        .as_deref()
-        .filter(|p| !p.is_empty())
-    else {
+    let Some(phone) = whatsapp_number(state) else {
         return suppressed(
             t,
             template_name,
@@ -282,40 +301,19 @@ pub fn decide_deferred(
     ctx: &Ctx,
 ) -> Vec<Outcome> {
     let p = &deferral.planned;
-    let suppress = |reason, detail: String| {
-        vec![Outcome::MessageSuppressed(MessageSuppressed {
-            trigger_event_id: p.trigger_event_id.clone(),
-            template_name: p.template_name.clone(),
-            purpose: p.purpose,
-            reason,
-            detail,
-        })]
-    };
-    let consent = match state.consent_for(p.purpose, p.channel) {
-        Some(c) if c.granted => c,
-        Some(c) => {
-            return suppress(
+    let consent = match whatsapp_consent(state, p.purpose) {
+        Ok(c) => c,
+        Err(detail) => {
+            return suppressed_planned(
+                p,
                 SuppressionReason::NoConsent,
-                format!(
-                    "{:?} consent on WhatsApp revoked ({}) while the message waited",
-                    p.purpose, c.artifact_id
-                ),
-            )
-        }
-        None => {
-            return suppress(
-                SuppressionReason::NoConsent,
-                format!("no {:?} consent on WhatsApp", p.purpose),
+                format!("{detail}, decided again after waiting"),
             )
         }
     };
-    let Some(phone) = state
-        .profile
-        .phone_e164
-        .as_deref()
-        .filter(|p| !p.is_empty())
-    else {
-        return suppress(
+    let Some(phone) = whatsapp_number(state) else {
+        return suppressed_planned(
+            p,
             SuppressionReason::NoPhone,
             "no WhatsApp number on file".into(),
         );
@@ -343,15 +341,7 @@ fn when_to_send(
     ctx: &Ctx,
 ) -> Vec<Outcome> {
     let policy = &ctx.topology.policy;
-    let stale = |reason, detail: String| {
-        vec![Outcome::MessageSuppressed(MessageSuppressed {
-            trigger_event_id: planned.trigger_event_id.clone(),
-            template_name: planned.template_name.clone(),
-            purpose: planned.purpose,
-            reason,
-            detail,
-        })]
-    };
+    let stale = |reason, detail: String| suppressed_planned(&planned, reason, detail);
     if ctx.now > expires_at {
         return stale(
             SuppressionReason::Stale,
