@@ -79,19 +79,39 @@ impl KafkaSettings {
         c.create().context("cannot create Kafka producer")
     }
 
-    /// A reader with no group, for restoring state from a log partition.
-    pub fn log_reader(&self) -> Result<BaseConsumer<EndOfLogIsExpected>> {
+    /// What every Herald consumer shares: committed reads only, offsets committed by Herald
+    /// itself, from the beginning when the group has none; then `specific`, then the extras.
+    fn consumer_config(
+        &self,
+        group: &str,
+        client_id: &str,
+        specific: &[(&str, &str)],
+    ) -> ClientConfig {
         let mut c = self.base();
-        c.set("group.id", format!("herald-restore-{}", self.instance_id))
+        c.set("group.id", group)
+            .set("client.id", client_id)
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest");
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed");
+        for (k, v) in specific {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.extra {
             c.set(k, v);
         }
-        c.create_with_context(EndOfLogIsExpected)
-            .context("cannot create Kafka restore reader")
+        c
+    }
+
+    /// A reader with no group, for restoring state from a log partition.
+    pub fn log_reader(&self) -> Result<BaseConsumer<EndOfLogIsExpected>> {
+        self.consumer_config(
+            &format!("herald-restore-{}", self.instance_id),
+            &format!("herald-restore-{}", self.instance_id),
+            &[("enable.partition.eof", "true")],
+        )
+        .create_with_context(EndOfLogIsExpected)
+        .context("cannot create Kafka restore reader")
     }
 }
 
@@ -278,25 +298,19 @@ pub fn run_stage<S: Stage>(
     rt: &tokio::runtime::Handle,
 ) -> Result<()> {
     let group = format!("herald-{}", stage.name());
-    let mut cc = settings.base();
-    cc.set("group.id", &group)
-        .set(
-            "client.id",
-            format!("herald-{}-{}", stage.name(), settings.instance_id),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set(
-            "partition.assignment.strategy",
-            &settings.assignment_strategy,
-        )
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
-    for (k, v) in &settings.extra {
-        cc.set(k, v);
-    }
+    let client_id = format!("herald-{}-{}", stage.name(), settings.instance_id);
+    let cc = settings.consumer_config(
+        &group,
+        &client_id,
+        &[
+            (
+                "partition.assignment.strategy",
+                settings.assignment_strategy.as_str(),
+            ),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
+        ],
+    );
     let consumer: BaseConsumer<RebalanceLog> = cc
         .create_with_context(RebalanceLog::default())
         .context("cannot create Kafka consumer")?;
@@ -308,24 +322,8 @@ pub fn run_stage<S: Stage>(
     // out whole partitions: the companion topics' same-numbered partitions follow by manual
     // assignment. That is what keeps one customer's whole history on one task.
     consumer.subscribe(&[lead])?;
-    let mut companion_config = settings.base();
-    companion_config
-        .set("group.id", &group)
-        .set(
-            "client.id",
-            format!(
-                "herald-{}-{}-companions",
-                stage.name(),
-                settings.instance_id
-            ),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
-    for (k, v) in &settings.extra {
-        companion_config.set(k, v);
-    }
+    let companion_config =
+        settings.consumer_config(&group, &format!("{client_id}-companions"), &[]);
     let inputs = Inputs {
         group: consumer,
         companions: companion_config

@@ -44,9 +44,22 @@ struct Run {
 }
 
 fn run(inputs: &[(String, InputEvent)], topology: &Topology) -> Run {
-    let mut tasks: HashMap<u64, Task> = HashMap::new();
     let mut decisions = Vec::new();
+    let states = run_observed(inputs, topology, |_| {}, |d| decisions.push(d.clone()));
+    Run { decisions, states }
+}
+
+/// Runs the inputs as the tasks would, telling `before` of each input just before it is decided
+/// and `after` of every decision it (and the timers it lets fire) produced.
+fn run_observed(
+    inputs: &[(String, InputEvent)],
+    topology: &Topology,
+    mut before: impl FnMut(&InputEvent),
+    mut after: impl FnMut(&Decision),
+) -> BTreeMap<String, CustomerState> {
+    let mut tasks: HashMap<u64, Task> = HashMap::new();
     for (input_ref, e) in inputs {
+        before(e);
         let task = tasks
             .entry(partition_of(&e.envelope.customer_id))
             .or_default();
@@ -60,22 +73,21 @@ fn run(inputs: &[(String, InputEvent)], topology: &Topology) -> Run {
             .states
             .entry(e.envelope.customer_id.clone())
             .or_default();
-        decisions.extend(pipeline::process(state, e, &ctx));
+        let mut decided = pipeline::process(state, e, &ctx);
         task.since_tick += 1;
         if task.since_tick == TICK_EVERY {
             task.since_tick = 0;
             let ctx = Ctx {
-                now: task.now,
-                topology,
                 input_ref: "timer",
+                ..ctx
             };
             for (customer, state) in task.states.iter_mut() {
-                decisions.extend(pipeline::tick(state, customer, &ctx));
+                decided.extend(pipeline::tick(state, customer, &ctx));
             }
         }
+        decided.iter().for_each(&mut after);
     }
-    let states = tasks.into_values().flat_map(|t| t.states).collect();
-    Run { decisions, states }
+    tasks.into_values().flat_map(|t| t.states).collect()
 }
 
 fn inputs_of(seed: u64) -> Vec<(String, InputEvent)> {
@@ -129,50 +141,25 @@ fn no_message_is_approved_without_consent() {
     let mut approvals = 0;
     for seed in SEEDS {
         let inputs = inputs_of(seed);
-        // Replay input by input so each approval is judged against the facts seen before it.
-        let mut tasks: HashMap<u64, Task> = HashMap::new();
-        let mut truth = ConsentTruth::default();
-        for (input_ref, e) in &inputs {
-            truth.learn(e);
-            let task = tasks
-                .entry(partition_of(&e.envelope.customer_id))
-                .or_default();
-            task.now = task.now.max(e.envelope.occurred_at);
-            let ctx = Ctx {
-                now: task.now,
-                topology: &topology,
-                input_ref,
-            };
-            let state = task
-                .states
-                .entry(e.envelope.customer_id.clone())
-                .or_default();
-            let mut decided = pipeline::process(state, e, &ctx);
-            // Deferred messages are decided again by the timer: judged the same way.
-            task.since_tick += 1;
-            if task.since_tick == TICK_EVERY {
-                task.since_tick = 0;
-                let ctx = Ctx {
-                    input_ref: "timer",
-                    ..ctx
-                };
-                for (customer, state) in task.states.iter_mut() {
-                    decided.extend(pipeline::tick(state, customer, &ctx));
-                }
-            }
-            for d in decided {
+        // Each approval, deferred ones included, is judged against the facts seen before it.
+        let truth = std::cell::RefCell::new(ConsentTruth::default());
+        run_observed(
+            &inputs,
+            &topology,
+            |e| truth.borrow_mut().learn(e),
+            |d| {
                 if let Outcome::MessageApproved(m) = &d.outcome {
                     approvals += 1;
                     assert!(
-                        truth.granted(&d.customer_id, m.purpose),
+                        truth.borrow().granted(&d.customer_id, m.purpose),
                         "seed {seed}: {} approved for {} without {:?} consent",
                         m.template_name,
                         d.customer_id,
                         m.purpose
                     );
                 }
-            }
-        }
+            },
+        );
     }
     assert!(approvals > 1_000, "the scenarios must exercise approvals");
 }
