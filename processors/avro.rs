@@ -173,6 +173,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/decisions/hold_expired.avsc"),
     ),
     (
+        "decisions/delivery.avsc",
+        include_str!("../schemas/decisions/delivery.avsc"),
+    ),
+    (
         "decisions/message_approved.avsc",
         include_str!("../schemas/decisions/message_approved.avsc"),
     ),
@@ -187,6 +191,30 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
     (
         "decisions/message_deferred.avsc",
         include_str!("../schemas/decisions/message_deferred.avsc"),
+    ),
+    (
+        "decisions/opted_out.avsc",
+        include_str!("../schemas/decisions/opted_out.avsc"),
+    ),
+    (
+        "decisions/message_held_out.avsc",
+        include_str!("../schemas/decisions/message_held_out.avsc"),
+    ),
+    (
+        "decisions/journey_entered.avsc",
+        include_str!("../schemas/decisions/journey_entered.avsc"),
+    ),
+    (
+        "decisions/journey_advanced.avsc",
+        include_str!("../schemas/decisions/journey_advanced.avsc"),
+    ),
+    (
+        "decisions/journey_exited.avsc",
+        include_str!("../schemas/decisions/journey_exited.avsc"),
+    ),
+    (
+        "decisions/escalation_raised.avsc",
+        include_str!("../schemas/decisions/escalation_raised.avsc"),
     ),
     (
         "decisions/decision_event.avsc",
@@ -512,6 +540,12 @@ union_codec!(outcome_record, outcome_from, Outcome {
     5 => MessageApproved(MessageApproved),
     6 => MessageSuppressed(MessageSuppressed),
     7 => MessageDeferred(MessageDeferred),
+    8 => OptedOut(OptedOut),
+    9 => MessageHeldOut(MessageHeldOut),
+    10 => JourneyEntered(JourneyEntered),
+    11 => JourneyAdvanced(JourneyAdvanced),
+    12 => JourneyExited(JourneyExited),
+    13 => EscalationRaised(EscalationRaised),
 });
 
 union_codec!(step_record, step_from, DispatchStep {
@@ -623,6 +657,11 @@ pub fn decision_from_value(v: &Value) -> Result<Decision> {
         policy_version: from_value(field(v, "policy_version")?)?,
         outcome,
     })
+}
+
+/// Avro value of a stock level.
+pub fn stock_to_value(s: &StockLevel) -> Result<Value> {
+    conform_to_topic(to_value(s)?, "catalog.inventory.v1")
 }
 
 /// Avro value of a dispatch step.

@@ -40,7 +40,11 @@ pub fn run(customers: usize) -> Result<BenchResult> {
         })
         .collect();
 
-    // Core: the pipeline on decoded events, one thread.
+    // Core: the pipeline on decoded events, one thread, timers fired as stream time passes them.
+    let mut tables = crate::tables::Tables::default();
+    for level in scenario::stock_levels() {
+        tables.observe_stock(level);
+    }
     let t = Instant::now();
     let mut states: HashMap<String, CustomerState> = HashMap::new();
     let mut now = 0;
@@ -48,13 +52,18 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     for (i, e) in events.iter().enumerate() {
         now = e.envelope.occurred_at.max(now);
         let input_ref = i.to_string();
+        tables.observe(&e.fact);
         let ctx = Ctx {
             now,
             topology: &topology,
+            tables: &tables,
             input_ref: &input_ref,
         };
         let s = states.entry(e.envelope.customer_id.clone()).or_default();
         decisions += pipeline::process(s, e, &ctx).len();
+        if s.next_timer().is_some_and(|t| t <= now) {
+            decisions += pipeline::tick(s, &e.envelope.customer_id, &ctx).len();
+        }
     }
     let core = events.len() as f64 / t.elapsed().as_secs_f64();
     tracing::debug!(decisions, "core pass done");

@@ -61,9 +61,11 @@ mod tests {
         let topology = Topology::embedded().unwrap();
         let window = topology.policy.dedupe_window_hours * 3_600_000;
         let mut state = CustomerState::default();
+        let tables = crate::tables::Tables::default();
         let ctx = Ctx {
             now: 1_000,
             topology: &topology,
+            tables: &tables,
             input_ref: "r/0/1",
         };
         let first = decide(&state, &input("e-1", 1_000), &ctx);

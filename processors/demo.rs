@@ -146,6 +146,24 @@ pub fn feed(
     Ok(items.len())
 }
 
+/// Produces stock levels to the inventory topic, keyed by SKU.
+pub fn feed_stock(
+    rt: &tokio::runtime::Runtime,
+    producer: &FutureProducer,
+    codec: &Codec,
+    levels: &[StockLevel],
+) -> Result<()> {
+    for level in levels {
+        let bytes = rt.block_on(codec.encode_stock(level))?;
+        let record = FutureRecord::to(crate::stages::INVENTORY)
+            .key(level.sku.as_bytes())
+            .payload(&bytes);
+        rt.block_on(producer.send(record, Duration::from_secs(30)))
+            .map_err(|(e, _)| anyhow!("feeding {}: {e}", crate::stages::INVENTORY))?;
+    }
+    Ok(())
+}
+
 /// Reads a whole topic with a read_committed reader and hands each value to `f`.
 pub fn read_topic(
     bootstrap: &str,
@@ -201,32 +219,57 @@ pub fn read_topic(
 
 /// Checks the simulator's log against the scenario's own consent events, without policy code:
 /// a send counts as without consent when, at its trigger's time, the scenario's latest consent
-/// event for the template's purpose on WhatsApp was not a grant. Returns (without, duplicates).
+/// event for the template's purpose was a grant on no channel. Returns (without, duplicates).
 pub fn independent_checks(
     items: &[FeedItem],
     topology: &Topology,
     sends: &[SimulatedSend],
 ) -> (u64, u64) {
     // Ground truth from the scenario: consent timeline and trigger times per message id.
-    let mut timeline: HashMap<&str, Vec<(Millis, Purpose, bool)>> = HashMap::new();
+    let mut timeline: HashMap<&str, Vec<(Millis, Purpose, Channel, bool)>> = HashMap::new();
     let mut triggers: HashMap<String, (&str, Millis)> = HashMap::new();
     for item in items {
         let FeedItem::Event(e) = item else { continue };
         let c = e.envelope.customer_id.as_str();
         match &e.fact {
-            Fact::ConsentGranted(x) if x.channel == Channel::Whatsapp => timeline
+            Fact::ConsentGranted(x) => timeline
                 .entry(c)
                 .or_default()
-                .push((e.envelope.occurred_at, x.purpose, true)),
-            Fact::ConsentRevoked(x) if x.channel == Channel::Whatsapp => timeline
+                .push((e.envelope.occurred_at, x.purpose, x.channel, true)),
+            Fact::ConsentRevoked(x) => timeline
                 .entry(c)
                 .or_default()
-                .push((e.envelope.occurred_at, x.purpose, false)),
+                .push((e.envelope.occurred_at, x.purpose, x.channel, false)),
             _ => {}
         }
-        for template in topology.policy.triggers.values() {
-            let id = deterministic_id(&[c, &e.envelope.event_id, template]);
-            triggers.entry(id).or_insert((c, e.envelope.occurred_at));
+        // Reactions: one message per fact and template.
+        for j in &topology.journeys {
+            for r in j.reactions.iter().filter(|r| r.fact == e.fact.kind()) {
+                for template in std::iter::once(&r.template).chain(&r.partial_template) {
+                    let id = deterministic_id(&[c, &e.envelope.event_id, template]);
+                    triggers.entry(id).or_insert((c, e.envelope.occurred_at));
+                }
+            }
+        }
+        // Timed steps: one message per journey instance and step, judged at the step's due
+        // time as the journey file schedules it.
+        for j in topology.journeys.iter().filter(|j| j.entry == e.fact.kind()) {
+            let Some(key) = crate::journey::key_of(j.key, &e.fact, c) else {
+                continue;
+            };
+            let mut at = e.envelope.occurred_at;
+            let mut n = 0;
+            while let Some((step, after)) = j.step_at(n) {
+                at = match (step.before_due_hours, &e.fact) {
+                    (Some(h), Fact::SubscriptionRenewalDue(s)) => {
+                        (s.due_at - (h * 3_600_000.0) as i64).max(at)
+                    }
+                    _ => at + (after * 3_600_000.0) as i64,
+                };
+                let id = deterministic_id(&[c, &j.name, &key, &n.to_string()]);
+                triggers.entry(id).or_insert((c, at));
+                n += 1;
+            }
         }
     }
     let purpose_of = |template: &str| {
@@ -252,17 +295,18 @@ pub fn independent_checks(
             without += 1;
             continue;
         };
-        let granted = timeline
-            .get(customer)
-            .map(|t| {
-                let mut events: Vec<_> = t
-                    .iter()
-                    .filter(|(when, p, _)| *p == purpose && when <= at)
-                    .collect();
-                events.sort_by_key(|(when, _, _)| *when);
-                events.last().is_some_and(|(_, _, g)| *g)
-            })
-            .unwrap_or(false);
+        let granted = timeline.get(customer).is_some_and(|t| {
+            [Channel::Whatsapp, Channel::Sms, Channel::Email]
+                .iter()
+                .any(|channel| {
+                    let mut events: Vec<_> = t
+                        .iter()
+                        .filter(|(when, p, c, _)| *p == purpose && c == channel && when <= at)
+                        .collect();
+                    events.sort_by_key(|(when, _, _, granted)| (*when, !*granted));
+                    events.last().is_some_and(|(_, _, _, g)| *g)
+                })
+        });
         if !granted {
             without += 1;
         }
@@ -364,6 +408,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     }
 
     let producer = settings.producer(None)?;
+    feed_stock(&rt, &producer, &codec, &scenario::stock_levels())?;
     let started = Instant::now();
     let total = scenario.len();
     let show = |fed: usize| {

@@ -91,6 +91,10 @@ mod tests {
             variables: BTreeMap::new(),
             consent_artifact_id: "form-1".into(),
             consent_granted_at: 0,
+            category: "UTILITY".into(),
+            delivery: Delivery::Template,
+            journey: None,
+            relied_on: BTreeMap::new(),
         };
         let d = Decision {
             decision_id: "d-1".into(),

@@ -243,6 +243,9 @@ pub struct ProfileChanged {
     pub locale: Option<String>,
     pub time_zone: Option<String>,
     pub phone_e164: Option<String>,
+    /// The e-mail fallback channel's address.
+    #[serde(default)]
+    pub email: Option<String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErasureRequested {
@@ -270,6 +273,9 @@ pub struct MessageStatusChanged {
     pub provider_message_id: String,
     pub status: MessageStatus,
     pub error_code: Option<i32>,
+    /// Herald's message id, echoed back by the provider from the send request's callback data.
+    #[serde(default)]
+    pub message_id: Option<String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundMessageReceived {
@@ -443,6 +449,18 @@ pub enum SuppressionReason {
     Stale,
     /// The customer's time zone stayed unknown (or not an IANA name) for the whole time to live.
     UnknownTimeZone,
+    /// The customer already had as many messages of this category as the rolling window allows.
+    FrequencyCap,
+    /// No approved version of the template is usable (paused, disabled or rejected at the provider).
+    TemplateUnavailable,
+    /// A session message needs the 24-hour customer service window open, and it is closed.
+    OutsideSessionWindow,
+    /// An item of the cart ran out of stock: a reminder would advertise what cannot be bought.
+    OutOfStock,
+    /// An ambiguous signal (locale, inventory, order facts) stayed unresolved until stale.
+    Ambiguous,
+    /// Its journey ended (the cart was bought, the order cancelled) before it went out.
+    JourneyExited,
 }
 
 /// Why a message waits instead of going out now.
@@ -455,6 +473,24 @@ pub enum DeferralReason {
     Blackout,
     /// The time zone is unknown: an ambiguous signal holds rather than sends.
     UnknownTimeZone,
+    /// The rolling frequency cap is reached; the message waits for the window to free a slot.
+    FrequencyCap,
+    /// The customer's locale is unknown: no language is guessed.
+    UnknownLocale,
+    /// The stock level a guard needs is missing or too old to trust.
+    StaleInventory,
+    /// The message is about an order Herald has not seen placed.
+    MissingOrderFacts,
+}
+
+/// How an approved message travels: as a pre-approved template, or as a free-form session
+/// message, which the provider accepts only inside the 24-hour customer service window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Delivery {
+    #[default]
+    Template,
+    Session,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,9 +533,24 @@ pub struct MessageApproved {
     pub variables: BTreeMap<String, String>,
     pub consent_artifact_id: String,
     pub consent_granted_at: Millis,
+    /// The template's category at the provider (MARKETING, UTILITY, AUTHENTICATION, SERVICE);
+    /// frequency caps count by it.
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// The journey that planned this message, if any.
+    #[serde(default)]
+    pub journey: Option<String>,
+    /// Other facts the decision relied on, by name (stock levels, the session window...).
+    #[serde(default)]
+    pub relied_on: BTreeMap<String, String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageSuppressed {
+    /// The planned message it drops, when one was planned (deferred, or a journey step).
+    #[serde(default)]
+    pub message_id: Option<String>,
     pub trigger_event_id: String,
     pub template_name: String,
     pub purpose: Purpose,
@@ -519,6 +570,69 @@ pub struct MessageDeferred {
     pub planned: MessageApproved,
 }
 
+/// An inbound opt-out keyword withdrew consent on the channel it arrived on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptedOut {
+    /// The inbound message that said it: the consent artifact.
+    pub provider_message_id: String,
+    pub keyword: String,
+    pub channel: Channel,
+    pub purposes: Vec<Purpose>,
+    pub received_at: Millis,
+}
+
+/// A customer in a journey's holdout cohort: no message, recorded for incrementality reporting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageHeldOut {
+    pub journey: String,
+    pub journey_key: String,
+    pub trigger_event_id: String,
+    pub holdout_percent: i32,
+}
+
+/// A customer entered a journey instance (one per journey and key, e.g. per cart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JourneyEntered {
+    pub journey: String,
+    pub journey_key: String,
+    pub trigger_event_id: String,
+    pub entered_at: Millis,
+    /// When its first timed step is due; none when it only reacts to facts.
+    pub next_step_due: Option<Millis>,
+}
+
+/// A journey took a timed step (or let it pass) and scheduled the next one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JourneyAdvanced {
+    pub journey: String,
+    pub journey_key: String,
+    /// Timed steps taken so far, repeats included.
+    pub steps_taken: i32,
+    pub next_step_due: Option<Millis>,
+}
+
+/// A journey instance ended: an exit fact, its last step, or a guard that ends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JourneyExited {
+    pub journey: String,
+    pub journey_key: String,
+    /// `COMPLETED`, the exit fact's kind (e.g. `OrderPlaced`), or the guard (e.g. `OUT_OF_STOCK`).
+    pub reason: String,
+    pub cause_event_id: String,
+}
+
+/// An inbound message matched a risk or complaint term: an agent must look at it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscalationRaised {
+    pub provider_message_id: String,
+    /// `complaint` or `risk`, from policy.toml.
+    pub category: String,
+    pub matched_term: String,
+    pub text: String,
+    /// Orders placed and not yet delivered or cancelled, for the agent's context.
+    pub open_orders: Vec<String>,
+}
+
 /// What a decision says (the `payload` union of `DecisionEvent`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -531,6 +645,12 @@ pub enum Outcome {
     MessageApproved(MessageApproved),
     MessageSuppressed(MessageSuppressed),
     MessageDeferred(MessageDeferred),
+    OptedOut(OptedOut),
+    MessageHeldOut(MessageHeldOut),
+    JourneyEntered(JourneyEntered),
+    JourneyAdvanced(JourneyAdvanced),
+    JourneyExited(JourneyExited),
+    EscalationRaised(EscalationRaised),
 }
 
 impl Outcome {
@@ -545,6 +665,12 @@ impl Outcome {
             Outcome::MessageApproved(_) => 5,
             Outcome::MessageSuppressed(_) => 6,
             Outcome::MessageDeferred(_) => 7,
+            Outcome::OptedOut(_) => 8,
+            Outcome::MessageHeldOut(_) => 9,
+            Outcome::JourneyEntered(_) => 10,
+            Outcome::JourneyAdvanced(_) => 11,
+            Outcome::JourneyExited(_) => 12,
+            Outcome::EscalationRaised(_) => 13,
         }
     }
 
@@ -559,6 +685,12 @@ impl Outcome {
             "MessageApproved",
             "MessageSuppressed",
             "MessageDeferred",
+            "OptedOut",
+            "MessageHeldOut",
+            "JourneyEntered",
+            "JourneyAdvanced",
+            "JourneyExited",
+            "EscalationRaised",
         ][self.index()]
     }
 }
@@ -627,6 +759,15 @@ pub struct DispatchRecord {
     pub channel: Channel,
     pub recorded_at: Millis,
     pub step: DispatchStep,
+}
+
+/// One record of `catalog.inventory.v1`: units of a SKU available now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockLevel {
+    pub sku: String,
+    pub available: i32,
+    pub updated_at: Millis,
+    pub source_system: String,
 }
 
 /// One record of `herald.dlq.v1`: the original bytes and why they could not be processed.

@@ -172,6 +172,10 @@ pub trait Stage {
     }
     /// Handles one input record. `Err` is fatal: the transaction is aborted and the loop stops.
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()>;
+    /// Called before each batch: brings tables read whole (inventory) up to date.
+    fn refresh_tables(&mut self, _reader: &LogReader) -> Result<()> {
+        Ok(())
+    }
     /// Called once per batch after every record: timers, batched provider calls.
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()>;
     /// Called after the transaction committed, with the positions it wrote.
@@ -708,6 +712,7 @@ fn run_batch<S: Stage>(
     }
     let mut out = Outbox::default();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    stage.refresh_tables(reader).map_err(BatchError::Abortable)?;
     for msg in batch {
         if !stage.owns(msg.partition()) {
             stage

@@ -10,11 +10,13 @@ pub mod topology;
 // The pure core: no I/O, no clock, no randomness.
 pub mod dedupe;
 pub mod dispatch;
+pub mod journey;
 pub mod ordering;
 pub mod pipeline;
 pub mod policy;
 pub mod quiet_hours;
 pub mod state;
+pub mod tables;
 
 // Shells.
 pub mod bench;

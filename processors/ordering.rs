@@ -90,9 +90,11 @@ mod tests {
     #[test]
     fn an_unpaid_shipment_is_held_and_a_paid_one_is_not() {
         let topology = Topology::embedded().unwrap();
+        let tables = crate::tables::Tables::default();
         let ctx = Ctx {
             now: 10,
             topology: &topology,
+            tables: &tables,
             input_ref: "r",
         };
         let mut state = CustomerState::default();

@@ -4,8 +4,9 @@
 use crate::events::*;
 use crate::policy::Trigger;
 use crate::state::{evolve, CustomerState};
+use crate::tables::Tables;
 use crate::topology::Topology;
-use crate::{dedupe, ordering, policy};
+use crate::{dedupe, journey, ordering, policy};
 use sha2::{Digest, Sha256};
 
 /// What the core needs besides state and input: stream time and configuration.
@@ -14,6 +15,8 @@ pub struct Ctx<'a> {
     /// Stream time of the task (the largest occurred-at it has seen), never the wall clock.
     pub now: Millis,
     pub topology: &'a Topology,
+    /// Stock and template status, read whole by every task.
+    pub tables: &'a Tables,
     /// Where the input record sits in the log (`topic/partition/offset`): a redelivered record
     /// gets the same decision ids, a second delivery of the same fact gets new ones.
     pub input_ref: &'a str,
@@ -107,8 +110,7 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
             fact: &input.fact,
             occurred_at: input.envelope.occurred_at,
         };
-        let p = policy::decide(r.state, &r.customer_id.clone(), &t, ctx);
-        r.record(Processor::Policy, p);
+        route(&mut r, &t, ctx);
     }
     for (held_id, fact, occurred_at) in &released {
         let t = Trigger {
@@ -116,14 +118,51 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
             fact,
             occurred_at: *occurred_at,
         };
-        let p = policy::decide(r.state, &r.customer_id.clone(), &t, ctx);
-        r.record(Processor::Policy, p);
+        route(&mut r, &t, ctx);
+    }
+    // A step due at once (an order confirmation) is taken with the fact that started it.
+    while let Some(slot) = journey::next_due_step(r.state, ctx.now) {
+        let outcomes = journey::take_step(r.state, &r.customer_id.clone(), &slot, ctx);
+        if outcomes.is_empty() {
+            break;
+        }
+        r.record(Processor::Policy, outcomes);
     }
     r.out
 }
 
-/// Fires the customer's timers that are due at stream time `ctx.now`: expired holds, and
-/// deferred messages to decide again.
+/// Policy's own reading of a fact (inbound keywords, delivery failures), then every journey's.
+/// Each journey decides on the state the previous one left, so caps count what was just approved.
+fn route(r: &mut Recorder, t: &Trigger, ctx: &Ctx) {
+    let customer_id = r.customer_id.clone();
+    let own = match t.fact {
+        Fact::InboundMessageReceived(m) => {
+            policy::decide_inbound(r.state, t.event_id, m, t.occurred_at, ctx)
+        }
+        Fact::MessageStatusChanged(s) => policy::decide_status(r.state, &customer_id, s, ctx),
+        _ => vec![],
+    };
+    r.record(Processor::Policy, own);
+    for j in &ctx.topology.journeys {
+        let outcomes = journey::on_fact(r.state, &customer_id, j, t, ctx);
+        r.record(Processor::Policy, outcomes);
+    }
+}
+
+fn timer<'s>(state: &'s mut CustomerState, customer_id: &str, id: String, ctx: &Ctx) -> Recorder<'s> {
+    Recorder {
+        state,
+        customer_id: customer_id.to_string(),
+        input_event_id: id,
+        input_ref: "timer".to_string(),
+        now: ctx.now,
+        policy_version: ctx.topology.policy.version.clone(),
+        out: Vec::new(),
+    }
+}
+
+/// Fires the customer's timers that are due at stream time `ctx.now`: deferred messages to
+/// decide again, journey steps, and expired holds.
 pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Decision> {
     let mut out = Vec::new();
     let due: Vec<MessageDeferred> = state
@@ -134,18 +173,21 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
         .collect();
     for deferral in due {
         let outcomes = policy::decide_deferred(state, &deferral, ctx);
-        let mut r = Recorder {
-            state,
-            customer_id: customer_id.to_string(),
-            input_event_id: format!(
-                "timer:deferral:{}:{}",
-                deferral.planned.message_id, deferral.deferred_until
-            ),
-            input_ref: "timer".to_string(),
-            now: ctx.now,
-            policy_version: ctx.topology.policy.version.clone(),
-            out: Vec::new(),
-        };
+        let id = format!(
+            "timer:deferral:{}:{}",
+            deferral.planned.message_id, deferral.deferred_until
+        );
+        let mut r = timer(state, customer_id, id, ctx);
+        r.record(Processor::Policy, outcomes);
+        out.extend(r.out);
+    }
+    while let Some(slot) = journey::next_due_step(state, ctx.now) {
+        let steps = state.journeys.get(&slot).map_or(0, |i| i.steps_taken);
+        let outcomes = journey::take_step(state, customer_id, &slot, ctx);
+        if outcomes.is_empty() {
+            break;
+        }
+        let mut r = timer(state, customer_id, format!("timer:journey:{slot}:{steps}"), ctx);
         r.record(Processor::Policy, outcomes);
         out.extend(r.out);
     }
@@ -153,15 +195,7 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
         let Outcome::HoldExpired(h) = &outcome else {
             continue;
         };
-        let mut r = Recorder {
-            state,
-            customer_id: customer_id.to_string(),
-            input_event_id: format!("timer:hold:{}", h.event_id),
-            input_ref: "timer".to_string(),
-            now: ctx.now,
-            policy_version: ctx.topology.policy.version.clone(),
-            out: Vec::new(),
-        };
+        let mut r = timer(state, customer_id, format!("timer:hold:{}", h.event_id), ctx);
         r.record(Processor::OrderingGuard, vec![outcome]);
         out.extend(r.out);
     }

@@ -1,24 +1,17 @@
-//! Policy: decides for each trigger whether a template message may go out, and records why.
-//! Rules here: the trigger table, template catalog and locale, consent per purpose on WhatsApp,
-//! a known recipient, cancelled orders, and validated variables (never a blank price).
+//! Policy: decides whether one message may go out, on which channel, in which template and
+//! language, and when; and records why. Rules here: consent per purpose and channel with channel
+//! fallback, the template catalog with provider status, version fallback and the locale chain,
+//! validated variables (never a blank price), the customer service window, frequency caps,
+//! quiet hours, and holds for ambiguous signals. It also reads inbound messages for opt-out
+//! keywords and escalation terms. Which messages are asked for is the journeys' business.
 
 use crate::events::*;
+use crate::journey::{self, Check};
 use crate::pipeline::{deterministic_id, Ctx};
 use crate::quiet_hours::SendWindow;
-use crate::state::{ConsentEntry, CustomerState};
+use crate::state::{ConsentEntry, CustomerState, HOUR_MS as HOUR};
 use crate::topology::{Template, VariableType};
 use std::collections::BTreeMap;
-
-/// Facts that may trigger a message (the keys allowed in policy.toml's `[triggers]`).
-pub const TRIGGER_FACTS: &[&str] = &[
-    "OrderPlaced",
-    "ShipmentDispatched",
-    "ShipmentDelayed",
-    "ShipmentOutForDelivery",
-    "ShipmentDelivered",
-    "CartAbandoned",
-    "SubscriptionRenewalDue",
-];
 
 /// Where a template variable may take its value from.
 pub const VARIABLE_SOURCES: &[&str] = &[
@@ -32,6 +25,7 @@ pub const VARIABLE_SOURCES: &[&str] = &[
     "cart.first_item",
     "subscription.amount",
     "subscription.due_date",
+    "refund.amount",
 ];
 
 /// A fact that reached policy: an accepted input, or a shipment the guard released.
@@ -43,22 +37,37 @@ pub struct Trigger<'a> {
     pub occurred_at: Millis,
 }
 
-const HOUR: Millis = 3_600_000;
+/// One message a journey asks policy to decide.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// Deterministic: the same step or reaction always asks for the same id.
+    pub message_id: String,
+    pub template: &'a str,
+    pub trigger_event_id: &'a str,
+    /// The fact its variables come from (a journey step rebuilds it from state).
+    pub fact: Option<&'a Fact>,
+    /// Time to live counts from here.
+    pub since: Millis,
+    /// Journey name and instance key.
+    pub journey: (&'a str, &'a str),
+}
 
-fn suppressed(
-    t: &Trigger,
+fn suppress(
+    message_id: Option<&str>,
+    trigger_event_id: &str,
     template: &str,
     purpose: Purpose,
     reason: SuppressionReason,
     detail: String,
-) -> Vec<Outcome> {
-    vec![Outcome::MessageSuppressed(MessageSuppressed {
-        trigger_event_id: t.event_id.to_string(),
+) -> Outcome {
+    Outcome::MessageSuppressed(MessageSuppressed {
+        message_id: message_id.map(str::to_string),
+        trigger_event_id: trigger_event_id.to_string(),
         template_name: template.to_string(),
         purpose,
         reason,
         detail,
-    })]
+    })
 }
 
 /// Suppresses a message that was already planned (deferred, or timed out of its window).
@@ -67,48 +76,170 @@ fn suppressed_planned(
     reason: SuppressionReason,
     detail: String,
 ) -> Vec<Outcome> {
-    vec![Outcome::MessageSuppressed(MessageSuppressed {
-        trigger_event_id: p.trigger_event_id.clone(),
-        template_name: p.template_name.clone(),
-        purpose: p.purpose,
+    vec![suppress(
+        Some(&p.message_id),
+        &p.trigger_event_id,
+        &p.template_name,
+        p.purpose,
         reason,
         detail,
-    })]
+    )]
 }
 
-/// The customer's standing consent for a purpose on WhatsApp, or why there is none.
-fn whatsapp_consent(state: &CustomerState, purpose: Purpose) -> Result<&ConsentEntry, String> {
-    match state.consent_for(purpose, Channel::Whatsapp) {
-        Some(c) if c.granted => Ok(c),
-        Some(c) => Err(format!(
-            "{purpose:?} consent on WhatsApp revoked ({})",
-            c.artifact_id
-        )),
-        None => Err(format!("no {purpose:?} consent on WhatsApp")),
+/// The address a channel delivers to, if the customer has one on file.
+fn address(state: &CustomerState, channel: Channel) -> Option<&str> {
+    let p = &state.profile;
+    match channel {
+        Channel::Whatsapp | Channel::Sms => p.phone_e164.as_deref(),
+        Channel::Email => p.email.as_deref(),
     }
+    .filter(|a| !a.trim().is_empty())
 }
 
-/// The customer's WhatsApp number, if one is on file.
-fn whatsapp_number(state: &CustomerState) -> Option<&str> {
-    state
-        .profile
-        .phone_e164
-        .as_deref()
-        .filter(|p| !p.is_empty())
-}
-
-/// The template variant for a locale: the exact locale, else the same language. Never another
-/// language: a customer who reads Spanish is not sent English.
-fn pick_locale<'t>(variants: &'t [Template], locale: &str) -> Option<&'t Template> {
-    let approved = || {
-        variants
-            .iter()
-            .filter(|t| t.status == TemplateStatus::Approved)
+/// The first channel, in the configured order, that the customer consented to for this
+/// purpose and has an address for; or why there is none, channel by channel.
+fn choose_channel<'s>(
+    state: &'s CustomerState,
+    purpose: Purpose,
+    channels: &[Channel],
+) -> Result<(Channel, &'s ConsentEntry, &'s str), (SuppressionReason, String)> {
+    let mut why = Vec::new();
+    let mut consented_without_address = false;
+    for &channel in channels {
+        match state.consent_for(purpose, channel) {
+            Some(c) if c.granted => match address(state, channel) {
+                Some(a) => return Ok((channel, c, a)),
+                None => {
+                    consented_without_address = true;
+                    why.push(format!("{channel:?}: no address on file"));
+                }
+            },
+            Some(c) => why.push(format!("{channel:?}: consent revoked ({})", c.artifact_id)),
+            None => why.push(format!("{channel:?}: no consent")),
+        }
+    }
+    let reason = if consented_without_address {
+        SuppressionReason::NoPhone
+    } else {
+        SuppressionReason::NoConsent
     };
-    let language = locale.split(['_', '-']).next().unwrap_or(locale);
-    approved()
-        .find(|t| t.locale == locale)
-        .or_else(|| approved().find(|t| t.locale.split(['_', '-']).next() == Some(language)))
+    Err((reason, format!("{purpose:?}: {}", why.join("; "))))
+}
+
+fn language(locale: &str) -> &str {
+    locale.split(['_', '-']).next().unwrap_or(locale)
+}
+
+/// Locales to try for a customer, best first: their own, the configured chain, then any
+/// variant of the same language. Never another language.
+fn locale_candidates<'t>(variants: &'t [Template], locale: &str, ctx: &Ctx) -> Vec<&'t str> {
+    let mut out: Vec<&str> = Vec::new();
+    let mut push = |l: &'t str| {
+        if !out.contains(&l) {
+            out.push(l);
+        }
+    };
+    let chain = ctx.topology.policy.locale_fallback.get(locale);
+    let wanted = std::iter::once(locale).chain(chain.into_iter().flatten().map(String::as_str));
+    for want in wanted {
+        for t in variants.iter().filter(|t| t.locale == want) {
+            push(&t.locale);
+        }
+    }
+    for t in variants
+        .iter()
+        .filter(|t| language(&t.locale) == language(locale))
+    {
+        push(&t.locale);
+    }
+    out
+}
+
+/// The template chosen for a customer, and how it travels.
+struct Chosen<'t> {
+    template: &'t Template,
+    delivery: Delivery,
+    note: Option<String>,
+}
+
+/// Picks the template variant to send: the highest approved version in the best locale,
+/// following `fallback` templates when the provider paused or disabled it, and as a session
+/// message when nothing is approved but the customer service window is open.
+fn choose_template<'t>(
+    name: &str,
+    locale: &str,
+    state: &CustomerState,
+    ctx: &Ctx<'t>,
+) -> Result<Chosen<'t>, (SuppressionReason, String)> {
+    let catalog = &ctx.topology.catalog;
+    let Some(first) = catalog.variants(name).filter(|v| !v.is_empty()) else {
+        return Err((
+            SuppressionReason::UnknownTemplate,
+            format!("template {name} is not in the catalog"),
+        ));
+    };
+    let candidates = locale_candidates(first, locale, ctx);
+    if candidates.is_empty() {
+        return Err((
+            SuppressionReason::UnsupportedLocale,
+            format!("no {name} template in {locale} or another variant of its language"),
+        ));
+    }
+    let mut tried = Vec::new();
+    let mut current = Some(name);
+    // Follow the fallback chain (bounded: topology does not forbid cycles).
+    for _ in 0..4 {
+        let Some(n) = current else { break };
+        let variants = catalog.variants(n).unwrap_or(&[]);
+        for l in &candidates {
+            let usable = variants
+                .iter()
+                .filter(|t| &t.locale == l)
+                .filter(|t| {
+                    ctx.tables.template_status(&t.name, &t.locale, t.status)
+                        == TemplateStatus::Approved
+                })
+                .max_by_key(|t| t.version);
+            if let Some(t) = usable {
+                let note = (n != name).then(|| format!("{name} unavailable, fell back to {n}"));
+                return Ok(Chosen {
+                    template: t,
+                    delivery: Delivery::Template,
+                    note,
+                });
+            }
+        }
+        tried.push(n.to_string());
+        current = variants.first().and_then(|t| t.fallback.as_deref());
+    }
+    if let Some(until) = session_open_until(state, ctx) {
+        if let Some(t) = candidates
+            .first()
+            .and_then(|l| first.iter().find(|t| &t.locale == l))
+        {
+            return Ok(Chosen {
+                template: t,
+                delivery: Delivery::Session,
+                note: Some(format!(
+                    "no approved template ({}); customer service window open until {until}",
+                    tried.join(", ")
+                )),
+            });
+        }
+    }
+    Err((
+        SuppressionReason::TemplateUnavailable,
+        format!(
+            "no approved version of {} in {locale}, and the customer service window is closed",
+            tried.join(" or ")
+        ),
+    ))
+}
+
+/// Until when the 24-hour customer service window is open, if it is open now.
+fn session_open_until(state: &CustomerState, ctx: &Ctx) -> Option<Millis> {
+    let until = state.last_inbound_at? + ctx.topology.policy.session_window_hours * HOUR;
+    (until > ctx.now).then_some(until)
 }
 
 /// Civil date (UTC) of an instant, as `YYYY-MM-DD`.
@@ -132,30 +263,36 @@ enum Raw {
     Date(Millis),
 }
 
-fn source_value(source: &str, state: &CustomerState, fact: &Fact) -> Option<Raw> {
+fn source_value(source: &str, state: &CustomerState, fact: Option<&Fact>) -> Option<Raw> {
     let text = |s: &str| (!s.trim().is_empty()).then(|| Raw::Text(s.to_string()));
     match (source, fact) {
         ("customer.first_name", _) => state.profile.first_name.as_deref().and_then(text),
-        ("order.id", f) => f.order_id().and_then(text),
-        ("order.total", Fact::OrderPlaced(o)) => o.total.clone().map(Raw::Money),
-        ("order.total", f) => f
+        (_, None) => None,
+        ("order.id", Some(f)) => f.order_id().and_then(text),
+        ("order.total", Some(Fact::OrderPlaced(o))) => o.total.clone().map(Raw::Money),
+        ("order.total", Some(f)) => f
             .order_id()
             .and_then(|id| state.orders.get(id))
             .and_then(|o| o.total.clone())
             .map(Raw::Money),
-        ("shipment.carrier", Fact::ShipmentDispatched(s)) => text(&s.carrier),
-        ("shipment.tracking_url", Fact::ShipmentDispatched(s)) => {
+        ("shipment.carrier", Some(Fact::ShipmentDispatched(s))) => text(&s.carrier),
+        ("shipment.tracking_url", Some(Fact::ShipmentDispatched(s))) => {
             s.tracking_url.as_deref().and_then(text)
         }
-        ("shipment.new_estimated_delivery", Fact::ShipmentDelayed(s)) => {
+        ("shipment.new_estimated_delivery", Some(Fact::ShipmentDelayed(s))) => {
             Some(Raw::Date(s.new_estimated_delivery))
         }
-        ("cart.total", Fact::CartAbandoned(c)) => c.total.clone().map(Raw::Money),
-        ("cart.first_item", Fact::CartAbandoned(c)) => c.items.first().and_then(|i| text(&i.name)),
-        ("subscription.amount", Fact::SubscriptionRenewalDue(s)) => {
+        ("cart.total", Some(Fact::CartAbandoned(c))) => c.total.clone().map(Raw::Money),
+        ("cart.first_item", Some(Fact::CartAbandoned(c))) => {
+            c.items.first().and_then(|i| text(&i.name))
+        }
+        ("subscription.amount", Some(Fact::SubscriptionRenewalDue(s))) => {
             Some(Raw::Money(s.amount.clone()))
         }
-        ("subscription.due_date", Fact::SubscriptionRenewalDue(s)) => Some(Raw::Date(s.due_at)),
+        ("subscription.due_date", Some(Fact::SubscriptionRenewalDue(s))) => {
+            Some(Raw::Date(s.due_at))
+        }
+        ("refund.amount", Some(Fact::RefundIssued(r))) => Some(Raw::Money(r.amount.clone())),
         _ => None,
     }
 }
@@ -164,7 +301,7 @@ fn source_value(source: &str, state: &CustomerState, fact: &Fact) -> Option<Raw>
 fn render(
     template: &Template,
     state: &CustomerState,
-    fact: &Fact,
+    fact: Option<&Fact>,
 ) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for v in &template.variables {
@@ -187,143 +324,209 @@ fn render(
     Ok(out)
 }
 
-/// Decides whether the trigger's template message may be sent to this customer now.
-pub fn decide(
-    state: &CustomerState,
-    customer_id: &str,
-    trigger: &Trigger,
-    ctx: &Ctx,
-) -> Vec<Outcome> {
-    let Some(template_name) = ctx.topology.policy.triggers.get(trigger.fact.kind()) else {
-        return vec![];
-    };
-    let Some(variants) = ctx
-        .topology
-        .catalog
-        .variants(template_name)
-        .filter(|v| !v.is_empty())
-    else {
-        return suppressed(
-            trigger,
-            template_name,
+/// Decides one message a journey asks for.
+pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Outcome> {
+    let catalog = &ctx.topology.catalog;
+    let Some(variants) = catalog.variants(req.template).filter(|v| !v.is_empty()) else {
+        return vec![suppress(
+            Some(&req.message_id),
+            req.trigger_event_id,
+            req.template,
             Purpose::Transactional,
             SuppressionReason::UnknownTemplate,
-            format!("template {template_name} is not in the catalog"),
-        );
+            format!("template {} is not in the catalog", req.template),
+        )];
     };
-    let purpose = variants[0].purpose;
-    let t = trigger;
-    if let Some(order_id) = trigger.fact.order_id() {
-        let cancelled = state.orders.get(order_id).is_some_and(|o| o.cancelled);
-        if cancelled && !matches!(trigger.fact, Fact::OrderPlaced(_)) {
-            return suppressed(
-                t,
-                template_name,
-                purpose,
-                SuppressionReason::OrderCancelled,
-                format!("order {order_id} was cancelled"),
-            );
-        }
-    }
-    let consent = match whatsapp_consent(state, purpose) {
-        Ok(c) => c,
-        Err(detail) => {
-            return suppressed(
-                t,
-                template_name,
-                purpose,
-                SuppressionReason::NoConsent,
-                detail,
-            )
-        }
-    };
-    let Some(phone) = whatsapp_number(state) else {
-        return suppressed(
-            t,
-            template_name,
-            purpose,
-            SuppressionReason::NoPhone,
-            "no WhatsApp number on file".into(),
-        );
-    };
-    let locale = state
-        .profile
-        .locale
-        .as_deref()
-        .unwrap_or(&ctx.topology.policy.default_locale);
-    let Some(template) = pick_locale(variants, locale) else {
-        return suppressed(
-            t,
-            template_name,
-            purpose,
-            SuppressionReason::UnsupportedLocale,
-            format!("no approved {template_name} template in {locale}"),
-        );
-    };
-    let variables = match render(template, state, trigger.fact) {
-        Ok(v) => v,
-        Err(detail) => {
-            return suppressed(
-                t,
-                template_name,
-                purpose,
-                SuppressionReason::MissingVariable,
-                detail,
-            )
-        }
-    };
-    let message_id = deterministic_id(&[customer_id, trigger.event_id, template_name]);
-    if state.approved.contains(&message_id) || state.deferred.contains_key(&message_id) {
+    if state.approved.contains(&req.message_id) || state.deferred.contains_key(&req.message_id) {
         return vec![];
     }
-    let planned = MessageApproved {
-        message_id,
-        trigger_event_id: trigger.event_id.to_string(),
-        template_name: template_name.clone(),
-        template_version: template.version,
-        locale: template.locale.clone(),
-        purpose,
-        channel: Channel::Whatsapp,
-        recipient: phone.to_string(),
-        variables,
+    let head = &variants[0];
+    let refuse = |reason, detail| {
+        vec![suppress(
+            Some(&req.message_id),
+            req.trigger_event_id,
+            req.template,
+            head.purpose,
+            reason,
+            detail,
+        )]
+    };
+    let (channel, consent, recipient) =
+        match choose_channel(state, head.purpose, &ctx.topology.policy.channels) {
+            Ok(c) => c,
+            Err((reason, detail)) => return refuse(reason, detail),
+        };
+    let mut relied_on = BTreeMap::new();
+    relied_on.insert("journey_key".to_string(), req.journey.1.to_string());
+    let mut planned = MessageApproved {
+        message_id: req.message_id.clone(),
+        trigger_event_id: req.trigger_event_id.to_string(),
+        template_name: req.template.to_string(),
+        template_version: head.version,
+        locale: String::new(),
+        purpose: head.purpose,
+        channel,
+        recipient: recipient.to_string(),
+        variables: BTreeMap::new(),
         consent_artifact_id: consent.artifact_id.clone(),
         consent_granted_at: consent.changed_at,
+        category: head.category.clone(),
+        delivery: Delivery::Template,
+        journey: Some(req.journey.0.to_string()),
+        relied_on,
     };
-    let expires_at = trigger.occurred_at + template.ttl_hours * HOUR;
+    let expires_at = req.since + head.ttl_hours * HOUR;
+    let Some(locale) = state.profile.locale.as_deref().filter(|l| !l.is_empty()) else {
+        // No language is guessed: hold until the profile says, with the variables kept by
+        // source so that the template's own fallbacks apply once the locale is known.
+        return hold(planned, DeferralReason::UnknownLocale, expires_at, ctx);
+    };
+    let chosen = match choose_template(req.template, locale, state, ctx) {
+        Ok(c) => c,
+        Err((reason, detail)) => return refuse(reason, detail),
+    };
+    let variables = match render(chosen.template, state, req.fact) {
+        Ok(v) => v,
+        Err(detail) => return refuse(SuppressionReason::MissingVariable, detail),
+    };
+    planned.template_name = chosen.template.name.clone();
+    planned.template_version = chosen.template.version;
+    planned.locale = chosen.template.locale.clone();
+    planned.variables = variables;
+    planned.delivery = chosen.delivery;
+    if let Some(note) = chosen.note {
+        planned.relied_on.insert("template".into(), note);
+    }
+    match journey::check(state, req.journey.0, req.journey.1, ctx) {
+        Check::Clear(facts) => planned.relied_on.extend(facts),
+        Check::Hold(reason) => return hold(planned, reason, expires_at, ctx),
+        Check::End(outcomes) => return end_planned(&planned, outcomes),
+    }
     when_to_send(state, planned, expires_at, ctx)
 }
 
-/// Decides a deferred message again once it is due: consent and number as they are now, then
-/// the send window again (the stream may have moved into the next quiet period meanwhile).
+/// Suppressions a journey check ended with, addressed to this planned message.
+fn end_planned(planned: &MessageApproved, outcomes: Vec<Outcome>) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .map(|o| match o {
+            Outcome::MessageSuppressed(s) => suppress(
+                Some(&planned.message_id),
+                &planned.trigger_event_id,
+                &planned.template_name,
+                planned.purpose,
+                s.reason,
+                s.detail,
+            ),
+            other => other,
+        })
+        .collect()
+}
+
+/// Holds a message for an ambiguous signal, to be looked at again; dropped once stale.
+fn hold(
+    planned: MessageApproved,
+    reason: DeferralReason,
+    expires_at: Millis,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
+    let recheck = ctx.now + ctx.topology.policy.recheck_ambiguous_hours * HOUR;
+    if recheck > expires_at {
+        return suppressed_planned(
+            &planned,
+            SuppressionReason::Ambiguous,
+            format!("held for {reason:?} until it went stale"),
+        );
+    }
+    vec![Outcome::MessageDeferred(MessageDeferred {
+        reason,
+        deferred_until: recheck,
+        expires_at,
+        planned,
+    })]
+}
+
+/// Decides a deferred (or held) message again once it is due: the channel and consent as they
+/// are now, the template's status, the locale if it was unknown, the journey's guards, then the
+/// send window again.
 pub fn decide_deferred(
     state: &CustomerState,
     deferral: &MessageDeferred,
     ctx: &Ctx,
 ) -> Vec<Outcome> {
     let p = &deferral.planned;
-    let consent = match whatsapp_consent(state, p.purpose) {
-        Ok(c) => c,
-        Err(detail) => {
-            return suppressed_planned(
-                p,
-                SuppressionReason::NoConsent,
-                format!("{detail}, decided again after waiting"),
-            )
-        }
-    };
-    let Some(phone) = whatsapp_number(state) else {
-        return suppressed_planned(
-            p,
-            SuppressionReason::NoPhone,
-            "no WhatsApp number on file".into(),
-        );
-    };
-    let planned = MessageApproved {
-        recipient: phone.to_string(),
+    let (channel, consent, recipient) =
+        match choose_channel(state, p.purpose, &ctx.topology.policy.channels) {
+            Ok(c) => c,
+            Err((reason, detail)) => {
+                return suppressed_planned(p, reason, format!("{detail}, decided again after waiting"))
+            }
+        };
+    let mut planned = MessageApproved {
+        channel,
+        recipient: recipient.to_string(),
         consent_artifact_id: consent.artifact_id.clone(),
         consent_granted_at: consent.changed_at,
         ..p.clone()
     };
+    if planned.locale.is_empty() {
+        let Some(locale) = state.profile.locale.as_deref().filter(|l| !l.is_empty()) else {
+            return hold(planned, DeferralReason::UnknownLocale, deferral.expires_at, ctx);
+        };
+        let chosen = match choose_template(&p.template_name, locale, state, ctx) {
+            Ok(c) => c,
+            Err((reason, detail)) => return suppressed_planned(p, reason, detail),
+        };
+        let fact = journey::subject_fact(state, p, ctx);
+        match render(chosen.template, state, fact.as_ref()) {
+            Ok(v) => planned.variables = v,
+            Err(detail) => {
+                return suppressed_planned(p, SuppressionReason::MissingVariable, detail)
+            }
+        }
+        planned.template_name = chosen.template.name.clone();
+        planned.template_version = chosen.template.version;
+        planned.locale = chosen.template.locale.clone();
+        planned.delivery = chosen.delivery;
+    } else {
+        // The provider may have paused the template while the message waited.
+        let catalog_status = ctx
+            .topology
+            .catalog
+            .variants(&p.template_name)
+            .and_then(|v| v.iter().find(|t| t.locale == p.locale && t.version == p.template_version))
+            .map(|t| t.status)
+            .unwrap_or(TemplateStatus::Approved);
+        let status = ctx
+            .tables
+            .template_status(&p.template_name, &p.locale, catalog_status);
+        if status != TemplateStatus::Approved && p.delivery == Delivery::Template {
+            match session_open_until(state, ctx) {
+                Some(until) => {
+                    planned.delivery = Delivery::Session;
+                    planned.relied_on.insert(
+                        "template".into(),
+                        format!("{} {status:?}; customer service window open until {until}", p.template_name),
+                    );
+                }
+                None => {
+                    return suppressed_planned(
+                        p,
+                        SuppressionReason::TemplateUnavailable,
+                        format!("{} ({}) is {status:?} at the provider", p.template_name, p.locale),
+                    )
+                }
+            }
+        }
+    }
+    if let Some(name) = p.journey.as_deref() {
+        let key = p.relied_on.get("journey_key").map(String::as_str).unwrap_or("");
+        match journey::check(state, name, key, ctx) {
+            Check::Clear(facts) => planned.relied_on.extend(facts),
+            Check::Hold(reason) => return hold(planned, reason, deferral.expires_at, ctx),
+            Check::End(outcomes) => return end_planned(&planned, outcomes),
+        }
+    }
     when_to_send(state, planned, deferral.expires_at, ctx)
 }
 
@@ -332,53 +535,113 @@ fn region(state: &CustomerState) -> Option<&str> {
     state.profile.locale.as_deref()?.split(['_', '-']).nth(1)
 }
 
-/// Approves the message now, defers it to the next allowed instant in the customer's time zone,
-/// or drops it when that instant is past its time to live.
+/// When the frequency caps let one more message of this category out: `None` if now.
+fn cap_frees_at(state: &CustomerState, category: &str, ctx: &Ctx) -> Option<(Millis, String)> {
+    let mut latest: Option<(Millis, String)> = None;
+    for cap in ctx
+        .topology
+        .policy
+        .frequency_cap
+        .iter()
+        .filter(|c| c.category == category)
+    {
+        let window = cap.window_hours * HOUR;
+        let mut inside: Vec<Millis> = state
+            .recent
+            .values()
+            .filter(|r| r.message.category == category && r.approved_at > ctx.now - window)
+            .map(|r| r.approved_at)
+            .collect();
+        if inside.len() < cap.max {
+            continue;
+        }
+        inside.sort_unstable();
+        // The slot frees when enough of the oldest ones leave the window.
+        let frees = inside[inside.len() - cap.max] + window;
+        let why = format!("{} {category} in {} h", inside.len(), cap.window_hours);
+        if latest.as_ref().is_none_or(|(at, _)| frees > *at) {
+            latest = Some((frees, why));
+        }
+    }
+    latest
+}
+
+/// Approves the message now, defers it to the next allowed instant (caps, quiet hours,
+/// blackout days), or drops it when that instant is past its time to live.
 fn when_to_send(
     state: &CustomerState,
-    planned: MessageApproved,
+    mut planned: MessageApproved,
     expires_at: Millis,
     ctx: &Ctx,
 ) -> Vec<Outcome> {
     let policy = &ctx.topology.policy;
-    let stale = |reason, detail: String| suppressed_planned(&planned, reason, detail);
     if ctx.now > expires_at {
-        return stale(
-            SuppressionReason::Stale,
-            format!(
-                "decided {} h after its trigger, past the template's time to live",
-                (ctx.now - expires_at) / HOUR
-            ),
+        let detail = format!(
+            "decided {} h after its time to live ran out",
+            (ctx.now - expires_at) / HOUR
         );
+        return suppressed_planned(&planned, SuppressionReason::Stale, detail);
+    }
+    if planned.delivery == Delivery::Session {
+        match session_open_until(state, ctx) {
+            Some(until) => {
+                planned
+                    .relied_on
+                    .insert("session_window_open_until".into(), until.to_string());
+            }
+            None => {
+                return suppressed_planned(
+                    &planned,
+                    SuppressionReason::OutsideSessionWindow,
+                    "a session message needs the customer service window open".into(),
+                )
+            }
+        }
+    }
+    let defer = |planned: MessageApproved, reason, until| {
+        vec![Outcome::MessageDeferred(MessageDeferred {
+            reason,
+            deferred_until: until,
+            expires_at,
+            planned,
+        })]
+    };
+    if let Some((frees, why)) = cap_frees_at(state, &planned.category, ctx) {
+        if frees > expires_at {
+            return suppressed_planned(
+                &planned,
+                SuppressionReason::FrequencyCap,
+                format!("{why}: the cap frees a slot only after the time to live"),
+            );
+        }
+        planned.relied_on.insert("frequency_cap".into(), why);
+        return defer(planned, DeferralReason::FrequencyCap, frees);
     }
     let quiet = match &policy.quiet_hours {
         Some(q) if !q.exempt_purposes.contains(&planned.purpose) => q,
         _ => return vec![Outcome::MessageApproved(planned)],
     };
-    let defer = |reason, until| {
-        vec![Outcome::MessageDeferred(MessageDeferred {
-            reason,
-            deferred_until: until,
-            expires_at,
-            planned: planned.clone(),
-        })]
-    };
-    let zone_name = state.profile.time_zone.as_deref().unwrap_or("");
-    let Some(tz) = crate::quiet_hours::time_zone(zone_name) else {
+    let zone_name = state.profile.time_zone.clone().unwrap_or_default();
+    let Some(tz) = crate::quiet_hours::time_zone(&zone_name) else {
         // Quiet hours cannot be judged without the customer's time zone: hold, and look again.
         let recheck = ctx.now + quiet.recheck_unknown_time_zone_hours.max(1) * HOUR;
         if recheck > expires_at {
-            return stale(
+            return suppressed_planned(
+                &planned,
                 SuppressionReason::UnknownTimeZone,
                 format!("time zone '{zone_name}' unknown until the message went stale"),
             );
         }
-        return defer(DeferralReason::UnknownTimeZone, recheck);
+        return defer(planned, DeferralReason::UnknownTimeZone, recheck);
     };
     match crate::quiet_hours::next_allowed(ctx.now, &tz, region(state), quiet, &policy.blackout) {
-        SendWindow::Now => vec![Outcome::MessageApproved(planned)],
-        SendWindow::NotBefore(at, reason) if at <= expires_at => defer(reason, at),
-        SendWindow::NotBefore(at, reason) => stale(
+        SendWindow::Now => {
+            planned.relied_on.insert("time_zone".into(), zone_name);
+            vec![Outcome::MessageApproved(planned)]
+        }
+        SendWindow::NotBefore(at, reason) if at <= expires_at => defer(planned, reason, at),
+        SendWindow::NotBefore(at, reason) => suppressed_planned(
+            &planned,
             SuppressionReason::Stale,
             format!(
                 "{reason:?} in {zone_name} until {}, past the template's time to live",
@@ -386,6 +649,141 @@ fn when_to_send(
             ),
         ),
     }
+}
+
+/// Normalises an inbound message for keyword matching: trimmed of spaces and punctuation,
+/// inner spaces collapsed, upper case.
+fn normalise(text: &str) -> String {
+    text.trim_matches(|c: char| !c.is_alphanumeric())
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_uppercase()
+}
+
+/// What an inbound customer message decides: an opt-out when it is a configured keyword,
+/// else an escalation when it carries a risk or complaint term.
+pub fn decide_inbound(
+    state: &CustomerState,
+    event_id: &str,
+    inbound: &InboundMessageReceived,
+    received_at: Millis,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
+    let policy = &ctx.topology.policy;
+    let said = normalise(&inbound.text);
+    let keyword = policy
+        .opt_out
+        .keywords
+        .values()
+        .flatten()
+        .find(|k| normalise(k) == said);
+    if let Some(keyword) = keyword {
+        if policy.opt_out.purposes.is_empty() {
+            return vec![];
+        }
+        return vec![Outcome::OptedOut(OptedOut {
+            provider_message_id: if inbound.provider_message_id.is_empty() {
+                event_id.to_string()
+            } else {
+                inbound.provider_message_id.clone()
+            },
+            keyword: keyword.clone(),
+            channel: Channel::Whatsapp,
+            purposes: policy.opt_out.purposes.clone(),
+            received_at,
+        })];
+    }
+    let words: Vec<String> = inbound
+        .text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    for rule in &policy.escalation {
+        if let Some(term) = rule
+            .terms
+            .iter()
+            .find(|t| words.iter().any(|w| *w == t.to_lowercase()))
+        {
+            let open_orders = state
+                .orders
+                .iter()
+                .filter(|(_, o)| o.is_open())
+                .map(|(id, _)| id.clone())
+                .collect();
+            return vec![Outcome::EscalationRaised(EscalationRaised {
+                provider_message_id: inbound.provider_message_id.clone(),
+                category: rule.category.clone(),
+                matched_term: term.clone(),
+                text: inbound.text.clone(),
+                open_orders,
+            })];
+        }
+    }
+    vec![]
+}
+
+/// The provider error code for a message it could not deliver to that channel.
+pub const UNDELIVERABLE: i32 = 131_026;
+
+/// A message WhatsApp could not deliver goes out again on the next channel the customer
+/// consented to, with the same template, language and variables.
+pub fn decide_status(
+    state: &CustomerState,
+    customer_id: &str,
+    status: &MessageStatusChanged,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
+    if status.status != MessageStatus::Failed || status.error_code != Some(UNDELIVERABLE) {
+        return vec![];
+    }
+    let Some(sent) = status.message_id.as_ref().and_then(|id| state.recent.get(id)) else {
+        return vec![];
+    };
+    let failed = &sent.message;
+    let channels = &ctx.topology.policy.channels;
+    let after = channels
+        .iter()
+        .position(|c| *c == failed.channel)
+        .map_or(channels.len(), |i| i + 1);
+    let message_id = deterministic_id(&[customer_id, &failed.message_id, "fallback"]);
+    if state.approved.contains(&message_id) {
+        return vec![];
+    }
+    let redo = MessageApproved {
+        message_id: message_id.clone(),
+        ..failed.clone()
+    };
+    let (channel, consent, recipient) = match choose_channel(state, failed.purpose, &channels[after..]) {
+        Ok(c) => c,
+        Err((reason, detail)) => {
+            return suppressed_planned(
+                &redo,
+                reason,
+                format!("{:?} undeliverable; no fallback channel: {detail}", failed.channel),
+            )
+        }
+    };
+    let mut planned = MessageApproved {
+        channel,
+        recipient: recipient.to_string(),
+        consent_artifact_id: consent.artifact_id.clone(),
+        consent_granted_at: consent.changed_at,
+        delivery: Delivery::Template,
+        ..redo
+    };
+    planned.relied_on.insert(
+        "fallback_from".into(),
+        format!("{} on {:?} (error {UNDELIVERABLE})", failed.message_id, failed.channel),
+    );
+    let template = ctx
+        .topology
+        .catalog
+        .variants(&failed.template_name)
+        .and_then(|v| v.first());
+    let ttl = template.map_or(72, |t| t.ttl_hours);
+    when_to_send(state, planned, sent.approved_at + ttl * HOUR, ctx)
 }
 
 #[cfg(test)]
@@ -409,6 +807,13 @@ mod tests {
             artifact_id: "form-1".into(),
             changed_at: T0,
         });
+        s.orders.insert(
+            "o-1".into(),
+            OrderFacts {
+                placed: true,
+                ..OrderFacts::default()
+            },
+        );
         s
     }
 
@@ -425,17 +830,27 @@ mod tests {
 
     fn decide_on(state: &CustomerState, fact: &Fact) -> Vec<Outcome> {
         let topology = Topology::embedded().expect("embedded topology");
+        let tables = crate::tables::Tables::default();
         let ctx = Ctx {
             now: T0,
             topology: &topology,
+            tables: &tables,
             input_ref: "test/0/0",
         };
-        let trigger = Trigger {
-            event_id: "e-1",
-            fact,
-            occurred_at: T0,
+        let (template, journey) = match fact {
+            Fact::OrderPlaced(_) => ("order_confirmation", "order_updates"),
+            Fact::ShipmentDispatched(_) => ("shipment_dispatched", "order_updates"),
+            _ => ("cart_reminder", "abandoned_cart"),
         };
-        decide(state, "c-1", &trigger, &ctx)
+        let req = Request {
+            message_id: deterministic_id(&["c-1", "e-1", template]),
+            template,
+            trigger_event_id: "e-1",
+            fact: Some(fact),
+            since: T0,
+            journey: (journey, fact.order_id().unwrap_or("k-1")),
+        };
+        decide_message(state, &req, &ctx)
     }
 
     fn reason(outcomes: &[Outcome]) -> Option<SuppressionReason> {
@@ -537,7 +952,7 @@ mod tests {
                 placed: true,
                 paid: true,
                 cancelled: true,
-                total: None,
+                ..OrderFacts::default()
             },
         );
         let shipped = Fact::ShipmentDispatched(ShipmentDispatched {
@@ -563,19 +978,6 @@ mod tests {
         };
         s.approved.insert(m.message_id.clone());
         assert_eq!(decide_on(&s, &order(Some(100))), vec![]);
-    }
-
-    #[test]
-    fn facts_that_trigger_nothing_decide_nothing() {
-        let paid = Fact::PaymentCaptured(PaymentCaptured {
-            order_id: "o-1".into(),
-            payment_id: "p-1".into(),
-            amount: Money {
-                minor_units: 100,
-                currency: "EUR".into(),
-            },
-        });
-        assert_eq!(decide_on(&customer("en_US"), &paid), vec![]);
     }
 
     #[test]

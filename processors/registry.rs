@@ -458,6 +458,19 @@ impl Codec {
             .map_err(|e| DecodeError::Poison(format!("not a dispatch step: {e:#}")))
     }
 
+    /// Reads a stock level off `catalog.inventory.v1`.
+    pub async fn decode_stock(&self, bytes: Option<&[u8]>) -> Result<StockLevel, DecodeError> {
+        let v = self.decode_value("catalog.inventory.v1", bytes).await?;
+        apache_avro::from_value(&v)
+            .map_err(|e| DecodeError::Poison(format!("not a stock level: {e:#}")))
+    }
+
+    /// Encodes a stock level for `catalog.inventory.v1`.
+    pub async fn encode_stock(&self, s: &StockLevel) -> Result<Vec<u8>> {
+        let v = avro::stock_to_value(s)?;
+        self.encode("catalog.inventory.v1", v).await
+    }
+
     /// Reads a dead letter off `herald.dlq.v1`.
     pub async fn decode_dead_letter(
         &self,

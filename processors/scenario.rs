@@ -57,6 +57,28 @@ const LOCALES: &[(&str, &str, &str, u64)] = &[
     ("pt_BR", "America/Sao_Paulo", "BRL", 14),
     ("fr_FR", "Europe/Paris", "EUR", 6),
 ];
+/// What customers write in: questions, opt-out keywords, complaints.
+const INBOUND: &[&str] = &[
+    "Hi, where is my order?",
+    "Hi, where is my order?",
+    "STOP",
+    "parar",
+    "My vase arrived broken, I want a refund",
+    "I will file a chargeback",
+];
+/// Stock per SKU as the warehouse reports it; the rug is sold out.
+pub fn stock_levels() -> Vec<StockLevel> {
+    PRODUCTS
+        .iter()
+        .map(|(sku, _, _)| StockLevel {
+            sku: sku.to_string(),
+            available: if *sku == "HG-WOOL-RUG" { 0 } else { 40 },
+            // Measured at the end of the scenario's two months, so never too old to trust.
+            updated_at: EPOCH + 60 * DAY,
+            source_system: "wms".into(),
+        })
+        .collect()
+}
 const CARRIERS: &[&str] = &["DHL", "UPS", "Correos", "Loggi"];
 
 /// One record to feed: an event, or bytes that are not a Herald record at all.
@@ -184,6 +206,7 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                 // A few CRM profiles carry no time zone: marketing to them must be held.
                 time_zone: time_zone_known.then(|| tz.into()),
                 phone_e164: phone,
+                email: Some(format!("{customer}@example.com")),
             }),
         );
         let consent = |purpose, artifact: String| ConsentChange {
@@ -201,6 +224,20 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                     Purpose::Transactional,
                     format!("form-{customer}-t"),
                 )),
+            );
+        }
+        else if g.rng.chance(0.5) {
+            // Some customers only agreed to order updates by SMS: the fallback channel.
+            g.push(
+                &customer,
+                "crm",
+                t0 + 60_000,
+                Fact::ConsentGranted(ConsentChange {
+                    purpose: Purpose::Transactional,
+                    channel: Channel::Sms,
+                    source: "checkout".into(),
+                    artifact_id: format!("sms-{customer}-t"),
+                }),
             );
         }
         let marketing = g.rng.chance(0.55);
@@ -412,13 +449,14 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
             );
         }
         if g.rng.chance(0.1) {
+            let text = INBOUND[g.rng.below(INBOUND.len() as u64) as usize];
             g.push(
                 &customer,
                 "provider",
                 t0 + 5 * DAY,
                 Fact::InboundMessageReceived(InboundMessageReceived {
                     provider_message_id: format!("wamid.in-{c}"),
-                    text: "Hi, where is my order?".into(),
+                    text: text.into(),
                 }),
             );
         }

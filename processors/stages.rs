@@ -9,6 +9,7 @@ use crate::pipeline::{self, Ctx};
 use crate::provider::{CloudApiClient, SendOutcome};
 use crate::registry::{Codec, DecodeError};
 use crate::state::{evolve, CustomerState};
+use crate::tables::Tables;
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,6 +21,7 @@ use std::time::Duration;
 pub const DECISIONS: &str = "herald.decisions.v1";
 pub const DISPATCH: &str = "herald.dispatch.v1";
 pub const DLQ: &str = "herald.dlq.v1";
+pub const INVENTORY: &str = "catalog.inventory.v1";
 pub const INPUTS: [&str; 4] = [
     "oms.events.v1",
     "billing.events.v1",
@@ -153,6 +155,8 @@ struct ProcessorPartition {
     stream_time: Millis,
     next_decision_offset: i64,
     touched: BTreeSet<String>,
+    /// No customer of this partition has a timer due before this (0: look).
+    earliest_timer: Millis,
 }
 
 /// Dedupe, ordering guard and policy over the four input topics.
@@ -163,6 +167,11 @@ pub struct ProcessorStage {
     pub rt: tokio::runtime::Handle,
     pub metrics: Arc<Metrics>,
     partitions: HashMap<i32, ProcessorPartition>,
+    /// Stock and template status, read whole; shared by every partition of this stage.
+    tables: Tables,
+    /// Next offset to read per inventory partition, and when the table was last refreshed.
+    inventory_next: HashMap<i32, i64>,
+    inventory_refreshed: Option<std::time::Instant>,
 }
 
 impl ProcessorStage {
@@ -181,6 +190,9 @@ impl ProcessorStage {
             rt,
             metrics,
             partitions: HashMap::new(),
+            tables: Tables::default(),
+            inventory_next: HashMap::new(),
+            inventory_refreshed: None,
         }
     }
 
@@ -317,15 +329,20 @@ impl Stage for ProcessorStage {
             .get_mut(&p)
             .ok_or_else(|| anyhow!("partition {p} not restored"))?;
         part.stream_time = part.stream_time.max(input.envelope.occurred_at);
+        self.tables.observe(&input.fact);
         let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
         let ctx = Ctx {
             now: part.stream_time,
             topology: &self.topology,
+            tables: &self.tables,
             input_ref: &input_ref,
         };
         let customer = input.envelope.customer_id.clone();
         let state = part.customers.entry(customer.clone()).or_default();
         let decisions = pipeline::process(state, &input, &ctx);
+        if let Some(t) = state.next_timer() {
+            part.earliest_timer = part.earliest_timer.min(t);
+        }
         part.touched.insert(customer);
         self.emit(p, decisions, provenance(msg), out)
     }
@@ -333,23 +350,59 @@ impl Stage for ProcessorStage {
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
         let mut timers = Vec::new();
         for (p, part) in self.partitions.iter_mut() {
+            if part.earliest_timer > part.stream_time {
+                continue;
+            }
             let ctx = Ctx {
                 now: part.stream_time,
                 topology: &self.topology,
+                tables: &self.tables,
                 input_ref: "timer",
             };
+            let mut earliest = Millis::MAX;
             for (customer, state) in part.customers.iter_mut() {
-                if state.held.values().any(|h| h.expires_at <= ctx.now) {
+                let due = state.next_timer().is_some_and(|t| t <= ctx.now);
+                if due {
                     let ds = pipeline::tick(state, customer, &ctx);
                     if !ds.is_empty() {
                         part.touched.insert(customer.clone());
                         timers.push((*p, ds));
                     }
                 }
+                if let Some(t) = state.next_timer() {
+                    earliest = earliest.min(t);
+                }
             }
+            part.earliest_timer = earliest;
         }
         for (p, ds) in timers {
-            self.emit(p, ds, vec![("herald.timer", b"hold-expiry".to_vec())], out)?;
+            self.emit(p, ds, vec![("herald.timer", b"due".to_vec())], out)?;
+        }
+        Ok(())
+    }
+
+    fn refresh_tables(&mut self, reader: &LogReader) -> Result<()> {
+        // Once a second is fresh enough for stock levels, and keeps watermark round trips rare.
+        if self
+            .inventory_refreshed
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.inventory_refreshed = Some(std::time::Instant::now());
+        for p in 0..self.topology.partitions() {
+            let from = self.inventory_next.get(&p).copied().unwrap_or(0);
+            let (codec, rt, tables) = (&self.codec, &self.rt, &mut self.tables);
+            let next = reader.read(INVENTORY, p, from, |m| {
+                // A stock level that cannot be read is skipped, not fatal: the guard then
+                // sees no level for that SKU and holds rather than sends.
+                match rt.block_on(codec.decode_stock(m.payload())) {
+                    Ok(level) => tables.observe_stock(level),
+                    Err(e) => tracing::warn!(offset = m.offset(), error = %e, "unreadable stock level"),
+                }
+                Ok(())
+            })?;
+            self.inventory_next.insert(p, next);
         }
         Ok(())
     }

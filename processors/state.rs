@@ -5,6 +5,12 @@ use crate::events::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// One hour in milliseconds.
+pub const HOUR_MS: Millis = 3_600_000;
+/// How long approved messages are kept in state for frequency caps and channel fallback; no
+/// cap window may be longer.
+pub const RECENT_SENDS_KEPT_MS: Millis = 35 * 24 * HOUR_MS;
+
 /// The consent a customer gave or withdrew for one purpose on one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsentEntry {
@@ -23,6 +29,15 @@ pub struct Profile {
     pub locale: Option<String>,
     pub time_zone: Option<String>,
     pub phone_e164: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+/// One shipment of an order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentFacts {
+    pub skus: Vec<String>,
+    pub delivered: bool,
 }
 
 /// What Herald knows of one order.
@@ -32,6 +47,70 @@ pub struct OrderFacts {
     pub paid: bool,
     pub cancelled: bool,
     pub total: Option<Money>,
+    /// SKUs ordered.
+    #[serde(default)]
+    pub skus: Vec<String>,
+    /// Shipments by id: a split order has several.
+    #[serde(default)]
+    pub shipments: BTreeMap<String, ShipmentFacts>,
+    /// Refunded so far, in minor units of the order's currency.
+    #[serde(default)]
+    pub refunded_minor_units: i64,
+}
+
+impl OrderFacts {
+    /// Ordered SKUs that no shipment has carried yet.
+    pub fn unshipped(&self) -> Vec<&str> {
+        self.skus
+            .iter()
+            .filter(|sku| !self.shipments.values().any(|s| s.skus.contains(sku)))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Placed and not cancelled, with items still to ship or parcels still on their way.
+    pub fn is_open(&self) -> bool {
+        self.placed
+            && !self.cancelled
+            && (!self.unshipped().is_empty() || self.shipments.values().any(|s| !s.delivered))
+    }
+}
+
+/// An abandoned cart still open.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CartFacts {
+    pub items: Vec<LineItem>,
+    pub total: Option<Money>,
+}
+
+/// A subscription's next renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionFacts {
+    pub due_at: Millis,
+    pub amount: Money,
+}
+
+/// A message approved recently: frequency caps count these, channel fallback re-plans them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentSend {
+    pub approved_at: Millis,
+    pub message: MessageApproved,
+}
+
+/// One running journey instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JourneyInstance {
+    pub journey: String,
+    pub key: String,
+    pub trigger_event_id: String,
+    pub entered_at: Millis,
+    pub steps_taken: i32,
+    pub next_step_due: Option<Millis>,
+}
+
+/// The state map key of a journey instance.
+pub fn journey_slot(journey: &str, key: &str) -> String {
+    format!("{journey}/{key}")
 }
 
 /// A shipment fact held by the ordering guard until its order is paid.
@@ -62,15 +141,29 @@ pub struct CustomerState {
     pub deferred: BTreeMap<String, MessageDeferred>,
     /// Set once an erasure request was applied.
     pub erased: bool,
+    #[serde(default)]
+    pub carts: BTreeMap<String, CartFacts>,
+    #[serde(default)]
+    pub subscriptions: BTreeMap<String, SubscriptionFacts>,
+    /// When the customer last wrote to the brand: opens the customer service window.
+    #[serde(default)]
+    pub last_inbound_at: Option<Millis>,
+    /// Messages approved in the last `RECENT_SENDS_KEPT_MS`, by message id.
+    #[serde(default)]
+    pub recent: BTreeMap<String, RecentSend>,
+    /// Running journey instances, by `journey/key`.
+    #[serde(default)]
+    pub journeys: BTreeMap<String, JourneyInstance>,
 }
 
 impl CustomerState {
-    /// The earliest instant a timer of this customer is due: a hold expiring or a deferred
-    /// message to decide again.
+    /// The earliest instant a timer of this customer is due: a hold expiring, a deferred
+    /// message to decide again, or a journey step.
     pub fn next_timer(&self) -> Option<Millis> {
         let holds = self.held.values().map(|h| h.expires_at);
         let deferrals = self.deferred.values().map(|d| d.deferred_until);
-        holds.chain(deferrals).min()
+        let steps = self.journeys.values().filter_map(|j| j.next_step_due);
+        holds.chain(deferrals).chain(steps).min()
     }
 
     /// The consent currently recorded for a purpose and channel.
@@ -104,6 +197,48 @@ impl CustomerState {
                 let o = self.orders.entry(f.order_id.clone()).or_default();
                 o.placed = true;
                 o.total = f.total.clone();
+                o.skus = f.items.iter().map(|i| i.sku.clone()).collect();
+            }
+            Fact::ShipmentDispatched(f) => {
+                let o = self.orders.entry(f.order_id.clone()).or_default();
+                o.shipments.entry(f.shipment_id.clone()).or_default().skus = f.skus.clone();
+            }
+            Fact::ShipmentDelivered(f) => {
+                let o = self.orders.entry(f.order_id.clone()).or_default();
+                o.shipments.entry(f.shipment_id.clone()).or_default().delivered = true;
+            }
+            Fact::RefundIssued(f) => {
+                self.orders
+                    .entry(f.order_id.clone())
+                    .or_default()
+                    .refunded_minor_units += f.amount.minor_units;
+            }
+            Fact::CartAbandoned(f) => {
+                self.carts.insert(
+                    f.cart_id.clone(),
+                    CartFacts {
+                        items: f.items.clone(),
+                        total: f.total.clone(),
+                    },
+                );
+            }
+            Fact::CartRecovered(f) => {
+                self.carts.remove(&f.cart_id);
+            }
+            Fact::SubscriptionRenewalDue(f) => {
+                self.subscriptions.insert(
+                    f.subscription_id.clone(),
+                    SubscriptionFacts {
+                        due_at: f.due_at,
+                        amount: f.amount.clone(),
+                    },
+                );
+            }
+            Fact::SubscriptionRenewed(f) => {
+                self.subscriptions.remove(&f.subscription_id);
+            }
+            Fact::InboundMessageReceived(_) => {
+                self.last_inbound_at = Some(self.last_inbound_at.map_or(at, |t| t.max(at)));
             }
             Fact::PaymentCaptured(f) => {
                 self.orders.entry(f.order_id.clone()).or_default().paid = true;
@@ -129,6 +264,7 @@ impl CustomerState {
                 merge(&mut self.profile.locale, &p.locale);
                 merge(&mut self.profile.time_zone, &p.time_zone);
                 merge(&mut self.profile.phone_e164, &p.phone_e164);
+                merge(&mut self.profile.email, &p.email);
             }
             Fact::ErasureRequested(_) => {
                 let seen = std::mem::take(&mut self.seen);
@@ -170,18 +306,69 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
         Outcome::MessageApproved(m) => {
             state.approved.insert(m.message_id.clone());
             state.deferred.remove(&m.message_id);
+            let horizon = decision.decided_at - RECENT_SENDS_KEPT_MS;
+            state.recent.retain(|_, r| r.approved_at >= horizon);
+            state.recent.insert(
+                m.message_id.clone(),
+                RecentSend {
+                    approved_at: decision.decided_at,
+                    message: m.clone(),
+                },
+            );
         }
         Outcome::MessageDeferred(d) => {
             state
                 .deferred
                 .insert(d.planned.message_id.clone(), d.clone());
         }
-        Outcome::MessageSuppressed(m) => {
-            state.deferred.retain(|_, d| {
+        Outcome::MessageSuppressed(m) => match &m.message_id {
+            Some(id) => {
+                state.deferred.remove(id);
+            }
+            None => state.deferred.retain(|_, d| {
                 d.planned.trigger_event_id != m.trigger_event_id
                     || d.planned.template_name != m.template_name
-            });
+            }),
+        },
+        Outcome::OptedOut(o) => {
+            for purpose in &o.purposes {
+                state.set_consent(ConsentEntry {
+                    purpose: *purpose,
+                    channel: o.channel,
+                    granted: false,
+                    source: format!("inbound keyword {}", o.keyword),
+                    artifact_id: o.provider_message_id.clone(),
+                    changed_at: o.received_at,
+                });
+            }
         }
-        Outcome::DuplicateIgnored(_) => {}
+        Outcome::JourneyEntered(j) => {
+            state.journeys.insert(
+                journey_slot(&j.journey, &j.journey_key),
+                JourneyInstance {
+                    journey: j.journey.clone(),
+                    key: j.journey_key.clone(),
+                    trigger_event_id: j.trigger_event_id.clone(),
+                    entered_at: j.entered_at,
+                    steps_taken: 0,
+                    next_step_due: j.next_step_due,
+                },
+            );
+        }
+        Outcome::JourneyAdvanced(j) => {
+            if let Some(i) = state
+                .journeys
+                .get_mut(&journey_slot(&j.journey, &j.journey_key))
+            {
+                i.steps_taken = j.steps_taken;
+                i.next_step_due = j.next_step_due;
+            }
+        }
+        Outcome::JourneyExited(j) => {
+            state
+                .journeys
+                .remove(&journey_slot(&j.journey, &j.journey_key));
+        }
+        Outcome::DuplicateIgnored(_) | Outcome::MessageHeldOut(_) | Outcome::EscalationRaised(_) => {}
     }
 }

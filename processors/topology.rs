@@ -1,7 +1,7 @@
 //! Herald's configuration as data: topics, the template catalog and policy settings, read from
 //! `topology/` (or the copy embedded in the binary), validated, with errors that name the key.
 
-use crate::events::{Purpose, TemplateStatus};
+use crate::events::{Channel, Purpose, TemplateStatus};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -12,6 +12,26 @@ pub const EMBEDDED: &[(&str, &str)] = &[
     ("topics.toml", include_str!("../topology/topics.toml")),
     ("templates.toml", include_str!("../topology/templates.toml")),
     ("policy.toml", include_str!("../topology/policy.toml")),
+];
+
+/// The embedded journeys (`topology/journeys/*.toml`).
+pub const EMBEDDED_JOURNEYS: &[(&str, &str)] = &[
+    (
+        "abandoned_cart.toml",
+        include_str!("../topology/journeys/abandoned_cart.toml"),
+    ),
+    (
+        "order_updates.toml",
+        include_str!("../topology/journeys/order_updates.toml"),
+    ),
+    (
+        "re_engagement.toml",
+        include_str!("../topology/journeys/re_engagement.toml"),
+    ),
+    (
+        "subscription_renewal.toml",
+        include_str!("../topology/journeys/subscription_renewal.toml"),
+    ),
 ];
 
 /// One topic as declared in topics.toml.
@@ -82,6 +102,10 @@ pub struct Template {
     /// drops it as stale.
     #[serde(default = "default_ttl_hours")]
     pub ttl_hours: i64,
+    /// Another template (by name) to use when this one is paused, disabled or rejected at the
+    /// provider.
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 fn default_ttl_hours() -> i64 {
@@ -161,6 +185,37 @@ impl TemplateCatalog {
     }
 }
 
+/// A rolling cap on messages of one template category per customer (`[[frequency_cap]]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCap {
+    /// Template category counted (MARKETING, UTILITY...).
+    pub category: String,
+    /// Most messages approved inside any window.
+    pub max: usize,
+    pub window_hours: i64,
+}
+
+/// Inbound keywords that withdraw consent (`[opt_out]`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptOut {
+    /// Purposes a keyword withdraws on the channel it arrives on.
+    pub purposes: Vec<Purpose>,
+    /// Keywords by language (`en`, `es`, `pt`); matched on the whole message, ignoring case.
+    pub keywords: BTreeMap<String, Vec<String>>,
+}
+
+/// Inbound terms that raise an escalation for the agent desk (`[[escalation]]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationRule {
+    /// `complaint`, `risk`...: where the agent desk routes it.
+    pub category: String,
+    /// Matched as whole words, ignoring case.
+    pub terms: Vec<String>,
+}
+
 /// Policy settings from policy.toml.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -169,9 +224,25 @@ pub struct PolicySettings {
     pub version: String,
     pub dedupe_window_hours: i64,
     pub payment_hold_timeout_hours: i64,
-    pub default_locale: String,
-    /// Which fact triggers which template.
-    pub triggers: BTreeMap<String, String>,
+    /// Channels in the order they are tried: a message goes out on the first one the customer
+    /// consented to for its purpose and has an address for.
+    pub channels: Vec<Channel>,
+    /// Locales to try, in order, when a template has no variant in the customer's own locale;
+    /// each must be the same language.
+    #[serde(default)]
+    pub locale_fallback: BTreeMap<String, Vec<String>>,
+    /// How often a message held for an ambiguous signal (locale, inventory, order facts) looks again.
+    pub recheck_ambiguous_hours: i64,
+    /// Hours a customer's inbound message keeps the customer service window open.
+    pub session_window_hours: i64,
+    /// A stock level older than this is not trusted by a journey guard.
+    pub inventory_max_age_hours: i64,
+    #[serde(default)]
+    pub frequency_cap: Vec<FrequencyCap>,
+    #[serde(default)]
+    pub opt_out: OptOut,
+    #[serde(default)]
+    pub escalation: Vec<EscalationRule>,
     /// No quiet hours when absent.
     #[serde(default)]
     pub quiet_hours: Option<QuietHours>,
@@ -180,12 +251,110 @@ pub struct PolicySettings {
     pub blackout: Vec<Blackout>,
 }
 
+/// What one journey instance is about: facts with this key kind address it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum JourneyKey {
+    /// One instance per order (order_id).
+    Order,
+    /// One instance per cart (cart_id).
+    Cart,
+    /// One instance per subscription (subscription_id).
+    Subscription,
+    /// One instance per customer.
+    Customer,
+}
+
+/// A named condition checked before every message of a journey.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Guard {
+    /// Every item of the cart is in stock, by a stock level recent enough to trust. Out of
+    /// stock ends the journey; a missing or old level holds the message.
+    CartInStock,
+}
+
+/// A timed step: a template sent some time after the previous step (or the entry).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JourneyStep {
+    pub template: String,
+    /// Hours after the previous step (or the entry) it is due.
+    #[serde(default)]
+    pub after_hours: f64,
+    /// Instead of `after_hours`: this many hours before the subscription's due date.
+    #[serde(default)]
+    pub before_due_hours: Option<f64>,
+    /// Times the step repeats while the journey goes on (an ignored nudge is sent again).
+    #[serde(default)]
+    pub repeat: u32,
+    /// Each repeat waits this many times longer than the one before (exponential backoff).
+    #[serde(default = "one")]
+    pub backoff: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A message sent when a fact about an active instance arrives (e.g. a shipment of the order).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JourneyReaction {
+    pub fact: String,
+    pub template: String,
+    /// Used instead when the fact covers only part of the order (a split shipment, a partial refund).
+    #[serde(default)]
+    pub partial_template: Option<String>,
+}
+
+/// A journey: a state machine of messages, declared in `topology/journeys/<name>.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Journey {
+    pub name: String,
+    pub description: String,
+    /// The fact that starts an instance.
+    pub entry: String,
+    pub key: JourneyKey,
+    /// Facts that end the instance with their key, or every instance when they carry another key.
+    #[serde(default)]
+    pub exit_on: Vec<String>,
+    /// Share of customers (0-100) held out of the journey, for incrementality reporting.
+    #[serde(default)]
+    pub holdout_percent: f64,
+    #[serde(default)]
+    pub guards: Vec<Guard>,
+    #[serde(default, rename = "step")]
+    pub steps: Vec<JourneyStep>,
+    #[serde(default, rename = "on")]
+    pub reactions: Vec<JourneyReaction>,
+}
+
+impl Journey {
+    /// The timed step taken as the `n`-th (repeats counted), and how long after the previous
+    /// one it is due; `None` once every step is taken.
+    pub fn step_at(&self, n: usize) -> Option<(&JourneyStep, f64)> {
+        let mut left = n;
+        for step in &self.steps {
+            let times = step.repeat as usize + 1;
+            if left < times {
+                return Some((step, step.after_hours * step.backoff.powi(left as i32)));
+            }
+            left -= times;
+        }
+        None
+    }
+}
+
 /// Everything the pure core needs to decide, loaded once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     pub topics: Vec<TopicSpec>,
     pub catalog: TemplateCatalog,
     pub policy: PolicySettings,
+    /// Journeys by name order.
+    pub journeys: Vec<Journey>,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(file: &str, text: &str) -> Result<T> {
@@ -209,21 +378,51 @@ impl Topology {
         )
     }
 
-    /// Reads `topics.toml`, `templates.toml` and `policy.toml` from a directory.
+    /// Reads `topics.toml`, `templates.toml`, `policy.toml` and `journeys/*.toml` from a directory.
     pub fn load(dir: &Path) -> Result<Self> {
-        let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f))
-                .with_context(|| format!("cannot read {}", dir.join(f).display()))
+        let read = |f: &Path| {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))
         };
-        Self::from_texts(
-            &read("topics.toml")?,
-            &read("templates.toml")?,
-            &read("policy.toml")?,
+        let journeys_dir = dir.join("journeys");
+        let mut journeys = Vec::new();
+        if journeys_dir.is_dir() {
+            let entries = std::fs::read_dir(&journeys_dir)
+                .with_context(|| format!("cannot list {}", journeys_dir.display()))?;
+            for entry in entries {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    journeys.push((name, read(&path)?));
+                }
+            }
+        }
+        Self::from_parts(
+            &read(&dir.join("topics.toml"))?,
+            &read(&dir.join("templates.toml"))?,
+            &read(&dir.join("policy.toml"))?,
+            &journeys,
         )
     }
 
-    /// Parses and validates the three files.
+    /// Parses and validates the three files, with the embedded journeys.
     pub fn from_texts(topics: &str, templates: &str, policy: &str) -> Result<Self> {
+        let journeys: Vec<(String, String)> = EMBEDDED_JOURNEYS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        Self::from_parts(topics, templates, policy, &journeys)
+    }
+
+    /// Parses and validates the files; `journeys` are (file name, text) pairs.
+    pub fn from_parts(
+        topics: &str,
+        templates: &str,
+        policy: &str,
+        journeys: &[(String, String)],
+    ) -> Result<Self> {
         let topics: TopicsFile = parse("topics.toml", topics)?;
         let templates: TemplatesFile = parse("templates.toml", templates)?;
         let policy: PolicySettings = parse("policy.toml", policy)?;
@@ -231,13 +430,25 @@ impl Topology {
         for t in templates.template {
             catalog.templates.entry(t.name.clone()).or_default().push(t);
         }
+        let mut parsed = Vec::new();
+        for (file, text) in journeys {
+            let j: Journey = parse(&format!("journeys/{file}"), text)?;
+            parsed.push(j);
+        }
+        parsed.sort_by(|a, b| a.name.cmp(&b.name));
         let topo = Topology {
             topics: topics.topic,
             catalog,
             policy,
+            journeys: parsed,
         };
         topo.validate()?;
         Ok(topo)
+    }
+
+    /// The journey of that name.
+    pub fn journey(&self, name: &str) -> Option<&Journey> {
+        self.journeys.iter().find(|j| j.name == name)
     }
 
     fn validate(&self) -> Result<()> {
@@ -261,16 +472,8 @@ impl Topology {
         if partitions.windows(2).any(|w| w[0] != w[1]) {
             bail!("topology/topics.toml: all topics must have the same partition count (co-partitioning)");
         }
-        for (fact, template) in &self.policy.triggers {
-            if !crate::policy::TRIGGER_FACTS.contains(&fact.as_str()) {
-                bail!(
-                    "topology/policy.toml: triggers.{fact}: not a fact that can trigger a message"
-                );
-            }
-            if self.catalog.variants(template).is_none() {
-                bail!("topology/policy.toml: triggers.{fact}: template '{template}' is not in templates.toml");
-            }
-        }
+        self.validate_journeys()?;
+        self.validate_policy()?;
         for (name, variants) in &self.catalog.templates {
             for t in variants {
                 for v in &t.variables {
@@ -281,6 +484,11 @@ impl Topology {
                             v.name,
                             v.source
                         );
+                    }
+                    if let Some(f) = &t.fallback {
+                        if self.catalog.variants(f).is_none() {
+                            bail!("topology/templates.toml: template {name} ({}): fallback '{f}' is not in templates.toml", t.locale);
+                        }
                     }
                     if v.kind == VariableType::Money && v.fallback.is_some() {
                         bail!(
@@ -297,6 +505,89 @@ impl Topology {
         }
         if self.policy.payment_hold_timeout_hours <= 0 {
             bail!("topology/policy.toml: payment_hold_timeout_hours must be > 0");
+        }
+        Ok(())
+    }
+
+    fn validate_journeys(&self) -> Result<()> {
+        let mut names = std::collections::BTreeSet::new();
+        for j in &self.journeys {
+            let at = format!("topology/journeys/{}.toml", j.name);
+            if !names.insert(&j.name) {
+                bail!("{at}: name: a second journey is called '{}'", j.name);
+            }
+            let known = |f: &str| crate::journey::FACT_KINDS.contains(&f);
+            if !known(&j.entry) {
+                bail!("{at}: entry: '{}' is not a fact", j.entry);
+            }
+            for f in &j.exit_on {
+                if !known(f) {
+                    bail!("{at}: exit_on: '{f}' is not a fact");
+                }
+            }
+            if !(0.0..=100.0).contains(&j.holdout_percent) {
+                bail!("{at}: holdout_percent must be between 0 and 100");
+            }
+            if j.steps.is_empty() && j.reactions.is_empty() {
+                bail!("{at}: a journey needs at least one [[step]] or [[on]]");
+            }
+            let template = |key: &str, t: &str| {
+                if self.catalog.variants(t).is_none() {
+                    bail!("{at}: {key}: template '{t}' is not in templates.toml");
+                }
+                Ok(())
+            };
+            for s in &j.steps {
+                template("step.template", &s.template)?;
+                if s.after_hours < 0.0 || s.backoff < 1.0 {
+                    bail!("{at}: step {}: after_hours must be >= 0 and backoff >= 1", s.template);
+                }
+                if s.before_due_hours.is_some() && j.key != JourneyKey::Subscription {
+                    bail!("{at}: step {}: before_due_hours needs key = \"subscription\"", s.template);
+                }
+            }
+            for r in &j.reactions {
+                if !known(&r.fact) {
+                    bail!("{at}: on.fact: '{}' is not a fact", r.fact);
+                }
+                template("on.template", &r.template)?;
+                if let Some(p) = &r.partial_template {
+                    template("on.partial_template", p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_policy(&self) -> Result<()> {
+        let p = &self.policy;
+        if p.channels.is_empty() {
+            bail!("topology/policy.toml: channels: list at least one channel");
+        }
+        for (locale, chain) in &p.locale_fallback {
+            let language = |l: &str| l.split(['_', '-']).next().unwrap_or("").to_string();
+            for l in chain {
+                if language(l) != language(locale) {
+                    bail!("topology/policy.toml: locale_fallback.{locale}: '{l}' is another language; a message is never sent in the wrong language");
+                }
+            }
+        }
+        for c in &p.frequency_cap {
+            if c.max == 0 || c.window_hours <= 0 {
+                bail!("topology/policy.toml: frequency_cap ({}): max and window_hours must be > 0", c.category);
+            }
+            if c.window_hours * crate::state::HOUR_MS > crate::state::RECENT_SENDS_KEPT_MS {
+                bail!("topology/policy.toml: frequency_cap ({}): window_hours is longer than the {} days of sends kept in state", c.category, crate::state::RECENT_SENDS_KEPT_MS / (24 * crate::state::HOUR_MS));
+            }
+        }
+        for (key, v) in [
+            ("recheck_ambiguous_hours", p.recheck_ambiguous_hours),
+            ("session_window_hours", p.session_window_hours),
+            ("inventory_max_age_hours", p.inventory_max_age_hours),
+        ] {
+            if v <= 0 {
+                bail!("topology/policy.toml: {key} must be > 0");
+            }
         }
         Ok(())
     }

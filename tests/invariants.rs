@@ -12,6 +12,7 @@ use herald::events::*;
 use herald::pipeline::{self, Ctx};
 use herald::scenario::{self, FeedItem};
 use herald::state::CustomerState;
+use herald::tables::Tables;
 use herald::topology::Topology;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -26,6 +27,7 @@ struct Task {
     now: Millis,
     states: BTreeMap<String, CustomerState>,
     since_tick: usize,
+    tables: Option<Tables>,
 }
 
 const TICK_EVERY: usize = 50;
@@ -64,9 +66,18 @@ fn run_observed(
             .entry(partition_of(&e.envelope.customer_id))
             .or_default();
         task.now = task.now.max(e.envelope.occurred_at);
+        let tables = task.tables.get_or_insert_with(|| {
+            let mut t = Tables::default();
+            scenario::stock_levels()
+                .into_iter()
+                .for_each(|l| t.observe_stock(l));
+            t
+        });
+        tables.observe(&e.fact);
         let ctx = Ctx {
             now: task.now,
             topology,
+            tables,
             input_ref,
         };
         let state = task
@@ -103,34 +114,45 @@ fn inputs_of(seed: u64) -> Vec<(String, InputEvent)> {
         .collect()
 }
 
-/// Consent on WhatsApp per customer and purpose as the scenario's facts say, latest by the time
-/// it happened; at the same instant a revocation wins.
+/// Consent per customer, purpose and channel as the scenario's facts say, latest by the time
+/// it happened (at the same instant a revocation wins); an inbound message that is exactly one
+/// of policy.toml's opt-out keywords withdraws its purposes on WhatsApp.
 #[derive(Default)]
-struct ConsentTruth(HashMap<(String, Purpose), (Millis, bool)>);
+struct ConsentTruth(HashMap<(String, Purpose, Channel), (Millis, bool)>);
 
 impl ConsentTruth {
-    fn learn(&mut self, e: &InputEvent) {
-        let (c, granted) = match &e.fact {
-            Fact::ConsentGranted(c) => (c, true),
-            Fact::ConsentRevoked(c) => (c, false),
-            _ => return,
-        };
-        if c.channel != Channel::Whatsapp {
-            return;
-        }
-        let at = e.envelope.occurred_at;
+    fn set(&mut self, customer: &str, purpose: Purpose, channel: Channel, at: Millis, granted: bool) {
         let slot = self
             .0
-            .entry((e.envelope.customer_id.clone(), c.purpose))
+            .entry((customer.to_string(), purpose, channel))
             .or_insert((at, granted));
         if (at, !granted) >= (slot.0, !slot.1) {
             *slot = (at, granted);
         }
     }
 
-    fn granted(&self, customer: &str, purpose: Purpose) -> bool {
+    fn learn(&mut self, e: &InputEvent, topology: &Topology) {
+        let at = e.envelope.occurred_at;
+        let customer = &e.envelope.customer_id;
+        match &e.fact {
+            Fact::ConsentGranted(c) => self.set(customer, c.purpose, c.channel, at, true),
+            Fact::ConsentRevoked(c) => self.set(customer, c.purpose, c.channel, at, false),
+            Fact::InboundMessageReceived(m) => {
+                let said = m.text.trim().to_uppercase();
+                let opt_out = &topology.policy.opt_out;
+                if opt_out.keywords.values().flatten().any(|k| k.to_uppercase() == said) {
+                    for p in &opt_out.purposes {
+                        self.set(customer, *p, Channel::Whatsapp, at, false);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn granted(&self, customer: &str, purpose: Purpose, channel: Channel) -> bool {
         self.0
-            .get(&(customer.to_string(), purpose))
+            .get(&(customer.to_string(), purpose, channel))
             .is_some_and(|(_, g)| *g)
     }
 }
@@ -146,16 +168,17 @@ fn no_message_is_approved_without_consent() {
         run_observed(
             &inputs,
             &topology,
-            |e| truth.borrow_mut().learn(e),
+            |e| truth.borrow_mut().learn(e, &topology),
             |d| {
                 if let Outcome::MessageApproved(m) = &d.outcome {
                     approvals += 1;
                     assert!(
-                        truth.borrow().granted(&d.customer_id, m.purpose),
-                        "seed {seed}: {} approved for {} without {:?} consent",
+                        truth.borrow().granted(&d.customer_id, m.purpose, m.channel),
+                        "seed {seed}: {} approved for {} without {:?} consent on {:?}",
                         m.template_name,
                         d.customer_id,
-                        m.purpose
+                        m.purpose,
+                        m.channel
                     );
                 }
             },
@@ -205,6 +228,52 @@ fn no_marketing_is_approved_in_quiet_hours_or_without_a_known_time_zone() {
         daytime > 100 && deferred > 100,
         "both paths exercised: {daytime} sent, {deferred} deferred"
     );
+}
+
+/// No customer gets more messages of a category than any configured rolling cap allows, in any
+/// window, counted from the approvals themselves.
+#[test]
+fn frequency_caps_are_never_exceeded() {
+    let topology = Topology::embedded().unwrap();
+    assert!(!topology.policy.frequency_cap.is_empty());
+    let mut capped = 0;
+    for seed in SEEDS {
+        let r = run(&inputs_of(seed), &topology);
+        let mut sent: HashMap<(&str, &str), Vec<Millis>> = HashMap::new();
+        for d in &r.decisions {
+            match &d.outcome {
+                Outcome::MessageApproved(m) => sent
+                    .entry((&d.customer_id, &m.category))
+                    .or_default()
+                    .push(d.decided_at),
+                Outcome::MessageDeferred(x) if x.reason == DeferralReason::FrequencyCap => {
+                    capped += 1
+                }
+                Outcome::MessageSuppressed(x) if x.reason == SuppressionReason::FrequencyCap => {
+                    capped += 1
+                }
+                _ => {}
+            }
+        }
+        for cap in &topology.policy.frequency_cap {
+            let window = cap.window_hours * 3_600_000;
+            for ((customer, category), times) in &sent {
+                if *category != cap.category {
+                    continue;
+                }
+                for (i, start) in times.iter().enumerate() {
+                    let inside = times[i..].iter().take_while(|t| **t < start + window).count();
+                    assert!(
+                        inside <= cap.max,
+                        "seed {seed}: {customer} got {inside} {category} messages within {} h of {start} (cap {})",
+                        cap.window_hours,
+                        cap.max
+                    );
+                }
+            }
+        }
+    }
+    assert!(capped > 0, "the scenarios must run into a cap at least once");
 }
 
 #[test]

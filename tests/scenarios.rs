@@ -5,6 +5,7 @@
 use herald::events::*;
 use herald::pipeline::{self, Ctx};
 use herald::state::CustomerState;
+use herald::tables::Tables;
 use herald::topology::Topology;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -15,6 +16,10 @@ const EPOCH: Millis = 1_793_491_200_000; // 2026-11-01T00:00:00Z
 #[serde(deny_unknown_fields)]
 struct Scenario {
     description: String,
+    /// Stock levels (SKU -> units) the warehouse reports afresh at every step, unless a step
+    /// reports that SKU otherwise; absent, the inventory table is empty (unknown stock).
+    #[serde(default)]
+    stock: BTreeMap<String, i32>,
     steps: Vec<Step>,
     expect: Vec<String>,
 }
@@ -29,6 +34,8 @@ struct Step {
     #[serde(default = "default_customer")]
     customer: String,
     fact: Option<Fact>,
+    /// Stock levels (SKU -> units available) the warehouse reports at this step.
+    stock: Option<BTreeMap<String, i32>>,
 }
 
 fn default_customer() -> String {
@@ -38,7 +45,21 @@ fn default_customer() -> String {
 fn summary(d: &Decision) -> Option<String> {
     Some(match &d.outcome {
         Outcome::EventAccepted(_) => return None,
-        Outcome::MessageApproved(m) => format!("MessageApproved:{}:{}", m.template_name, m.locale),
+        Outcome::MessageApproved(m) => {
+            let mut s = format!("MessageApproved:{}:{}", m.template_name, m.locale);
+            if m.channel != Channel::Whatsapp {
+                s += &format!(":{:?}", m.channel);
+            }
+            if m.delivery == Delivery::Session {
+                s += ":Session";
+            }
+            s
+        }
+        Outcome::JourneyEntered(_) | Outcome::JourneyAdvanced(_) => return None,
+        Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),
+        Outcome::MessageHeldOut(h) => format!("MessageHeldOut:{}", h.journey),
+        Outcome::OptedOut(o) => format!("OptedOut:{}", o.keyword),
+        Outcome::EscalationRaised(e) => format!("EscalationRaised:{}:{}", e.category, e.matched_term),
         Outcome::MessageSuppressed(s) => {
             format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason)
         }
@@ -56,13 +77,28 @@ fn run(
     let mut states: BTreeMap<String, CustomerState> = BTreeMap::new();
     let mut all = Vec::new();
     let mut now = 0;
+    let mut tables = Tables::default();
+    let mut stock = s.stock.clone();
     for (i, step) in s.steps.iter().enumerate() {
         let at = EPOCH + (step.at_h * 3_600_000.0) as i64;
         now = now.max(at);
         let input_ref = format!("step/{i}");
+        stock.extend(step.stock.clone().unwrap_or_default());
+        for (sku, available) in &stock {
+            tables.observe_stock(StockLevel {
+                sku: sku.clone(),
+                available: *available,
+                updated_at: at,
+                source_system: "scenario".into(),
+            });
+        }
+        if let Some(f) = &step.fact {
+            tables.observe(f);
+        }
         let ctx = Ctx {
             now,
             topology,
+            tables: &tables,
             input_ref: &input_ref,
         };
         let state = states.entry(step.customer.clone()).or_default();
