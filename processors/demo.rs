@@ -232,14 +232,18 @@ pub fn independent_checks(
         let FeedItem::Event(e) = item else { continue };
         let c = e.envelope.customer_id.as_str();
         match &e.fact {
-            Fact::ConsentGranted(x) => timeline
-                .entry(c)
-                .or_default()
-                .push((e.envelope.occurred_at, x.purpose, x.channel, true)),
-            Fact::ConsentRevoked(x) => timeline
-                .entry(c)
-                .or_default()
-                .push((e.envelope.occurred_at, x.purpose, x.channel, false)),
+            Fact::ConsentGranted(x) => timeline.entry(c).or_default().push((
+                e.envelope.occurred_at,
+                x.purpose,
+                x.channel,
+                true,
+            )),
+            Fact::ConsentRevoked(x) => timeline.entry(c).or_default().push((
+                e.envelope.occurred_at,
+                x.purpose,
+                x.channel,
+                false,
+            )),
             _ => {}
         }
         // Reactions: one message per fact and template.
@@ -253,7 +257,11 @@ pub fn independent_checks(
         }
         // Timed steps: one message per journey instance and step, judged at the step's due
         // time as the journey file schedules it.
-        for j in topology.journeys.iter().filter(|j| j.entry == e.fact.kind()) {
+        for j in topology
+            .journeys
+            .iter()
+            .filter(|j| j.entry == e.fact.kind())
+        {
             let Some(key) = crate::journey::key_of(j.key, &e.fact, c) else {
                 continue;
             };

@@ -485,7 +485,9 @@ pub enum DeferralReason {
 
 /// How an approved message travels: as a pre-approved template, or as a free-form session
 /// message, which the provider accepts only inside the 24-hour customer service window.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Delivery {
     #[default]

@@ -47,9 +47,7 @@ pub fn key_of(kind: JourneyKey, fact: &Fact, customer_id: &str) -> Option<String
         (JourneyKey::Subscription, Fact::SubscriptionRenewalDue(s)) => {
             Some(s.subscription_id.clone())
         }
-        (JourneyKey::Subscription, Fact::SubscriptionRenewed(s)) => {
-            Some(s.subscription_id.clone())
-        }
+        (JourneyKey::Subscription, Fact::SubscriptionRenewed(s)) => Some(s.subscription_id.clone()),
         _ => None,
     }
 }
@@ -121,8 +119,7 @@ pub fn check(state: &CustomerState, name: &str, key: &str, ctx: &Ctx) -> Check {
                         format!("cart {key} is no longer open"),
                     )]);
                 };
-                let fresh_since =
-                    ctx.now - ctx.topology.policy.inventory_max_age_hours * HOUR;
+                let fresh_since = ctx.now - ctx.topology.policy.inventory_max_age_hours * HOUR;
                 for item in &cart.items {
                     match ctx.tables.stock(&item.sku, fresh_since) {
                         Stock::InStock(n) => {
@@ -261,7 +258,11 @@ pub fn on_fact(
 ) -> Vec<Outcome> {
     let kind = trigger.fact.kind();
     let own_key = key_of(journey.key, trigger.fact, customer_id);
-    let running = |key: &str| state.journeys.contains_key(&journey_slot(&journey.name, key));
+    let running = |key: &str| {
+        state
+            .journeys
+            .contains_key(&journey_slot(&journey.name, key))
+    };
     if journey.exit_on.iter().any(|f| f == kind) {
         // A fact with this journey's kind of key ends that instance; any other ends them all.
         let keys: Vec<String> = state
@@ -298,7 +299,10 @@ pub fn on_fact(
     let Some(key) = own_key else { return out };
     for reaction in journey.reactions.iter().filter(|r| r.fact == kind) {
         let order_unresolved = journey.key == JourneyKey::Order
-            && state.orders.get(&key).is_none_or(|o| o.cancelled || !o.placed);
+            && state
+                .orders
+                .get(&key)
+                .is_none_or(|o| o.cancelled || !o.placed);
         // A finished instance answers nothing more; an order not yet seen is held, not guessed.
         if !running(&key) && !order_unresolved {
             continue;
@@ -342,12 +346,7 @@ pub fn next_due_step(state: &CustomerState, now: Millis) -> Option<String> {
 
 /// Takes the due step of one instance: its message (decided by policy), then the schedule of
 /// the next step, or the journey's end.
-pub fn take_step(
-    state: &CustomerState,
-    customer_id: &str,
-    slot: &str,
-    ctx: &Ctx,
-) -> Vec<Outcome> {
+pub fn take_step(state: &CustomerState, customer_id: &str, slot: &str, ctx: &Ctx) -> Vec<Outcome> {
     let Some(inst) = state.journeys.get(slot) else {
         return vec![];
     };
@@ -388,12 +387,14 @@ pub fn take_step(
             next_step_due: Some(next),
         })),
         // A journey that still answers facts stays until its exit; one that only had steps ends.
-        None if !journey.reactions.is_empty() => out.push(Outcome::JourneyAdvanced(JourneyAdvanced {
-            journey: journey.name.clone(),
-            journey_key: inst.key.clone(),
-            steps_taken: n as i32 + 1,
-            next_step_due: None,
-        })),
+        None if !journey.reactions.is_empty() => {
+            out.push(Outcome::JourneyAdvanced(JourneyAdvanced {
+                journey: journey.name.clone(),
+                journey_key: inst.key.clone(),
+                steps_taken: n as i32 + 1,
+                next_step_due: None,
+            }))
+        }
         None => out.push(exited("COMPLETED")),
     }
     out

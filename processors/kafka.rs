@@ -712,7 +712,9 @@ fn run_batch<S: Stage>(
     }
     let mut out = Outbox::default();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    stage.refresh_tables(reader).map_err(BatchError::Abortable)?;
+    stage
+        .refresh_tables(reader)
+        .map_err(BatchError::Abortable)?;
     for msg in batch {
         if !stage.owns(msg.partition()) {
             stage

@@ -149,7 +149,12 @@ fn route(r: &mut Recorder, t: &Trigger, ctx: &Ctx) {
     }
 }
 
-fn timer<'s>(state: &'s mut CustomerState, customer_id: &str, id: String, ctx: &Ctx) -> Recorder<'s> {
+fn timer<'s>(
+    state: &'s mut CustomerState,
+    customer_id: &str,
+    id: String,
+    ctx: &Ctx,
+) -> Recorder<'s> {
     Recorder {
         state,
         customer_id: customer_id.to_string(),
@@ -187,7 +192,12 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
         if outcomes.is_empty() {
             break;
         }
-        let mut r = timer(state, customer_id, format!("timer:journey:{slot}:{steps}"), ctx);
+        let mut r = timer(
+            state,
+            customer_id,
+            format!("timer:journey:{slot}:{steps}"),
+            ctx,
+        );
         r.record(Processor::Policy, outcomes);
         out.extend(r.out);
     }
@@ -195,7 +205,12 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
         let Outcome::HoldExpired(h) = &outcome else {
             continue;
         };
-        let mut r = timer(state, customer_id, format!("timer:hold:{}", h.event_id), ctx);
+        let mut r = timer(
+            state,
+            customer_id,
+            format!("timer:hold:{}", h.event_id),
+            ctx,
+        );
         r.record(Processor::OrderingGuard, vec![outcome]);
         out.extend(r.out);
     }

@@ -459,7 +459,11 @@ pub fn decide_deferred(
         match choose_channel(state, p.purpose, &ctx.topology.policy.channels) {
             Ok(c) => c,
             Err((reason, detail)) => {
-                return suppressed_planned(p, reason, format!("{detail}, decided again after waiting"))
+                return suppressed_planned(
+                    p,
+                    reason,
+                    format!("{detail}, decided again after waiting"),
+                )
             }
         };
     let mut planned = MessageApproved {
@@ -471,7 +475,12 @@ pub fn decide_deferred(
     };
     if planned.locale.is_empty() {
         let Some(locale) = state.profile.locale.as_deref().filter(|l| !l.is_empty()) else {
-            return hold(planned, DeferralReason::UnknownLocale, deferral.expires_at, ctx);
+            return hold(
+                planned,
+                DeferralReason::UnknownLocale,
+                deferral.expires_at,
+                ctx,
+            );
         };
         let chosen = match choose_template(&p.template_name, locale, state, ctx) {
             Ok(c) => c,
@@ -494,7 +503,10 @@ pub fn decide_deferred(
             .topology
             .catalog
             .variants(&p.template_name)
-            .and_then(|v| v.iter().find(|t| t.locale == p.locale && t.version == p.template_version))
+            .and_then(|v| {
+                v.iter()
+                    .find(|t| t.locale == p.locale && t.version == p.template_version)
+            })
             .map(|t| t.status)
             .unwrap_or(TemplateStatus::Approved);
         let status = ctx
@@ -506,21 +518,31 @@ pub fn decide_deferred(
                     planned.delivery = Delivery::Session;
                     planned.relied_on.insert(
                         "template".into(),
-                        format!("{} {status:?}; customer service window open until {until}", p.template_name),
+                        format!(
+                            "{} {status:?}; customer service window open until {until}",
+                            p.template_name
+                        ),
                     );
                 }
                 None => {
                     return suppressed_planned(
                         p,
                         SuppressionReason::TemplateUnavailable,
-                        format!("{} ({}) is {status:?} at the provider", p.template_name, p.locale),
+                        format!(
+                            "{} ({}) is {status:?} at the provider",
+                            p.template_name, p.locale
+                        ),
                     )
                 }
             }
         }
     }
     if let Some(name) = p.journey.as_deref() {
-        let key = p.relied_on.get("journey_key").map(String::as_str).unwrap_or("");
+        let key = p
+            .relied_on
+            .get("journey_key")
+            .map(String::as_str)
+            .unwrap_or("");
         match journey::check(state, name, key, ctx) {
             Check::Clear(facts) => planned.relied_on.extend(facts),
             Check::Hold(reason) => return hold(planned, reason, deferral.expires_at, ctx),
@@ -738,7 +760,11 @@ pub fn decide_status(
     if status.status != MessageStatus::Failed || status.error_code != Some(UNDELIVERABLE) {
         return vec![];
     }
-    let Some(sent) = status.message_id.as_ref().and_then(|id| state.recent.get(id)) else {
+    let Some(sent) = status
+        .message_id
+        .as_ref()
+        .and_then(|id| state.recent.get(id))
+    else {
         return vec![];
     };
     let failed = &sent.message;
@@ -755,16 +781,20 @@ pub fn decide_status(
         message_id: message_id.clone(),
         ..failed.clone()
     };
-    let (channel, consent, recipient) = match choose_channel(state, failed.purpose, &channels[after..]) {
-        Ok(c) => c,
-        Err((reason, detail)) => {
-            return suppressed_planned(
-                &redo,
-                reason,
-                format!("{:?} undeliverable; no fallback channel: {detail}", failed.channel),
-            )
-        }
-    };
+    let (channel, consent, recipient) =
+        match choose_channel(state, failed.purpose, &channels[after..]) {
+            Ok(c) => c,
+            Err((reason, detail)) => {
+                return suppressed_planned(
+                    &redo,
+                    reason,
+                    format!(
+                        "{:?} undeliverable; no fallback channel: {detail}",
+                        failed.channel
+                    ),
+                )
+            }
+        };
     let mut planned = MessageApproved {
         channel,
         recipient: recipient.to_string(),
@@ -775,7 +805,10 @@ pub fn decide_status(
     };
     planned.relied_on.insert(
         "fallback_from".into(),
-        format!("{} on {:?} (error {UNDELIVERABLE})", failed.message_id, failed.channel),
+        format!(
+            "{} on {:?} (error {UNDELIVERABLE})",
+            failed.message_id, failed.channel
+        ),
     );
     let template = ctx
         .topology

@@ -225,8 +225,7 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                     format!("form-{customer}-t"),
                 )),
             );
-        }
-        else if g.rng.chance(0.5) {
+        } else if g.rng.chance(0.5) {
             // Some customers only agreed to order updates by SMS: the fallback channel.
             g.push(
                 &customer,
@@ -422,18 +421,22 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
             );
         }
         if g.rng.chance(0.35) {
-            let priced = g.rng.chance(0.88);
-            let items = g.items(currency, priced);
-            g.push(
-                &customer,
-                "oms",
-                cart_at,
-                Fact::CartAbandoned(CartAbandoned {
-                    cart_id: format!("cart-{c:06}"),
-                    total: total(&items),
-                    items,
-                }),
-            );
+            // Some customers leave several carts within hours: frequency caps must hold.
+            let carts = 1 + usize::from(g.rng.chance(0.3)) + usize::from(g.rng.chance(0.2));
+            for k in 0..carts {
+                let priced = g.rng.chance(0.88);
+                let items = g.items(currency, priced);
+                g.push(
+                    &customer,
+                    "oms",
+                    cart_at + k as i64 * 3 * HOUR,
+                    Fact::CartAbandoned(CartAbandoned {
+                        cart_id: format!("cart-{c:06}-{k}"),
+                        total: total(&items),
+                        items,
+                    }),
+                );
+            }
         }
         if g.rng.chance(0.1) {
             let at = t0 + 10 * DAY;

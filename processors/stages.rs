@@ -398,7 +398,9 @@ impl Stage for ProcessorStage {
                 // sees no level for that SKU and holds rather than sends.
                 match rt.block_on(codec.decode_stock(m.payload())) {
                     Ok(level) => tables.observe_stock(level),
-                    Err(e) => tracing::warn!(offset = m.offset(), error = %e, "unreadable stock level"),
+                    Err(e) => {
+                        tracing::warn!(offset = m.offset(), error = %e, "unreadable stock level")
+                    }
                 }
                 Ok(())
             })?;

@@ -205,7 +205,10 @@ impl CustomerState {
             }
             Fact::ShipmentDelivered(f) => {
                 let o = self.orders.entry(f.order_id.clone()).or_default();
-                o.shipments.entry(f.shipment_id.clone()).or_default().delivered = true;
+                o.shipments
+                    .entry(f.shipment_id.clone())
+                    .or_default()
+                    .delivered = true;
             }
             Fact::RefundIssued(f) => {
                 self.orders
@@ -369,6 +372,8 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
                 .journeys
                 .remove(&journey_slot(&j.journey, &j.journey_key));
         }
-        Outcome::DuplicateIgnored(_) | Outcome::MessageHeldOut(_) | Outcome::EscalationRaised(_) => {}
+        Outcome::DuplicateIgnored(_)
+        | Outcome::MessageHeldOut(_)
+        | Outcome::EscalationRaised(_) => {}
     }
 }

@@ -540,10 +540,16 @@ impl Topology {
             for s in &j.steps {
                 template("step.template", &s.template)?;
                 if s.after_hours < 0.0 || s.backoff < 1.0 {
-                    bail!("{at}: step {}: after_hours must be >= 0 and backoff >= 1", s.template);
+                    bail!(
+                        "{at}: step {}: after_hours must be >= 0 and backoff >= 1",
+                        s.template
+                    );
                 }
                 if s.before_due_hours.is_some() && j.key != JourneyKey::Subscription {
-                    bail!("{at}: step {}: before_due_hours needs key = \"subscription\"", s.template);
+                    bail!(
+                        "{at}: step {}: before_due_hours needs key = \"subscription\"",
+                        s.template
+                    );
                 }
             }
             for r in &j.reactions {
@@ -574,7 +580,10 @@ impl Topology {
         }
         for c in &p.frequency_cap {
             if c.max == 0 || c.window_hours <= 0 {
-                bail!("topology/policy.toml: frequency_cap ({}): max and window_hours must be > 0", c.category);
+                bail!(
+                    "topology/policy.toml: frequency_cap ({}): max and window_hours must be > 0",
+                    c.category
+                );
             }
             if c.window_hours * crate::state::HOUR_MS > crate::state::RECENT_SENDS_KEPT_MS {
                 bail!("topology/policy.toml: frequency_cap ({}): window_hours is longer than the {} days of sends kept in state", c.category, crate::state::RECENT_SENDS_KEPT_MS / (24 * crate::state::HOUR_MS));

@@ -121,7 +121,14 @@ fn inputs_of(seed: u64) -> Vec<(String, InputEvent)> {
 struct ConsentTruth(HashMap<(String, Purpose, Channel), (Millis, bool)>);
 
 impl ConsentTruth {
-    fn set(&mut self, customer: &str, purpose: Purpose, channel: Channel, at: Millis, granted: bool) {
+    fn set(
+        &mut self,
+        customer: &str,
+        purpose: Purpose,
+        channel: Channel,
+        at: Millis,
+        granted: bool,
+    ) {
         let slot = self
             .0
             .entry((customer.to_string(), purpose, channel))
@@ -140,7 +147,12 @@ impl ConsentTruth {
             Fact::InboundMessageReceived(m) => {
                 let said = m.text.trim().to_uppercase();
                 let opt_out = &topology.policy.opt_out;
-                if opt_out.keywords.values().flatten().any(|k| k.to_uppercase() == said) {
+                if opt_out
+                    .keywords
+                    .values()
+                    .flatten()
+                    .any(|k| k.to_uppercase() == said)
+                {
                     for p in &opt_out.purposes {
                         self.set(customer, *p, Channel::Whatsapp, at, false);
                     }
@@ -262,7 +274,10 @@ fn frequency_caps_are_never_exceeded() {
                     continue;
                 }
                 for (i, start) in times.iter().enumerate() {
-                    let inside = times[i..].iter().take_while(|t| **t < start + window).count();
+                    let inside = times[i..]
+                        .iter()
+                        .take_while(|t| **t < start + window)
+                        .count();
                     assert!(
                         inside <= cap.max,
                         "seed {seed}: {customer} got {inside} {category} messages within {} h of {start} (cap {})",
@@ -273,7 +288,10 @@ fn frequency_caps_are_never_exceeded() {
             }
         }
     }
-    assert!(capped > 0, "the scenarios must run into a cap at least once");
+    assert!(
+        capped > 0,
+        "the scenarios must run into a cap at least once"
+    );
 }
 
 #[test]

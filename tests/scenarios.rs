@@ -59,7 +59,9 @@ fn summary(d: &Decision) -> Option<String> {
         Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),
         Outcome::MessageHeldOut(h) => format!("MessageHeldOut:{}", h.journey),
         Outcome::OptedOut(o) => format!("OptedOut:{}", o.keyword),
-        Outcome::EscalationRaised(e) => format!("EscalationRaised:{}:{}", e.category, e.matched_term),
+        Outcome::EscalationRaised(e) => {
+            format!("EscalationRaised:{}:{}", e.category, e.matched_term)
+        }
         Outcome::MessageSuppressed(s) => {
             format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason)
         }
