@@ -316,6 +316,30 @@ pub enum Fact {
     TemplateStatusChanged(TemplateStatusChanged),
 }
 
+/// Every fact kind, in `Fact` union order (the record names).
+pub const FACT_KINDS: [&str; 20] = [
+    "OrderPlaced",
+    "ShipmentDispatched",
+    "ShipmentDelayed",
+    "ShipmentOutForDelivery",
+    "ShipmentDelivered",
+    "OrderCancelled",
+    "CartAbandoned",
+    "CartRecovered",
+    "PaymentCaptured",
+    "PaymentFailed",
+    "RefundIssued",
+    "SubscriptionRenewalDue",
+    "SubscriptionRenewed",
+    "ConsentGranted",
+    "ConsentRevoked",
+    "ProfileChanged",
+    "ErasureRequested",
+    "MessageStatusChanged",
+    "InboundMessageReceived",
+    "TemplateStatusChanged",
+];
+
 /// The input families, one per input topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
@@ -376,29 +400,7 @@ impl Fact {
 
     /// The record name, as in the schema and in decision summaries.
     pub fn kind(&self) -> &'static str {
-        const NAMES: [&str; 20] = [
-            "OrderPlaced",
-            "ShipmentDispatched",
-            "ShipmentDelayed",
-            "ShipmentOutForDelivery",
-            "ShipmentDelivered",
-            "OrderCancelled",
-            "CartAbandoned",
-            "CartRecovered",
-            "PaymentCaptured",
-            "PaymentFailed",
-            "RefundIssued",
-            "SubscriptionRenewalDue",
-            "SubscriptionRenewed",
-            "ConsentGranted",
-            "ConsentRevoked",
-            "ProfileChanged",
-            "ErasureRequested",
-            "MessageStatusChanged",
-            "InboundMessageReceived",
-            "TemplateStatusChanged",
-        ];
-        NAMES[self.index()]
+        FACT_KINDS[self.index()]
     }
 
     /// The order this fact is about, if any.

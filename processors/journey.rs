@@ -13,30 +13,6 @@ use crate::topology::{Guard, Journey, JourneyKey};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-/// Every fact kind, for validating journey files.
-pub const FACT_KINDS: &[&str] = &[
-    "OrderPlaced",
-    "ShipmentDispatched",
-    "ShipmentDelayed",
-    "ShipmentOutForDelivery",
-    "ShipmentDelivered",
-    "OrderCancelled",
-    "CartAbandoned",
-    "CartRecovered",
-    "PaymentCaptured",
-    "PaymentFailed",
-    "RefundIssued",
-    "SubscriptionRenewalDue",
-    "SubscriptionRenewed",
-    "ConsentGranted",
-    "ConsentRevoked",
-    "ProfileChanged",
-    "ErasureRequested",
-    "MessageStatusChanged",
-    "InboundMessageReceived",
-    "TemplateStatusChanged",
-];
-
 /// The instance key a fact addresses for a journey keyed by `kind`, if it carries one.
 pub fn key_of(kind: JourneyKey, fact: &Fact, customer_id: &str) -> Option<String> {
     match (kind, fact) {

@@ -516,7 +516,7 @@ impl Topology {
             if !names.insert(&j.name) {
                 bail!("{at}: name: a second journey is called '{}'", j.name);
             }
-            let known = |f: &str| crate::journey::FACT_KINDS.contains(&f);
+            let known = |f: &str| crate::events::FACT_KINDS.contains(&f);
             if !known(&j.entry) {
                 bail!("{at}: entry: '{}' is not a fact", j.entry);
             }
