@@ -705,6 +705,12 @@ fn run_batch<S: Stage>(
     rt: &tokio::runtime::Handle,
 ) -> Result<(), BatchError> {
     let t_start = Instant::now();
+    // Outside the transaction, so that reading the inventory table never keeps one open. A
+    // failed read is retried on a later batch; meanwhile guards see the table as it was, and
+    // hold rather than send once its levels grow old.
+    if let Err(e) = stage.refresh_tables(reader) {
+        tracing::warn!(error = %e, "inventory table not refreshed; retrying on a later batch");
+    }
     if settings.exactly_once {
         producer
             .begin_transaction()
@@ -712,9 +718,6 @@ fn run_batch<S: Stage>(
     }
     let mut out = Outbox::default();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    stage
-        .refresh_tables(reader)
-        .map_err(BatchError::Abortable)?;
     for msg in batch {
         if !stage.owns(msg.partition()) {
             stage

@@ -195,10 +195,7 @@ fn choose_template<'t>(
             let usable = variants
                 .iter()
                 .filter(|t| &t.locale == l)
-                .filter(|t| {
-                    ctx.tables.template_status(&t.name, &t.locale, t.status)
-                        == TemplateStatus::Approved
-                })
+                .filter(|t| provider_status(t, ctx) == TemplateStatus::Approved)
                 .max_by_key(|t| t.version);
             if let Some(t) = usable {
                 let note = (n != name).then(|| format!("{name} unavailable, fell back to {n}"));
@@ -234,6 +231,11 @@ fn choose_template<'t>(
             tried.join(" or ")
         ),
     ))
+}
+
+/// A template's status as the provider last reported it, else as the catalog says.
+fn provider_status(t: &Template, ctx: &Ctx) -> TemplateStatus {
+    ctx.tables.template_status(&t.name, &t.locale, t.status)
 }
 
 /// Until when the 24-hour customer service window is open, if it is open now.
@@ -430,13 +432,33 @@ fn hold(
     expires_at: Millis,
     ctx: &Ctx,
 ) -> Vec<Outcome> {
-    let recheck = ctx.now + ctx.topology.policy.recheck_ambiguous_hours * HOUR;
+    let detail = format!("held for {reason:?} until it went stale");
+    let recheck_hours = ctx.topology.policy.recheck_ambiguous_hours;
+    hold_for(
+        planned,
+        reason,
+        recheck_hours,
+        SuppressionReason::Ambiguous,
+        detail,
+        expires_at,
+        ctx,
+    )
+}
+
+/// Defers a message to be looked at again in `recheck_hours`, or drops it with `stale` when
+/// that would be past its time to live.
+fn hold_for(
+    planned: MessageApproved,
+    reason: DeferralReason,
+    recheck_hours: i64,
+    stale: SuppressionReason,
+    detail: String,
+    expires_at: Millis,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
+    let recheck = ctx.now + recheck_hours.max(1) * HOUR;
     if recheck > expires_at {
-        return suppressed_planned(
-            &planned,
-            SuppressionReason::Ambiguous,
-            format!("held for {reason:?} until it went stale"),
-        );
+        return suppressed_planned(&planned, stale, detail);
     }
     vec![Outcome::MessageDeferred(MessageDeferred {
         reason,
@@ -499,7 +521,7 @@ pub fn decide_deferred(
         planned.delivery = chosen.delivery;
     } else {
         // The provider may have paused the template while the message waited.
-        let catalog_status = ctx
+        let status = ctx
             .topology
             .catalog
             .variants(&p.template_name)
@@ -507,11 +529,7 @@ pub fn decide_deferred(
                 v.iter()
                     .find(|t| t.locale == p.locale && t.version == p.template_version)
             })
-            .map(|t| t.status)
-            .unwrap_or(TemplateStatus::Approved);
-        let status = ctx
-            .tables
-            .template_status(&p.template_name, &p.locale, catalog_status);
+            .map_or(TemplateStatus::Approved, |t| provider_status(t, ctx));
         if status != TemplateStatus::Approved && p.delivery == Delivery::Template {
             match session_open_until(state, ctx) {
                 Some(until) => {
@@ -646,15 +664,16 @@ fn when_to_send(
     let zone_name = state.profile.time_zone.clone().unwrap_or_default();
     let Some(tz) = crate::quiet_hours::time_zone(&zone_name) else {
         // Quiet hours cannot be judged without the customer's time zone: hold, and look again.
-        let recheck = ctx.now + quiet.recheck_unknown_time_zone_hours.max(1) * HOUR;
-        if recheck > expires_at {
-            return suppressed_planned(
-                &planned,
-                SuppressionReason::UnknownTimeZone,
-                format!("time zone '{zone_name}' unknown until the message went stale"),
-            );
-        }
-        return defer(planned, DeferralReason::UnknownTimeZone, recheck);
+        let detail = format!("time zone '{zone_name}' unknown until the message went stale");
+        return hold_for(
+            planned,
+            DeferralReason::UnknownTimeZone,
+            quiet.recheck_unknown_time_zone_hours,
+            SuppressionReason::UnknownTimeZone,
+            detail,
+            expires_at,
+            ctx,
+        );
     };
     match crate::quiet_hours::next_allowed(ctx.now, &tz, region(state), quiet, &policy.blackout) {
         SendWindow::Now => {
