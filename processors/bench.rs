@@ -3,17 +3,14 @@
 
 use crate::demo;
 use crate::kafka::{self, KafkaSettings};
-use crate::pipeline::{self, Ctx};
 use crate::registry::Codec;
 use crate::scenario::{self, FeedItem};
 use crate::stages::{PassthroughStage, ProcessorStage};
-use crate::state::CustomerState;
 use crate::store::EmbeddedStore;
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
 use anyhow::{anyhow, Result};
 use serde::Serialize;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,24 +43,12 @@ pub fn run(customers: usize) -> Result<BenchResult> {
         tables.observe_stock(level);
     }
     let t = Instant::now();
-    let mut states: HashMap<String, CustomerState> = HashMap::new();
-    let mut now = 0;
+    let mut task = crate::task::Task::default();
     let mut decisions = 0usize;
     for (i, e) in events.iter().enumerate() {
-        now = e.envelope.occurred_at.max(now);
         let input_ref = i.to_string();
         tables.observe(&e.fact);
-        let ctx = Ctx {
-            now,
-            topology: &topology,
-            tables: &tables,
-            input_ref: &input_ref,
-        };
-        let s = states.entry(e.envelope.customer_id.clone()).or_default();
-        decisions += pipeline::process(s, e, &ctx).len();
-        if s.next_timer().is_some_and(|t| t <= now) {
-            decisions += pipeline::tick(s, &e.envelope.customer_id, &ctx).len();
-        }
+        decisions += task.decide(e, &input_ref, &topology, &tables).len();
     }
     let core = events.len() as f64 / t.elapsed().as_secs_f64();
     tracing::debug!(decisions, "core pass done");

@@ -153,6 +153,11 @@ pub struct RunArgs {
     /// records of all four inputs are decided in timestamp order (Kafka Streams' max.task.idle.ms).
     #[arg(long, env = "HERALD_MAX_TASK_IDLE_MS", default_value_t = 250)]
     pub max_task_idle_ms: u64,
+    /// Every this many seconds, partitions with a timer due by the wall clock are advanced to it,
+    /// so a deferral or journey step fires even when no new input arrives; 0 leaves timers to
+    /// event time alone (for a backfill of old events, whose stream time is in the past).
+    #[arg(long, env = "HERALD_WALL_CLOCK_TICK_SECS", default_value_t = 5)]
+    pub wall_clock_tick_secs: u64,
     /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     pub kafka_config: Vec<(String, String)>,
@@ -292,8 +297,11 @@ fn run(args: RunArgs) -> Result<()> {
             codec.clone(),
             store.clone(),
         );
+        let tick =
+            (args.wall_clock_tick_secs > 0).then(|| Duration::from_secs(args.wall_clock_tick_secs));
         handles.push(std::thread::spawn(move || {
-            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone());
+            let mut stage =
+                ProcessorStage::new(t, c, store, h.clone(), m.clone()).with_wall_clock_tick(tick);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -274,7 +274,8 @@ pub fn independent_checks(
                     }
                     _ => at + (after * 3_600_000.0) as i64,
                 };
-                let id = deterministic_id(&[c, &j.name, &key, &n.to_string()]);
+                let id =
+                    deterministic_id(&[c, &j.name, &key, &e.envelope.event_id, &n.to_string()]);
                 triggers.entry(id).or_insert((c, at));
                 n += 1;
             }

@@ -344,7 +344,15 @@ pub fn take_step(state: &CustomerState, customer_id: &str, slot: &str, ctx: &Ctx
     let due = inst.next_step_due.unwrap_or(ctx.now);
     let fact = rebuild_fact(state, journey.key, &inst.key);
     let req = Request {
-        message_id: deterministic_id(&[customer_id, &journey.name, &inst.key, &n.to_string()]),
+        // The entry event names the instance: a journey left and entered again under the same
+        // key is a new instance whose messages must not collide with the last one's.
+        message_id: deterministic_id(&[
+            customer_id,
+            &journey.name,
+            &inst.key,
+            &inst.trigger_event_id,
+            &n.to_string(),
+        ]),
         template: &step.template,
         trigger_event_id: &inst.trigger_event_id,
         fact: fact.as_ref(),

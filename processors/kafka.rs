@@ -176,6 +176,10 @@ pub trait Stage {
     fn refresh_tables(&mut self, _reader: &LogReader) -> Result<()> {
         Ok(())
     }
+    /// Whether a batch should run even with no records: a wall-clock tick has timers to fire.
+    fn tick_due(&self) -> bool {
+        false
+    }
     /// Called once per batch after every record: timers, batched provider calls.
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()>;
     /// Called after the transaction committed, with the positions it wrote.
@@ -401,7 +405,7 @@ pub fn run_stage<S: Stage>(
                 break;
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && !stage.tick_due() {
             continue;
         }
         let result = run_batch(
@@ -780,7 +784,14 @@ fn run_batch<S: Stage>(
         tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
             .map_err(|e| kafka_error(e, "offsets"))?;
     }
-    if settings.exactly_once {
+    if tpl.count() == 0 {
+        // A tick's batch: output only, no input positions to move.
+        if settings.exactly_once {
+            producer
+                .commit_transaction(Duration::from_secs(30))
+                .map_err(|e| kafka_error(e, "commit_transaction"))?;
+        }
+    } else if settings.exactly_once {
         let meta = consumer
             .group_metadata()
             .ok_or_else(|| BatchError::Abortable(anyhow!("no consumer group metadata yet")))?;

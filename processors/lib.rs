@@ -17,6 +17,7 @@ pub mod policy;
 pub mod quiet_hours;
 pub mod state;
 pub mod tables;
+pub mod task;
 
 // Shells.
 pub mod bench;

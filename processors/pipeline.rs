@@ -187,7 +187,11 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
         out.extend(r.out);
     }
     while let Some(slot) = journey::next_due_step(state, ctx.now) {
-        let steps = state.journeys.get(&slot).map_or(0, |i| i.steps_taken);
+        // Instance (entry event) and step name the timer, so a re-entered journey's steps get
+        // decision ids of their own.
+        let (entry, steps) = state.journeys.get(&slot).map_or((String::new(), 0), |i| {
+            (i.trigger_event_id.clone(), i.steps_taken)
+        });
         let outcomes = journey::take_step(state, customer_id, &slot, ctx);
         if outcomes.is_empty() {
             break;
@@ -195,7 +199,7 @@ pub fn tick(state: &mut CustomerState, customer_id: &str, ctx: &Ctx) -> Vec<Deci
         let mut r = timer(
             state,
             customer_id,
-            format!("timer:journey:{slot}:{steps}"),
+            format!("timer:journey:{slot}:{entry}:{steps}"),
             ctx,
         );
         r.record(Processor::Policy, outcomes);

@@ -5,11 +5,11 @@
 use crate::dispatch::{self, DispatchState, Plan};
 use crate::events::*;
 use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
-use crate::pipeline::{self, Ctx};
 use crate::provider::{CloudApiClient, SendOutcome};
 use crate::registry::{Codec, DecodeError};
-use crate::state::{evolve, CustomerState};
+use crate::state::CustomerState;
 use crate::tables::Tables;
+use crate::task::Task;
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
 use anyhow::{anyhow, bail, Context, Result};
@@ -147,16 +147,14 @@ fn dead_letter(
 
 #[derive(Default)]
 struct ProcessorPartition {
-    customers: HashMap<String, CustomerState>,
+    /// The partition's customers, stream time and timers.
+    task: Task,
     /// Next unprocessed offset per input topic: records below it were already decided.
     inputs: std::collections::BTreeMap<String, i64>,
     /// Input positions advanced since the last save.
     inputs_moved: bool,
-    stream_time: Millis,
     next_decision_offset: i64,
     touched: BTreeSet<String>,
-    /// No customer of this partition has a timer due before this (0: look).
-    earliest_timer: Millis,
 }
 
 /// Dedupe, ordering guard and policy over the four input topics.
@@ -172,6 +170,10 @@ pub struct ProcessorStage {
     /// Next offset to read per inventory partition, and when the table was last refreshed.
     inventory_next: HashMap<i32, i64>,
     inventory_refreshed: Option<std::time::Instant>,
+    /// How often idle partitions are advanced to the wall clock so their timers fire; `None`
+    /// leaves timers to event time alone (a replay of the past, the demo).
+    wall_clock_tick: Option<Duration>,
+    last_tick: Option<std::time::Instant>,
 }
 
 impl ProcessorStage {
@@ -193,7 +195,16 @@ impl ProcessorStage {
             tables: Tables::default(),
             inventory_next: HashMap::new(),
             inventory_refreshed: None,
+            wall_clock_tick: None,
+            last_tick: None,
         }
+    }
+
+    /// Advances every partition's stream time to the wall clock this often, so a deferral or
+    /// journey step on a partition with no new input still fires.
+    pub fn with_wall_clock_tick(mut self, every: Option<Duration>) -> Self {
+        self.wall_clock_tick = every;
+        self
     }
 
     fn emit(
@@ -234,14 +245,16 @@ impl Stage for ProcessorStage {
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
         let snap = self.store.load("processors", partition)?;
         let mut part = ProcessorPartition::default();
+        let mut customers = HashMap::new();
         for (customer, bytes) in snap.customers {
             let state: CustomerState = serde_json::from_slice(&bytes)
                 .with_context(|| format!("stored state of {customer} is unreadable"))?;
-            part.customers.insert(customer, state);
+            customers.insert(customer, state);
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
-        let mut stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
+        let stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
+        part.task = Task::restored(customers, stream_time);
         part.inputs = snap
             .inputs
             .into_iter()
@@ -255,13 +268,11 @@ impl Stage for ProcessorStage {
             let d = rt
                 .block_on(codec.decode_decision(m.payload()))
                 .map_err(|e| anyhow!("decision log {DECISIONS}/{partition}@{}: {e}", m.offset()))?;
-            stream_time = stream_time.max(d.decided_at);
-            evolve(part.customers.entry(d.customer_id.clone()).or_default(), &d);
+            part.task.fold(&d);
             part.touched.insert(d.customer_id.clone());
             Ok(())
         })?;
         part.next_decision_offset = next;
-        part.stream_time = stream_time;
         self.partitions.insert(partition, part);
         // Persist what the replay folded so the next restore starts further on.
         self.committed(&Produced::new())?;
@@ -328,55 +339,51 @@ impl Stage for ProcessorStage {
             .partitions
             .get_mut(&p)
             .ok_or_else(|| anyhow!("partition {p} not restored"))?;
-        part.stream_time = part.stream_time.max(input.envelope.occurred_at);
         self.tables.observe(&input.fact);
         let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
-        let ctx = Ctx {
-            now: part.stream_time,
-            topology: &self.topology,
-            tables: &self.tables,
-            input_ref: &input_ref,
-        };
-        let customer = input.envelope.customer_id.clone();
-        let state = part.customers.entry(customer.clone()).or_default();
-        let decisions = pipeline::process(state, &input, &ctx);
-        if let Some(t) = state.next_timer() {
-            part.earliest_timer = part.earliest_timer.min(t);
-        }
-        part.touched.insert(customer);
+        let decisions = part
+            .task
+            .decide(&input, &input_ref, &self.topology, &self.tables);
+        part.touched
+            .extend(decisions.iter().map(|d| d.customer_id.clone()));
         self.emit(p, decisions, provenance(msg), out)
     }
 
+    fn tick_due(&self) -> bool {
+        let Some(every) = self.wall_clock_tick else {
+            return false;
+        };
+        let now = wall_clock_ms();
+        !self.last_tick.is_some_and(|t| t.elapsed() < every)
+            && self
+                .partitions
+                .values()
+                .any(|p| p.task.next_timer().is_some_and(|t| t <= now))
+    }
+
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
-        let mut timers = Vec::new();
+        let Some(every) = self.wall_clock_tick else {
+            return Ok(());
+        };
+        if self.last_tick.is_some_and(|t| t.elapsed() < every) {
+            return Ok(());
+        }
+        self.last_tick = Some(std::time::Instant::now());
+        let now = wall_clock_ms();
+        let mut fired = Vec::new();
         for (p, part) in self.partitions.iter_mut() {
-            if part.earliest_timer > part.stream_time {
+            if part.task.next_timer().is_none_or(|t| t > now) {
                 continue;
             }
-            let ctx = Ctx {
-                now: part.stream_time,
-                topology: &self.topology,
-                tables: &self.tables,
-                input_ref: "timer",
-            };
-            let mut earliest = Millis::MAX;
-            for (customer, state) in part.customers.iter_mut() {
-                let due = state.next_timer().is_some_and(|t| t <= ctx.now);
-                if due {
-                    let ds = pipeline::tick(state, customer, &ctx);
-                    if !ds.is_empty() {
-                        part.touched.insert(customer.clone());
-                        timers.push((*p, ds));
-                    }
-                }
-                if let Some(t) = state.next_timer() {
-                    earliest = earliest.min(t);
-                }
-            }
-            part.earliest_timer = earliest;
+            let ds = part.task.advance_to(now, &self.topology, &self.tables);
+            part.touched
+                .extend(ds.iter().map(|d| d.customer_id.clone()));
+            // Stream time moved: it must be saved even if no customer changed.
+            part.inputs_moved = true;
+            fired.push((*p, ds));
         }
-        for (p, ds) in timers {
-            self.emit(p, ds, vec![("herald.timer", b"due".to_vec())], out)?;
+        for (p, ds) in fired {
+            self.emit(p, ds, vec![("herald.timer", b"wall-clock".to_vec())], out)?;
         }
         Ok(())
     }
@@ -419,9 +426,9 @@ impl Stage for ProcessorStage {
             if part.touched.is_empty() && !part.inputs_moved {
                 continue;
             }
-            let changed = encode_touched(&mut part.touched, &part.customers)?;
+            let changed = encode_touched(&mut part.touched, part.task.customers())?;
             let mut positions = part.inputs.clone();
-            positions.insert(STREAM_TIME_KEY.to_string(), part.stream_time);
+            positions.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
             self.store.save(
                 "processors",
                 *p,

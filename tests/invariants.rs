@@ -9,28 +9,16 @@
 //! - the same input gives the same decisions and ids.
 
 use herald::events::*;
-use herald::pipeline::{self, Ctx};
 use herald::scenario::{self, FeedItem};
 use herald::state::CustomerState;
 use herald::tables::Tables;
+use herald::task::Task;
 use herald::topology::Topology;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 const SEEDS: std::ops::RangeInclusive<u64> = 1..=40;
 const CUSTOMERS: usize = 60;
 const PARTITIONS: u64 = 6;
-
-/// A task per partition, as the live system runs it: its own stream time, its customers, and
-/// the hold timers fired every `TICK_EVERY` records the way a batch end fires them.
-#[derive(Default)]
-struct Task {
-    now: Millis,
-    states: BTreeMap<String, CustomerState>,
-    since_tick: usize,
-    tables: Option<Tables>,
-}
-
-const TICK_EVERY: usize = 50;
 
 fn partition_of(customer: &str) -> u64 {
     // Any stable spread will do: the properties must hold for every assignment.
@@ -59,46 +47,29 @@ fn run_observed(
     mut before: impl FnMut(&InputEvent),
     mut after: impl FnMut(&Decision),
 ) -> BTreeMap<String, CustomerState> {
+    let mut tables = Tables::default();
+    scenario::stock_levels()
+        .into_iter()
+        .for_each(|l| tables.observe_stock(l));
     let mut tasks: HashMap<u64, Task> = HashMap::new();
     for (input_ref, e) in inputs {
-        before(e);
         let task = tasks
             .entry(partition_of(&e.envelope.customer_id))
             .or_default();
-        task.now = task.now.max(e.envelope.occurred_at);
-        let tables = task.tables.get_or_insert_with(|| {
-            let mut t = Tables::default();
-            scenario::stock_levels()
-                .into_iter()
-                .for_each(|l| t.observe_stock(l));
-            t
-        });
+        // Timers the input's time passes are decided first, on the facts seen before it.
+        task.advance_to(e.envelope.occurred_at, topology, &tables)
+            .iter()
+            .for_each(&mut after);
+        before(e);
         tables.observe(&e.fact);
-        let ctx = Ctx {
-            now: task.now,
-            topology,
-            tables,
-            input_ref,
-        };
-        let state = task
-            .states
-            .entry(e.envelope.customer_id.clone())
-            .or_default();
-        let mut decided = pipeline::process(state, e, &ctx);
-        task.since_tick += 1;
-        if task.since_tick == TICK_EVERY {
-            task.since_tick = 0;
-            let ctx = Ctx {
-                input_ref: "timer",
-                ..ctx
-            };
-            for (customer, state) in task.states.iter_mut() {
-                decided.extend(pipeline::tick(state, customer, &ctx));
-            }
-        }
-        decided.iter().for_each(&mut after);
+        task.decide(e, input_ref, topology, &tables)
+            .iter()
+            .for_each(&mut after);
     }
-    tasks.into_values().flat_map(|t| t.states).collect()
+    tasks
+        .into_values()
+        .flat_map(|t| t.into_customers())
+        .collect()
 }
 
 fn inputs_of(seed: u64) -> Vec<(String, InputEvent)> {
