@@ -41,6 +41,46 @@ pub enum Command {
         /// Stay up after the scenario and print the addresses for ordinary Kafka clients.
         #[arg(long)]
         keep_running: bool,
+        /// After the run, write the inputs, stock levels and decisions to this dump file
+        /// (`.jsonl` or `.avro`) for `herald replay`.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+    /// Backtests a policy: runs a topic dump's events through the policy and journeys of DIR,
+    /// with no Kafka, and prints how the decisions differ from the ones recorded in the dump.
+    Replay {
+        /// Dump files (`.jsonl` or `.avro`), from `herald export` or `herald demo --record`;
+        /// repeat for several.
+        #[arg(long = "events", required = true)]
+        events: Vec<PathBuf>,
+        /// Topology directory with the policy to try (policy.toml, templates.toml, journeys/).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Customers whose first difference is shown.
+        #[arg(long, default_value_t = 10)]
+        show: usize,
+        /// Show every decision count, not only those that changed.
+        #[arg(long)]
+        all: bool,
+        /// Print one JSON object instead of the readable report.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when any customer is decided differently (for a policy change's CI).
+        #[arg(long)]
+        fail_on_difference: bool,
+    },
+    /// Writes the inputs, stock levels and decisions of a cluster to a dump file for `herald replay`.
+    Export {
+        #[arg(long, env = "HERALD_BOOTSTRAP")]
+        bootstrap: String,
+        #[arg(long, env = "HERALD_REGISTRY_URL")]
+        registry: String,
+        /// Topology directory (for the partition count); the embedded one when absent.
+        #[arg(long, env = "HERALD_TOPOLOGY")]
+        topology: Option<PathBuf>,
+        /// The dump file: `.jsonl` (JSON lines) or `.avro` (Avro container).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Measures core, end-to-end and passthrough throughput; prints one JSON line.
     Bench {
@@ -184,14 +224,20 @@ pub fn main(cli: Cli) -> Result<()> {
             seed,
             json,
             keep_running,
+            record,
         } => {
             telemetry::init_tracing(if json { "error" } else { "warn" });
+            if let Some(path) = &record {
+                // Refuse a bad file name before a run of minutes, not after it.
+                crate::dump::Format::of(path)?;
+            }
             let opts = demo::DemoOptions {
                 customers,
                 seed,
                 json,
                 keep_running,
                 state_dir: None,
+                record,
             };
             let summary = demo::run(&opts)?;
             if !keep_running {
@@ -240,6 +286,61 @@ pub fn main(cli: Cli) -> Result<()> {
             for (subject, id) in rt.block_on(codec.register_all())? {
                 println!("{subject}\tid {id}");
             }
+            Ok(())
+        }
+        Command::Replay {
+            events,
+            policy,
+            show,
+            all,
+            json,
+            fail_on_difference,
+        } => {
+            telemetry::init_tracing("warn");
+            let topo = Topology::load(&policy)?;
+            let mut records = Vec::new();
+            for file in &events {
+                records.extend(crate::dump::read(file)?);
+            }
+            let recorded: Vec<crate::events::Decision> = records
+                .iter()
+                .filter_map(|r| match &r.payload {
+                    crate::replay::Payload::Decision(d) => Some(d.clone()),
+                    _ => None,
+                })
+                .collect();
+            let replayed = crate::replay::replay(&records, &topo);
+            let report =
+                crate::replay::Report::new(&topo.policy.version, &recorded, &replayed, show);
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.render(all));
+            }
+            if fail_on_difference && report.differs() {
+                bail!(
+                    "{} of {} customers are decided differently",
+                    report.comparison.customers_differing,
+                    report.comparison.customers
+                );
+            }
+            Ok(())
+        }
+        Command::Export {
+            bootstrap,
+            registry,
+            topology: dir,
+            out,
+        } => {
+            telemetry::init_tracing("warn");
+            crate::dump::Format::of(&out)?;
+            let topo = topology(&dir)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let codec = Arc::new(Codec::new(&registry)?);
+            let records =
+                crate::dump::export(&bootstrap, codec, topo.partitions(), rt.handle().clone())?;
+            let n = crate::dump::write(&out, &records)?;
+            println!("wrote {n} records to {}", out.display());
             Ok(())
         }
         Command::Registry { listen } => serve_forever(listen, true),

@@ -34,6 +34,8 @@ pub struct DemoOptions {
     pub json: bool,
     pub keep_running: bool,
     pub state_dir: Option<PathBuf>,
+    /// Dump file to write the run's inputs, stock and decisions to, for `herald replay`.
+    pub record: Option<PathBuf>,
 }
 
 /// What the demo prints at the end (the `--json` line).
@@ -380,6 +382,17 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
 
+    // Started before anything is produced, so that it reads every record before the
+    // in-process cluster trims old segments.
+    let recorder = match &opts.record {
+        Some(_) => Some(crate::dump::Follower::start(
+            &cluster.bootstrap,
+            codec.clone(),
+            topology.partitions(),
+            rt.handle().clone(),
+        )?),
+        None => None,
+    };
     let stop = kafka::stop_on_signal(rt.handle());
     let pm = Metrics::shared();
     let dm = Metrics::shared();
@@ -482,6 +495,21 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         .map(|s| s.clone())
         .unwrap_or_default();
     let (without, duplicates) = independent_checks(&scenario.items, &topology, &sends);
+    if let (Some(path), Some(recorder)) = (&opts.record, recorder) {
+        let records = recorder.finish()?;
+        let recorded = records
+            .iter()
+            .filter(|r| matches!(r.payload, crate::replay::Payload::Decision(_)))
+            .count() as u64;
+        if recorded != decisions {
+            return Err(anyhow!(
+                "the recording holds {recorded} of the {decisions} decisions; not writing {}",
+                path.display()
+            ));
+        }
+        let n = crate::dump::write(path, &records)?;
+        say(format!("  recorded {n} records to {}", path.display()));
+    }
 
     let summary = Summary {
         customers: opts.customers,

@@ -697,6 +697,53 @@ impl Outcome {
             "EscalationRaised",
         ][self.index()]
     }
+
+    /// Kind plus the reason or channel that sets it apart, for counting decisions by outcome
+    /// (`MessageSuppressed:FrequencyCap`, `MessageApproved:Sms`, `JourneyExited:ORDER_PLACED`).
+    pub fn label(&self) -> String {
+        let kind = self.kind();
+        match self {
+            Outcome::MessageApproved(m) if m.delivery == Delivery::Session => {
+                format!("{kind}:{:?}:Session", m.channel)
+            }
+            Outcome::MessageApproved(m) => format!("{kind}:{:?}", m.channel),
+            Outcome::MessageSuppressed(s) => format!("{kind}:{:?}", s.reason),
+            Outcome::MessageDeferred(d) => format!("{kind}:{:?}", d.reason),
+            Outcome::JourneyExited(j) => format!("{kind}:{}", j.reason),
+            _ => kind.to_string(),
+        }
+    }
+
+    /// One line naming what was decided about which template, journey or term.
+    pub fn summary(&self) -> String {
+        match self {
+            Outcome::MessageApproved(m) => {
+                let mut s = format!("MessageApproved:{}:{}", m.template_name, m.locale);
+                if m.channel != Channel::Whatsapp {
+                    s += &format!(":{:?}", m.channel);
+                }
+                if m.delivery == Delivery::Session {
+                    s += ":Session";
+                }
+                s
+            }
+            Outcome::JourneyEntered(j) => format!("JourneyEntered:{}", j.journey),
+            Outcome::JourneyAdvanced(j) => format!("JourneyAdvanced:{}", j.journey),
+            Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),
+            Outcome::MessageHeldOut(h) => format!("MessageHeldOut:{}", h.journey),
+            Outcome::OptedOut(o) => format!("OptedOut:{}", o.keyword),
+            Outcome::EscalationRaised(e) => {
+                format!("EscalationRaised:{}:{}", e.category, e.matched_term)
+            }
+            Outcome::MessageSuppressed(s) => {
+                format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason)
+            }
+            Outcome::MessageDeferred(d) => {
+                format!("MessageDeferred:{}:{:?}", d.planned.template_name, d.reason)
+            }
+            other => other.kind().to_string(),
+        }
+    }
 }
 
 /// One decision of dedupe, ordering guard or policy (`herald.decisions.DecisionEvent`).

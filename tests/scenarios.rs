@@ -42,34 +42,14 @@ fn default_customer() -> String {
     "cust-1".into()
 }
 
+/// The scenario files name every decision but dedupe's acceptance and the journey bookkeeping.
 fn summary(d: &Decision) -> Option<String> {
-    Some(match &d.outcome {
-        Outcome::EventAccepted(_) => return None,
-        Outcome::MessageApproved(m) => {
-            let mut s = format!("MessageApproved:{}:{}", m.template_name, m.locale);
-            if m.channel != Channel::Whatsapp {
-                s += &format!(":{:?}", m.channel);
-            }
-            if m.delivery == Delivery::Session {
-                s += ":Session";
-            }
-            s
+    match &d.outcome {
+        Outcome::EventAccepted(_) | Outcome::JourneyEntered(_) | Outcome::JourneyAdvanced(_) => {
+            None
         }
-        Outcome::JourneyEntered(_) | Outcome::JourneyAdvanced(_) => return None,
-        Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),
-        Outcome::MessageHeldOut(h) => format!("MessageHeldOut:{}", h.journey),
-        Outcome::OptedOut(o) => format!("OptedOut:{}", o.keyword),
-        Outcome::EscalationRaised(e) => {
-            format!("EscalationRaised:{}:{}", e.category, e.matched_term)
-        }
-        Outcome::MessageSuppressed(s) => {
-            format!("MessageSuppressed:{}:{:?}", s.template_name, s.reason)
-        }
-        Outcome::MessageDeferred(d) => {
-            format!("MessageDeferred:{}:{:?}", d.planned.template_name, d.reason)
-        }
-        other => other.kind().to_string(),
-    })
+        other => Some(other.summary()),
+    }
 }
 
 fn run(

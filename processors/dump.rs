@@ -1,0 +1,540 @@
+//! Topic dumps: the records `herald replay` reads, in two formats chosen by the file name.
+//!
+//! - `*.jsonl`: one JSON object per line, `{"topic", "partition", "offset", "timestamp", "key",
+//!   "value"}`, the value in Herald's JSON form (as in the scenario files); a record that could
+//!   not be decoded has `"error"` instead of `"value"`. Only `topic` and `value` are required:
+//!   a missing partition is 0 and a missing offset is the line number.
+//! - `*.avro`: an Avro object container file of `herald.dump.TopicRecord`, each value the Avro
+//!   binary of its topic's Herald schema, which the file carries in its metadata under
+//!   `herald.schema.<topic>`, so a dump stays readable after the schemas move on.
+//!
+//! `herald export` writes either from a cluster; `herald demo --record FILE` writes one after its run.
+
+use crate::avro::{self, Schemas};
+use crate::events::{Decision, InputEvent, StockLevel};
+use crate::kafka::{position_of, EndOfLogIsExpected, KafkaSettings};
+use crate::registry::{Codec, DecodeError};
+use crate::replay::{DumpedRecord, Payload};
+use crate::stages::{DECISIONS, INPUTS, INVENTORY};
+use anyhow::{anyhow, bail, Context, Result};
+use apache_avro::types::Value;
+use apache_avro::Schema;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The topics a dump for `herald replay` holds: inputs, stock, decisions.
+pub fn replay_topics() -> Vec<&'static str> {
+    let mut t = INPUTS.to_vec();
+    t.extend([INVENTORY, DECISIONS]);
+    t
+}
+
+const RECORD_SCHEMA: &str = r#"{
+  "type": "record", "name": "TopicRecord", "namespace": "herald.dump",
+  "doc": "One Kafka record; value is the Avro binary of the topic's schema, which the file metadata holds under herald.schema.<topic>.",
+  "fields": [
+    {"name": "topic", "type": "string"},
+    {"name": "partition", "type": "int"},
+    {"name": "offset", "type": "long"},
+    {"name": "timestamp", "type": ["null", "long"], "default": null},
+    {"name": "key", "type": ["null", "string"], "default": null},
+    {"name": "value", "type": ["null", "bytes"], "default": null},
+    {"name": "error", "type": ["null", "string"], "default": null}
+  ]
+}"#;
+
+/// The two file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    JsonLines,
+    Avro,
+}
+
+impl Format {
+    /// The format a file name asks for.
+    pub fn of(path: &Path) -> Result<Format> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl") | Some("json") => Ok(Format::JsonLines),
+            Some("avro") => Ok(Format::Avro),
+            _ => bail!(
+                "{}: a dump file must end in .jsonl (JSON lines) or .avro (Avro container)",
+                path.display()
+            ),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct JsonLine {
+    topic: String,
+    #[serde(default)]
+    partition: Option<i32>,
+    #[serde(default)]
+    offset: Option<i64>,
+    #[serde(default)]
+    timestamp: Option<i64>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Writes records to `path` in the format its name asks for; returns how many.
+pub fn write(path: &Path, records: &[DumpedRecord]) -> Result<usize> {
+    let format = Format::of(path)?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = BufWriter::new(file);
+    match format {
+        Format::JsonLines => {
+            for r in records {
+                let (value, error) = match &r.payload {
+                    Payload::Input(e) => (Some(serde_json::to_value(e)?), None),
+                    Payload::Decision(d) => (Some(serde_json::to_value(d)?), None),
+                    Payload::Stock(s) => (Some(serde_json::to_value(s)?), None),
+                    Payload::Undecodable(why) => (None, Some(why.clone())),
+                };
+                let line = JsonLine {
+                    topic: r.topic.clone(),
+                    partition: Some(r.partition),
+                    offset: Some(r.offset),
+                    timestamp: r.timestamp,
+                    key: r.key.clone(),
+                    value,
+                    error,
+                };
+                serde_json::to_writer(&mut out, &line)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Format::Avro => write_avro(&mut out, records)?,
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(records.len())
+}
+
+fn union(present: Option<Value>) -> Value {
+    match present {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(v) => Value::Union(1, Box::new(v)),
+    }
+}
+
+fn datum(topic: &str, v: Value) -> Result<Vec<u8>> {
+    let schema = Schemas::get().schema(topic)?;
+    apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+        .build()?
+        .write_value_to_vec(v)
+        .map_err(|e| anyhow!("encoding a {topic} record: {e}"))
+}
+
+fn write_avro<W: Write>(out: W, records: &[DumpedRecord]) -> Result<()> {
+    let schema = Schema::parse_str(RECORD_SCHEMA)?;
+    let mut w = apache_avro::Writer::new(&schema, out)?;
+    for topic in replay_topics() {
+        w.add_user_metadata(
+            format!("herald.schema.{topic}"),
+            Schemas::get().text(topic)?,
+        )?;
+    }
+    for r in records {
+        let (value, error) = match &r.payload {
+            Payload::Input(e) => (Some(datum(&r.topic, avro::input_to_value(e)?)?), None),
+            Payload::Decision(d) => (Some(datum(&r.topic, avro::decision_to_value(d)?)?), None),
+            Payload::Stock(s) => (Some(datum(&r.topic, avro::stock_to_value(s)?)?), None),
+            Payload::Undecodable(why) => (None, Some(why.clone())),
+        };
+        w.append_value(Value::Record(vec![
+            ("topic".into(), Value::String(r.topic.clone())),
+            ("partition".into(), Value::Int(r.partition)),
+            ("offset".into(), Value::Long(r.offset)),
+            ("timestamp".into(), union(r.timestamp.map(Value::Long))),
+            ("key".into(), union(r.key.clone().map(Value::String))),
+            ("value".into(), union(value.map(Value::Bytes))),
+            ("error".into(), union(error.map(Value::String))),
+        ]))?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads a dump written by `write` (or by hand, for JSON lines). A line that is not JSON is an
+/// error naming the line; a value that is not a record of its topic becomes `Undecodable`, as
+/// the live processors would dead-letter it. Records of other topics are skipped.
+pub fn read(path: &Path) -> Result<Vec<DumpedRecord>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    match Format::of(path)? {
+        Format::JsonLines => read_json_lines(path, std::io::BufReader::new(file)),
+        Format::Avro => read_avro(path, std::io::BufReader::new(file)),
+    }
+}
+
+fn from_json(topic: &str, v: serde_json::Value) -> Option<Payload> {
+    let decoded = if avro::topic_family(topic).is_some() {
+        serde_json::from_value::<InputEvent>(v).map(Payload::Input)
+    } else if topic == DECISIONS {
+        serde_json::from_value::<Decision>(v).map(Payload::Decision)
+    } else if topic == INVENTORY {
+        serde_json::from_value::<StockLevel>(v).map(Payload::Stock)
+    } else {
+        return None;
+    };
+    Some(decoded.unwrap_or_else(|e| Payload::Undecodable(format!("not a {topic} record: {e}"))))
+}
+
+fn read_json_lines(path: &Path, input: impl BufRead) -> Result<Vec<DumpedRecord>> {
+    let mut out = Vec::new();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: JsonLine = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not a dump record", path.display(), n + 1))?;
+        let payload = match (l.value, l.error) {
+            (Some(v), _) => match from_json(&l.topic, v) {
+                Some(p) => p,
+                None => continue,
+            },
+            (None, Some(why)) => Payload::Undecodable(why),
+            (None, None) => Payload::Undecodable("record has no value".into()),
+        };
+        out.push(DumpedRecord {
+            topic: l.topic,
+            partition: l.partition.unwrap_or(0),
+            offset: l.offset.unwrap_or(n as i64),
+            timestamp: l.timestamp,
+            key: l.key,
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+fn field<'v>(fields: &'v [(String, Value)], name: &str) -> Option<&'v Value> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| match v {
+            Value::Union(_, inner) => inner.as_ref(),
+            other => other,
+        })
+}
+
+/// Decodes one value with the writer schema the file carries, mapped onto this Herald's shape
+/// when the schemas differ (`same`, checked once per topic).
+fn from_datum(
+    topic: &str,
+    writer: &Schema,
+    reader: &apache_avro::reader::datum::GenericDatumReader,
+    same: bool,
+    bytes: &[u8],
+) -> Result<Option<Payload>> {
+    let v = reader.read_value(&mut &bytes[..])?;
+    let v = if same {
+        v
+    } else {
+        avro::to_reader_shape(topic, writer, v)?
+    };
+    Ok(Some(if let Some(family) = avro::topic_family(topic) {
+        Payload::Input(avro::input_from_value(family, &v)?)
+    } else if topic == DECISIONS {
+        Payload::Decision(avro::decision_from_value(&v)?)
+    } else if topic == INVENTORY {
+        Payload::Stock(apache_avro::from_value(&v)?)
+    } else {
+        return Ok(None);
+    }))
+}
+
+fn read_avro(path: &Path, input: impl std::io::Read) -> Result<Vec<DumpedRecord>> {
+    let reader = apache_avro::Reader::new(input)
+        .with_context(|| format!("{}: not an Avro container file", path.display()))?;
+    let mut writers: HashMap<String, Schema> = HashMap::new();
+    for (k, v) in reader.user_metadata() {
+        if let Some(topic) = k.strip_prefix("herald.schema.") {
+            let text = std::str::from_utf8(v)
+                .with_context(|| format!("{}: metadata {k} is not text", path.display()))?;
+            writers.insert(topic.to_string(), Schema::parse_str(text)?);
+        }
+    }
+    let mut decoders = HashMap::new();
+    for (topic, writer) in &writers {
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(writer).build()?;
+        let same = avro::same_as_reader(topic, writer).unwrap_or(false);
+        decoders.insert(topic.clone(), (writer, reader, same));
+    }
+    let mut out = Vec::new();
+    for (n, value) in reader.enumerate() {
+        let value = value.with_context(|| format!("{} record {n}", path.display()))?;
+        let Value::Record(fields) = value else {
+            bail!("{} record {n}: not a TopicRecord", path.display());
+        };
+        let text = |name: &str| match field(&fields, name) {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let topic =
+            text("topic").ok_or_else(|| anyhow!("{} record {n}: no topic", path.display()))?;
+        let payload = match (field(&fields, "value"), text("error")) {
+            (Some(Value::Bytes(b)), _) => {
+                let Some((writer, reader, same)) = decoders.get(&topic) else {
+                    continue;
+                };
+                match from_datum(&topic, writer, reader, *same, b) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => continue,
+                    Err(e) => Payload::Undecodable(format!("not a {topic} record: {e:#}")),
+                }
+            }
+            (_, Some(why)) => Payload::Undecodable(why),
+            _ => Payload::Undecodable("record has no value".into()),
+        };
+        out.push(DumpedRecord {
+            partition: match field(&fields, "partition") {
+                Some(Value::Int(p)) => *p,
+                _ => 0,
+            },
+            offset: match field(&fields, "offset") {
+                Some(Value::Long(o)) => *o,
+                _ => n as i64,
+            },
+            timestamp: match field(&fields, "timestamp") {
+                Some(Value::Long(t)) => Some(*t),
+                _ => None,
+            },
+            key: text("key"),
+            topic,
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+fn decode(codec: &Codec, rt: &tokio::runtime::Handle, m: &BorrowedMessage) -> Result<Payload> {
+    let topic = m.topic();
+    let decoded = if avro::topic_family(topic).is_some() {
+        rt.block_on(codec.decode_input(topic, m.payload()))
+            .map(Payload::Input)
+    } else if topic == DECISIONS {
+        rt.block_on(codec.decode_decision(m.payload()))
+            .map(Payload::Decision)
+    } else {
+        rt.block_on(codec.decode_stock(m.payload()))
+            .map(Payload::Stock)
+    };
+    match decoded {
+        Ok(p) => Ok(p),
+        Err(DecodeError::Poison(why)) => Ok(Payload::Undecodable(why)),
+        Err(e @ DecodeError::Retryable(_)) => Err(anyhow!("reading {topic}: {e}")),
+    }
+}
+
+/// A reader of the replay topics that runs alongside a live system and keeps every committed
+/// record as it arrives, so that a broker which trims old segments (the in-process cluster keeps
+/// 5 MB per partition) cannot take records from the dump.
+pub struct Follower {
+    finish: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<Vec<DumpedRecord>>>,
+}
+
+impl Follower {
+    /// Starts reading every replay topic from its beginning (read_committed).
+    pub fn start(
+        bootstrap: &str,
+        codec: Arc<Codec>,
+        partitions: i32,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self> {
+        let settings = KafkaSettings::new(bootstrap, true, &format!("dump-{}", std::process::id()));
+        let consumer: BaseConsumer<EndOfLogIsExpected> = settings.log_reader()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in replay_topics() {
+            for p in 0..partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let finish = Arc::new(AtomicBool::new(false));
+        let flag = finish.clone();
+        let handle = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            // Set once finishing: the end offsets to reach, per topic and partition.
+            let mut ends: Option<HashMap<(String, i32), i64>> = None;
+            let mut deadline = None;
+            loop {
+                if ends.is_none() && flag.load(Ordering::SeqCst) {
+                    let mut e = HashMap::new();
+                    for topic in replay_topics() {
+                        for p in 0..partitions {
+                            let (_, high) =
+                                consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+                            e.insert((topic.to_string(), p), high);
+                        }
+                    }
+                    ends = Some(e);
+                    deadline = Some(Instant::now() + Duration::from_secs(300));
+                }
+                if let Some(e) = &ends {
+                    let done = e.iter().all(|((t, p), high)| {
+                        *high == 0 || position_of(&consumer, t, *p).is_ok_and(|pos| pos >= *high)
+                    });
+                    if done {
+                        return Ok(out);
+                    }
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        bail!("the dump did not reach the end of the topics in 300 s");
+                    }
+                }
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => out.push(DumpedRecord {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp: m.timestamp().to_millis(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        payload: decode(&codec, &rt, &m)?,
+                    }),
+                    Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                    Some(Err(e)) => bail!("reading the topics for the dump: {e}"),
+                }
+            }
+        });
+        Ok(Follower { finish, handle })
+    }
+
+    /// Reads on to the topics' current end and returns every record read.
+    pub fn finish(self) -> Result<Vec<DumpedRecord>> {
+        self.finish.store(true, Ordering::SeqCst);
+        self.handle
+            .join()
+            .map_err(|_| anyhow!("the dump reader panicked"))?
+    }
+}
+
+/// Reads the replay topics whole from a cluster (read_committed) and decodes them through the
+/// registry. A registry outage fails the export; a record that cannot be decoded is kept with
+/// its reason.
+pub fn export(
+    bootstrap: &str,
+    codec: Arc<Codec>,
+    partitions: i32,
+    rt: tokio::runtime::Handle,
+) -> Result<Vec<DumpedRecord>> {
+    Follower::start(bootstrap, codec, partitions, rt)?.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::*;
+
+    fn sample() -> Vec<DumpedRecord> {
+        let input = InputEvent {
+            envelope: Envelope {
+                event_id: "e-1".into(),
+                source_system: "oms".into(),
+                source_sequence: Some(1),
+                occurred_at: 1_772_445_600_000,
+                customer_id: "c-1".into(),
+                trace_parent: None,
+                schema_version: 1,
+            },
+            fact: Fact::OrderCancelled(OrderCancelled {
+                order_id: "o-1".into(),
+                reason: "customer".into(),
+            }),
+        };
+        let decision = Decision {
+            decision_id: "d-1".into(),
+            customer_id: "c-1".into(),
+            input_event_id: "e-1".into(),
+            processor: Processor::Dedupe,
+            decided_at: 1_772_445_600_000,
+            policy_version: "v".into(),
+            outcome: Outcome::DuplicateIgnored(DuplicateIgnored {
+                event_id: "e-1".into(),
+                first_seen_at: 1,
+            }),
+        };
+        let at = |topic: &str, offset, payload| DumpedRecord {
+            topic: topic.into(),
+            partition: 3,
+            offset,
+            timestamp: Some(7),
+            key: Some("c-1".into()),
+            payload,
+        };
+        vec![
+            at("oms.events.v1", 5, Payload::Input(input)),
+            at(
+                "oms.events.v1",
+                6,
+                Payload::Undecodable("magic byte 0x7b".into()),
+            ),
+            at(DECISIONS, 0, Payload::Decision(decision)),
+            at(
+                INVENTORY,
+                1,
+                Payload::Stock(StockLevel {
+                    sku: "S".into(),
+                    available: 0,
+                    updated_at: 3,
+                    source_system: "wms".into(),
+                }),
+            ),
+        ]
+    }
+
+    #[test]
+    fn both_formats_give_back_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["d.jsonl", "d.avro"] {
+            let path = dir.path().join(name);
+            write(&path, &sample()).unwrap();
+            assert_eq!(read(&path).unwrap(), sample(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bad_line_is_named_and_a_bad_value_is_kept_as_undecodable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            "{\"topic\": \"crm.events.v1\", \"value\": {\"nope\": 1}}\n{oops\n",
+        )
+        .unwrap();
+        let err = read(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+        std::fs::write(
+            &path,
+            "{\"topic\": \"crm.events.v1\", \"value\": {\"nope\": 1}}\n",
+        )
+        .unwrap();
+        let r = read(&path).unwrap();
+        assert!(
+            matches!(&r[0].payload, Payload::Undecodable(why) if why.contains("crm.events.v1"))
+        );
+        assert_eq!((r[0].partition, r[0].offset), (0, 0));
+    }
+
+    #[test]
+    fn an_unknown_extension_is_refused_with_the_accepted_ones() {
+        let err = Format::of(Path::new("dump.csv")).unwrap_err();
+        assert!(err.to_string().contains(".jsonl"));
+    }
+}
