@@ -126,11 +126,8 @@ pub fn replay(records: &[DumpedRecord], topology: &Topology) -> Replayed {
         )
     };
     let mut by_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
-    for i in 0..inputs.len() {
-        by_partition
-            .entry(inputs[i].0.partition)
-            .or_default()
-            .push(i);
+    for (i, (r, _)) in inputs.iter().enumerate() {
+        by_partition.entry(r.partition).or_default().push(i);
     }
     let mut steps: BTreeMap<i32, VecDeque<Step>> = BTreeMap::new();
     for (p, mut idx) in by_partition {

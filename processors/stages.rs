@@ -354,7 +354,7 @@ impl Stage for ProcessorStage {
             return false;
         };
         let now = wall_clock_ms();
-        !self.last_tick.is_some_and(|t| t.elapsed() < every)
+        self.last_tick.is_none_or(|t| t.elapsed() >= every)
             && self
                 .partitions
                 .values()
