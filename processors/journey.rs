@@ -125,8 +125,14 @@ pub fn check(state: &CustomerState, name: &str, key: &str, ctx: &Ctx) -> Check {
     Check::Clear(relied_on)
 }
 
-/// The fact a journey message renders its variables from, rebuilt from state by instance key.
+/// The fact a journey message renders its variables from: the one kept with a held message,
+/// else rebuilt from state by instance key.
 pub fn subject_fact(state: &CustomerState, planned: &MessageApproved, ctx: &Ctx) -> Option<Fact> {
+    if let Some(kept) = planned.relied_on.get(policy::SUBJECT_FACT) {
+        if let Ok(fact) = serde_json::from_str(kept) {
+            return Some(fact);
+        }
+    }
     let journey = ctx.topology.journey(planned.journey.as_deref()?)?;
     let key = planned.relied_on.get("journey_key")?;
     rebuild_fact(state, journey.key, key)

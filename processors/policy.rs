@@ -28,6 +28,9 @@ pub const VARIABLE_SOURCES: &[&str] = &[
     "refund.amount",
 ];
 
+/// `relied_on` key of a held message's subject fact (JSON), rendered once its locale is known.
+pub const SUBJECT_FACT: &str = "subject_fact";
+
 /// A fact that reached policy: an accepted input, or a shipment the guard released.
 #[derive(Debug, Clone, Copy)]
 pub struct Trigger<'a> {
@@ -379,8 +382,11 @@ pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Ou
     };
     let expires_at = req.since + head.ttl_hours * HOUR;
     let Some(locale) = state.profile.locale.as_deref().filter(|l| !l.is_empty()) else {
-        // No language is guessed: hold until the profile says, with the variables kept by
-        // source so that the template's own fallbacks apply once the locale is known.
+        // No language is guessed: hold until the profile says. The fact is kept with the
+        // message, since state remembers an order but not each shipment's carrier and link.
+        if let Some(fact) = req.fact.and_then(|f| serde_json::to_string(f).ok()) {
+            planned.relied_on.insert(SUBJECT_FACT.to_string(), fact);
+        }
         return hold(planned, DeferralReason::UnknownLocale, expires_at, ctx);
     };
     let chosen = match choose_template(req.template, locale, state, ctx) {
