@@ -1,7 +1,8 @@
 //! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
 //!
-//! The pure core (`dedupe`, `ordering`, `policy`, `quiet_hours`, `dispatch`, `state`, `pipeline`) decides; the
-//! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `provider`, `telemetry`, `cli`) move bytes.
+//! The pure core (`dedupe`, `ordering`, `policy`, `journey`, `quiet_hours`, `dispatch`, `state`,
+//! `tables`, `pipeline`, `task`, `replay`) decides; the shells (`intake`, `kafka`, `stages`,
+//! `registry`, `store`, `provider`, `dump`, `telemetry`, `cli`) move bytes.
 
 pub mod avro;
 pub mod events;
