@@ -428,6 +428,30 @@ pub struct InputEvent {
     pub fact: Fact,
 }
 
+impl InputEvent {
+    /// An event from `source_system` with no source sequence or trace, at schema version 1.
+    pub fn new(
+        source_system: &str,
+        customer_id: &str,
+        event_id: &str,
+        at: Millis,
+        fact: Fact,
+    ) -> Self {
+        InputEvent {
+            envelope: Envelope {
+                event_id: event_id.into(),
+                source_system: source_system.into(),
+                source_sequence: None,
+                occurred_at: at,
+                customer_id: customer_id.into(),
+                trace_parent: None,
+                schema_version: 1,
+            },
+            fact,
+        }
+    }
+}
+
 /// Which processor took a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

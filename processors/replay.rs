@@ -409,18 +409,7 @@ mod tests {
             offset,
             timestamp: Some(at),
             key: Some(customer.into()),
-            payload: Payload::Input(InputEvent {
-                envelope: Envelope {
-                    event_id: id.into(),
-                    source_system: "test".into(),
-                    source_sequence: None,
-                    occurred_at: at,
-                    customer_id: customer.into(),
-                    trace_parent: None,
-                    schema_version: 1,
-                },
-                fact: f,
-            }),
+            payload: Payload::Input(InputEvent::new("test", customer, id, at, f)),
         }
     }
 

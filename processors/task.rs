@@ -154,18 +154,7 @@ mod tests {
     const T0: Millis = 1_772_445_600_000;
 
     fn input(customer: &str, id: &str, at: Millis, fact: Fact) -> InputEvent {
-        InputEvent {
-            envelope: Envelope {
-                event_id: id.into(),
-                source_system: "test".into(),
-                source_sequence: None,
-                occurred_at: at,
-                customer_id: customer.into(),
-                trace_parent: None,
-                schema_version: 1,
-            },
-            fact,
-        }
+        InputEvent::new("test", customer, id, at, fact)
     }
 
     fn fact(v: serde_json::Value) -> Fact {

@@ -60,18 +60,13 @@ fn midday_zone() -> String {
 }
 
 fn event(id: &str, at: Millis, fact: serde_json::Value) -> FeedItem {
-    FeedItem::Event(InputEvent {
-        envelope: Envelope {
-            event_id: id.into(),
-            source_system: "test".into(),
-            source_sequence: None,
-            occurred_at: at,
-            customer_id: "cust-tick".into(),
-            trace_parent: None,
-            schema_version: 1,
-        },
-        fact: serde_json::from_value(fact).unwrap(),
-    })
+    FeedItem::Event(InputEvent::new(
+        "test",
+        "cust-tick",
+        id,
+        at,
+        serde_json::from_value(fact).unwrap(),
+    ))
 }
 
 fn herald(bootstrap: &str, registry: &str, dir: &Path, tick_secs: u32) -> Child {
