@@ -239,6 +239,10 @@ pub fn on_fact(
     ctx: &Ctx,
 ) -> Vec<Outcome> {
     let kind = trigger.fact.kind();
+    // Most facts concern few journeys; this keeps the others from building keys for nothing.
+    if !journey.listens_to(kind) {
+        return vec![];
+    }
     let own_key = key_of(journey.key, trigger.fact, customer_id);
     let running = |key: &str| {
         state

@@ -332,6 +332,13 @@ pub struct Journey {
 }
 
 impl Journey {
+    /// Whether a fact of this kind enters, exits or triggers a reaction of this journey.
+    pub fn listens_to(&self, kind: &str) -> bool {
+        self.entry == kind
+            || self.exit_on.iter().any(|f| f == kind)
+            || self.reactions.iter().any(|r| r.fact == kind)
+    }
+
     /// The timed step taken as the `n`-th (repeats counted), and how long after the previous
     /// one it is due; `None` once every step is taken.
     pub fn step_at(&self, n: usize) -> Option<(&JourneyStep, f64)> {
