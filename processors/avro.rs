@@ -631,6 +631,13 @@ pub fn decision_to_value(d: &Decision) -> Result<Value> {
             "payload".into(),
             Value::Union(d.outcome.index() as u32, Box::new(payload)),
         ),
+        (
+            "consent_chain".into(),
+            match &d.consent_chain {
+                Some(link) => Value::Union(1, Box::new(Value::String(link.clone()))),
+                None => Value::Union(0, Box::new(Value::Null)),
+            },
+        ),
     ]);
     conform_to_topic(v, "herald.decisions.v1")
 }
@@ -656,6 +663,11 @@ pub fn decision_from_value(v: &Value) -> Result<Decision> {
         decided_at: from_value(field(v, "decided_at")?)?,
         policy_version: from_value(field(v, "policy_version")?)?,
         outcome,
+        // Written before schema v4: no chain.
+        consent_chain: match field(v, "consent_chain") {
+            Ok(link) => from_value(link)?,
+            Err(_) => None,
+        },
     })
 }
 
@@ -897,6 +909,7 @@ mod tests {
                 }),
                 forget_before: 1,
             }),
+            consent_chain: Some("ab12".into()),
         };
         let schema = Schemas::get().schema("herald.decisions.v1").unwrap();
         let back = wire(schema, decision_to_value(&d).unwrap());

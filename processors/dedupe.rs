@@ -52,6 +52,7 @@ mod tests {
             decided_at: at,
             policy_version: "v".into(),
             outcome,
+            consent_chain: None,
         };
         evolve(state, &d);
     }

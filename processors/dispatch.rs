@@ -104,6 +104,7 @@ mod tests {
             decided_at: 0,
             policy_version: "v".into(),
             outcome: Outcome::MessageApproved(m.clone()),
+            consent_chain: None,
         };
         (d, m)
     }

@@ -469,6 +469,7 @@ mod tests {
                 event_id: "e-1".into(),
                 first_seen_at: 1,
             }),
+            consent_chain: None,
         };
         let at = |topic: &str, offset, payload| DumpedRecord {
             topic: topic.into(),

@@ -738,6 +738,17 @@ impl Outcome {
         }
     }
 
+    /// Whether the decision changes the customer's consent (a grant, a revocation, an opt-out).
+    pub fn changes_consent(&self) -> bool {
+        match self {
+            Outcome::EventAccepted(a) => {
+                matches!(a.fact, Fact::ConsentGranted(_) | Fact::ConsentRevoked(_))
+            }
+            Outcome::OptedOut(_) => true,
+            _ => false,
+        }
+    }
+
     /// One line naming what was decided about which template, journey or term.
     pub fn summary(&self) -> String {
         match self {
@@ -780,6 +791,11 @@ pub struct Decision {
     pub decided_at: Millis,
     pub policy_version: String,
     pub outcome: Outcome,
+    /// On a decision that changes consent: the link of the customer's consent hash chain
+    /// (SHA-256 of the previous link and this decision), so an audit detects a changed or
+    /// missing record. `None` on every other decision.
+    #[serde(default)]
+    pub consent_chain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

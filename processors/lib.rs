@@ -9,6 +9,7 @@ pub mod events;
 pub mod topology;
 
 // The pure core: no I/O, no clock, no randomness.
+pub mod audit;
 pub mod dedupe;
 pub mod dispatch;
 pub mod journey;

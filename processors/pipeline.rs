@@ -55,7 +55,7 @@ impl Recorder<'_> {
     fn record(&mut self, processor: Processor, outcomes: Vec<Outcome>) {
         for outcome in outcomes {
             let seq = self.out.len().to_string();
-            let d = Decision {
+            let mut d = Decision {
                 decision_id: deterministic_id(&[
                     &self.customer_id,
                     &self.input_ref,
@@ -68,7 +68,12 @@ impl Recorder<'_> {
                 decided_at: self.now,
                 policy_version: self.policy_version.clone(),
                 outcome,
+                consent_chain: None,
             };
+            if d.outcome.changes_consent() {
+                let previous = self.state.consent_chain_head.as_deref();
+                d.consent_chain = Some(crate::audit::chain_link(previous, &d));
+            }
             evolve(self.state, &d);
             self.out.push(d);
         }

@@ -154,6 +154,9 @@ pub struct CustomerState {
     /// Running journey instances, by `journey/key`.
     #[serde(default)]
     pub journeys: BTreeMap<String, JourneyInstance>,
+    /// The last link of the consent hash chain, which the next consent change extends.
+    #[serde(default)]
+    pub consent_chain_head: Option<String>,
 }
 
 impl CustomerState {
@@ -271,8 +274,12 @@ impl CustomerState {
             }
             Fact::ErasureRequested(_) => {
                 let seen = std::mem::take(&mut self.seen);
+                // The consent chain goes on across an erasure, so an audit can still tell
+                // that no record was removed.
+                let consent_chain_head = self.consent_chain_head.take();
                 *self = CustomerState {
                     seen,
+                    consent_chain_head,
                     erased: true,
                     ..CustomerState::default()
                 };
@@ -284,6 +291,9 @@ impl CustomerState {
 
 /// Folds one decision into the customer's state.
 pub fn evolve(state: &mut CustomerState, decision: &Decision) {
+    if let Some(link) = &decision.consent_chain {
+        state.consent_chain_head = Some(link.clone());
+    }
     match &decision.outcome {
         Outcome::EventAccepted(a) => {
             state

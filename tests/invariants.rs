@@ -342,3 +342,17 @@ fn the_same_input_gives_the_same_decisions() {
         );
     }
 }
+
+#[test]
+fn every_customers_consent_chain_verifies() {
+    let topology = Topology::embedded().unwrap();
+    let mut records = 0;
+    for seed in SEEDS {
+        let r = run(&inputs_of(seed), &topology);
+        let v = herald::audit::verify(&r.decisions);
+        assert!(v.breaks.is_empty(), "seed {seed}: {:?}", v.breaks.first());
+        assert_eq!(v.unchained, 0, "seed {seed}: a consent change without a link");
+        records += v.consent_records;
+    }
+    assert!(records > 1_000, "the months must change consent often: {records}");
+}
