@@ -131,6 +131,84 @@ pub fn timeline(customer_id: &str, decisions: &[&Decision], as_of: Option<Millis
     t
 }
 
+fn time(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+fn short(link: &Option<String>) -> String {
+    link.as_deref()
+        .map(|l| format!("{}…", &l[..l.len().min(12)]))
+        .unwrap_or_else(|| "(none)".into())
+}
+
+impl Timeline {
+    /// The timeline for a reader: each change of consent, and under it the decisions that
+    /// relied on that grant; reliance on consent this log does not show comes last.
+    pub fn render(&self, as_of: Option<Millis>) -> String {
+        let mut s = format!("consent of {}", self.customer_id);
+        if let Some(t) = as_of {
+            s += &format!(" as of {}", time(t));
+        }
+        s += "\n";
+        if self.changes.is_empty() {
+            s += "  no consent change recorded\n";
+        }
+        let mut shown = vec![false; self.relied_on.len()];
+        for c in &self.changes {
+            let purposes: Vec<String> = c.purposes.iter().map(|p| format!("{p:?}")).collect();
+            s += &format!(
+                "{}  {:<8} {}/{:?}  source {}  artifact {}  link {}\n",
+                time(c.at),
+                if c.granted { "GRANTED" } else { "REVOKED" },
+                purposes.join("+"),
+                c.channel,
+                c.source,
+                c.artifact_id,
+                short(&c.chain)
+            );
+            if !c.granted {
+                continue;
+            }
+            for (i, r) in self.relied_on.iter().enumerate() {
+                if !shown[i] && r.artifact_id == c.artifact_id && r.consent_granted_at == c.at {
+                    shown[i] = true;
+                    s += &format!(
+                        "    {}  {} on {:?}  (decision {})\n",
+                        time(r.at),
+                        r.summary,
+                        r.channel,
+                        r.decision_id
+                    );
+                }
+            }
+        }
+        let orphans: Vec<&Reliance> = self
+            .relied_on
+            .iter()
+            .zip(&shown)
+            .filter(|(_, seen)| !**seen)
+            .map(|(r, _)| r)
+            .collect();
+        if !orphans.is_empty() {
+            s += "relied on consent not in this log:\n";
+            for r in orphans {
+                s += &format!(
+                    "    {}  {} on {:?}, artifact {} granted {}  (decision {})\n",
+                    time(r.at),
+                    r.summary,
+                    r.channel,
+                    r.artifact_id,
+                    time(r.consent_granted_at),
+                    r.decision_id
+                );
+            }
+        }
+        s
+    }
+}
+
 /// Where a customer's consent chain does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChainBreak {
@@ -148,6 +226,8 @@ pub struct Verification {
     pub consent_records: usize,
     /// Consent changes written before the chain existed (schema v3 and older), not checkable.
     pub unchained: usize,
+    /// Chained records whose link checked out.
+    pub intact: usize,
     pub breaks: Vec<ChainBreak>,
 }
 
@@ -197,6 +277,7 @@ pub fn verify<'a>(decisions: impl IntoIterator<Item = &'a Decision>) -> Verifica
             checked += 1;
             previous = Some(expected);
         }
+        v.intact += checked;
     }
     v
 }

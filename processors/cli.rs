@@ -69,6 +69,11 @@ pub enum Command {
         #[arg(long)]
         fail_on_difference: bool,
     },
+    /// Consent audit: a customer's consent timeline, and the hash chain check of every customer's.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Writes the inputs, stock levels and decisions of a cluster to a dump file for `herald replay`.
     Export {
         #[arg(long, env = "HERALD_BOOTSTRAP")]
@@ -124,6 +129,84 @@ pub enum TopicsAction {
         #[arg(long)]
         replication: Option<i32>,
     },
+}
+
+/// Where the audit reads the decision log: dump files, or a cluster.
+#[derive(clap::Args, Debug)]
+pub struct LogSource {
+    /// Dump files (`.jsonl` or `.avro`) from `herald export` or `herald demo --record`.
+    #[arg(long = "events", conflicts_with = "bootstrap")]
+    pub events: Vec<PathBuf>,
+    /// A cluster whose `herald.decisions.v1` is read whole (read_committed).
+    #[arg(long, env = "HERALD_BOOTSTRAP", requires = "registry")]
+    pub bootstrap: Option<String>,
+    #[arg(long, env = "HERALD_REGISTRY_URL")]
+    pub registry: Option<String>,
+    /// Topology directory (for the partition count); the embedded one when absent.
+    #[arg(long, env = "HERALD_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+}
+
+impl LogSource {
+    fn decisions(&self) -> Result<Vec<crate::events::Decision>> {
+        let records = match (&self.bootstrap, &self.registry) {
+            (Some(bootstrap), Some(registry)) if self.events.is_empty() => {
+                let topo = topology(&self.topology)?;
+                let rt = tokio::runtime::Runtime::new()?;
+                let codec = Arc::new(Codec::new(registry)?);
+                crate::dump::export(
+                    bootstrap,
+                    vec![crate::stages::DECISIONS],
+                    codec,
+                    topo.partitions(),
+                    rt.handle().clone(),
+                )?
+            }
+            _ if !self.events.is_empty() => {
+                let mut records = Vec::new();
+                for file in &self.events {
+                    records.extend(crate::dump::read(file)?);
+                }
+                records
+            }
+            _ => {
+                bail!("say where the decision log is: --events FILE, or --bootstrap and --registry")
+            }
+        };
+        Ok(crate::dump::decisions(&records))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditAction {
+    /// One customer's consent changes (grant, revoke, source, artifact, chain link) and every
+    /// business-initiated decision that relied on each grant, in order.
+    Consent {
+        #[arg(long)]
+        customer: String,
+        /// Only what was decided up to this instant (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        as_of: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        source: LogSource,
+    },
+    /// Recomputes every customer's consent hash chain; exits 1 naming each break.
+    Verify {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        source: LogSource,
+    },
+}
+
+fn parse_instant(flag: &str, text: &str) -> Result<crate::events::Millis> {
+    text.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .with_context(|| {
+            format!("{flag}: '{text}' is not an RFC 3339 instant (2026-11-01T00:00:00Z)")
+        })
 }
 
 #[derive(Subcommand, Debug)]
@@ -302,13 +385,7 @@ pub fn main(cli: Cli) -> Result<()> {
             for file in &events {
                 records.extend(crate::dump::read(file)?);
             }
-            let recorded: Vec<crate::events::Decision> = records
-                .iter()
-                .filter_map(|r| match &r.payload {
-                    crate::replay::Payload::Decision(d) => Some(d.clone()),
-                    _ => None,
-                })
-                .collect();
+            let recorded = crate::dump::decisions(&records);
             let replayed = crate::replay::replay(&records, &topo);
             let report =
                 crate::replay::Report::new(&topo.policy.version, &recorded, &replayed, show);
@@ -326,6 +403,68 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Audit {
+            action:
+                AuditAction::Consent {
+                    customer,
+                    as_of,
+                    json,
+                    source,
+                },
+        } => {
+            telemetry::init_tracing("warn");
+            let as_of = as_of
+                .as_deref()
+                .map(|t| parse_instant("--as-of", t))
+                .transpose()?;
+            let decisions = source.decisions()?;
+            let mine: Vec<&crate::events::Decision> = decisions
+                .iter()
+                .filter(|d| d.customer_id == customer)
+                .collect();
+            if mine.is_empty() {
+                bail!("no decision about customer '{customer}' in this log");
+            }
+            let t = crate::audit::timeline(&customer, &mine, as_of);
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                print!("{}", t.render(as_of));
+            }
+            Ok(())
+        }
+        Command::Audit {
+            action: AuditAction::Verify { json, source },
+        } => {
+            telemetry::init_tracing("warn");
+            let decisions = source.decisions()?;
+            let v = crate::audit::verify(&decisions);
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "{} customers, {} consent records: {} chained and intact, {} from before the chain, {} breaks",
+                    v.customers,
+                    v.consent_records,
+                    v.intact,
+                    v.unchained,
+                    v.breaks.len()
+                );
+                for b in &v.breaks {
+                    println!(
+                        "  {} at consent record {} (decision {}): {}",
+                        b.customer_id, b.position, b.decision_id, b.why
+                    );
+                }
+            }
+            if !v.breaks.is_empty() {
+                bail!(
+                    "the consent chain is broken for {} customers",
+                    v.breaks.len()
+                );
+            }
+            Ok(())
+        }
         Command::Export {
             bootstrap,
             registry,
@@ -337,8 +476,13 @@ pub fn main(cli: Cli) -> Result<()> {
             let topo = topology(&dir)?;
             let rt = tokio::runtime::Runtime::new()?;
             let codec = Arc::new(Codec::new(&registry)?);
-            let records =
-                crate::dump::export(&bootstrap, codec, topo.partitions(), rt.handle().clone())?;
+            let records = crate::dump::export(
+                &bootstrap,
+                crate::dump::replay_topics(),
+                codec,
+                topo.partitions(),
+                rt.handle().clone(),
+            )?;
             let n = crate::dump::write(&out, &records)?;
             println!("wrote {n} records to {}", out.display());
             Ok(())

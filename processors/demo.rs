@@ -387,6 +387,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let recorder = match &opts.record {
         Some(_) => Some(crate::dump::Follower::start(
             &cluster.bootstrap,
+            crate::dump::replay_topics(),
             codec.clone(),
             topology.partitions(),
             rt.handle().clone(),

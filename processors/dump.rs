@@ -352,9 +352,10 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Starts reading every replay topic from its beginning (read_committed).
+    /// Starts reading `topics` (replay topics) from their beginning (read_committed).
     pub fn start(
         bootstrap: &str,
+        topics: Vec<&'static str>,
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
@@ -362,7 +363,7 @@ impl Follower {
         let settings = KafkaSettings::new(bootstrap, true, &format!("dump-{}", std::process::id()));
         let consumer: BaseConsumer<EndOfLogIsExpected> = settings.log_reader()?;
         let mut tpl = TopicPartitionList::new();
-        for topic in replay_topics() {
+        for topic in &topics {
             for p in 0..partitions {
                 tpl.add_partition_offset(topic, p, Offset::Beginning)?;
             }
@@ -378,7 +379,7 @@ impl Follower {
             loop {
                 if ends.is_none() && flag.load(Ordering::SeqCst) {
                     let mut e = HashMap::new();
-                    for topic in replay_topics() {
+                    for topic in &topics {
                         for p in 0..partitions {
                             let (_, high) =
                                 consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
@@ -425,16 +426,30 @@ impl Follower {
     }
 }
 
-/// Reads the replay topics whole from a cluster (read_committed) and decodes them through the
-/// registry. A registry outage fails the export; a record that cannot be decoded is kept with
-/// its reason.
+/// Reads `topics` (replay topics) whole from a cluster (read_committed) and decodes them
+/// through the registry. A registry outage fails the export; a record that cannot be decoded is
+/// kept with its reason.
 pub fn export(
     bootstrap: &str,
+    topics: Vec<&'static str>,
     codec: Arc<Codec>,
     partitions: i32,
     rt: tokio::runtime::Handle,
 ) -> Result<Vec<DumpedRecord>> {
-    Follower::start(bootstrap, codec, partitions, rt)?.finish()
+    Follower::start(bootstrap, topics, codec, partitions, rt)?.finish()
+}
+
+/// The decisions of dump files, or of a cluster's decision log, in log order per partition.
+pub fn decisions(records: &[DumpedRecord]) -> Vec<Decision> {
+    let mut ds: Vec<(&DumpedRecord, &Decision)> = records
+        .iter()
+        .filter_map(|r| match &r.payload {
+            Payload::Decision(d) => Some((r, d)),
+            _ => None,
+        })
+        .collect();
+    ds.sort_by_key(|(r, _)| (r.partition, r.offset));
+    ds.into_iter().map(|(_, d)| d.clone()).collect()
 }
 
 #[cfg(test)]

@@ -351,8 +351,14 @@ fn every_customers_consent_chain_verifies() {
         let r = run(&inputs_of(seed), &topology);
         let v = herald::audit::verify(&r.decisions);
         assert!(v.breaks.is_empty(), "seed {seed}: {:?}", v.breaks.first());
-        assert_eq!(v.unchained, 0, "seed {seed}: a consent change without a link");
+        assert_eq!(
+            v.unchained, 0,
+            "seed {seed}: a consent change without a link"
+        );
         records += v.consent_records;
     }
-    assert!(records > 1_000, "the months must change consent often: {records}");
+    assert!(
+        records > 1_000,
+        "the months must change consent often: {records}"
+    );
 }

@@ -1,0 +1,121 @@
+//! The consent audit as an auditor runs it, on the demo's recorded decision log: the chain of
+//! every customer verifies; a customer's timeline shows each grant and what relied on it; and a
+//! record changed or removed afterwards is found and named.
+
+use std::process::Command;
+
+fn herald(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("herald runs")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn is_consent_grant(line: &serde_json::Value) -> bool {
+    let o = &line["value"]["outcome"];
+    line["topic"] == "herald.decisions.v1"
+        && o["type"] == "EventAccepted"
+        && o["fact"]["type"] == "ConsentGranted"
+}
+
+#[test]
+fn the_demo_log_verifies_and_a_changed_or_removed_consent_record_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("month.jsonl");
+    let demo = herald(&[
+        "demo",
+        "--customers",
+        "150",
+        "--json",
+        "--record",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(demo.status.success(), "{}", text(&demo));
+
+    let ok = herald(&["audit", "verify", "--events", dump.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains(" 0 breaks"), "{}", text(&ok));
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // A customer whose order confirmation relied on a grant in this log.
+    let approved = lines
+        .iter()
+        .find(|l| l["value"]["outcome"]["type"] == "MessageApproved")
+        .expect("the demo approves messages");
+    let customer = approved["value"]["customer_id"].as_str().unwrap();
+    let artifact = approved["value"]["outcome"]["consent_artifact_id"]
+        .as_str()
+        .unwrap();
+    let timeline = herald(&[
+        "audit",
+        "consent",
+        "--customer",
+        customer,
+        "--events",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(timeline.status.success(), "{}", text(&timeline));
+    let t = text(&timeline);
+    let grant = t
+        .lines()
+        .position(|l| l.contains("GRANTED") && l.contains(artifact))
+        .unwrap_or_else(|| panic!("no grant of {artifact}:\n{t}"));
+    assert!(
+        t.lines()
+            .skip(grant + 1)
+            .take_while(|l| l.starts_with("    "))
+            .any(|l| l.contains("MessageApproved")),
+        "the approval is not listed under the grant it relied on:\n{t}"
+    );
+
+    // Changed afterwards: the source of one grant is rewritten.
+    let first_grant = lines.iter().position(is_consent_grant).unwrap();
+    let victim = lines[first_grant]["value"]["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut changed = lines.clone();
+    changed[first_grant]["value"]["outcome"]["fact"]["source"] = "backfilled".into();
+    let tampered = dir.path().join("changed.jsonl");
+    let body: Vec<String> = changed.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&tampered, body.join("\n")).unwrap();
+    let o = herald(&["audit", "verify", "--events", tampered.to_str().unwrap()]);
+    assert!(!o.status.success(), "a changed record must fail the audit");
+    assert!(text(&o).contains(&victim), "{}", text(&o));
+
+    // Removed afterwards: a grant that a later consent record of the same customer follows.
+    let removable = lines
+        .iter()
+        .enumerate()
+        .find(|(i, l)| {
+            is_consent_grant(l)
+                && lines[i + 1..].iter().any(|m| {
+                    m["value"]["customer_id"] == l["value"]["customer_id"]
+                        && !m["value"]["consent_chain"].is_null()
+                })
+        })
+        .map(|(i, _)| i)
+        .expect("some customer changes consent twice");
+    let mut removed = lines.clone();
+    removed.remove(removable);
+    let gap = dir.path().join("removed.jsonl");
+    let body: Vec<String> = removed.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&gap, body.join("\n")).unwrap();
+    let o = herald(&["audit", "verify", "--events", gap.to_str().unwrap()]);
+    assert!(!o.status.success(), "a removed record must fail the audit");
+    let who = lines[removable]["value"]["customer_id"].as_str().unwrap();
+    assert!(text(&o).contains(who), "{}", text(&o));
+}
