@@ -22,6 +22,12 @@ pub struct BenchResult {
     pub core_events_per_s: f64,
     pub e2e_events_per_s: f64,
     pub passthrough_events_per_s: f64,
+    /// Decisions per second decoded from Avro and folded into state, as a restore or
+    /// `herald rebuild` does, one thread.
+    pub rebuild_events_per_s: f64,
+    /// Mean size of the stored state (the JSON the state store keeps) of a customer who got at
+    /// least one message in the scenario.
+    pub bytes_per_customer: f64,
 }
 
 /// Runs all three measurements on a scenario of `customers` customers.
@@ -44,14 +50,15 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     }
     let t = Instant::now();
     let mut task = crate::task::Task::default();
-    let mut decisions = 0usize;
+    let mut log = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let input_ref = i.to_string();
         tables.observe(&e.fact);
-        decisions += task.decide(e, &input_ref, &topology, &tables).len();
+        log.extend(task.decide(e, &input_ref, &topology, &tables));
     }
     let core = events.len() as f64 / t.elapsed().as_secs_f64();
-    tracing::debug!(decisions, "core pass done");
+    tracing::debug!(decisions = log.len(), "core pass done");
+    let (rebuild, bytes_per_customer) = rebuild_pass(&log, task.customers())?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,7 +130,41 @@ pub fn run(customers: usize) -> Result<BenchResult> {
     Ok(BenchResult {
         events: items.len(),
         core_events_per_s: core.round(),
+        rebuild_events_per_s: rebuild.round(),
+        bytes_per_customer: bytes_per_customer.round(),
         e2e_events_per_s: e2e.round(),
         passthrough_events_per_s: passthrough.round(),
     })
+}
+
+/// Decode-and-fold rate of a decision log, and the stored size of an active customer's state.
+fn rebuild_pass(
+    log: &[crate::events::Decision],
+    live: &std::collections::HashMap<String, crate::state::CustomerState>,
+) -> Result<(f64, f64)> {
+    let schema = crate::avro::Schemas::get().schema(crate::stages::DECISIONS)?;
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build()?;
+    let mut encoded = Vec::with_capacity(log.len());
+    for d in log {
+        encoded.push(writer.write_value_to_vec(crate::avro::decision_to_value(d)?)?);
+    }
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema).build()?;
+    let t = Instant::now();
+    let mut states: std::collections::HashMap<String, crate::state::CustomerState> =
+        std::collections::HashMap::new();
+    for bytes in &encoded {
+        let d = crate::avro::decision_from_value(&reader.read_value(&mut bytes.as_slice())?)?;
+        crate::state::evolve(states.entry(d.customer_id.clone()).or_default(), &d);
+    }
+    let rate = log.len() as f64 / t.elapsed().as_secs_f64();
+    if states.len() != live.len() || states.iter().any(|(c, s)| live.get(c) != Some(s)) {
+        return Err(anyhow!("the folded log does not rebuild the live states"));
+    }
+    let active: Vec<usize> = live
+        .values()
+        .filter(|s| !s.approved.is_empty())
+        .map(|s| serde_json::to_vec(s).map(|b| b.len()).unwrap_or(0))
+        .collect();
+    let mean = active.iter().sum::<usize>() as f64 / active.len().max(1) as f64;
+    Ok((rate, mean))
 }

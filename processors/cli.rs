@@ -45,6 +45,27 @@ pub enum Command {
         /// (`.jsonl` or `.avro`) for `herald replay`.
         #[arg(long)]
         record: Option<PathBuf>,
+        /// Keep the processors' state store in this directory (`state.redb`) instead of a
+        /// temporary one, e.g. for `herald rebuild --verify`.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Folds every customer's state again from the decision log, from offset 0, into a fresh
+    /// store directory, and prints a digest of the result; sends nothing.
+    Rebuild {
+        #[command(flatten)]
+        source: LogSource,
+        /// A directory for the new store (`state.redb`); it must hold no state yet.
+        #[arg(long)]
+        into: PathBuf,
+        /// Partitions folded at once; the digest does not depend on it.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
+        /// A live store file (`state.redb`) to compare with: exits 1 if the digests differ.
+        #[arg(long)]
+        verify: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Backtests a policy: runs a topic dump's events through the policy and journeys of DIR,
     /// with no Kafka, and prints how the decisions differ from the ones recorded in the dump.
@@ -149,7 +170,11 @@ pub struct LogSource {
 
 impl LogSource {
     fn decisions(&self) -> Result<Vec<crate::events::Decision>> {
-        let records = match (&self.bootstrap, &self.registry) {
+        Ok(crate::dump::decisions(&self.records()?))
+    }
+
+    fn records(&self) -> Result<Vec<crate::replay::DumpedRecord>> {
+        Ok(match (&self.bootstrap, &self.registry) {
             (Some(bootstrap), Some(registry)) if self.events.is_empty() => {
                 let topo = topology(&self.topology)?;
                 let rt = tokio::runtime::Runtime::new()?;
@@ -172,8 +197,7 @@ impl LogSource {
             _ => {
                 bail!("say where the decision log is: --events FILE, or --bootstrap and --registry")
             }
-        };
-        Ok(crate::dump::decisions(&records))
+        })
     }
 }
 
@@ -308,6 +332,7 @@ pub fn main(cli: Cli) -> Result<()> {
             json,
             keep_running,
             record,
+            state_dir,
         } => {
             telemetry::init_tracing(if json { "error" } else { "warn" });
             if let Some(path) = &record {
@@ -319,7 +344,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 seed,
                 json,
                 keep_running,
-                state_dir: None,
+                state_dir,
                 record,
             };
             let summary = demo::run(&opts)?;
@@ -462,6 +487,86 @@ pub fn main(cli: Cli) -> Result<()> {
                     "the consent chain is broken for {} customers",
                     v.breaks.len()
                 );
+            }
+            Ok(())
+        }
+        Command::Rebuild {
+            source,
+            into,
+            parallelism,
+            verify,
+            json,
+        } => {
+            telemetry::init_tracing("warn");
+            if let Some(live) = &verify {
+                if !live.is_file() {
+                    bail!("--verify: {} is not a store file", live.display());
+                }
+            }
+            let topo = topology(&source.topology)?;
+            let store = crate::rebuild::open_fresh(&into)?;
+            crate::rebuild::ensure_fresh(&store, 0..topo.partitions())?;
+            let records = source.records()?;
+            let started = std::time::Instant::now();
+            let total = records
+                .iter()
+                .filter(|r| matches!(r.payload, crate::replay::Payload::Decision(_)))
+                .count();
+            let progress = |n: u64| {
+                if !json {
+                    eprint!("\r  folded {n:>9} of {total} decisions");
+                }
+            };
+            let folded = crate::rebuild::fold(&records, parallelism, &progress);
+            crate::rebuild::write(&store, &folded)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let decisions: u64 = folded.values().map(|f| f.decisions).sum();
+            if !json {
+                eprintln!("\r  folded {decisions:>9} of {total} decisions");
+            }
+            let rebuilt = crate::rebuild::load_states(&store, topo.partitions())?;
+            let mut report = crate::rebuild::RebuildReport {
+                decisions,
+                customers: rebuilt.len(),
+                digest: crate::rebuild::digest(rebuilt.iter()),
+                seconds,
+                events_per_s: decisions as f64 / seconds.max(1e-9),
+                live_digest: None,
+                differing_customers: Vec::new(),
+            };
+            if let Some(live) = &verify {
+                let live = EmbeddedStore::open(live)?;
+                let states = crate::rebuild::load_states(&live, topo.partitions())?;
+                report.live_digest = Some(crate::rebuild::digest(states.iter()));
+                report.differing_customers = crate::rebuild::differing(&rebuilt, &states, 10);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "rebuilt {} customers from {} decisions into {} in {:.1} s\ndigest {}",
+                    report.customers,
+                    report.decisions,
+                    into.display(),
+                    report.seconds,
+                    report.digest
+                );
+                if let Some(live) = &report.live_digest {
+                    println!("live   {live}");
+                }
+            }
+            if report
+                .live_digest
+                .as_ref()
+                .is_some_and(|l| *l != report.digest)
+            {
+                bail!(
+                    "the rebuilt state differs from the live store, e.g. for {}",
+                    report.differing_customers.join(", ")
+                );
+            }
+            if report.live_digest.is_some() && !json {
+                println!("equal: the live store is what the log says");
             }
             Ok(())
         }

@@ -30,6 +30,7 @@ pub mod dump;
 pub mod intake;
 pub mod kafka;
 pub mod provider;
+pub mod rebuild;
 pub mod registry;
 pub mod scenario;
 pub mod stages;

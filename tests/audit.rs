@@ -1,8 +1,11 @@
-//! The consent audit as an auditor runs it, on the demo's recorded decision log: the chain of
-//! every customer verifies; a customer's timeline shows each grant and what relied on it; and a
-//! record changed or removed afterwards is found and named.
+//! The consent audit and the rebuild as an operator runs them, on one demo's recorded decision
+//! log and live store: the chain of every customer verifies; a customer's timeline shows each
+//! grant and what relied on it; a record changed or removed afterwards is found and named; and
+//! the state rebuilt from the log, at any parallelism, has the live store's digest.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 fn herald(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -27,19 +30,68 @@ fn is_consent_grant(line: &serde_json::Value) -> bool {
         && o["fact"]["type"] == "ConsentGranted"
 }
 
+/// One demo run for both tests: its dump and its live state directory.
+fn demo() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static DEMO: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    DEMO.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let dump = dir.path().join("month.jsonl");
+        let live = dir.path().join("live");
+        let o = herald(&[
+            "demo",
+            "--customers",
+            "150",
+            "--json",
+            "--record",
+            dump.to_str().unwrap(),
+            "--state-dir",
+            live.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        (dir, dump, live)
+    })
+}
+
+#[test]
+fn the_state_rebuilt_from_the_log_has_the_live_digest_at_any_parallelism() {
+    let (dir, dump, live) = demo();
+    let mut digests = Vec::new();
+    for (n, parallelism) in ["1", "3"].iter().enumerate() {
+        let into = dir.path().join(format!("rebuilt-{n}"));
+        let o = herald(&[
+            "rebuild",
+            "--events",
+            dump.to_str().unwrap(),
+            "--into",
+            into.to_str().unwrap(),
+            "--parallelism",
+            parallelism,
+            "--verify",
+            live.join("state.redb").to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(report["digest"], report["live_digest"], "{report}");
+        assert!(report["customers"].as_u64().unwrap() > 100, "{report}");
+        digests.push(report["digest"].clone());
+    }
+    assert_eq!(digests[0], digests[1]);
+    // A second rebuild into the same directory is refused, not merged.
+    let o = herald(&[
+        "rebuild",
+        "--events",
+        dump.to_str().unwrap(),
+        "--into",
+        dir.path().join("rebuilt-0").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("fresh directory"), "{}", text(&o));
+}
+
 #[test]
 fn the_demo_log_verifies_and_a_changed_or_removed_consent_record_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let dump = dir.path().join("month.jsonl");
-    let demo = herald(&[
-        "demo",
-        "--customers",
-        "150",
-        "--json",
-        "--record",
-        dump.to_str().unwrap(),
-    ]);
-    assert!(demo.status.success(), "{}", text(&demo));
+    let (dir, dump, _) = demo();
 
     let ok = herald(&["audit", "verify", "--events", dump.to_str().unwrap()]);
     assert!(ok.status.success(), "{}", text(&ok));
