@@ -58,7 +58,7 @@ pub fn fold(
                             f.next_offset = f.next_offset.max(offset + 1);
                             f.decisions += 1;
                             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                            if n % 20_000 == 0 {
+                            if n.is_multiple_of(20_000) {
                                 progress(n);
                             }
                         }
