@@ -97,7 +97,7 @@ fn the_demo_log_verifies_and_a_changed_or_removed_consent_record_is_named() {
     assert!(ok.status.success(), "{}", text(&ok));
     assert!(text(&ok).contains(" 0 breaks"), "{}", text(&ok));
 
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dump)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
