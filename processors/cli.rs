@@ -113,6 +113,22 @@ pub enum Command {
         #[arg(long, default_value_t = 5_000)]
         customers: usize,
     },
+    /// Proves crash safety: runs the processors and dispatch as separate processes on an
+    /// in-process cluster, SIGKILLs one every few seconds while the scenario is fed, and
+    /// prints one line of checks (all must be 0; exits 1 otherwise).
+    Chaos {
+        /// Customers in the scenario (about 15 events each; 13,500 give over 200,000 events).
+        #[arg(long, default_value_t = 13_500)]
+        customers: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Time between two SIGKILLs (processors and dispatch take turns).
+        #[arg(long, default_value_t = 4_000)]
+        kill_every_ms: u64,
+        /// Print the result as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the processors and/or dispatch against a Kafka cluster, a registry and a store.
     Run(Box<RunArgs>),
     /// Topic administration.
@@ -305,6 +321,14 @@ pub struct RunArgs {
     /// event time alone (for a backfill of old events, whose stream time is in the past).
     #[arg(long, env = "HERALD_WALL_CLOCK_TICK_SECS", default_value_t = 5)]
     pub wall_clock_tick_secs: u64,
+    /// Join the consumer group as a static member named after the instance id, so a restarted
+    /// process (same HERALD_INSTANCE_ID) takes its partitions back without a rebalance.
+    #[arg(long, env = "HERALD_STATIC_MEMBERSHIP")]
+    pub static_membership: bool,
+    /// How long the group waits for a silent member (a killed process) before its partitions
+    /// move on: shorter fails over faster, longer rides out pauses.
+    #[arg(long, env = "HERALD_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
     /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     pub kafka_config: Vec<(String, String)>,
@@ -490,6 +514,34 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Chaos {
+            customers,
+            seed,
+            kill_every_ms,
+            json,
+        } => {
+            telemetry::init_tracing("error");
+            let opts = crate::chaos::ChaosOptions {
+                customers,
+                seed,
+                kill_every: Duration::from_millis(kill_every_ms),
+                herald: crate::chaos::this_binary()?,
+            };
+            let report = crate::chaos::run(&opts, |line| {
+                if !json {
+                    eprintln!("{line}");
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.line());
+            }
+            if !report.clean() {
+                bail!("a guarantee did not hold under SIGKILL");
+            }
+            Ok(())
+        }
         Command::Rebuild {
             source,
             into,
@@ -631,6 +683,8 @@ fn run(args: RunArgs) -> Result<()> {
     settings.assignment_strategy = args.assignment_strategy.clone();
     settings.max_task_idle_ms = args.max_task_idle_ms;
     settings.extra = args.kafka_config.clone();
+    settings.static_membership = args.static_membership;
+    settings.session_timeout_ms = args.session_timeout_ms;
     let stop = kafka::stop_on_signal(rt.handle());
     let metrics = Metrics::shared();
     let bound = rt.block_on(telemetry::serve_metrics(args.metrics_addr, metrics.clone()))?;

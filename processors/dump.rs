@@ -348,6 +348,9 @@ fn decode(codec: &Codec, rt: &tokio::runtime::Handle, m: &BorrowedMessage) -> Re
 /// 5 MB per partition) cannot take records from the dump.
 pub struct Follower {
     finish: Arc<AtomicBool>,
+    /// Dedupe decisions read so far (one per decided input record), and approvals.
+    decided_inputs: Arc<std::sync::atomic::AtomicU64>,
+    approved: Arc<std::sync::atomic::AtomicU64>,
     handle: std::thread::JoinHandle<Result<Vec<DumpedRecord>>>,
 }
 
@@ -371,6 +374,9 @@ impl Follower {
         consumer.assign(&tpl)?;
         let finish = Arc::new(AtomicBool::new(false));
         let flag = finish.clone();
+        let decided_inputs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let approved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (decided, approvals) = (decided_inputs.clone(), approved.clone());
         let handle = std::thread::spawn(move || {
             let mut out = Vec::new();
             // Set once finishing: the end offsets to reach, per topic and partition.
@@ -401,20 +407,51 @@ impl Follower {
                     }
                 }
                 match consumer.poll(Duration::from_millis(100)) {
-                    Some(Ok(m)) => out.push(DumpedRecord {
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        timestamp: m.timestamp().to_millis(),
-                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        payload: decode(&codec, &rt, &m)?,
-                    }),
+                    Some(Ok(m)) => {
+                        let payload = decode(&codec, &rt, &m)?;
+                        if let Payload::Decision(d) = &payload {
+                            if d.processor == crate::events::Processor::Dedupe {
+                                decided.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if matches!(d.outcome, crate::events::Outcome::MessageApproved(_)) {
+                                approvals.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        out.push(DumpedRecord {
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            timestamp: m.timestamp().to_millis(),
+                            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                            payload,
+                        })
+                    }
                     Some(Err(KafkaError::PartitionEOF(_))) | None => {}
                     Some(Err(e)) => bail!("reading the topics for the dump: {e}"),
                 }
             }
         });
-        Ok(Follower { finish, handle })
+        Ok(Follower {
+            finish,
+            decided_inputs,
+            approved,
+            handle,
+        })
+    }
+
+    /// Input records decided so far (dedupe decisions read).
+    pub fn decided_inputs(&self) -> u64 {
+        self.decided_inputs.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind `decided_inputs`, for another thread to watch.
+    pub fn decided_inputs_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.decided_inputs.clone()
+    }
+
+    /// Approved messages read so far.
+    pub fn approved(&self) -> u64 {
+        self.approved.load(Ordering::Relaxed)
     }
 
     /// Reads on to the topics' current end and returns every record read.

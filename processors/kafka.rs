@@ -36,6 +36,11 @@ pub struct KafkaSettings {
     pub max_task_idle_ms: u64,
     /// Extra librdkafka settings (security, timeouts), applied last.
     pub extra: Vec<(String, String)>,
+    /// Join the group with a static member id derived from `instance_id` (KIP-345), so a
+    /// process restarted under the same id takes its partitions back without a rebalance.
+    pub static_membership: bool,
+    /// How long the group waits for a silent member before handing its partitions on.
+    pub session_timeout_ms: u32,
 }
 
 impl KafkaSettings {
@@ -49,6 +54,8 @@ impl KafkaSettings {
             assignment_strategy: "cooperative-sticky".into(),
             max_task_idle_ms: 250,
             extra: vec![],
+            static_membership: false,
+            session_timeout_ms: 10_000,
         }
     }
 
@@ -307,18 +314,22 @@ pub fn run_stage<S: Stage>(
 ) -> Result<()> {
     let group = format!("herald-{}", stage.name());
     let client_id = format!("herald-{}-{}", stage.name(), settings.instance_id);
-    let cc = settings.consumer_config(
-        &group,
-        &client_id,
-        &[
-            (
-                "partition.assignment.strategy",
-                settings.assignment_strategy.as_str(),
-            ),
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "1000"),
-        ],
-    );
+    let session = settings.session_timeout_ms.to_string();
+    let heartbeat = (settings.session_timeout_ms / 3)
+        .clamp(100, 1000)
+        .to_string();
+    let mut specific = vec![
+        (
+            "partition.assignment.strategy",
+            settings.assignment_strategy.as_str(),
+        ),
+        ("session.timeout.ms", session.as_str()),
+        ("heartbeat.interval.ms", heartbeat.as_str()),
+    ];
+    if settings.static_membership {
+        specific.push(("group.instance.id", client_id.as_str()));
+    }
+    let cc = settings.consumer_config(&group, &client_id, &specific);
     let consumer: BaseConsumer<RebalanceLog> = cc
         .create_with_context(RebalanceLog::default())
         .context("cannot create Kafka consumer")?;

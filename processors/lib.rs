@@ -24,6 +24,7 @@ pub mod task;
 
 // Shells.
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod demo;
 pub mod dump;

@@ -1,0 +1,380 @@
+//! `herald chaos`: the crash-safety proof. It owns a Kafka-protocol cluster (the librdkafka mock
+//! cluster, on TCP), runs the processors and dispatch as separate `herald run` processes, and
+//! kills one of them with SIGKILL every few seconds while the scenario is fed, restarting it at
+//! once. Afterwards it checks what a read_committed reader saw and prints one line: events lost,
+//! duplicate decisions, per-customer order violations, sends without consent, duplicate sends.
+
+use crate::demo::{self, FeedStamp};
+use crate::dump::Follower;
+use crate::events::{Decision, Processor};
+use crate::kafka::KafkaSettings;
+use crate::registry::Codec;
+use crate::scenario::{self, FeedItem};
+use crate::stages::DECISIONS;
+use crate::topology::Topology;
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Options of `herald chaos`.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    pub customers: usize,
+    pub seed: u64,
+    pub kill_every: Duration,
+    /// The `herald` binary to run as the processes under test.
+    pub herald: PathBuf,
+}
+
+/// The one line `herald chaos` prints (as JSON with `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    pub events: usize,
+    pub kills: u64,
+    pub seconds: f64,
+    pub decisions: usize,
+    pub sends: usize,
+    pub events_lost: u64,
+    pub duplicate_decisions: u64,
+    pub order_violations: u64,
+    pub sends_without_consent: u64,
+    pub duplicate_sends: u64,
+}
+
+impl ChaosReport {
+    /// Whether every guarantee held.
+    pub fn clean(&self) -> bool {
+        self.events_lost == 0
+            && self.duplicate_decisions == 0
+            && self.order_violations == 0
+            && self.sends_without_consent == 0
+            && self.duplicate_sends == 0
+    }
+
+    /// The one line.
+    pub fn line(&self) -> String {
+        format!(
+            "chaos: {} events, {} kills in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}",
+            self.events,
+            self.kills,
+            self.seconds,
+            self.events_lost,
+            self.duplicate_decisions,
+            self.order_violations,
+            self.sends_without_consent,
+            self.duplicate_sends
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    Processors,
+    Dispatch,
+}
+
+struct Processes {
+    herald: PathBuf,
+    bootstrap: String,
+    registry: String,
+    simulator: String,
+    dir: PathBuf,
+    children: Vec<(Role, Child)>,
+}
+
+impl Processes {
+    fn spawn(&self, role: Role) -> Result<Child> {
+        let (stage, instance, store) = match role {
+            Role::Processors => ("processors", "chaos-processors", "processors.redb"),
+            Role::Dispatch => ("dispatch", "chaos-dispatch", "dispatch.redb"),
+        };
+        Command::new(&self.herald)
+            .args(["run", "--stage", stage, "--instance-id", instance])
+            .args(["--bootstrap", &self.bootstrap, "--registry", &self.registry])
+            .args(["--provider-url", &self.simulator])
+            .args([
+                "--phone-number-id",
+                "1055501234567890",
+                "--provider-token",
+                "chaos",
+            ])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            // The mock cluster ignores static membership, so a killed member is dropped only
+            // when its session expires: keep that short, as for fast failover.
+            .args(["--session-timeout-ms", "3000"])
+            .arg("--store")
+            .arg(self.dir.join(store))
+            // The scenario is a month of event time; the wall clock must not overtake it.
+            .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.herald.display()))
+    }
+
+    fn kill_and_restart(&mut self, i: usize) -> Result<()> {
+        let role = self.children[i].0;
+        // SIGKILL: no transaction is finished, no state is saved.
+        let _ = self.children[i].1.kill();
+        let _ = self.children[i].1.wait();
+        self.children[i].1 = self.spawn(role)?;
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        for (_, c) in &mut self.children {
+            terminate(c);
+        }
+    }
+}
+
+fn terminate(c: &mut Child) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: signalling a child process we own by its pid.
+    unsafe {
+        kill(c.id() as i32, 15);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "{what} did not happen within {} s",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
+}
+
+/// Runs the scenario under repeated SIGKILLs and checks the outcome.
+pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let topology = Topology::embedded()?;
+    let cluster = demo::start_cluster(&rt, &topology)?;
+    let codec = Arc::new(Codec::new(&cluster.registry_url)?);
+    rt.block_on(codec.register_all())?;
+    // Reads the decision log as it is committed: the mock cluster trims old segments.
+    let follower = Follower::start(
+        &cluster.bootstrap,
+        vec![DECISIONS],
+        codec.clone(),
+        topology.partitions(),
+        rt.handle().clone(),
+    )?;
+    let scenario = scenario::generate(opts.customers, opts.seed);
+    let events: Vec<&crate::events::InputEvent> = scenario
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            FeedItem::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    say(format!(
+        "herald chaos: {} events, a SIGKILL every {} ms",
+        events.len(),
+        opts.kill_every.as_millis()
+    ));
+    let producer = KafkaSettings::new(&cluster.bootstrap, true, "chaos-feeder").producer(None)?;
+    demo::feed_stock(&rt, &producer, &codec, &scenario::stock_levels())?;
+
+    let dir = tempfile_dir()?;
+    let mut procs = Processes {
+        herald: opts.herald.clone(),
+        bootstrap: cluster.bootstrap.clone(),
+        registry: cluster.registry_url.clone(),
+        simulator: cluster.simulator_url.clone(),
+        dir: dir.clone(),
+        children: Vec::new(),
+    };
+    for role in [Role::Processors, Role::Dispatch] {
+        let c = procs.spawn(role)?;
+        procs.children.push((role, c));
+    }
+    let procs = Arc::new(Mutex::new(procs));
+    let started = Instant::now();
+    let kills = Arc::new(AtomicU64::new(0));
+    let calm = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (procs, kills, calm, every) =
+            (procs.clone(), kills.clone(), calm.clone(), opts.kill_every);
+        let decided = follower.decided_inputs_counter();
+        let simulator = cluster.simulator.clone();
+        std::thread::spawn(move || -> Result<()> {
+            // What each process has visibly done: a kill waits until its victim has committed
+            // something since it last started, so every kill lands mid-stream and the run
+            // still moves forward however slowly a restart rejoins the group.
+            let progress = |role: Role| match role {
+                Role::Processors => decided.load(Ordering::SeqCst),
+                Role::Dispatch => simulator.sends.lock().map(|s| s.len() as u64).unwrap_or(0),
+            };
+            let roles = [Role::Processors, Role::Dispatch];
+            let mut since: Vec<u64> = roles.iter().map(|r| progress(*r)).collect();
+            let mut victim = 0;
+            let mut last = Instant::now();
+            while !calm.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() < every || progress(roles[victim]) <= since[victim] {
+                    continue;
+                }
+                let mut p = procs
+                    .lock()
+                    .map_err(|_| anyhow!("process table poisoned"))?;
+                p.kill_and_restart(victim)?;
+                kills.fetch_add(1, Ordering::SeqCst);
+                since[victim] = progress(roles[victim]);
+                last = Instant::now();
+                victim = (victim + 1) % roles.len();
+            }
+            Ok(())
+        })
+    };
+
+    // Fed in chunks, each waited for, so that the processors (not the mock cluster's segment
+    // trimming) are what the records race against.
+    let result = (|| -> Result<()> {
+        let mut fed_events = 0u64;
+        for chunk in scenario.items.chunks(2_000) {
+            demo::feed(&rt, &producer, &codec, chunk, FeedStamp::OccurredAt, |_| {})?;
+            fed_events += chunk
+                .iter()
+                .filter(|i| matches!(i, FeedItem::Event(_)))
+                .count() as u64;
+            wait_for("deciding the fed records", Duration::from_secs(600), || {
+                follower.decided_inputs() >= fed_events
+            })?;
+            say(format!(
+                "  decided {fed_events}/{}  kills {}",
+                events.len(),
+                kills.load(Ordering::SeqCst)
+            ));
+        }
+        Ok(())
+    })();
+    calm.store(true, Ordering::SeqCst);
+    killer
+        .join()
+        .map_err(|_| anyhow!("the killer thread panicked"))??;
+    result?;
+    // Dispatch catches up once the kills stop: every approval sent, or nothing new for 20 s.
+    let mut last = (0, Instant::now());
+    wait_for("dispatch catching up", Duration::from_secs(600), || {
+        let sent = cluster.simulator.sends.lock().map(|s| s.len()).unwrap_or(0);
+        if sent != last.0 {
+            last = (sent, Instant::now());
+        }
+        sent as u64 >= follower.approved() || last.1.elapsed() > Duration::from_secs(20)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    procs
+        .lock()
+        .map_err(|_| anyhow!("process table poisoned"))?
+        .stop();
+    let records = follower.finish()?;
+    let decisions = crate::dump::decisions(&records);
+    let sends = cluster
+        .simulator
+        .sends
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let (without, duplicate_sends) = demo::independent_checks(&scenario.items, &topology, &sends);
+    let (events_lost, duplicate_decisions, order_violations) = check_log(&events, &decisions);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(producer);
+    Ok(ChaosReport {
+        events: events.len(),
+        kills: kills.load(Ordering::SeqCst),
+        seconds,
+        decisions: decisions.len(),
+        sends: sends.len(),
+        events_lost,
+        duplicate_decisions,
+        order_violations,
+        sends_without_consent: without,
+        duplicate_sends,
+    })
+}
+
+/// From the fed events and the committed decision log (per partition in offset order): input
+/// records with no dedupe decision, decision ids written twice, and customers whose records of
+/// one topic were decided in another order than they were fed.
+pub fn check_log(fed: &[&crate::events::InputEvent], log: &[Decision]) -> (u64, u64, u64) {
+    let mut topic_of: HashMap<&str, &str> = HashMap::new();
+    let mut fed_order: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for e in fed {
+        let topic = crate::avro::family_topic(e.fact.family());
+        topic_of.insert(&e.envelope.event_id, topic);
+        fed_order
+            .entry((&e.envelope.customer_id, topic))
+            .or_default()
+            .push(&e.envelope.event_id);
+    }
+    let mut ids = HashSet::new();
+    let mut duplicates = 0;
+    let mut decided_order: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for d in log {
+        if !ids.insert(d.decision_id.as_str()) {
+            duplicates += 1;
+            continue;
+        }
+        if d.processor != Processor::Dedupe {
+            continue;
+        }
+        if let Some(topic) = topic_of.get(d.input_event_id.as_str()) {
+            decided_order
+                .entry((&d.customer_id, topic))
+                .or_default()
+                .push(&d.input_event_id);
+        }
+    }
+    let mut lost = 0;
+    let mut violations = 0;
+    for (key, want) in &fed_order {
+        let got = decided_order.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        lost += want.len().saturating_sub(got.len()) as u64;
+        if got.len() == want.len() && got != want.as_slice() {
+            violations += 1;
+        }
+    }
+    (lost, duplicates, violations)
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("herald-chaos-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The `herald` binary to run: this one.
+pub fn this_binary() -> Result<PathBuf> {
+    std::env::current_exe().context("cannot find the herald binary to run")
+}
