@@ -27,6 +27,8 @@ pub struct ChaosOptions {
     pub customers: usize,
     pub seed: u64,
     pub kill_every: Duration,
+    /// Which processes are killed: the processors, dispatch, or both in turn.
+    pub victims: Victims,
     /// The `herald` binary to run as the processes under test.
     pub herald: PathBuf,
 }
@@ -70,6 +72,14 @@ impl ChaosReport {
             self.duplicate_sends
         )
     }
+}
+
+/// Which processes `herald chaos` kills.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Victims {
+    Processors,
+    Dispatch,
+    Both,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -221,8 +231,13 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let kills = Arc::new(AtomicU64::new(0));
     let calm = Arc::new(AtomicBool::new(false));
     let killer = {
-        let (procs, kills, calm, every) =
-            (procs.clone(), kills.clone(), calm.clone(), opts.kill_every);
+        let (procs, kills, calm, every, victims) = (
+            procs.clone(),
+            kills.clone(),
+            calm.clone(),
+            opts.kill_every,
+            opts.victims,
+        );
         let decided = follower.decided_inputs_counter();
         let simulator = cluster.simulator.clone();
         std::thread::spawn(move || -> Result<()> {
@@ -233,7 +248,11 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
                 Role::Processors => decided.load(Ordering::SeqCst),
                 Role::Dispatch => simulator.sends.lock().map(|s| s.len() as u64).unwrap_or(0),
             };
-            let roles = [Role::Processors, Role::Dispatch];
+            let roles: Vec<Role> = match victims {
+                Victims::Processors => vec![Role::Processors],
+                Victims::Dispatch => vec![Role::Dispatch],
+                Victims::Both => vec![Role::Processors, Role::Dispatch],
+            };
             let mut since: Vec<u64> = roles.iter().map(|r| progress(*r)).collect();
             let mut victim = 0;
             let mut last = Instant::now();
@@ -245,7 +264,12 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
                 let mut p = procs
                     .lock()
                     .map_err(|_| anyhow!("process table poisoned"))?;
-                p.kill_and_restart(victim)?;
+                let i = p
+                    .children
+                    .iter()
+                    .position(|(r, _)| *r == roles[victim])
+                    .ok_or_else(|| anyhow!("no {:?} process", roles[victim]))?;
+                p.kill_and_restart(i)?;
                 kills.fetch_add(1, Ordering::SeqCst);
                 since[victim] = progress(roles[victim]);
                 last = Instant::now();

@@ -125,6 +125,9 @@ pub enum Command {
         /// Time between two SIGKILLs (processors and dispatch take turns).
         #[arg(long, default_value_t = 4_000)]
         kill_every_ms: u64,
+        /// Which processes to kill.
+        #[arg(long, value_enum, default_value = "both")]
+        kill: crate::chaos::Victims,
         /// Print the result as one JSON line.
         #[arg(long)]
         json: bool,
@@ -518,6 +521,7 @@ pub fn main(cli: Cli) -> Result<()> {
             customers,
             seed,
             kill_every_ms,
+            kill,
             json,
         } => {
             telemetry::init_tracing("error");
@@ -525,6 +529,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 customers,
                 seed,
                 kill_every: Duration::from_millis(kill_every_ms),
+                victims: kill,
                 herald: crate::chaos::this_binary()?,
             };
             let report = crate::chaos::run(&opts, |line| {
