@@ -213,7 +213,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "chaos-feeder").producer(None)?;
     demo::feed_stock(&rt, &producer, &codec, &scenario::stock_levels())?;
 
-    let dir = tempfile_dir()?;
+    let dir = demo::fresh_temp_dir("chaos")?;
     let mut procs = Processes {
         herald: opts.herald.clone(),
         bootstrap: cluster.bootstrap.clone(),
@@ -387,15 +387,6 @@ pub fn check_log(fed: &[&crate::events::InputEvent], log: &[Decision]) -> (u64, 
         }
     }
     (lost, duplicates, violations)
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("herald-chaos-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// The `herald` binary to run: this one.

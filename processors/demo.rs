@@ -374,7 +374,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let state_dir = match &opts.state_dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile_dir()?;
+            tmp = fresh_temp_dir("demo")?;
             tmp.clone()
         }
     };
@@ -543,8 +543,9 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("herald-demo-{}", std::process::id()));
+/// An empty directory `herald-<what>-<pid>` under the system's temporary directory.
+pub fn fresh_temp_dir(what: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("herald-{what}-{}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
