@@ -246,7 +246,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             // still moves forward however slowly a restart rejoins the group.
             let progress = |role: Role| match role {
                 Role::Processors => decided.load(Ordering::SeqCst),
-                Role::Dispatch => simulator.sends.lock().map(|s| s.len() as u64).unwrap_or(0),
+                Role::Dispatch => simulator.sent_count() as u64,
             };
             let roles: Vec<Role> = match victims {
                 Victims::Processors => vec![Role::Processors],
@@ -308,7 +308,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     // Dispatch catches up once the kills stop: every approval sent, or nothing new for 20 s.
     let mut last = (0, Instant::now());
     wait_for("dispatch catching up", Duration::from_secs(600), || {
-        let sent = cluster.simulator.sends.lock().map(|s| s.len()).unwrap_or(0);
+        let sent = cluster.simulator.sent_count();
         if sent != last.0 {
             last = (sent, Instant::now());
         }
@@ -321,12 +321,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .stop();
     let records = follower.finish()?;
     let decisions = crate::dump::decisions(&records);
-    let sends = cluster
-        .simulator
-        .sends
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let sends = cluster.simulator.sent();
     let (without, duplicate_sends) = demo::independent_checks(&scenario.items, &topology, &sends);
     let (events_lost, duplicate_decisions, order_violations) = check_log(&events, &decisions);
     let _ = std::fs::remove_dir_all(&dir);

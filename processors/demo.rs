@@ -489,12 +489,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let by_reason = pm.reasons();
     let decisions = pm.decisions_out.load(Ordering::Relaxed);
     let dlq = read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |_| Ok(()))?;
-    let sends = cluster
-        .simulator
-        .sends
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let sends = cluster.simulator.sent();
     let (without, duplicates) = independent_checks(&scenario.items, &topology, &sends);
     if let (Some(path), Some(recorder)) = (&opts.record, recorder) {
         let records = recorder.finish()?;

@@ -182,15 +182,30 @@ pub fn read(path: &Path) -> Result<Vec<DumpedRecord>> {
     }
 }
 
-fn from_json(topic: &str, v: serde_json::Value) -> Option<Payload> {
-    let decoded = if avro::topic_family(topic).is_some() {
-        serde_json::from_value::<InputEvent>(v).map(Payload::Input)
+/// What a replay topic holds; `None` for topics a dump has no use for.
+enum Holds {
+    Inputs(crate::events::Family),
+    Decisions,
+    Stock,
+}
+
+fn holds(topic: &str) -> Option<Holds> {
+    if let Some(family) = avro::topic_family(topic) {
+        Some(Holds::Inputs(family))
     } else if topic == DECISIONS {
-        serde_json::from_value::<Decision>(v).map(Payload::Decision)
+        Some(Holds::Decisions)
     } else if topic == INVENTORY {
-        serde_json::from_value::<StockLevel>(v).map(Payload::Stock)
+        Some(Holds::Stock)
     } else {
-        return None;
+        None
+    }
+}
+
+fn from_json(topic: &str, v: serde_json::Value) -> Option<Payload> {
+    let decoded = match holds(topic)? {
+        Holds::Inputs(_) => serde_json::from_value::<InputEvent>(v).map(Payload::Input),
+        Holds::Decisions => serde_json::from_value::<Decision>(v).map(Payload::Decision),
+        Holds::Stock => serde_json::from_value::<StockLevel>(v).map(Payload::Stock),
     };
     Some(decoded.unwrap_or_else(|e| Payload::Undecodable(format!("not a {topic} record: {e}"))))
 }
@@ -249,14 +264,11 @@ fn from_datum(
     } else {
         avro::to_reader_shape(topic, writer, v)?
     };
-    Ok(Some(if let Some(family) = avro::topic_family(topic) {
-        Payload::Input(avro::input_from_value(family, &v)?)
-    } else if topic == DECISIONS {
-        Payload::Decision(avro::decision_from_value(&v)?)
-    } else if topic == INVENTORY {
-        Payload::Stock(apache_avro::from_value(&v)?)
-    } else {
-        return Ok(None);
+    Ok(Some(match holds(topic) {
+        Some(Holds::Inputs(family)) => Payload::Input(avro::input_from_value(family, &v)?),
+        Some(Holds::Decisions) => Payload::Decision(avro::decision_from_value(&v)?),
+        Some(Holds::Stock) => Payload::Stock(apache_avro::from_value(&v)?),
+        None => return Ok(None),
     }))
 }
 
@@ -326,15 +338,17 @@ fn read_avro(path: &Path, input: impl std::io::Read) -> Result<Vec<DumpedRecord>
 
 fn decode(codec: &Codec, rt: &tokio::runtime::Handle, m: &BorrowedMessage) -> Result<Payload> {
     let topic = m.topic();
-    let decoded = if avro::topic_family(topic).is_some() {
-        rt.block_on(codec.decode_input(topic, m.payload()))
-            .map(Payload::Input)
-    } else if topic == DECISIONS {
-        rt.block_on(codec.decode_decision(m.payload()))
-            .map(Payload::Decision)
-    } else {
-        rt.block_on(codec.decode_stock(m.payload()))
-            .map(Payload::Stock)
+    let decoded = match holds(topic) {
+        Some(Holds::Inputs(_)) => rt
+            .block_on(codec.decode_input(topic, m.payload()))
+            .map(Payload::Input),
+        Some(Holds::Decisions) => rt
+            .block_on(codec.decode_decision(m.payload()))
+            .map(Payload::Decision),
+        Some(Holds::Stock) => rt
+            .block_on(codec.decode_stock(m.payload()))
+            .map(Payload::Stock),
+        None => return Err(anyhow!("{topic} is not a topic a dump holds")),
     };
     match decoded {
         Ok(p) => Ok(p),

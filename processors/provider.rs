@@ -131,6 +131,18 @@ pub struct SimulatorLog {
     pub rejected: Mutex<u64>,
 }
 
+impl SimulatorLog {
+    /// The sends accepted so far.
+    pub fn sent(&self) -> Vec<SimulatedSend> {
+        self.sends.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// How many sends were accepted so far.
+    pub fn sent_count(&self) -> usize {
+        self.sends.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
 fn graph_error(status: StatusCode, code: i32, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "herald-simulator"}});
     (status, Json(body)).into_response()
@@ -243,7 +255,7 @@ async fn messages(
 }
 
 async fn stats(State(log): State<Arc<SimulatorLog>>) -> Response {
-    let sends = log.sends.lock().map(|s| s.len()).unwrap_or(0);
+    let sends = log.sent_count();
     let rejected = log.rejected.lock().map(|r| *r).unwrap_or(0);
     Json(json!({"accepted": sends, "rejected": rejected})).into_response()
 }

@@ -5,6 +5,7 @@
 
 use crate::events::{Decision, Millis};
 use crate::replay::{DumpedRecord, Payload};
+use crate::stages::STREAM_TIME_KEY;
 use crate::state::{evolve, CustomerState};
 use crate::store::{EmbeddedStore, StateStore};
 use anyhow::{bail, Context, Result};
@@ -12,9 +13,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Key of a partition's stream time among its stored positions (as the processors keep it).
-const STREAM_TIME_KEY: &str = "~stream-time";
 
 /// One partition folded: its customers, the next offset to fold, and its stream time.
 #[derive(Debug, Default)]

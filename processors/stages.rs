@@ -53,7 +53,7 @@ fn encode_touched<S: serde::Serialize>(
 
 /// Key under which a partition's stream time is kept among its input positions: both only grow,
 /// and both must survive a restart (the dedupe window and hold timers run on stream time).
-const STREAM_TIME_KEY: &str = "~stream-time";
+pub const STREAM_TIME_KEY: &str = "~stream-time";
 
 /// The input record a decision came from, from its provenance headers.
 fn source_position(m: &OwnedMessage) -> Option<(String, i64)> {
@@ -198,6 +198,12 @@ impl ProcessorStage {
             wall_clock_tick: None,
             last_tick: None,
         }
+    }
+
+    /// Whether the wall-clock tick is on and its interval has passed since the last one.
+    fn tick_interval_passed(&self) -> bool {
+        self.wall_clock_tick
+            .is_some_and(|every| self.last_tick.is_none_or(|t| t.elapsed() >= every))
     }
 
     /// Advances every partition's stream time to the wall clock this often, so a deferral or
@@ -350,11 +356,8 @@ impl Stage for ProcessorStage {
     }
 
     fn tick_due(&self) -> bool {
-        let Some(every) = self.wall_clock_tick else {
-            return false;
-        };
         let now = wall_clock_ms();
-        self.last_tick.is_none_or(|t| t.elapsed() >= every)
+        self.tick_interval_passed()
             && self
                 .partitions
                 .values()
@@ -362,10 +365,7 @@ impl Stage for ProcessorStage {
     }
 
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
-        let Some(every) = self.wall_clock_tick else {
-            return Ok(());
-        };
-        if self.last_tick.is_some_and(|t| t.elapsed() < every) {
+        if !self.tick_interval_passed() {
             return Ok(());
         }
         self.last_tick = Some(std::time::Instant::now());

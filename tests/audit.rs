@@ -3,25 +3,11 @@
 //! grant and what relied on it; a record changed or removed afterwards is found and named; and
 //! the state rebuilt from the log, at any parallelism, has the live store's digest.
 
+mod common;
+
+use common::{herald, text};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
-
-fn herald(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("herald runs")
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn is_consent_grant(line: &serde_json::Value) -> bool {
     let o = &line["value"]["outcome"];

@@ -4,32 +4,24 @@
 //! decided out of order, no send without consent and no send twice. The long run (over 200,000
 //! events) is `herald chaos`, documented in the README.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn repeated_sigkills_lose_nothing_and_repeat_nothing() {
-    let o = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "chaos",
-            "--customers",
-            "300",
-            "--kill-every-ms",
-            "2500",
-            // Dispatch killed between a send and its record sends again (found by the long
-            // run); the send-intent protocol that prevents it is issue 5's.
-            "--kill",
-            "processors",
-            "--json",
-        ])
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("herald runs");
+    let o = common::herald(&[
+        "chaos",
+        "--customers",
+        "300",
+        "--kill-every-ms",
+        "2500",
+        // Dispatch killed between a send and its record sends again (found by the long run);
+        // the send-intent protocol that prevents it is issue 5's.
+        "--kill",
+        "processors",
+        "--json",
+    ]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", common::text(&o));
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(
         r["kills"].as_u64().unwrap() >= 3,

@@ -2,45 +2,26 @@
 //! and `herald replay` runs it through a policy directory with no Kafka. The policy that made
 //! the recording reproduces it exactly; a stricter frequency cap shows up as fewer sends.
 
+mod common;
+
+use common::{edited_topology, herald, text};
 use std::path::Path;
-use std::process::Command;
-
-fn herald(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("herald runs")
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// The shipped topology with marketing capped at one message a day and two a week.
 fn stricter_policy(dir: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("topology");
-    std::fs::create_dir_all(dir.join("journeys")).unwrap();
-    for f in ["topics.toml", "templates.toml"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
-    for e in std::fs::read_dir(src.join("journeys")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dir.join("journeys").join(p.file_name().unwrap())).unwrap();
-    }
-    let policy = std::fs::read_to_string(src.join("policy.toml")).unwrap();
-    let stricter = policy
-        .replace("max = 2\nwindow_hours = 24", "max = 1\nwindow_hours = 24")
-        .replace("max = 5\nwindow_hours = 168", "max = 2\nwindow_hours = 168");
-    assert_ne!(
-        stricter, policy,
-        "the caps in policy.toml moved; update this test"
-    );
-    std::fs::write(dir.join("policy.toml"), stricter).unwrap();
+    edited_topology(dir, |file, text| {
+        if file != "policy.toml" {
+            return text;
+        }
+        let stricter = text
+            .replace("max = 2\nwindow_hours = 24", "max = 1\nwindow_hours = 24")
+            .replace("max = 5\nwindow_hours = 168", "max = 2\nwindow_hours = 168");
+        assert_ne!(
+            stricter, text,
+            "the caps in policy.toml moved; update this test"
+        );
+        stricter
+    });
 }
 
 #[test]

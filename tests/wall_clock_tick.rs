@@ -3,6 +3,8 @@
 //! cart stamped now; its last call (due 4 s later in this test's topology) must not appear with
 //! the tick off, and must appear, without any new input, once a restarted process ticks.
 
+mod common;
+
 use herald::demo;
 use herald::events::*;
 use herald::kafka::KafkaSettings;
@@ -25,22 +27,16 @@ fn now_ms() -> Millis {
 
 /// The shipped topology with the cart's last call 3.6 s after the reminder and no holdout.
 fn quick_topology(dir: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("topology");
-    std::fs::create_dir_all(dir.join("journeys")).unwrap();
-    for f in ["topics.toml", "templates.toml", "policy.toml"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
-    for e in std::fs::read_dir(src.join("journeys")).unwrap() {
-        let p = e.unwrap().path();
-        let text = std::fs::read_to_string(&p).unwrap();
-        let text = text
-            .replace(
-                "template = \"cart_last_call\"\nafter_hours = 24",
-                &format!("template = \"cart_last_call\"\nafter_hours = {LAST_CALL_AFTER_HOURS}"),
-            )
-            .replace("holdout_percent = 10", "holdout_percent = 0");
-        std::fs::write(dir.join("journeys").join(p.file_name().unwrap()), text).unwrap();
-    }
+    common::edited_topology(dir, |file, text| {
+        if !file.starts_with("journeys/") {
+            return text;
+        }
+        text.replace(
+            "template = \"cart_last_call\"\nafter_hours = 24",
+            &format!("template = \"cart_last_call\"\nafter_hours = {LAST_CALL_AFTER_HOURS}"),
+        )
+        .replace("holdout_percent = 10", "holdout_percent = 0")
+    });
     let cart = std::fs::read_to_string(dir.join("journeys/abandoned_cart.toml")).unwrap();
     assert!(
         cart.contains("after_hours = 0.001"),
