@@ -3,7 +3,7 @@
 //! missing record (`herald audit verify`). Pure: the log is read by the shell.
 
 use crate::events::{Channel, Decision, Fact, Millis, Outcome, Purpose};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -30,7 +30,7 @@ pub fn chain_link(previous: Option<&str>, d: &Decision) -> String {
 }
 
 /// One change of consent, as the timeline shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsentEvent {
     pub at: Millis,
     pub granted: bool,
@@ -62,7 +62,8 @@ pub struct Timeline {
     pub relied_on: Vec<Reliance>,
 }
 
-fn change_of(d: &Decision) -> Option<ConsentEvent> {
+/// The consent change a decision records, if it records one.
+pub fn consent_change(d: &Decision) -> Option<ConsentEvent> {
     let (granted, purposes, channel, source, artifact_id, at) = match &d.outcome {
         Outcome::EventAccepted(a) => match &a.fact {
             Fact::ConsentGranted(c) | Fact::ConsentRevoked(c) => (
@@ -108,7 +109,7 @@ pub fn timeline(customer_id: &str, decisions: &[&Decision], as_of: Option<Millis
         if as_of.is_some_and(|limit| d.decided_at > limit) {
             continue;
         }
-        if let Some(change) = change_of(d) {
+        if let Some(change) = consent_change(d) {
             t.changes.push(change);
         }
         let planned = match &d.outcome {

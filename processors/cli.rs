@@ -4,7 +4,7 @@ use crate::kafka::{self, KafkaSettings};
 use crate::provider::CloudApiClient;
 use crate::registry::Codec;
 use crate::stages::{DispatchStage, ProcessorStage};
-use crate::store::EmbeddedStore;
+use crate::store::StoreAddress;
 use crate::telemetry::{self, Metrics};
 use crate::topology::Topology;
 use crate::{bench, demo};
@@ -51,19 +51,35 @@ pub enum Command {
         state_dir: Option<PathBuf>,
     },
     /// Folds every customer's state again from the decision log, from offset 0, into a fresh
-    /// store directory, and prints a digest of the result; sends nothing.
+    /// store directory or keyspace, and prints a digest of the result; sends nothing.
     Rebuild {
         #[command(flatten)]
         source: LogSource,
-        /// A directory for the new store (`state.redb`); it must hold no state yet.
+        /// Where to rebuild: a directory for a new embedded store (`state.redb`), or a
+        /// `scylla://HOST:PORT/KEYSPACE` address; it must hold no state yet.
         #[arg(long)]
-        into: PathBuf,
+        into: String,
         /// Partitions folded at once; the digest does not depend on it.
         #[arg(long, default_value_t = 2)]
         parallelism: usize,
-        /// A live store file (`state.redb`) to compare with: exits 1 if the digests differ.
+        /// A live store to compare with (a `state.redb` file or a scylla:// address): exits 1
+        /// if the digests differ.
         #[arg(long)]
-        verify: Option<PathBuf>,
+        verify: Option<StoreAddress>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A customer's projected state from the store: consent by purpose and channel, session
+    /// window, recent sends, journeys, orders, and consent history.
+    State {
+        #[arg(long)]
+        customer: String,
+        /// The store: a `state.redb` file or a `scylla://HOST:PORT/KEYSPACE` address.
+        #[arg(long, env = "HERALD_STORE")]
+        store: StoreAddress,
+        /// Topology directory (for the session window); the embedded one when absent.
+        #[arg(long, env = "HERALD_TOPOLOGY")]
+        topology: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -244,6 +260,14 @@ pub enum AuditAction {
     },
 }
 
+/// A small runtime for commands that may talk to ScyllaDB.
+fn store_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn parse_instant(flag: &str, text: &str) -> Result<crate::events::Millis> {
     text.parse::<jiff::Timestamp>()
         .map(|t| t.as_millisecond())
@@ -275,9 +299,10 @@ pub struct RunArgs {
     pub bootstrap: String,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     pub registry: String,
-    /// Embedded state store file.
+    /// The state store: an embedded store file, or ScyllaDB as
+    /// `scylla://HOST:PORT[,HOST:PORT]/KEYSPACE[?replication_factor=3&local_dc=DC&consistency=local_quorum&timeout_ms=5000]`.
     #[arg(long, env = "HERALD_STORE", default_value = ".herald/state.redb")]
-    pub store: PathBuf,
+    pub store: StoreAddress,
     #[arg(long, env = "HERALD_STAGE", value_enum, default_value = "all")]
     pub stage: StageName,
     /// At-least-once mode, for brokers without transactions.
@@ -455,6 +480,44 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::State {
+            customer,
+            store,
+            topology: dir,
+            json,
+        } => {
+            telemetry::init_tracing("warn");
+            let topo = topology(&dir)?;
+            let rt = store_runtime()?;
+            if let StoreAddress::Embedded(path) = &store {
+                if !path.is_file() {
+                    bail!("--store: {} is not a store file", path.display());
+                }
+            }
+            let store = store.open(rt.handle())?;
+            let Some(view) = store.customer(&customer)? else {
+                bail!(
+                    "{} holds no state for customer '{customer}'",
+                    store.describe()
+                );
+            };
+            let state: crate::state::CustomerState = serde_json::from_str(&view.state)
+                .with_context(|| format!("the projected state of {customer} is unreadable"))?;
+            let summary = crate::projection::summarise(
+                &customer,
+                view.partition,
+                view.next_offset,
+                &state,
+                store.consent_history(&customer)?,
+                topo.policy.session_window_hours,
+            );
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{}", summary.render());
+            }
+            Ok(())
+        }
         Command::Audit {
             action:
                 AuditAction::Consent {
@@ -555,14 +618,20 @@ pub fn main(cli: Cli) -> Result<()> {
             json,
         } => {
             telemetry::init_tracing("warn");
-            if let Some(live) = &verify {
+            if let Some(StoreAddress::Embedded(live)) = &verify {
                 if !live.is_file() {
                     bail!("--verify: {} is not a store file", live.display());
                 }
             }
             let topo = topology(&source.topology)?;
-            let store = crate::rebuild::open_fresh(&into)?;
-            crate::rebuild::ensure_fresh(&store, 0..topo.partitions())?;
+            let rt = store_runtime()?;
+            let target = if into.starts_with("scylla://") {
+                StoreAddress::parse(&into)?
+            } else {
+                StoreAddress::Embedded(PathBuf::from(&into).join("state.redb"))
+            };
+            let store = target.open(rt.handle())?;
+            crate::rebuild::ensure_fresh(store.as_ref())?;
             let records = source.records()?;
             let started = std::time::Instant::now();
             let total = records
@@ -575,13 +644,13 @@ pub fn main(cli: Cli) -> Result<()> {
                 }
             };
             let folded = crate::rebuild::fold(&records, parallelism, &progress);
-            crate::rebuild::write(&store, &folded)?;
+            crate::rebuild::write(store.as_ref(), &folded)?;
             let seconds = started.elapsed().as_secs_f64();
             let decisions: u64 = folded.values().map(|f| f.decisions).sum();
             if !json {
                 eprintln!("\r  folded {decisions:>9} of {total} decisions");
             }
-            let rebuilt = crate::rebuild::load_states(&store, topo.partitions())?;
+            let rebuilt = crate::rebuild::load_states(store.as_ref(), topo.partitions())?;
             let mut report = crate::rebuild::RebuildReport {
                 decisions,
                 customers: rebuilt.len(),
@@ -592,8 +661,8 @@ pub fn main(cli: Cli) -> Result<()> {
                 differing_customers: Vec::new(),
             };
             if let Some(live) = &verify {
-                let live = EmbeddedStore::open(live)?;
-                let states = crate::rebuild::load_states(&live, topo.partitions())?;
+                let live = live.open(rt.handle())?;
+                let states = crate::rebuild::load_states(live.as_ref(), topo.partitions())?;
                 report.live_digest = Some(crate::rebuild::digest(states.iter()));
                 report.differing_customers = crate::rebuild::differing(&rebuilt, &states, 10);
             }
@@ -604,7 +673,7 @@ pub fn main(cli: Cli) -> Result<()> {
                     "rebuilt {} customers from {} decisions into {} in {:.1} s\ndigest {}",
                     report.customers,
                     report.decisions,
-                    into.display(),
+                    store.describe(),
                     report.seconds,
                     report.digest
                 );
@@ -677,7 +746,7 @@ fn run(args: RunArgs) -> Result<()> {
         .build()?;
     rt.block_on(crate::registry::ping(&args.registry))?;
     let codec = Arc::new(Codec::new(&args.registry)?);
-    let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&args.store)?);
+    let store: kafka::SharedStore = args.store.open(rt.handle())?;
     let instance = args
         .instance_id
         .clone()

@@ -3,11 +3,12 @@
 //! same digest of a live store, to prove the two agree. Reads the log and writes only its own
 //! store: no send, no record, no side effect.
 
+use crate::audit::{consent_change, ConsentEvent};
 use crate::events::{Decision, Millis};
 use crate::replay::{DumpedRecord, Payload};
 use crate::stages::STREAM_TIME_KEY;
 use crate::state::{evolve, CustomerState};
-use crate::store::{EmbeddedStore, StateStore};
+use crate::store::{EmbeddedStore, SnapshotWrite, StateStore, PROCESSORS};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -21,6 +22,8 @@ pub struct FoldedPartition {
     pub next_offset: i64,
     pub stream_time: Millis,
     pub decisions: u64,
+    /// Consent changes in log order, for the store's consent history.
+    pub consent: Vec<(String, ConsentEvent)>,
 }
 
 /// Folds each partition's decisions in offset order, `parallelism` partitions at a time;
@@ -52,6 +55,9 @@ pub fn fold(
                         let mut f = FoldedPartition::default();
                         for (offset, d) in log {
                             evolve(f.customers.entry(d.customer_id.clone()).or_default(), d);
+                            if let Some(c) = consent_change(d) {
+                                f.consent.push((d.customer_id.clone(), c));
+                            }
                             f.stream_time = f.stream_time.max(d.decided_at);
                             f.next_offset = f.next_offset.max(offset + 1);
                             f.decisions += 1;
@@ -88,43 +94,46 @@ pub fn digest<'a>(customers: impl IntoIterator<Item = (&'a String, &'a CustomerS
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Fails unless the store holds no processor state for any of `partitions`.
-pub fn ensure_fresh(
-    store: &EmbeddedStore,
-    partitions: impl IntoIterator<Item = i32>,
-) -> Result<()> {
-    for p in partitions {
-        let snap = store.load("processors", p)?;
-        if !snap.customers.is_empty() || snap.next_offset > 0 {
-            bail!("--into: the store already holds partition {p}; rebuild into a fresh directory");
-        }
+/// Fails unless the store holds nothing at all.
+pub fn ensure_fresh(store: &dyn StateStore) -> Result<()> {
+    if !store.is_empty()? {
+        bail!(
+            "--into: {} already holds state; rebuild into a fresh directory or keyspace",
+            store.describe()
+        );
     }
     Ok(())
 }
 
-/// Writes folded partitions into a store that must hold nothing yet.
-pub fn write(store: &EmbeddedStore, folded: &BTreeMap<i32, FoldedPartition>) -> Result<()> {
-    ensure_fresh(store, folded.keys().copied())?;
+/// Writes folded partitions, and their consent history, into a store that must hold nothing
+/// yet.
+pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) -> Result<()> {
+    ensure_fresh(store)?;
     for (p, f) in folded {
         let mut changed = Vec::with_capacity(f.customers.len());
         for (c, s) in &f.customers {
             changed.push((c.clone(), serde_json::to_vec(s)?));
         }
-        let positions = BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]);
-        store.save("processors", *p, &changed, f.next_offset, &positions)?;
+        let write = SnapshotWrite {
+            changed,
+            next_offset: f.next_offset,
+            inputs: BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]),
+            consent: f.consent.clone(),
+        };
+        store.save(PROCESSORS, *p, &write)?;
     }
     Ok(())
 }
 
 /// Every customer state a store holds for the processors, across `partitions`.
 pub fn load_states(
-    store: &EmbeddedStore,
+    store: &dyn StateStore,
     partitions: i32,
 ) -> Result<BTreeMap<String, CustomerState>> {
     let mut out = BTreeMap::new();
     for p in 0..partitions {
-        for (c, bytes) in store.load("processors", p)?.customers {
-            let state: CustomerState = serde_json::from_slice(&bytes)
+        for (c, stored) in store.load(PROCESSORS, p)?.customers {
+            let state: CustomerState = serde_json::from_slice(&stored.bytes)
                 .with_context(|| format!("stored state of {c} (partition {p}) is unreadable"))?;
             out.insert(c, state);
         }

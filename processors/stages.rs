@@ -2,12 +2,14 @@
 //! the passthrough used as the benchmark's ceiling. Each turns records into core calls and core
 //! output into records; none holds a rule.
 
+use crate::audit::{consent_change, ConsentEvent};
 use crate::dispatch::{self, DispatchState, Plan};
 use crate::events::*;
 use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
 use crate::provider::{CloudApiClient, SendOutcome};
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
+use crate::store::{self, SnapshotWrite, PROCESSORS};
 use crate::tables::Tables;
 use crate::task::Task;
 use crate::telemetry::Metrics;
@@ -155,6 +157,24 @@ struct ProcessorPartition {
     inputs_moved: bool,
     next_decision_offset: i64,
     touched: BTreeSet<String>,
+    /// Consent changes decided since the last save, for the store's consent history.
+    consent: Vec<(String, ConsentEvent)>,
+}
+
+impl ProcessorPartition {
+    /// Keeps the decisions' customers and consent changes for the next save.
+    fn note(&mut self, decisions: &[Decision]) {
+        for d in decisions {
+            self.touched.insert(d.customer_id.clone());
+            self.note_consent(d);
+        }
+    }
+
+    fn note_consent(&mut self, d: &Decision) {
+        if let Some(c) = consent_change(d) {
+            self.consent.push((d.customer_id.clone(), c));
+        }
+    }
 }
 
 /// Dedupe, ordering guard and policy over the four input topics.
@@ -249,13 +269,13 @@ impl Stage for ProcessorStage {
     }
 
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
-        let snap = self.store.load("processors", partition)?;
+        let snap = self.store.load(PROCESSORS, partition)?;
         let mut part = ProcessorPartition::default();
         let mut customers = HashMap::new();
-        for (customer, bytes) in snap.customers {
-            let state: CustomerState = serde_json::from_slice(&bytes)
+        for (customer, stored) in &snap.customers {
+            let state: CustomerState = serde_json::from_slice(&stored.bytes)
                 .with_context(|| format!("stored state of {customer} is unreadable"))?;
-            customers.insert(customer, state);
+            customers.insert(customer.clone(), state);
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
@@ -263,8 +283,9 @@ impl Stage for ProcessorStage {
         part.task = Task::restored(customers, stream_time);
         part.inputs = snap
             .inputs
-            .into_iter()
-            .filter(|(k, _)| k != STREAM_TIME_KEY)
+            .iter()
+            .filter(|(k, _)| *k != STREAM_TIME_KEY)
+            .map(|(k, v)| (k.clone(), *v))
             .collect();
         let next = reader.read(DECISIONS, partition, snap.next_offset, |m| {
             if let Some((topic, offset)) = source_position(m) {
@@ -274,7 +295,11 @@ impl Stage for ProcessorStage {
             let d = rt
                 .block_on(codec.decode_decision(m.payload()))
                 .map_err(|e| anyhow!("decision log {DECISIONS}/{partition}@{}: {e}", m.offset()))?;
+            if snap.holds(&d.customer_id, m.offset()) {
+                return Ok(());
+            }
             part.task.fold(&d);
+            part.note_consent(&d);
             part.touched.insert(d.customer_id.clone());
             Ok(())
         })?;
@@ -350,8 +375,7 @@ impl Stage for ProcessorStage {
         let decisions = part
             .task
             .decide(&input, &input_ref, &self.topology, &self.tables);
-        part.touched
-            .extend(decisions.iter().map(|d| d.customer_id.clone()));
+        part.note(&decisions);
         self.emit(p, decisions, provenance(msg), out)
     }
 
@@ -376,8 +400,7 @@ impl Stage for ProcessorStage {
                 continue;
             }
             let ds = part.task.advance_to(now, &self.topology, &self.tables);
-            part.touched
-                .extend(ds.iter().map(|d| d.customer_id.clone()));
+            part.note(&ds);
             // Stream time moved: it must be saved even if no customer changed.
             part.inputs_moved = true;
             fired.push((*p, ds));
@@ -426,16 +449,15 @@ impl Stage for ProcessorStage {
             if part.touched.is_empty() && !part.inputs_moved {
                 continue;
             }
-            let changed = encode_touched(&mut part.touched, part.task.customers())?;
-            let mut positions = part.inputs.clone();
-            positions.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
-            self.store.save(
-                "processors",
-                *p,
-                &changed,
-                part.next_decision_offset,
-                &positions,
-            )?;
+            let mut inputs = part.inputs.clone();
+            inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
+            let write = SnapshotWrite {
+                changed: encode_touched(&mut part.touched, part.task.customers())?,
+                next_offset: part.next_decision_offset,
+                inputs,
+                consent: std::mem::take(&mut part.consent),
+            };
+            self.store.save(PROCESSORS, *p, &write)?;
             part.inputs_moved = false;
         }
         Ok(())
@@ -515,11 +537,15 @@ impl Stage for DispatchStage {
     }
 
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
-        let snap = self.store.load("dispatch", partition)?;
+        let snap = self.store.load(store::DISPATCH, partition)?;
         let mut part = DispatchPartition::default();
-        for (customer, bytes) in snap.customers {
-            part.customers
-                .insert(customer, serde_json::from_slice(&bytes)?);
+        for (customer, stored) in &snap.customers {
+            part.customers.insert(
+                customer.clone(),
+                serde_json::from_slice(&stored.bytes).with_context(|| {
+                    format!("stored dispatch state of {customer} is unreadable")
+                })?,
+            );
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
@@ -527,6 +553,9 @@ impl Stage for DispatchStage {
             let r = rt
                 .block_on(codec.decode_dispatch(m.payload()))
                 .map_err(|e| anyhow!("dispatch log {DISPATCH}/{partition}@{}: {e}", m.offset()))?;
+            if snap.holds(&r.customer_id, m.offset()) {
+                return Ok(());
+            }
             dispatch::evolve(part.customers.entry(r.customer_id.clone()).or_default(), &r);
             part.touched.insert(r.customer_id.clone());
             Ok(())
@@ -673,14 +702,12 @@ impl Stage for DispatchStage {
             if part.touched.is_empty() {
                 continue;
             }
-            let changed = encode_touched(&mut part.touched, &part.customers)?;
-            self.store.save(
-                "dispatch",
-                *p,
-                &changed,
-                part.next_offset,
-                &Default::default(),
-            )?;
+            let write = SnapshotWrite {
+                changed: encode_touched(&mut part.touched, &part.customers)?,
+                next_offset: part.next_offset,
+                ..SnapshotWrite::default()
+            };
+            self.store.save(store::DISPATCH, *p, &write)?;
         }
         Ok(())
     }

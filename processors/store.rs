@@ -1,44 +1,145 @@
-//! The state store shell: per-customer snapshots with the decision-log position they reflect.
-//! One trait; the embedded backend is redb (ScyllaDB comes behind the same trait).
+//! The state store shell: per-customer snapshots with the log position each reflects, the
+//! positions each task has read to, and the query projection (a customer's state, their consent
+//! history). One trait, two backends: the embedded store (redb) for one machine and ScyllaDB
+//! (`scylla_store.rs`) for production. Both give the same answers; `tests/store_contract.rs`
+//! holds them to it.
 
-use anyhow::{Context, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::audit::ConsentEvent;
+use anyhow::{bail, Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// A partition's snapshot: each customer's encoded state, and the next decision-log offset
-/// that is not yet folded into it.
+/// The processors' namespace: customer state, projected for queries.
+pub const PROCESSORS: &str = "processors";
+/// Dispatch's namespace: what was sent, not projected.
+pub const DISPATCH: &str = "dispatch";
+
+/// A customer's encoded state and the log position it reflects: every decision before
+/// `next_offset` is folded into it, none after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredState {
+    pub bytes: Vec<u8>,
+    pub next_offset: i64,
+}
+
+/// A partition's snapshot: each customer's state, the partition's next log offset that is not
+/// yet saved, and how far it has read each input topic.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PartitionSnapshot {
-    pub customers: BTreeMap<String, Vec<u8>>,
+    pub customers: BTreeMap<String, StoredState>,
     pub next_offset: i64,
     /// Next input offset per input topic for this partition: how far the snapshot has read.
     pub inputs: BTreeMap<String, i64>,
 }
 
-/// Where snapshots live. Writes are idempotent: saving the same state and position twice is
-/// the same as saving it once.
-pub trait StateStore: Send + Sync {
-    /// Loads everything stored for a partition of a namespace ("processors", "dispatch").
-    fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
-    /// Saves changed customers and the partition's new position atomically.
-    fn save(
-        &self,
-        namespace: &str,
-        partition: i32,
-        changed: &[(String, Vec<u8>)],
-        next_offset: i64,
-        inputs: &BTreeMap<String, i64>,
-    ) -> Result<()>;
+impl PartitionSnapshot {
+    /// Whether the decision at `offset` for `customer` is already folded into the snapshot, so a
+    /// restore must not fold it again. Exact per customer, so a save that stopped half-way
+    /// (states written, position not) still restores to the right state.
+    pub fn holds(&self, customer: &str, offset: i64) -> bool {
+        self.customers
+            .get(customer)
+            .is_some_and(|s| offset < s.next_offset)
+    }
 }
 
-const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_state");
+/// One save of a partition: the customers changed since the last one, the log position they
+/// all reflect, the input positions read, and the consent changes decided (for the projection).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SnapshotWrite {
+    pub changed: Vec<(String, Vec<u8>)>,
+    pub next_offset: i64,
+    pub inputs: BTreeMap<String, i64>,
+    pub consent: Vec<(String, ConsentEvent)>,
+}
+
+/// A customer's row in the query projection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CustomerView {
+    pub customer_id: String,
+    pub partition: i32,
+    /// The decision-log offset the state reflects.
+    pub next_offset: i64,
+    /// The customer's state, as JSON.
+    pub state: String,
+}
+
+/// Where snapshots and the projection live. Every write is idempotent and ordered by log
+/// position: saving the same thing twice is the same as once, and a save of an older position
+/// never undoes a newer one (a customer's state, a partition's offset, an input position).
+pub trait StateStore: Send + Sync {
+    /// Loads everything stored for a partition of a namespace (`PROCESSORS`, `DISPATCH`).
+    fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
+    /// Saves a partition's changes; in `PROCESSORS` also the projection.
+    fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()>;
+    /// A customer's projected state, if any was saved.
+    fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>>;
+    /// A customer's consent changes, oldest first.
+    fn consent_history(&self, customer_id: &str) -> Result<Vec<ConsentEvent>>;
+    /// Whether nothing at all is stored yet (a rebuild writes only into an empty store).
+    fn is_empty(&self) -> Result<bool>;
+    /// Where the store is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Where the state store is: a redb file, or a ScyllaDB keyspace
+/// (`scylla://host:9042[,host:9042]/keyspace[?option=value&...]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAddress {
+    Embedded(PathBuf),
+    Scylla(crate::scylla_store::ScyllaConfig),
+}
+
+impl StoreAddress {
+    /// Parses `--store`; errors name the part that is wrong.
+    pub fn parse(s: &str) -> Result<StoreAddress> {
+        if let Some(rest) = s.strip_prefix("scylla://") {
+            return Ok(StoreAddress::Scylla(
+                crate::scylla_store::ScyllaConfig::parse(rest)?,
+            ));
+        }
+        if s.contains("://") {
+            bail!("--store: '{s}' is neither a file path nor a scylla:// address");
+        }
+        if s.is_empty() {
+            bail!("--store: empty");
+        }
+        Ok(StoreAddress::Embedded(PathBuf::from(s)))
+    }
+
+    /// Opens the store; ScyllaDB creates its keyspace and tables if missing and prepares every
+    /// statement, so a wrong address or schema fails here and not mid-stream.
+    pub fn open(&self, rt: &tokio::runtime::Handle) -> Result<Arc<dyn StateStore>> {
+        Ok(match self {
+            StoreAddress::Embedded(path) => Arc::new(EmbeddedStore::open(path)?),
+            StoreAddress::Scylla(config) => Arc::new(crate::scylla_store::ScyllaStore::connect(
+                config.clone(),
+                rt.clone(),
+            )?),
+        })
+    }
+}
+
+impl std::str::FromStr for StoreAddress {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        StoreAddress::parse(s)
+    }
+}
+
+const STATES: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("customer_snapshot");
 const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("partition_position");
 const INPUT_POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_position");
+const VIEW: TableDefinition<&str, (i32, i64, &str)> = TableDefinition::new("customer_view");
+const CONSENT: TableDefinition<&str, &[u8]> = TableDefinition::new("consent_history");
 
 /// The embedded store, a redb file.
 pub struct EmbeddedStore {
     db: Database,
+    path: PathBuf,
 }
 
 impl EmbeddedStore {
@@ -54,13 +155,28 @@ impl EmbeddedStore {
         w.open_table(STATES)?;
         w.open_table(POSITIONS)?;
         w.open_table(INPUT_POSITIONS)?;
+        w.open_table(VIEW)?;
+        w.open_table(CONSENT)?;
         w.commit()?;
-        Ok(EmbeddedStore { db })
+        Ok(EmbeddedStore {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 }
 
 fn prefix(namespace: &str, partition: i32) -> String {
     format!("{namespace}/{partition:05}/")
+}
+
+/// The key range of everything under `p` (which ends in '/'; '/' + 1 is '0').
+fn end_of(p: &str) -> String {
+    format!("{}0", &p[..p.len() - 1])
+}
+
+/// Consent rows sort by customer, then time, then decision: the history reads oldest first.
+fn consent_key(customer: &str, c: &ConsentEvent) -> String {
+    format!("{customer}\u{1}{:020}\u{1}{}", c.at, c.decision_id)
 }
 
 impl StateStore for EmbeddedStore {
@@ -69,12 +185,18 @@ impl StateStore for EmbeddedStore {
         let states = r.open_table(STATES)?;
         let positions = r.open_table(POSITIONS)?;
         let p = prefix(namespace, partition);
+        let end = end_of(&p);
         let mut customers = BTreeMap::new();
-        // '/' + 1 is '0': the range ends just after every key with this prefix.
-        let end = format!("{}0", &p[..p.len() - 1]);
         for item in states.range(p.as_str()..end.as_str())? {
             let (k, v) = item?;
-            customers.insert(k.value()[p.len()..].to_string(), v.value().to_vec());
+            let (next_offset, bytes) = v.value();
+            customers.insert(
+                k.value()[p.len()..].to_string(),
+                StoredState {
+                    bytes: bytes.to_vec(),
+                    next_offset,
+                },
+            );
         }
         let next_offset = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
         let mut inputs = BTreeMap::new();
@@ -92,27 +214,33 @@ impl StateStore for EmbeddedStore {
         })
     }
 
-    fn save(
-        &self,
-        namespace: &str,
-        partition: i32,
-        changed: &[(String, Vec<u8>)],
-        next_offset: i64,
-        inputs: &BTreeMap<String, i64>,
-    ) -> Result<()> {
+    fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()> {
         let p = prefix(namespace, partition);
+        let at = write.next_offset;
         let w = self.db.begin_write()?;
         {
             let mut states = w.open_table(STATES)?;
-            for (customer, bytes) in changed {
-                states.insert(format!("{p}{customer}").as_str(), bytes.as_slice())?;
+            let mut view = w.open_table(VIEW)?;
+            for (customer, bytes) in &write.changed {
+                let key = format!("{p}{customer}");
+                // As in ScyllaDB, where the write timestamp is the log position: an older
+                // position never overwrites a newer one.
+                let newer = states.get(key.as_str())?.map(|v| v.value().0);
+                if newer.is_some_and(|n| n > at) {
+                    continue;
+                }
+                states.insert(key.as_str(), (at, bytes.as_slice()))?;
+                if namespace == PROCESSORS {
+                    let json = std::str::from_utf8(bytes)
+                        .with_context(|| format!("state of {customer} is not JSON text"))?;
+                    view.insert(customer.as_str(), (partition, at, json))?;
+                }
             }
             let mut positions = w.open_table(POSITIONS)?;
-            // A position never moves back: replaying an older save cannot undo a newer one.
             let current = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
-            positions.insert(p.as_str(), current.max(next_offset))?;
+            positions.insert(p.as_str(), current.max(at))?;
             let mut input_positions = w.open_table(INPUT_POSITIONS)?;
-            for (topic, next) in inputs {
+            for (topic, next) in &write.inputs {
                 let key = format!("{p}{topic}");
                 let current = input_positions
                     .get(key.as_str())?
@@ -120,9 +248,57 @@ impl StateStore for EmbeddedStore {
                     .unwrap_or(0);
                 input_positions.insert(key.as_str(), current.max(*next))?;
             }
+            if namespace == PROCESSORS {
+                let mut consent = w.open_table(CONSENT)?;
+                for (customer, c) in &write.consent {
+                    consent.insert(
+                        consent_key(customer, c).as_str(),
+                        serde_json::to_vec(c)?.as_slice(),
+                    )?;
+                }
+            }
         }
         w.commit()?;
         Ok(())
+    }
+
+    fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>> {
+        let r = self.db.begin_read()?;
+        let view = r.open_table(VIEW)?;
+        Ok(view.get(customer_id)?.map(|v| {
+            let (partition, next_offset, state) = v.value();
+            CustomerView {
+                customer_id: customer_id.to_string(),
+                partition,
+                next_offset,
+                state: state.to_string(),
+            }
+        }))
+    }
+
+    fn consent_history(&self, customer_id: &str) -> Result<Vec<ConsentEvent>> {
+        let r = self.db.begin_read()?;
+        let table = r.open_table(CONSENT)?;
+        let from = format!("{customer_id}\u{1}");
+        let to = format!("{customer_id}\u{2}");
+        let mut out = Vec::new();
+        for item in table.range(from.as_str()..to.as_str())? {
+            let (_, v) = item?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .with_context(|| format!("consent history of {customer_id} is unreadable"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(STATES)?.is_empty()? && r.open_table(POSITIONS)?.is_empty()?)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -131,57 +307,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshots_roundtrip_per_partition_and_namespace() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
-        s.save(
-            "processors",
-            1,
-            &[("c-1".into(), b"a".to_vec())],
-            10,
-            &BTreeMap::from([("oms.events.v1".to_string(), 4)]),
-        )
-        .unwrap();
-        s.save(
-            "processors",
-            11,
-            &[("c-9".into(), b"z".to_vec())],
-            3,
-            &BTreeMap::new(),
-        )
-        .unwrap();
-        s.save(
-            "dispatch",
-            1,
-            &[("c-1".into(), b"d".to_vec())],
-            4,
-            &BTreeMap::new(),
-        )
-        .unwrap();
-        let snap = s.load("processors", 1).unwrap();
-        assert_eq!(snap.next_offset, 10);
-        assert_eq!(snap.customers.len(), 1);
-        assert_eq!(snap.customers["c-1"], b"a");
-        assert_eq!(snap.inputs["oms.events.v1"], 4);
-        assert_eq!(s.load("dispatch", 1).unwrap().customers["c-1"], b"d");
+    fn a_store_address_is_a_path_or_a_scylla_keyspace_and_bad_ones_are_named() {
         assert_eq!(
-            s.load("processors", 2).unwrap(),
-            PartitionSnapshot::default()
+            StoreAddress::parse("/var/lib/herald/state.redb").unwrap(),
+            StoreAddress::Embedded(PathBuf::from("/var/lib/herald/state.redb"))
         );
+        assert!(matches!(
+            StoreAddress::parse("scylla://10.0.0.1:9042/herald").unwrap(),
+            StoreAddress::Scylla(_)
+        ));
+        let e = StoreAddress::parse("redis://x").unwrap_err().to_string();
+        assert!(e.contains("--store"), "{e}");
     }
 
     #[test]
-    fn saving_twice_is_idempotent_and_positions_never_move_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
-        let none = BTreeMap::new();
-        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none)
-            .unwrap();
-        s.save("processors", 0, &[("c".into(), b"x".to_vec())], 7, &none)
-            .unwrap();
-        s.save("processors", 0, &[], 5, &none).unwrap();
-        let snap = s.load("processors", 0).unwrap();
-        assert_eq!(snap.next_offset, 7);
-        assert_eq!(snap.customers.len(), 1);
+    fn a_restore_folds_only_what_each_customer_has_not_seen() {
+        let snap = PartitionSnapshot {
+            customers: BTreeMap::from([(
+                "c-1".to_string(),
+                StoredState {
+                    bytes: vec![],
+                    next_offset: 10,
+                },
+            )]),
+            next_offset: 4,
+            inputs: BTreeMap::new(),
+        };
+        assert!(snap.holds("c-1", 9));
+        assert!(!snap.holds("c-1", 10));
+        assert!(!snap.holds("c-2", 5));
     }
 }
