@@ -130,6 +130,8 @@ impl std::str::FromStr for StoreAddress {
     }
 }
 
+/// The states table before each state carried its position.
+const LEGACY_STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_state");
 const STATES: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("customer_snapshot");
 const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("partition_position");
 const INPUT_POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_position");
@@ -152,6 +154,14 @@ impl EmbeddedStore {
         let db = Database::create(path)
             .with_context(|| format!("cannot open state store {}", path.display()))?;
         let w = db.begin_write()?;
+        // A store written before states carried their own positions: its positions cannot be
+        // trusted without them, and the store is a cache of the log, so it starts over and the
+        // next restore replays the log from the beginning.
+        if w.delete_table(LEGACY_STATES)? {
+            w.delete_table(POSITIONS)?;
+            w.delete_table(INPUT_POSITIONS)?;
+            tracing::warn!(path = %path.display(), "state store from an older format emptied; state is restored from the log");
+        }
         w.open_table(STATES)?;
         w.open_table(POSITIONS)?;
         w.open_table(INPUT_POSITIONS)?;
@@ -318,6 +328,28 @@ mod tests {
         ));
         let e = StoreAddress::parse("redis://x").unwrap_err().to_string();
         assert!(e.contains("--store"), "{e}");
+    }
+
+    #[test]
+    fn a_store_from_before_per_customer_positions_starts_over_instead_of_trusting_its_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(LEGACY_STATES)
+                .unwrap()
+                .insert("processors/00000/c-1", b"{}".as_slice())
+                .unwrap();
+            w.open_table(POSITIONS)
+                .unwrap()
+                .insert("processors/00000/", 500)
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.load(PROCESSORS, 0).unwrap(), PartitionSnapshot::default());
+        assert!(s.is_empty().unwrap());
     }
 
     #[test]

@@ -157,3 +157,76 @@ fn the_demo_log_verifies_and_a_changed_or_removed_consent_record_is_named() {
     let who = lines[removable]["value"]["customer_id"].as_str().unwrap();
     assert!(text(&o).contains(who), "{}", text(&o));
 }
+
+#[test]
+fn the_store_projection_shows_a_customers_consent_history_as_the_log_does() {
+    let (dir, dump, live) = demo();
+    // A customer with a grant in the log: the audit timeline (from the log) and the
+    // projection (from the live store, and from a store rebuilt from the log) must agree.
+    let lines = std::fs::read_to_string(dump).unwrap();
+    let grant: serde_json::Value = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(is_consent_grant)
+        .expect("a consent grant in the demo");
+    let customer = grant["value"]["customer_id"].as_str().unwrap().to_string();
+    let o = herald(&[
+        "audit",
+        "consent",
+        "--customer",
+        &customer,
+        "--events",
+        dump.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let timeline: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rebuilt = dir.path().join("rebuilt-for-projection");
+    let o = herald(&[
+        "rebuild",
+        "--events",
+        dump.to_str().unwrap(),
+        "--into",
+        rebuilt.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut seen = Vec::new();
+    for store in [live.join("state.redb"), rebuilt.join("state.redb")] {
+        let o = herald(&[
+            "state",
+            "--customer",
+            &customer,
+            "--store",
+            store.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let view: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            view["consent_history"],
+            timeline["changes"],
+            "{} disagrees with the log",
+            store.display()
+        );
+        assert!(!view["consent"].as_array().unwrap().is_empty(), "{view}");
+        seen.push(view["consent"].clone());
+        let readable = herald(&[
+            "state",
+            "--customer",
+            &customer,
+            "--store",
+            store.to_str().unwrap(),
+        ]);
+        assert!(text(&readable).contains("GRANTED"), "{}", text(&readable));
+    }
+    assert_eq!(seen[0], seen[1]);
+    let o = herald(&[
+        "state",
+        "--customer",
+        "no-such-customer",
+        "--store",
+        live.join("state.redb").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no state for customer"), "{}", text(&o));
+}
