@@ -749,6 +749,12 @@ impl Outcome {
         }
     }
 
+    /// Whether the decision applies an erasure request: the customer's personal data goes from
+    /// state and from the query projection.
+    pub fn erases_customer(&self) -> bool {
+        matches!(self, Outcome::EventAccepted(a) if matches!(a.fact, Fact::ErasureRequested(_)))
+    }
+
     /// One line naming what was decided about which template, journey or term.
     pub fn summary(&self) -> String {
         match self {

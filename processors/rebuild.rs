@@ -55,6 +55,9 @@ pub fn fold(
                         let mut f = FoldedPartition::default();
                         for (offset, d) in log {
                             evolve(f.customers.entry(d.customer_id.clone()).or_default(), d);
+                            if d.outcome.erases_customer() {
+                                f.consent.retain(|(c, _)| *c != d.customer_id);
+                            }
                             if let Some(c) = consent_change(d) {
                                 f.consent.push((d.customer_id.clone(), c));
                             }
@@ -119,6 +122,7 @@ pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) ->
             next_offset: f.next_offset,
             inputs: BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]),
             consent: f.consent.clone(),
+            erased: Vec::new(),
         };
         store.save(PROCESSORS, *p, &write)?;
     }

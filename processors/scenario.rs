@@ -1,7 +1,7 @@
 //! A realistic, seeded scenario for a direct-to-consumer home-goods brand: profiles, consent,
 //! orders, payments (some late, some failing), shipments (some before payment, some split),
 //! delays, cancellations, abandoned carts (some without a price), opt-outs, renewals, inbound
-//! messages, redelivered duplicates and a few undecodable records.
+//! messages, a few erasure requests, redelivered duplicates and a few undecodable records.
 
 use crate::events::*;
 
@@ -460,6 +460,22 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                 Fact::InboundMessageReceived(InboundMessageReceived {
                     provider_message_id: format!("wamid.in-{c}"),
                     text: text.into(),
+                }),
+            );
+        }
+    }
+    // About one customer in a hundred asks to be forgotten late in the month: their personal
+    // data leaves state and the query projection. Chosen by number, not drawn, so that the
+    // rest of the month is the same with or without them and small demos have some too.
+    for c in 0..customers {
+        if c % 97 == 50 {
+            let customer = format!("cust-{c:06}");
+            g.push(
+                &customer,
+                "crm",
+                EPOCH + 27 * DAY + (c as i64 % 1000) * 60_000,
+                Fact::ErasureRequested(ErasureRequested {
+                    request_id: format!("erase-{c:06}"),
                 }),
             );
         }

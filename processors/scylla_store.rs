@@ -254,6 +254,7 @@ struct Prepared {
     upsert_input_position: PreparedStatement,
     upsert_customer_view: PreparedStatement,
     insert_consent_record: PreparedStatement,
+    delete_consent_history: PreparedStatement,
     select_snapshot_bucket: PreparedStatement,
     select_partition_position: PreparedStatement,
     select_input_positions: PreparedStatement,
@@ -353,6 +354,7 @@ impl ScyllaStore {
                 upsert_input_position: take("upsert_input_position")?,
                 upsert_customer_view: take("upsert_customer_view")?,
                 insert_consent_record: take("insert_consent_record")?,
+                delete_consent_history: take("delete_consent_history")?,
                 select_snapshot_bucket: take("select_snapshot_bucket")?,
                 select_partition_position: take("select_partition_position")?,
                 select_input_positions: take("select_input_positions")?,
@@ -444,6 +446,14 @@ impl ScyllaStore {
         }))
         .buffer_unordered(WRITES_IN_FLIGHT)
         .try_collect::<Vec<()>>();
+        if project {
+            // Before this save's own rows, which carry `at` and so survive it.
+            for customer in &w.erased {
+                self.session
+                    .execute_unpaged(&p.delete_consent_history, (at - 1, customer))
+                    .await?;
+            }
+        }
         let consent = futures::stream::iter(w.consent.iter().filter(|_| project).map(
             |(customer, c)| async move {
                 let purposes = c

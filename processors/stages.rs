@@ -159,6 +159,8 @@ struct ProcessorPartition {
     touched: BTreeSet<String>,
     /// Consent changes decided since the last save, for the store's consent history.
     consent: Vec<(String, ConsentEvent)>,
+    /// Customers erased since the last save.
+    erased: Vec<String>,
 }
 
 impl ProcessorPartition {
@@ -171,6 +173,10 @@ impl ProcessorPartition {
     }
 
     fn note_consent(&mut self, d: &Decision) {
+        if d.outcome.erases_customer() {
+            self.consent.retain(|(c, _)| *c != d.customer_id);
+            self.erased.push(d.customer_id.clone());
+        }
         if let Some(c) = consent_change(d) {
             self.consent.push((d.customer_id.clone(), c));
         }
@@ -456,6 +462,7 @@ impl Stage for ProcessorStage {
                 next_offset: part.next_decision_offset,
                 inputs,
                 consent: std::mem::take(&mut part.consent),
+                erased: std::mem::take(&mut part.erased),
             };
             self.store.save(PROCESSORS, *p, &write)?;
             part.inputs_moved = false;

@@ -54,6 +54,8 @@ pub struct SnapshotWrite {
     pub next_offset: i64,
     pub inputs: BTreeMap<String, i64>,
     pub consent: Vec<(String, ConsentEvent)>,
+    /// Customers whose erasure was decided: their consent history saved before this write goes.
+    pub erased: Vec<String>,
 }
 
 /// A customer's row in the query projection.
@@ -136,7 +138,9 @@ const STATES: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("custom
 const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("partition_position");
 const INPUT_POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_position");
 const VIEW: TableDefinition<&str, (i32, i64, &str)> = TableDefinition::new("customer_view");
-const CONSENT: TableDefinition<&str, &[u8]> = TableDefinition::new("consent_history");
+/// Consent rows with the log position of the save that wrote them, so an erasure removes
+/// exactly the rows saved before it, however often it is replayed.
+const CONSENT: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("consent_history");
 
 /// The embedded store, a redb file.
 pub struct EmbeddedStore {
@@ -187,6 +191,11 @@ fn end_of(p: &str) -> String {
 /// Consent rows sort by customer, then time, then decision: the history reads oldest first.
 fn consent_key(customer: &str, c: &ConsentEvent) -> String {
     format!("{customer}\u{1}{:020}\u{1}{}", c.at, c.decision_id)
+}
+
+/// The key range of one customer's consent rows.
+fn consent_range(customer: &str) -> (String, String) {
+    (format!("{customer}\u{1}"), format!("{customer}\u{2}"))
 }
 
 impl StateStore for EmbeddedStore {
@@ -260,10 +269,22 @@ impl StateStore for EmbeddedStore {
             }
             if namespace == PROCESSORS {
                 let mut consent = w.open_table(CONSENT)?;
+                for customer in &write.erased {
+                    let (from, to) = consent_range(customer);
+                    let older: Vec<String> = consent
+                        .range(from.as_str()..to.as_str())?
+                        .filter_map(|item| item.ok())
+                        .filter(|(_, v)| v.value().0 < at)
+                        .map(|(k, _)| k.value().to_string())
+                        .collect();
+                    for key in older {
+                        consent.remove(key.as_str())?;
+                    }
+                }
                 for (customer, c) in &write.consent {
                     consent.insert(
                         consent_key(customer, c).as_str(),
-                        serde_json::to_vec(c)?.as_slice(),
+                        (at, serde_json::to_vec(c)?.as_slice()),
                     )?;
                 }
             }
@@ -289,13 +310,12 @@ impl StateStore for EmbeddedStore {
     fn consent_history(&self, customer_id: &str) -> Result<Vec<ConsentEvent>> {
         let r = self.db.begin_read()?;
         let table = r.open_table(CONSENT)?;
-        let from = format!("{customer_id}\u{1}");
-        let to = format!("{customer_id}\u{2}");
+        let (from, to) = consent_range(customer_id);
         let mut out = Vec::new();
         for item in table.range(from.as_str()..to.as_str())? {
             let (_, v) = item?;
             out.push(
-                serde_json::from_slice(v.value())
+                serde_json::from_slice(v.value().1)
                     .with_context(|| format!("consent history of {customer_id} is unreadable"))?,
             );
         }

@@ -159,15 +159,26 @@ fn the_demo_log_verifies_and_a_changed_or_removed_consent_record_is_named() {
 }
 
 #[test]
-fn the_store_projection_shows_a_customers_consent_history_as_the_log_does() {
+fn the_store_projection_shows_the_consent_history_the_log_shows_and_forgets_erased_customers() {
     let (dir, dump, live) = demo();
     // A customer with a grant in the log: the audit timeline (from the log) and the
     // projection (from the live store, and from a store rebuilt from the log) must agree.
-    let lines = std::fs::read_to_string(dump).unwrap();
-    let grant: serde_json::Value = lines
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dump)
+        .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(is_consent_grant)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let erased: Vec<String> = lines
+        .iter()
+        .filter(|l| {
+            l["topic"] == "herald.decisions.v1"
+                && l["value"]["outcome"]["fact"]["type"] == "ErasureRequested"
+        })
+        .map(|l| l["value"]["customer_id"].as_str().unwrap().to_string())
+        .collect();
+    let grant = lines
+        .iter()
+        .find(|l| is_consent_grant(l) && !erased.iter().any(|e| l["value"]["customer_id"] == *e))
         .expect("a consent grant in the demo");
     let customer = grant["value"]["customer_id"].as_str().unwrap().to_string();
     let o = herald(&[
@@ -220,6 +231,27 @@ fn the_store_projection_shows_a_customers_consent_history_as_the_log_does() {
         assert!(text(&readable).contains("GRANTED"), "{}", text(&readable));
     }
     assert_eq!(seen[0], seen[1]);
+    // An erased customer keeps no consent, sends, orders or history from before the erasure in
+    // the projection, though the log keeps its chain for the auditor.
+    assert!(!erased.is_empty(), "the demo has erasure requests");
+    let o = herald(&[
+        "state",
+        "--customer",
+        &erased[0],
+        "--store",
+        live.join("state.redb").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let view: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(view["erased"], true, "{view}");
+    for emptied in ["consent", "consent_history", "recent_sends"] {
+        assert_eq!(view[emptied], serde_json::json!([]), "{emptied}: {view}");
+    }
+    // Facts that arrive after the erasure are new processing; nothing from before survives.
+    for order in view["orders"].as_array().unwrap() {
+        assert_eq!(order["status"], "known from later facts only", "{view}");
+    }
     let o = herald(&[
         "state",
         "--customer",

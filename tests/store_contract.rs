@@ -84,6 +84,7 @@ fn write(changed: &[(&str, &str)], next_offset: i64, inputs: &[(&str, i64)]) -> 
         next_offset,
         inputs: inputs.iter().map(|(t, o)| (t.to_string(), *o)).collect(),
         consent: Vec::new(),
+        erased: Vec::new(),
     }
 }
 
@@ -280,5 +281,41 @@ fn a_partition_of_thousands_of_customers_loads_whole() {
         assert_eq!(snap.customers.len(), 3_000, "{}", b.name);
         assert_eq!(snap.next_offset, 105, "{}", b.name);
         assert_eq!(snap.customers["customer-02999"].next_offset, 105);
+    }
+}
+
+#[test]
+fn an_erasure_removes_the_consent_history_saved_before_it_and_nothing_after() {
+    for b in backends() {
+        let s = &b.store;
+        let mut first = write(&[("c-1", "granted")], 10, &[]);
+        first.consent = vec![
+            ("c-1".into(), consent(1_000, true, "d-1")),
+            ("c-2".into(), consent(1_000, true, "d-5")),
+        ];
+        s.save(PROCESSORS, 0, &first).unwrap();
+        let mut erasure = write(&[("c-1", "erased")], 20, &[]);
+        erasure.erased = vec!["c-1".into()];
+        s.save(PROCESSORS, 0, &erasure).unwrap();
+        assert!(s.consent_history("c-1").unwrap().is_empty(), "{}", b.name);
+        assert_eq!(s.consent_history("c-2").unwrap().len(), 1, "{}", b.name);
+        // The customer comes back and consents again; a replay of the erasure's save (a
+        // restore, a retry) must not remove the new record.
+        let mut again = write(&[("c-1", "regranted")], 30, &[]);
+        again.consent = vec![("c-1".into(), consent(5_000, true, "d-7"))];
+        s.save(PROCESSORS, 0, &again).unwrap();
+        s.save(PROCESSORS, 0, &erasure).unwrap();
+        assert_eq!(
+            s.consent_history("c-1").unwrap(),
+            vec![consent(5_000, true, "d-7")],
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            s.customer("c-1").unwrap().unwrap().state,
+            "{\"note\":\"regranted\"}",
+            "{}",
+            b.name
+        );
     }
 }
