@@ -161,6 +161,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/decisions/duplicate_ignored.avsc"),
     ),
     (
+        "decisions/pre_erasure_fact_ignored.avsc",
+        include_str!("../schemas/decisions/pre_erasure_fact_ignored.avsc"),
+    ),
+    (
         "decisions/shipment_held.avsc",
         include_str!("../schemas/decisions/shipment_held.avsc"),
     ),
@@ -546,6 +550,7 @@ union_codec!(outcome_record, outcome_from, Outcome {
     11 => JourneyAdvanced(JourneyAdvanced),
     12 => JourneyExited(JourneyExited),
     13 => EscalationRaised(EscalationRaised),
+    14 => PreErasureFactIgnored(PreErasureFactIgnored),
 });
 
 union_codec!(step_record, step_from, DispatchStep {

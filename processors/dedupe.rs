@@ -12,6 +12,16 @@ pub fn decide(state: &CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<Outco
             event_id: id.clone(),
             first_seen_at: *first_seen_at,
         })],
+        // A replay of the inputs, or a late delivery, must not bring back what was erased.
+        None if state
+            .erased_at
+            .is_some_and(|erased_at| input.envelope.occurred_at <= erased_at) =>
+        {
+            vec![Outcome::PreErasureFactIgnored(PreErasureFactIgnored {
+                event_id: id.clone(),
+                erased_at: state.erased_at.unwrap_or_default(),
+            })]
+        }
         None => vec![Outcome::EventAccepted(EventAccepted {
             envelope: input.envelope.clone(),
             fact: input.fact.clone(),
@@ -37,8 +47,14 @@ mod tests {
                 trace_parent: None,
                 schema_version: 1,
             },
-            fact: Fact::ErasureRequested(ErasureRequested {
-                request_id: "r".into(),
+            fact: Fact::RefundIssued(RefundIssued {
+                order_id: "o-1".into(),
+                refund_id: "r-1".into(),
+                amount: Money {
+                    minor_units: 100,
+                    currency: "EUR".into(),
+                },
+                partial: false,
             }),
         }
     }
@@ -89,6 +105,49 @@ mod tests {
         fold(&mut state, other[0].clone(), later.now);
         assert!(matches!(
             decide(&state, &input("e-1", 1_000), &later)[0],
+            Outcome::EventAccepted(_)
+        ));
+    }
+
+    #[test]
+    fn after_an_erasure_facts_from_before_it_stay_out_and_later_ones_come_in() {
+        let topology = Topology::embedded().unwrap();
+        let tables = crate::tables::Tables::default();
+        let window = topology.policy.dedupe_window_hours * 3_600_000;
+        let now = 10 * window;
+        let ctx = Ctx {
+            now,
+            topology: &topology,
+            tables: &tables,
+            input_ref: "r/0/1",
+        };
+        let mut state = CustomerState::default();
+        let order = input;
+        let before = order("e-old", 1_000);
+        let accepted = decide(&state, &before, &ctx)[0].clone();
+        fold(&mut state, accepted, now);
+        let erasure = InputEvent {
+            fact: Fact::ErasureRequested(ErasureRequested {
+                request_id: "r".into(),
+            }),
+            ..input("erase", 5_000)
+        };
+        let erased = decide(&state, &erasure, &ctx)[0].clone();
+        fold(&mut state, erased, now);
+        assert!(state.erased && state.erased_at == Some(5_000));
+        // Much later, the dedupe window has forgotten the ids seen before the erasure.
+        state.seen.clear();
+        // The same fact delivered again once its id has left the window (a replay from offset
+        // zero): its id is forgotten with the rest, but its time gives it away.
+        assert_eq!(
+            decide(&state, &order("e-old", 1_000), &ctx),
+            vec![Outcome::PreErasureFactIgnored(PreErasureFactIgnored {
+                event_id: "e-old".into(),
+                erased_at: 5_000
+            })]
+        );
+        assert!(matches!(
+            decide(&state, &order("e-new", 6_000), &ctx)[0],
             Outcome::EventAccepted(_)
         ));
     }

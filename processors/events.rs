@@ -528,6 +528,15 @@ pub struct EventAccepted {
     pub forget_before: Millis,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreErasureFactIgnored {
+    /// The ignored fact's event id.
+    pub event_id: String,
+    /// Occurred-at of the erasure request the fact predates.
+    pub erased_at: Millis,
+}
+
+/// Dedupe saw an event id already accepted inside its window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DuplicateIgnored {
     pub event_id: String,
     pub first_seen_at: Millis,
@@ -679,6 +688,7 @@ pub enum Outcome {
     JourneyAdvanced(JourneyAdvanced),
     JourneyExited(JourneyExited),
     EscalationRaised(EscalationRaised),
+    PreErasureFactIgnored(PreErasureFactIgnored),
 }
 
 impl Outcome {
@@ -699,6 +709,7 @@ impl Outcome {
             Outcome::JourneyAdvanced(_) => 11,
             Outcome::JourneyExited(_) => 12,
             Outcome::EscalationRaised(_) => 13,
+            Outcome::PreErasureFactIgnored(_) => 14,
         }
     }
 
@@ -719,6 +730,7 @@ impl Outcome {
             "JourneyAdvanced",
             "JourneyExited",
             "EscalationRaised",
+            "PreErasureFactIgnored",
         ][self.index()]
     }
 

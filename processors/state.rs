@@ -157,6 +157,9 @@ pub struct CustomerState {
     /// The last link of the consent hash chain, which the next consent change extends.
     #[serde(default)]
     pub consent_chain_head: Option<String>,
+    /// When the latest erasure request was made; facts from before it stay out of state.
+    #[serde(default)]
+    pub erased_at: Option<Millis>,
 }
 
 impl CustomerState {
@@ -274,12 +277,14 @@ impl CustomerState {
             }
             Fact::ErasureRequested(_) => {
                 let seen = std::mem::take(&mut self.seen);
+                let erased_at = Some(self.erased_at.unwrap_or(at).max(at));
                 // The consent chain goes on across an erasure, so an audit can still tell
                 // that no record was removed.
                 let consent_chain_head = self.consent_chain_head.take();
                 *self = CustomerState {
                     seen,
                     consent_chain_head,
+                    erased_at,
                     erased: true,
                     ..CustomerState::default()
                 };
@@ -383,6 +388,7 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
                 .remove(&journey_slot(&j.journey, &j.journey_key));
         }
         Outcome::DuplicateIgnored(_)
+        | Outcome::PreErasureFactIgnored(_)
         | Outcome::MessageHeldOut(_)
         | Outcome::EscalationRaised(_) => {}
     }
