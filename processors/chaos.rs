@@ -105,6 +105,7 @@ impl Processes {
         };
         Command::new(&self.herald)
             .args(["run", "--stage", stage, "--instance-id", instance])
+            .env("HERALD_IDENTIFIER_KEY", crate::identity::DEMO_KEY)
             .args(["--bootstrap", &self.bootstrap, "--registry", &self.registry])
             .args(["--provider-url", &self.simulator])
             .args([

@@ -105,6 +105,11 @@ pub enum Command {
         /// Exit 1 when any customer is decided differently (for a policy change's CI).
         #[arg(long)]
         fail_on_difference: bool,
+        /// The key the live processors hash phone numbers and e-mail addresses under; the
+        /// replay must use the same one to reproduce their decisions. The default is the
+        /// demo's key, for the demo's recordings.
+        #[arg(long, env = "HERALD_IDENTIFIER_KEY", hide_env_values = true, default_value = crate::identity::DEMO_KEY)]
+        identifier_key: String,
     },
     /// Consent audit: a customer's consent timeline, and the hash chain check of every customer's.
     Audit {
@@ -260,6 +265,12 @@ pub enum AuditAction {
     },
 }
 
+/// The identifier key from its configured text; an error names the setting.
+fn identifier_key_from(text: &str) -> Result<crate::identity::IdentifierKey> {
+    crate::identity::IdentifierKey::new(text.as_bytes())
+        .map_err(|why| anyhow!("HERALD_IDENTIFIER_KEY (--identifier-key): {why}"))
+}
+
 /// A small runtime for commands that may talk to ScyllaDB.
 fn store_runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -305,6 +316,11 @@ pub struct RunArgs {
     pub store: StoreAddress,
     #[arg(long, env = "HERALD_STAGE", value_enum, default_value = "all")]
     pub stage: StageName,
+    /// Secret key (16 bytes or more) of the keyed hashes that replace phone numbers and e-mail
+    /// addresses in state and in every Herald topic; the same for every process, and for
+    /// `herald replay` of their recordings.
+    #[arg(long, env = "HERALD_IDENTIFIER_KEY", hide_env_values = true)]
+    pub identifier_key: String,
     /// At-least-once mode, for brokers without transactions.
     #[arg(long, env = "HERALD_AT_LEAST_ONCE")]
     pub at_least_once: bool,
@@ -455,15 +471,17 @@ pub fn main(cli: Cli) -> Result<()> {
             all,
             json,
             fail_on_difference,
+            identifier_key,
         } => {
             telemetry::init_tracing("warn");
+            let key = identifier_key_from(&identifier_key)?;
             let topo = Topology::load(&policy)?;
             let mut records = Vec::new();
             for file in &events {
                 records.extend(crate::dump::read(file)?);
             }
             let recorded = crate::dump::decisions(&records);
-            let replayed = crate::replay::replay(&records, &topo);
+            let replayed = crate::replay::replay(&records, &topo, &key);
             let report =
                 crate::replay::Report::new(&topo.policy.version, &recorded, &replayed, show);
             if json {
@@ -739,6 +757,7 @@ fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    let identifiers = identifier_key_from(&args.identifier_key)?;
     let topo = Arc::new(topology(&args.topology)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -766,7 +785,7 @@ fn run(args: RunArgs) -> Result<()> {
 
     let mut handles = Vec::new();
     if matches!(args.stage, StageName::Processors | StageName::All) {
-        let (s, st, m, h, t, c, store) = (
+        let (s, st, m, h, t, c, store, k) = (
             settings.clone(),
             stop.clone(),
             metrics.clone(),
@@ -774,12 +793,13 @@ fn run(args: RunArgs) -> Result<()> {
             topo.clone(),
             codec.clone(),
             store.clone(),
+            identifiers.clone(),
         );
         let tick =
             (args.wall_clock_tick_secs > 0).then(|| Duration::from_secs(args.wall_clock_tick_secs));
         handles.push(std::thread::spawn(move || {
-            let mut stage =
-                ProcessorStage::new(t, c, store, h.clone(), m.clone()).with_wall_clock_tick(tick);
+            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone(), k)
+                .with_wall_clock_tick(tick);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }
@@ -792,16 +812,17 @@ fn run(args: RunArgs) -> Result<()> {
             &args.phone_number_id,
             &args.provider_token,
         )?;
-        let (s, st, m, h, c, store) = (
+        let (s, st, m, h, c, store, k) = (
             settings.clone(),
             stop.clone(),
             metrics.clone(),
             rt.handle().clone(),
             codec.clone(),
             store.clone(),
+            identifiers.clone(),
         );
         handles.push(std::thread::spawn(move || {
-            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone());
+            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), k);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -26,6 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The demo's identifier key: fixed, so a demo recording replays with the same hashes.
+pub fn demo_key() -> Result<crate::identity::IdentifierKey> {
+    crate::identity::IdentifierKey::new(crate::identity::DEMO_KEY.as_bytes())
+        .map_err(|e| anyhow!(e))
+}
+
 /// Options of `herald demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -410,7 +416,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         );
         let store = store.clone();
         handles.push(std::thread::spawn(move || {
-            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone());
+            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone(), demo_key()?);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }
@@ -425,7 +431,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         let store = store.clone();
         let client = CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "demo-token")?;
         handles.push(std::thread::spawn(move || {
-            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone());
+            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), demo_key()?);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -1,8 +1,9 @@
 //! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
 //!
 //! The pure core (`dedupe`, `ordering`, `policy`, `journey`, `quiet_hours`, `dispatch`, `state`,
-//! `tables`, `pipeline`, `task`, `replay`) decides; the shells (`intake`, `kafka`, `stages`,
-//! `registry`, `store`, `provider`, `dump`, `telemetry`, `cli`) move bytes.
+//! `tables`, `pipeline`, `task`, `replay`, `audit`, `identity`, `projection`) decides; the
+//! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `scylla_store`, `provider`, `dump`,
+//! `telemetry`, `cli`) move bytes.
 
 pub mod avro;
 pub mod events;
@@ -12,6 +13,7 @@ pub mod topology;
 pub mod audit;
 pub mod dedupe;
 pub mod dispatch;
+pub mod identity;
 pub mod journey;
 pub mod ordering;
 pub mod pipeline;

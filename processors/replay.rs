@@ -8,6 +8,7 @@
 //! recorded, or the dump was taken mid-stream) follow in timestamp order.
 
 use crate::events::{Decision, InputEvent, Millis, Outcome, Processor, StockLevel};
+use crate::identity::{pseudonymise, IdentifierKey};
 use crate::tables::Tables;
 use crate::task::Task;
 use crate::topology::Topology;
@@ -69,7 +70,8 @@ impl Step {
 }
 
 /// Runs the dump's inputs through `topology`'s policy and journeys.
-pub fn replay(records: &[DumpedRecord], topology: &Topology) -> Replayed {
+/// Identifiers in the dump's inputs are hashed under `key`, as the live processors hash them.
+pub fn replay(records: &[DumpedRecord], topology: &Topology, key: &IdentifierKey) -> Replayed {
     let mut out = Replayed::default();
     let mut tables = Tables::default();
     // The live task reads the inventory topic whole, as of the wall clock: so does the replay,
@@ -181,8 +183,9 @@ pub fn replay(records: &[DumpedRecord], topology: &Topology) -> Replayed {
                 let (r, e) = inputs[i];
                 tables.observe(&e.fact);
                 let input_ref = format!("{}/{}/{}", r.topic, r.partition, r.offset);
+                let e = pseudonymise(key, e.clone());
                 out.decisions
-                    .extend(task.decide(e, &input_ref, topology, &tables));
+                    .extend(task.decide(&e, &input_ref, topology, &tables));
             }
             Step::Advance(t) => out.decisions.extend(task.advance_to(t, topology, &tables)),
         }
@@ -386,6 +389,10 @@ pub fn is_send(o: &Outcome) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key() -> IdentifierKey {
+        IdentifierKey::new(crate::identity::DEMO_KEY.as_bytes()).unwrap()
+    }
     use crate::events::*;
 
     const HOUR: Millis = 3_600_000;
@@ -466,9 +473,9 @@ mod tests {
     #[test]
     fn the_same_policy_reproduces_the_recorded_decisions() {
         let topology = Topology::embedded().unwrap();
-        let first = replay(&month(), &topology);
+        let first = replay(&month(), &topology, &key());
         assert!(first.decisions.iter().any(|d| is_send(&d.outcome)));
-        let again = replay(&with_log(month(), &first.decisions), &topology);
+        let again = replay(&with_log(month(), &first.decisions), &topology, &key());
         assert_eq!(again.in_recorded_order, 3);
         let c = compare(&first.decisions, &again.decisions, 10);
         assert_eq!(c.customers_differing, 0, "{c:?}");
@@ -478,11 +485,11 @@ mod tests {
     #[test]
     fn a_revoked_consent_shows_as_the_first_difference() {
         let topology = Topology::embedded().unwrap();
-        let recorded = replay(&month(), &topology).decisions;
+        let recorded = replay(&month(), &topology, &key()).decisions;
         // The same month, with the consent no longer granted: the confirmation is suppressed.
         let mut changed = month();
         changed.remove(1);
-        let now = replay(&with_log(changed, &recorded), &topology);
+        let now = replay(&with_log(changed, &recorded), &topology, &key());
         let c = compare(&recorded, &now.decisions, 10);
         assert_eq!(c.customers_differing, 1);
         let first = &c.first_differences[0];
@@ -508,7 +515,7 @@ mod tests {
         let topology = Topology::embedded().unwrap();
         let mut records = month();
         records[2].key = Some("c-2".into());
-        let r = replay(&records, &topology);
+        let r = replay(&records, &topology, &key());
         assert_eq!(r.dead_letters.len(), 1);
         assert!(r.dead_letters[0].reason.contains("does not match"));
         assert!(!r.decisions.iter().any(|d| is_send(&d.outcome)));

@@ -5,6 +5,7 @@
 use crate::audit::{consent_change, ConsentEvent};
 use crate::dispatch::{self, DispatchState, Plan};
 use crate::events::*;
+use crate::identity::{self, pseudonymise, ContactDirectory, IdentifierKey};
 use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
 use crate::provider::{CloudApiClient, SendOutcome};
 use crate::registry::{Codec, DecodeError};
@@ -24,6 +25,8 @@ pub const DECISIONS: &str = "herald.decisions.v1";
 pub const DISPATCH: &str = "herald.dispatch.v1";
 pub const DLQ: &str = "herald.dlq.v1";
 pub const INVENTORY: &str = "catalog.inventory.v1";
+/// The CRM input topic: profiles (and their addresses), consent, erasure requests.
+pub const CRM: &str = "crm.events.v1";
 pub const INPUTS: [&str; 4] = [
     "oms.events.v1",
     "billing.events.v1",
@@ -190,6 +193,7 @@ pub struct ProcessorStage {
     pub store: SharedStore,
     pub rt: tokio::runtime::Handle,
     pub metrics: Arc<Metrics>,
+    identifiers: IdentifierKey,
     partitions: HashMap<i32, ProcessorPartition>,
     /// Stock and template status, read whole; shared by every partition of this stage.
     tables: Tables,
@@ -203,13 +207,14 @@ pub struct ProcessorStage {
 }
 
 impl ProcessorStage {
-    /// A processor stage with no partitions yet.
+    /// A processor stage with no partitions yet; identifiers are hashed under `identifiers`.
     pub fn new(
         topology: Arc<Topology>,
         codec: Arc<Codec>,
         store: SharedStore,
         rt: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
+        identifiers: IdentifierKey,
     ) -> Self {
         ProcessorStage {
             topology,
@@ -217,6 +222,7 @@ impl ProcessorStage {
             store,
             rt,
             metrics,
+            identifiers,
             partitions: HashMap::new(),
             tables: Tables::default(),
             inventory_next: HashMap::new(),
@@ -372,6 +378,9 @@ impl Stage for ProcessorStage {
             )?);
             return Ok(());
         }
+        // From here on no phone number or e-mail address is in clear: not in state, not in
+        // the decision log.
+        let input = pseudonymise(&self.identifiers, input);
         let part = self
             .partitions
             .get_mut(&p)
@@ -474,6 +483,9 @@ impl Stage for ProcessorStage {
 #[derive(Default)]
 struct DispatchPartition {
     customers: HashMap<String, DispatchState>,
+    /// Addresses by keyed hash, from this partition of the CRM topic, and where to read on.
+    contacts: ContactDirectory,
+    crm_next: i64,
     next_offset: i64,
     touched: BTreeSet<String>,
 }
@@ -491,18 +503,24 @@ pub struct DispatchStage {
     pub client: CloudApiClient,
     pub rt: tokio::runtime::Handle,
     pub metrics: Arc<Metrics>,
+    identifiers: IdentifierKey,
     partitions: HashMap<i32, DispatchPartition>,
     pending: Vec<PendingSend>,
+    /// Why the CRM topic could not be read before this batch, if it could not: an unknown
+    /// recipient then stops the batch instead of failing the send.
+    contacts_unread: Option<String>,
 }
 
 impl DispatchStage {
-    /// A dispatch stage sending through `client`.
+    /// A dispatch stage sending through `client`; recipients are keyed hashes under
+    /// `identifiers`, resolved through the CRM topic.
     pub fn new(
         codec: Arc<Codec>,
         store: SharedStore,
         client: CloudApiClient,
         rt: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
+        identifiers: IdentifierKey,
     ) -> Self {
         DispatchStage {
             codec,
@@ -510,9 +528,30 @@ impl DispatchStage {
             client,
             rt,
             metrics,
+            identifiers,
             partitions: HashMap::new(),
             pending: Vec::new(),
+            contacts_unread: None,
         }
+    }
+
+    /// Reads this partition of the CRM topic on from where its directory stopped. Runs after
+    /// a batch was fetched: every approval in it was decided after its profile fact was
+    /// written, so the directory then knows every address the batch needs.
+    fn learn_contacts(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+        let (codec, rt, key) = (&self.codec, &self.rt, &self.identifiers);
+        let Some(part) = self.partitions.get_mut(&partition) else {
+            return Ok(());
+        };
+        let contacts = &mut part.contacts;
+        part.crm_next = reader.read(CRM, partition, part.crm_next, |m| {
+            // An unreadable CRM record is the processors' to dead-letter; it has no address.
+            if let Ok(input) = rt.block_on(codec.decode_input(CRM, m.payload())) {
+                contacts.observe(key, &input);
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     fn record(&mut self, partition: i32, rec: DispatchRecord, out: &mut Outbox) -> Result<()> {
@@ -568,8 +607,24 @@ impl Stage for DispatchStage {
             Ok(())
         })?;
         self.partitions.insert(partition, part);
+        self.learn_contacts(partition, reader)?;
         self.committed(&Produced::new())?;
         Ok(())
+    }
+
+    fn refresh_tables(&mut self, reader: &LogReader) -> Result<()> {
+        let owned: Vec<i32> = self.partitions.keys().copied().collect();
+        let mut unread = None;
+        for p in owned {
+            if let Err(e) = self.learn_contacts(p, reader) {
+                unread = Some(format!("{CRM}/{p}: {e}"));
+            }
+        }
+        self.contacts_unread = unread.clone();
+        match unread {
+            Some(why) => bail!(why),
+            None => Ok(()),
+        }
     }
 
     fn revoke(&mut self, partition: i32) {
@@ -633,15 +688,45 @@ impl Stage for DispatchStage {
     }
 
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = Vec::with_capacity(self.pending.len());
+        for s in std::mem::take(&mut self.pending) {
+            let address = self.partitions.get(&s.partition).map(|part| {
+                part.contacts
+                    .address(&s.decision.customer_id, &s.approved.recipient)
+            });
+            match address {
+                Some(identity::Address::Known(to)) => {
+                    let mut send = s.approved.clone();
+                    send.recipient = to.to_string();
+                    pending.push((s, send));
+                }
+                _ if self.contacts_unread.is_some() => bail!(
+                    "dispatch cannot resolve recipients: the CRM topic could not be read ({})",
+                    self.contacts_unread.as_deref().unwrap_or_default()
+                ),
+                _ => {
+                    // Erased before it went out, or an address the CRM topic never held:
+                    // nobody to send to, and trying again cannot change that.
+                    Metrics::inc(&self.metrics.send_failures, 1);
+                    tracing::info!(customer = %s.decision.customer_id, message = %s.approved.message_id, "no address for the recipient; not sent");
+                    let failed = DispatchStep::Failed(DispatchFailed {
+                        code: 0,
+                        retryable: false,
+                        detail: "no address for this recipient: the customer was erased, or the CRM topic never gave one".into(),
+                    });
+                    let rec = dispatch::record(&s.decision, &s.approved, failed, wall_clock_ms());
+                    self.record(s.partition, rec, out)?;
+                }
+            }
+        }
         for chunk in pending.chunks(64) {
             let client = &self.client;
             let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(
-                |s| async move {
+                |(_, send)| async move {
                     let mut delay = Duration::from_millis(50);
                     let mut attempt = 1;
                     loop {
-                        match client.send(&s.approved).await {
+                        match client.send(send).await {
                             Ok(SendOutcome::Rejected {
                                 retryable: true, ..
                             })
@@ -657,7 +742,7 @@ impl Stage for DispatchStage {
                     }
                 },
             )));
-            for (s, (attempts, result)) in chunk.iter().zip(results) {
+            for ((s, _), (attempts, result)) in chunk.iter().zip(results) {
                 let now = wall_clock_ms();
                 let attempted = dispatch::record(
                     &s.decision,

@@ -262,3 +262,37 @@ fn the_store_projection_shows_the_consent_history_the_log_shows_and_forgets_eras
     assert!(!o.status.success());
     assert!(text(&o).contains("no state for customer"), "{}", text(&o));
 }
+
+#[test]
+fn no_phone_number_or_email_address_is_in_clear_in_the_decision_log() {
+    let (_, dump, _) = demo();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut clear = std::collections::BTreeSet::new();
+    for l in &lines {
+        let fact = &l["value"]["fact"];
+        if l["topic"] == "crm.events.v1" && fact["type"] == "ProfileChanged" {
+            for field in ["phone_e164", "email"] {
+                if let Some(v) = fact[field].as_str() {
+                    clear.insert(v.to_string());
+                }
+            }
+        }
+    }
+    assert!(clear.len() > 100, "the demo's profiles carry addresses");
+    let mut hashed_recipients = 0;
+    for l in lines.iter().filter(|l| l["topic"] == "herald.decisions.v1") {
+        let text = l.to_string();
+        for c in &clear {
+            assert!(!text.contains(c.as_str()), "{c} in clear in {text}");
+        }
+        if let Some(r) = l["value"]["outcome"]["recipient"].as_str() {
+            assert!(r.starts_with("hk1:"), "{text}");
+            hashed_recipients += 1;
+        }
+    }
+    assert!(hashed_recipients > 100);
+}

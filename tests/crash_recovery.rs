@@ -20,6 +20,7 @@ fn herald(
     crash_at: Option<u32>,
 ) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
+    c.env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY);
     c.args([
         "run",
         "--stage",

@@ -144,6 +144,7 @@ fn two_processes_share_a_group_at_least_once_on_nisshi() {
     let metrics: Vec<u16> = (0..2).map(|_| free_port()).collect();
     let spawn = |name: &str, port: u16| {
         Command::new(env!("CARGO_BIN_EXE_herald"))
+            .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
             .args([
                 "run",
                 "--stage",

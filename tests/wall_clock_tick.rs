@@ -67,6 +67,7 @@ fn event(id: &str, at: Millis, fact: serde_json::Value) -> FeedItem {
 
 fn herald(bootstrap: &str, registry: &str, dir: &Path, tick_secs: u32) -> Child {
     Command::new(env!("CARGO_BIN_EXE_herald"))
+        .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
         .args([
             "run",
             "--stage",
