@@ -16,7 +16,16 @@ fn is_consent_grant(line: &serde_json::Value) -> bool {
         && o["fact"]["type"] == "ConsentGranted"
 }
 
-/// One demo run for both tests: its dump and its live state directory.
+/// Every record of a JSON-lines dump.
+fn dump_lines(dump: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// One demo run for every test: its dump and its live state directory.
 fn demo() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     static DEMO: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
     DEMO.get_or_init(|| {
@@ -83,11 +92,7 @@ fn the_demo_log_verifies_and_a_changed_or_removed_consent_record_is_named() {
     assert!(ok.status.success(), "{}", text(&ok));
     assert!(text(&ok).contains(" 0 breaks"), "{}", text(&ok));
 
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dump)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = dump_lines(dump);
     // A customer whose order confirmation relied on a grant in this log.
     let approved = lines
         .iter()
@@ -163,11 +168,7 @@ fn the_store_projection_shows_the_consent_history_the_log_shows_and_forgets_eras
     let (dir, dump, live) = demo();
     // A customer with a grant in the log: the audit timeline (from the log) and the
     // projection (from the live store, and from a store rebuilt from the log) must agree.
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dump)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = dump_lines(dump);
     let erased: Vec<String> = lines
         .iter()
         .filter(|l| {
@@ -266,11 +267,7 @@ fn the_store_projection_shows_the_consent_history_the_log_shows_and_forgets_eras
 #[test]
 fn no_phone_number_or_email_address_is_in_clear_in_the_decision_log() {
     let (_, dump, _) = demo();
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dump)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = dump_lines(dump);
     let mut clear = std::collections::BTreeSet::new();
     for l in &lines {
         let fact = &l["value"]["fact"];
