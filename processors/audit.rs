@@ -98,6 +98,28 @@ pub fn consent_change(d: &Decision) -> Option<ConsentEvent> {
     })
 }
 
+/// Consent-history projection changes not yet saved: the records to add, and the customers
+/// whose earlier records go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsentProjection {
+    pub records: Vec<(String, ConsentEvent)>,
+    pub erased: Vec<String>,
+}
+
+impl ConsentProjection {
+    /// What one decision changes: an erasure forgets the customer's history so far (saved or
+    /// pending), a consent change adds a record.
+    pub fn apply(&mut self, d: &Decision) {
+        if d.outcome.erases_customer() {
+            self.records.retain(|(c, _)| *c != d.customer_id);
+            self.erased.push(d.customer_id.clone());
+        }
+        if let Some(c) = consent_change(d) {
+            self.records.push((d.customer_id.clone(), c));
+        }
+    }
+}
+
 /// The timeline of one customer from their decisions in log order, up to `as_of` (decision
 /// time) when given.
 pub fn timeline(customer_id: &str, decisions: &[&Decision], as_of: Option<Millis>) -> Timeline {
@@ -380,5 +402,44 @@ mod tests {
         let v = verify(&missing);
         assert_eq!(v.breaks.len(), 1);
         assert_eq!(v.breaks[0].position, 0);
+    }
+
+    #[test]
+    fn the_consent_projection_forgets_an_erased_customers_history_and_keeps_what_follows() {
+        let topology = Topology::embedded().unwrap();
+        let tables = Tables::default();
+        let mut task = Task::default();
+        let erasure = InputEvent::new(
+            "crm",
+            "c-1",
+            "x",
+            T0 + 4 * HOUR,
+            Fact::ErasureRequested(ErasureRequested {
+                request_id: "r".into(),
+            }),
+        );
+        let mut projection = ConsentProjection::default();
+        let mut decisions = log();
+        decisions.extend(task.decide(&erasure, "t/0/9", &topology, &tables));
+        decisions.extend(task.decide(
+            &consent("g3", T0 + 5 * HOUR, true, Purpose::Transactional),
+            "t/0/10",
+            &topology,
+            &tables,
+        ));
+        for d in &decisions {
+            projection.apply(d);
+        }
+        assert_eq!(projection.erased, vec!["c-1".to_string()]);
+        let kept: Vec<&str> = projection
+            .records
+            .iter()
+            .map(|(_, c)| c.artifact_id.as_str())
+            .collect();
+        assert_eq!(
+            kept,
+            vec!["form-g3"],
+            "only the consent given after the erasure"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! same digest of a live store, to prove the two agree. Reads the log and writes only its own
 //! store: no send, no record, no side effect.
 
-use crate::audit::{consent_change, ConsentEvent};
+use crate::audit::ConsentProjection;
 use crate::events::{Decision, Millis};
 use crate::replay::{DumpedRecord, Payload};
 use crate::stages::STREAM_TIME_KEY;
@@ -22,8 +22,8 @@ pub struct FoldedPartition {
     pub next_offset: i64,
     pub stream_time: Millis,
     pub decisions: u64,
-    /// Consent changes in log order, for the store's consent history.
-    pub consent: Vec<(String, ConsentEvent)>,
+    /// Consent history in log order, an erased customer's history dropped.
+    pub consent: ConsentProjection,
 }
 
 /// Folds each partition's decisions in offset order, `parallelism` partitions at a time;
@@ -55,12 +55,7 @@ pub fn fold(
                         let mut f = FoldedPartition::default();
                         for (offset, d) in log {
                             evolve(f.customers.entry(d.customer_id.clone()).or_default(), d);
-                            if d.outcome.erases_customer() {
-                                f.consent.retain(|(c, _)| *c != d.customer_id);
-                            }
-                            if let Some(c) = consent_change(d) {
-                                f.consent.push((d.customer_id.clone(), c));
-                            }
+                            f.consent.apply(d);
                             f.stream_time = f.stream_time.max(d.decided_at);
                             f.next_offset = f.next_offset.max(offset + 1);
                             f.decisions += 1;
@@ -121,7 +116,8 @@ pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) ->
             changed,
             next_offset: f.next_offset,
             inputs: BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]),
-            consent: f.consent.clone(),
+            consent: f.consent.records.clone(),
+            // The store is fresh: nothing saved earlier to remove.
             erased: Vec::new(),
         };
         store.save(PROCESSORS, *p, &write)?;

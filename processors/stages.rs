@@ -2,7 +2,7 @@
 //! the passthrough used as the benchmark's ceiling. Each turns records into core calls and core
 //! output into records; none holds a rule.
 
-use crate::audit::{consent_change, ConsentEvent};
+use crate::audit::ConsentProjection;
 use crate::dispatch::{self, DispatchState, Plan};
 use crate::events::*;
 use crate::identity::{self, pseudonymise, ContactDirectory, IdentifierKey};
@@ -160,10 +160,8 @@ struct ProcessorPartition {
     inputs_moved: bool,
     next_decision_offset: i64,
     touched: BTreeSet<String>,
-    /// Consent changes decided since the last save, for the store's consent history.
-    consent: Vec<(String, ConsentEvent)>,
-    /// Customers erased since the last save.
-    erased: Vec<String>,
+    /// Consent-history changes decided since the last save.
+    consent: ConsentProjection,
 }
 
 impl ProcessorPartition {
@@ -171,17 +169,7 @@ impl ProcessorPartition {
     fn note(&mut self, decisions: &[Decision]) {
         for d in decisions {
             self.touched.insert(d.customer_id.clone());
-            self.note_consent(d);
-        }
-    }
-
-    fn note_consent(&mut self, d: &Decision) {
-        if d.outcome.erases_customer() {
-            self.consent.retain(|(c, _)| *c != d.customer_id);
-            self.erased.push(d.customer_id.clone());
-        }
-        if let Some(c) = consent_change(d) {
-            self.consent.push((d.customer_id.clone(), c));
+            self.consent.apply(d);
         }
     }
 }
@@ -311,7 +299,7 @@ impl Stage for ProcessorStage {
                 return Ok(());
             }
             part.task.fold(&d);
-            part.note_consent(&d);
+            part.consent.apply(&d);
             part.touched.insert(d.customer_id.clone());
             Ok(())
         })?;
@@ -470,8 +458,8 @@ impl Stage for ProcessorStage {
                 changed: encode_touched(&mut part.touched, part.task.customers())?,
                 next_offset: part.next_decision_offset,
                 inputs,
-                consent: std::mem::take(&mut part.consent),
-                erased: std::mem::take(&mut part.erased),
+                consent: std::mem::take(&mut part.consent.records),
+                erased: std::mem::take(&mut part.consent.erased),
             };
             self.store.save(PROCESSORS, *p, &write)?;
             part.inputs_moved = false;
