@@ -2,7 +2,7 @@
 //! timeline an auditor reads (`herald audit consent`), and the check that finds a changed or
 //! missing record (`herald audit verify`). Pure: the log is read by the shell.
 
-use crate::events::{Channel, Decision, Fact, Millis, Outcome, Purpose};
+use crate::events::{rfc3339, Channel, Decision, Fact, Millis, Outcome, Purpose};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -154,12 +154,6 @@ pub fn timeline(customer_id: &str, decisions: &[&Decision], as_of: Option<Millis
     t
 }
 
-fn time(ms: Millis) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| ms.to_string())
-}
-
 fn short(link: &Option<String>) -> String {
     link.as_deref()
         .map(|l| format!("{}…", &l[..l.len().min(12)]))
@@ -172,7 +166,7 @@ impl Timeline {
     pub fn render(&self, as_of: Option<Millis>) -> String {
         let mut s = format!("consent of {}", self.customer_id);
         if let Some(t) = as_of {
-            s += &format!(" as of {}", time(t));
+            s += &format!(" as of {}", rfc3339(t));
         }
         s += "\n";
         if self.changes.is_empty() {
@@ -183,7 +177,7 @@ impl Timeline {
             let purposes: Vec<String> = c.purposes.iter().map(|p| format!("{p:?}")).collect();
             s += &format!(
                 "{}  {:<8} {}/{:?}  source {}  artifact {}  link {}\n",
-                time(c.at),
+                rfc3339(c.at),
                 if c.granted { "GRANTED" } else { "REVOKED" },
                 purposes.join("+"),
                 c.channel,
@@ -199,7 +193,7 @@ impl Timeline {
                     shown[i] = true;
                     s += &format!(
                         "    {}  {} on {:?}  (decision {})\n",
-                        time(r.at),
+                        rfc3339(r.at),
                         r.summary,
                         r.channel,
                         r.decision_id
@@ -219,11 +213,11 @@ impl Timeline {
             for r in orphans {
                 s += &format!(
                     "    {}  {} on {:?}, artifact {} granted {}  (decision {})\n",
-                    time(r.at),
+                    rfc3339(r.at),
                     r.summary,
                     r.channel,
                     r.artifact_id,
-                    time(r.consent_granted_at),
+                    rfc3339(r.consent_granted_at),
                     r.decision_id
                 );
             }

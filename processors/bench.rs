@@ -119,7 +119,7 @@ pub fn run(customers: usize) -> Result<BenchResult> {
             store.clone(),
             h.clone(),
             Arc::new(Metrics::default()),
-            crate::demo::demo_key()?,
+            crate::identity::IdentifierKey::demo(),
         );
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;

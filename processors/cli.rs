@@ -507,11 +507,7 @@ pub fn main(cli: Cli) -> Result<()> {
             telemetry::init_tracing("warn");
             let topo = topology(&dir)?;
             let rt = store_runtime()?;
-            if let StoreAddress::Embedded(path) = &store {
-                if !path.is_file() {
-                    bail!("--store: {} is not a store file", path.display());
-                }
-            }
+            store.ensure_exists("--store")?;
             let store = store.open(rt.handle())?;
             let Some(view) = store.customer(&customer)? else {
                 bail!(
@@ -636,10 +632,8 @@ pub fn main(cli: Cli) -> Result<()> {
             json,
         } => {
             telemetry::init_tracing("warn");
-            if let Some(StoreAddress::Embedded(live)) = &verify {
-                if !live.is_file() {
-                    bail!("--verify: {} is not a store file", live.display());
-                }
+            if let Some(live) = &verify {
+                live.ensure_exists("--verify")?;
             }
             let topo = topology(&source.topology)?;
             let rt = store_runtime()?;

@@ -416,7 +416,14 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         );
         let store = store.clone();
         handles.push(std::thread::spawn(move || {
-            let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone(), demo_key()?);
+            let mut stage = ProcessorStage::new(
+                t,
+                c,
+                store,
+                h.clone(),
+                m.clone(),
+                crate::identity::IdentifierKey::demo(),
+            );
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }
@@ -431,7 +438,14 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         let store = store.clone();
         let client = CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "demo-token")?;
         handles.push(std::thread::spawn(move || {
-            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), demo_key()?);
+            let mut stage = DispatchStage::new(
+                c,
+                store,
+                client,
+                h.clone(),
+                m.clone(),
+                crate::identity::IdentifierKey::demo(),
+            );
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -7,6 +7,21 @@ use std::collections::BTreeMap;
 /// Milliseconds since the Unix epoch, UTC (Avro `timestamp-millis`).
 pub type Millis = i64;
 
+/// An instant as RFC 3339 for readers (the raw number if it is out of range).
+pub fn rfc3339(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// The name a unit enum (purpose, channel, status) has on the wire, as serde writes it.
+pub fn wire_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// What every input event carries (`herald.common.Envelope`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {

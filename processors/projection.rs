@@ -3,7 +3,7 @@
 //! from what the state store keeps. Pure: the store is read by the shell.
 
 use crate::audit::ConsentEvent;
-use crate::events::{Channel, Millis, Purpose};
+use crate::events::{rfc3339, wire_name, Millis, Purpose};
 use crate::state::{ConsentEntry, CustomerState, JourneyInstance, HOUR_MS};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -105,19 +105,6 @@ pub fn summarise(
     }
 }
 
-fn time(ms: Millis) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| ms.to_string())
-}
-
-fn name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 impl CustomerSummary {
     /// The summary for a reader.
     pub fn render(&self) -> String {
@@ -138,16 +125,16 @@ impl CustomerSummary {
             let _ = writeln!(
                 s,
                 "  {:<14} {:<9} {:<8} since {}  source {}  artifact {}",
-                name(&c.purpose),
-                name::<Channel>(&c.channel),
+                wire_name(&c.purpose),
+                wire_name(&c.channel),
                 if c.granted { "GRANTED" } else { "REVOKED" },
-                time(c.changed_at),
+                rfc3339(c.changed_at),
                 c.source,
                 c.artifact_id
             );
         }
         let _ = match self.session_window_open_until {
-            Some(until) => writeln!(s, "session window: open until {}", time(until)),
+            Some(until) => writeln!(s, "session window: open until {}", rfc3339(until)),
             None => writeln!(s, "session window: never opened"),
         };
         let _ = writeln!(s, "recent sends (kept 35 days):");
@@ -158,9 +145,9 @@ impl CustomerSummary {
             let _ = writeln!(
                 s,
                 "  {:<14} {:>3}, last {}",
-                name(&r.purpose),
+                wire_name(&r.purpose),
                 r.count,
-                time(r.last_at)
+                rfc3339(r.last_at)
             );
         }
         let _ = writeln!(
@@ -178,9 +165,11 @@ impl CustomerSummary {
                 "  {} [{}] entered {}, {} steps taken, next step {}",
                 j.journey,
                 j.key,
-                time(j.entered_at),
+                rfc3339(j.entered_at),
                 j.steps_taken,
-                j.next_step_due.map(time).unwrap_or_else(|| "none".into())
+                j.next_step_due
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "none".into())
             );
         }
         let _ = writeln!(s, "orders:");
@@ -200,14 +189,14 @@ impl CustomerSummary {
             self.consent_history.len()
         );
         for c in &self.consent_history {
-            let purposes: Vec<String> = c.purposes.iter().map(name).collect();
+            let purposes: Vec<String> = c.purposes.iter().map(wire_name).collect();
             let _ = writeln!(
                 s,
                 "  {} {:<8} {}/{}  source {}  artifact {}  decision {}",
-                time(c.at),
+                rfc3339(c.at),
                 if c.granted { "GRANTED" } else { "REVOKED" },
                 purposes.join("+"),
-                name(&c.channel),
+                wire_name(&c.channel),
                 c.source,
                 c.artifact_id,
                 c.decision_id

@@ -391,7 +391,7 @@ mod tests {
     use super::*;
 
     fn key() -> IdentifierKey {
-        IdentifierKey::new(crate::identity::DEMO_KEY.as_bytes()).unwrap()
+        IdentifierKey::demo()
     }
     use crate::events::*;
 

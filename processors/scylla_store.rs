@@ -3,6 +3,7 @@
 //! retries and replays are harmless, and a newer position always wins.
 
 use crate::audit::ConsentEvent;
+use crate::events::wire_name;
 use crate::store::{
     CustomerView, PartitionSnapshot, SnapshotWrite, StateStore, StoredState, PROCESSORS,
 };
@@ -456,16 +457,9 @@ impl ScyllaStore {
         }
         let consent = futures::stream::iter(w.consent.iter().filter(|_| project).map(
             |(customer, c)| async move {
-                let purposes = c
-                    .purposes
-                    .iter()
-                    .map(|p| serde_json::to_value(p).map(|v| v.as_str().unwrap_or("").to_string()))
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join(",");
-                let channel = serde_json::to_value(c.channel)?
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
+                let purposes: Vec<String> = c.purposes.iter().map(wire_name).collect();
+                let purposes = purposes.join(",");
+                let channel = wire_name(&c.channel);
                 self.session
                     .execute_unpaged(
                         &p.insert_consent_record,
@@ -493,14 +487,13 @@ impl ScyllaStore {
         self.session
             .execute_unpaged(&p.upsert_partition_position, (namespace, partition, at, at))
             .await?;
-        for (topic, next) in &w.inputs {
-            self.session
-                .execute_unpaged(
-                    &p.upsert_input_position,
-                    (namespace, partition, topic, *next, *next),
-                )
-                .await?;
-        }
+        futures::future::try_join_all(w.inputs.iter().map(|(topic, next)| {
+            self.session.execute_unpaged(
+                &p.upsert_input_position,
+                (namespace, partition, topic, *next, *next),
+            )
+        }))
+        .await?;
         Ok(())
     }
 

@@ -112,6 +112,17 @@ impl StoreAddress {
         Ok(StoreAddress::Embedded(PathBuf::from(s)))
     }
 
+    /// Fails, naming `flag`, when an embedded store's file does not exist: reading a store that
+    /// is not there must not create an empty one.
+    pub fn ensure_exists(&self, flag: &str) -> Result<()> {
+        if let StoreAddress::Embedded(path) = self {
+            if !path.is_file() {
+                bail!("{flag}: {} is not a store file", path.display());
+            }
+        }
+        Ok(())
+    }
+
     /// Opens the store; ScyllaDB creates its keyspace and tables if missing and prepares every
     /// statement, so a wrong address or schema fails here and not mid-stream.
     pub fn open(&self, rt: &tokio::runtime::Handle) -> Result<Arc<dyn StateStore>> {
