@@ -25,9 +25,28 @@ pub fn decide(state: &CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<Outco
         None => vec![Outcome::EventAccepted(EventAccepted {
             envelope: input.envelope.clone(),
             fact: input.fact.clone(),
-            forget_before: ctx.now - ctx.topology.policy.dedupe_window_hours * 3_600_000,
+            forget_before: forget_before(state, ctx),
         })],
     }
+}
+
+/// The oldest first-seen time still remembered once a fact is accepted: the window's start in
+/// stream time, moved back so that the customer's latest `dedupe_remember_at_least` ids (the
+/// new one included) stay.
+fn forget_before(state: &CustomerState, ctx: &Ctx) -> Millis {
+    let policy = &ctx.topology.policy;
+    let window_start = ctx.now - policy.dedupe_window_hours * 3_600_000;
+    let keep_others = policy.dedupe_remember_at_least.saturating_sub(1);
+    if keep_others == 0 {
+        return window_start;
+    }
+    let mut seen: Vec<Millis> = state.seen.values().copied().collect();
+    if seen.len() <= keep_others {
+        return seen.into_iter().min().map_or(window_start, |oldest| oldest.min(window_start));
+    }
+    // The keep_others-th newest first-seen time: everything at or after it stays.
+    let (_, nth, _) = seen.select_nth_unstable_by(keep_others - 1, |a, b| b.cmp(a));
+    (*nth).min(window_start)
 }
 
 #[cfg(test)]
@@ -96,13 +115,25 @@ mod tests {
                 first_seen_at: 1_000
             })]
         );
-        // Once stream time has moved past the window, another event's acceptance forgets e-1.
+        // Stream time moving past the window alone does not forget e-1: the customer's latest
+        // ids stay, so a topic that lags the others still finds its redeliveries recognised.
         let later = Ctx {
             now: 1_000 + window + 1,
             ..ctx
         };
         let other = decide(&state, &input("e-2", later.now), &later);
         fold(&mut state, other[0].clone(), later.now);
+        assert!(matches!(
+            decide(&state, &input("e-1", 1_000), &later)[0],
+            Outcome::DuplicateIgnored(_)
+        ));
+        // Once that many newer facts were accepted past the window, e-1 is forgotten and a
+        // repeat counts as new.
+        for i in 0..topology.policy.dedupe_remember_at_least {
+            let d = decide(&state, &input(&format!("n-{i}"), later.now), &later);
+            fold(&mut state, d[0].clone(), later.now);
+        }
+        assert!(!state.seen.contains_key("e-1"));
         assert!(matches!(
             decide(&state, &input("e-1", 1_000), &later)[0],
             Outcome::EventAccepted(_)

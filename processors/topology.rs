@@ -223,6 +223,10 @@ pub struct PolicySettings {
     /// Recorded on every decision so that a decision can be traced to the rules that made it.
     pub version: String,
     pub dedupe_window_hours: i64,
+    /// A customer's latest this many event ids are remembered however far stream time has
+    /// moved, so a topic that lags the others (a slow fetch, a backlog) cannot age a
+    /// redelivery out of the window.
+    pub dedupe_remember_at_least: usize,
     pub payment_hold_timeout_hours: i64,
     /// Channels in the order they are tried: a message goes out on the first one the customer
     /// consented to for its purpose and has an address for.
@@ -509,6 +513,9 @@ impl Topology {
         }
         if self.policy.dedupe_window_hours <= 0 {
             bail!("topology/policy.toml: dedupe_window_hours must be > 0");
+        }
+        if self.policy.dedupe_remember_at_least == 0 {
+            bail!("topology/policy.toml: dedupe_remember_at_least must be > 0");
         }
         if self.policy.payment_hold_timeout_hours <= 0 {
             bail!("topology/policy.toml: payment_hold_timeout_hours must be > 0");

@@ -163,7 +163,11 @@ fn two_processes_share_a_group_at_least_once_on_nisshi() {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--store")
             .arg(dir.path().join(format!("{name}.redb")))
-            .env("RUST_LOG", "error")
+            // HERALD_TEST_LOG=info shows the rebalances when this test needs explaining.
+            .env(
+                "RUST_LOG",
+                std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .spawn()
             .expect("herald starts")
     };
