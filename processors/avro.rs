@@ -241,6 +241,18 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/dispatch/dispatch_skipped.avsc"),
     ),
     (
+        "dispatch/dispatch_intended.avsc",
+        include_str!("../schemas/dispatch/dispatch_intended.avsc"),
+    ),
+    (
+        "dispatch/dispatch_unanswered.avsc",
+        include_str!("../schemas/dispatch/dispatch_unanswered.avsc"),
+    ),
+    (
+        "dispatch/dispatch_reconciled.avsc",
+        include_str!("../schemas/dispatch/dispatch_reconciled.avsc"),
+    ),
+    (
         "dispatch/dispatch_event.avsc",
         include_str!("../schemas/dispatch/dispatch_event.avsc"),
     ),
@@ -558,6 +570,9 @@ union_codec!(step_record, step_from, DispatchStep {
     1 => Accepted(DispatchAccepted),
     2 => Failed(DispatchFailed),
     3 => Skipped(DispatchSkipped),
+    4 => Intended(DispatchIntended),
+    5 => Unanswered(DispatchUnanswered),
+    6 => Reconciled(DispatchReconciled),
 });
 
 /// `EventAccepted` with its `fact` union read by hand (see the module note on unions).

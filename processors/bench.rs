@@ -1,5 +1,6 @@
 //! `herald bench`: throughput of the core alone, end to end through the mock cluster with
-//! transactions and Avro both ways, and the same loop with no processing (the ceiling).
+//! transactions and Avro both ways, the same loop with no processing (the ceiling), and the
+//! webhook gateway.
 
 use crate::demo;
 use crate::kafka::{self, KafkaSettings};
@@ -28,6 +29,9 @@ pub struct BenchResult {
     /// Mean size of the stored state (the JSON the state store keeps) of a customer who got at
     /// least one message in the scenario.
     pub bytes_per_customer: f64,
+    /// Signed status webhooks per second the gateway verified, normalised and answered 200
+    /// after Kafka acknowledged their events (32 in flight at a time).
+    pub gateway_webhooks_per_s: f64,
 }
 
 /// Runs all three measurements on a scenario of `customers` customers.
@@ -64,7 +68,7 @@ pub fn run(customers: usize) -> Result<BenchResult> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let cluster = demo::start_cluster(&rt, &topology)?;
+    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator())?;
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "bench");
@@ -127,6 +131,7 @@ pub fn run(customers: usize) -> Result<BenchResult> {
         let mut stage = PassthroughStage::default();
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
+    let gateway = gateway_pass(&rt, &cluster, 5_000)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(BenchResult {
         events: items.len(),
@@ -135,7 +140,59 @@ pub fn run(customers: usize) -> Result<BenchResult> {
         bytes_per_customer: bytes_per_customer.round(),
         e2e_events_per_s: e2e.round(),
         passthrough_events_per_s: passthrough.round(),
+        gateway_webhooks_per_s: gateway.round(),
     })
+}
+
+/// Posts `n` distinct signed status webhooks to the cluster's gateway, 32 at a time; every one
+/// must be answered 200 (its event acknowledged by Kafka). Returns webhooks per second.
+fn gateway_pass(rt: &tokio::runtime::Runtime, cluster: &demo::Cluster, n: usize) -> Result<f64> {
+    let secret = demo::DEMO_APP_SECRET.as_bytes();
+    let bodies: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let body = crate::provider::status_webhook(
+                &format!("wamid.BENCH{i:08}"),
+                ["sent", "delivered", "read"][i % 3],
+                None,
+                "34000000001",
+                &crate::provider::callback_data(
+                    &format!("cust-{:06}", i % 1000),
+                    &format!("bench-{i}"),
+                ),
+            );
+            (crate::gateway::sign(secret, &body), body)
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let url = cluster.gateway_url.clone();
+    let t = Instant::now();
+    let refused = rt.block_on(async {
+        use futures::StreamExt;
+        futures::stream::iter(bodies)
+            .map(|(signature, body)| {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    http.post(url)
+                        .header(crate::gateway::SIGNATURE_HEADER, signature)
+                        .body(body)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false)
+                }
+            })
+            .buffer_unordered(32)
+            .filter(|ok| std::future::ready(!ok))
+            .count()
+            .await
+    });
+    let secs = t.elapsed().as_secs_f64();
+    if refused > 0 {
+        return Err(anyhow!(
+            "the gateway refused {refused} of {n} genuine webhooks"
+        ));
+    }
+    Ok(n as f64 / secs.max(1e-6))
 }
 
 /// Decode-and-fold rate of a decision log, and the stored size of an active customer's state.

@@ -31,6 +31,9 @@ pub struct ChaosOptions {
     pub victims: Victims,
     /// The `herald` binary to run as the processes under test.
     pub herald: PathBuf,
+    /// Share of provider answers the simulator withholds (the message goes out, dispatch
+    /// never hears so): those sends must be settled from status webhooks, not sent again.
+    pub drop_answers: f64,
 }
 
 /// The one line `herald chaos` prints (as JSON with `--json`).
@@ -38,6 +41,10 @@ pub struct ChaosOptions {
 pub struct ChaosReport {
     pub events: usize,
     pub kills: u64,
+    /// Of the kills, those of the dispatch process.
+    pub dispatch_kills: u64,
+    /// Sends the simulator accepted but whose answer it withheld.
+    pub answers_withheld: u64,
     pub seconds: f64,
     pub decisions: usize,
     pub sends: usize,
@@ -61,9 +68,11 @@ impl ChaosReport {
     /// The one line.
     pub fn line(&self) -> String {
         format!(
-            "chaos: {} events, {} kills in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}",
+            "chaos: {} events, {} kills ({} of dispatch), {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}",
             self.events,
             self.kills,
+            self.dispatch_kills,
+            self.answers_withheld,
             self.seconds,
             self.events_lost,
             self.duplicate_decisions,
@@ -114,6 +123,9 @@ impl Processes {
                 "--provider-token",
                 "chaos",
             ])
+            // A withheld answer is given up on after a second; a send whose outcome is
+            // unknown waits 10 s for its status webhook (they arrive within a second).
+            .args(["--provider-timeout-ms", "1000", "--settle-wait-ms", "10000"])
             .args(["--metrics-addr", "127.0.0.1:0"])
             // The mock cluster ignores static membership, so a killed member is dropped only
             // when its session expires: keep that short, as for fast failover.
@@ -186,7 +198,12 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .enable_all()
         .build()?;
     let topology = Topology::embedded()?;
-    let cluster = demo::start_cluster(&rt, &topology)?;
+    let simulator = crate::provider::SimulatorOptions {
+        drop_answer_rate: opts.drop_answers,
+        withhold_answer_for: Duration::from_secs(2),
+        ..demo::demo_simulator()
+    };
+    let cluster = demo::start_cluster(&rt, &topology, simulator)?;
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
     // Reads the decision log as it is committed: the mock cluster trims old segments.
@@ -230,8 +247,10 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let procs = Arc::new(Mutex::new(procs));
     let started = Instant::now();
     let kills = Arc::new(AtomicU64::new(0));
+    let dispatch_kills = Arc::new(AtomicU64::new(0));
     let calm = Arc::new(AtomicBool::new(false));
     let killer = {
+        let dispatch_kills = dispatch_kills.clone();
         let (procs, kills, calm, every, victims) = (
             procs.clone(),
             kills.clone(),
@@ -272,6 +291,9 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
                     .ok_or_else(|| anyhow!("no {:?} process", roles[victim]))?;
                 p.kill_and_restart(i)?;
                 kills.fetch_add(1, Ordering::SeqCst);
+                if roles[victim] == Role::Dispatch {
+                    dispatch_kills.fetch_add(1, Ordering::SeqCst);
+                }
                 since[victim] = progress(roles[victim]);
                 last = Instant::now();
                 victim = (victim + 1) % roles.len();
@@ -306,14 +328,15 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .join()
         .map_err(|_| anyhow!("the killer thread panicked"))??;
     result?;
-    // Dispatch catches up once the kills stop: every approval sent, or nothing new for 20 s.
+    // Dispatch catches up once the kills stop: every approval sent, or nothing new for 30 s
+    // (longer than an unknown send waits for its status before it is tried again).
     let mut last = (0, Instant::now());
     wait_for("dispatch catching up", Duration::from_secs(600), || {
         let sent = cluster.simulator.sent_count();
         if sent != last.0 {
             last = (sent, Instant::now());
         }
-        sent as u64 >= follower.approved() || last.1.elapsed() > Duration::from_secs(20)
+        sent as u64 >= follower.approved() || last.1.elapsed() > Duration::from_secs(30)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     procs
@@ -330,6 +353,8 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     Ok(ChaosReport {
         events: events.len(),
         kills: kills.load(Ordering::SeqCst),
+        dispatch_kills: dispatch_kills.load(Ordering::SeqCst),
+        answers_withheld: cluster.simulator.answers_dropped.load(Ordering::SeqCst),
         seconds,
         decisions: decisions.len(),
         sends: sends.len(),

@@ -149,6 +149,9 @@ pub enum Command {
         /// Which processes to kill.
         #[arg(long, value_enum, default_value = "both")]
         kill: crate::chaos::Victims,
+        /// Share of provider answers the simulator withholds although the message went out.
+        #[arg(long, default_value_t = 0.05)]
+        drop_answers: f64,
         /// Print the result as one JSON line.
         #[arg(long)]
         json: bool,
@@ -170,6 +173,10 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
     },
+    /// Serves the webhook endpoint the WhatsApp Cloud API posts to: verifies each webhook's
+    /// signature, turns statuses, inbound messages and template changes into provider events,
+    /// and answers 200 once Kafka has acknowledged them.
+    Gateway(Box<GatewayArgs>),
     /// Serves the WhatsApp Cloud API simulator (for local development and tests).
     Simulator {
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -344,6 +351,15 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub provider_token: String,
+    /// How long dispatch waits for the provider's answer to a send. A send left unanswered is
+    /// never retried blindly: its outcome is settled from status webhooks.
+    #[arg(long, env = "HERALD_PROVIDER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub provider_timeout_ms: u64,
+    /// How long a send whose outcome is unknown (the process died during the call, or the
+    /// answer was lost) waits for a status webhook naming it before it counts as not sent and
+    /// is tried again. Longer than the provider takes to post a status.
+    #[arg(long, env = "HERALD_SETTLE_WAIT_MS", default_value_t = 60_000)]
+    pub settle_wait_ms: u64,
     #[arg(long, env = "HERALD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 1000)]
@@ -599,6 +615,7 @@ pub fn main(cli: Cli) -> Result<()> {
             seed,
             kill_every_ms,
             kill,
+            drop_answers,
             json,
         } => {
             telemetry::init_tracing("error");
@@ -608,6 +625,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 kill_every: Duration::from_millis(kill_every_ms),
                 victims: kill,
                 herald: crate::chaos::this_binary()?,
+                drop_answers,
             };
             let report = crate::chaos::run(&opts, |line| {
                 if !json {
@@ -732,7 +750,88 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Registry { listen } => serve_forever(listen, true),
         Command::Simulator { listen } => serve_forever(listen, false),
+        Command::Gateway(args) => gateway(*args),
     }
+}
+
+/// Settings of `herald gateway`.
+#[derive(clap::Args, Debug)]
+pub struct GatewayArgs {
+    /// Where the provider posts webhooks (`/webhook`).
+    #[arg(long, env = "HERALD_GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Health, readiness and metrics (`/healthz`, `/readyz`, `/metrics`), on a listener of
+    /// their own so that a webhook storm cannot starve the probes.
+    #[arg(
+        long,
+        env = "HERALD_GATEWAY_HEALTH_ADDR",
+        default_value = "0.0.0.0:8081"
+    )]
+    pub health_listen: SocketAddr,
+    /// The Meta app secret webhooks are signed with (X-Hub-Signature-256).
+    #[arg(long, env = "HERALD_APP_SECRET", hide_env_values = true)]
+    pub app_secret: String,
+    /// The token the GET verification handshake must present (hub.verify_token).
+    #[arg(long, env = "HERALD_VERIFY_TOKEN", hide_env_values = true)]
+    pub verify_token: String,
+    /// Key of the keyed hashes of phone numbers: the same as the processors', so an inbound
+    /// message's sender can be matched to a customer.
+    #[arg(long, env = "HERALD_IDENTIFIER_KEY", hide_env_values = true)]
+    pub identifier_key: String,
+    #[arg(long, env = "HERALD_BOOTSTRAP")]
+    pub bootstrap: String,
+    #[arg(long, env = "HERALD_REGISTRY")]
+    pub registry: String,
+    /// Topology directory (partition count of the provider topic); the embedded one when absent.
+    #[arg(long, env = "HERALD_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+    /// How long Kafka may take to acknowledge a webhook's events before it is answered 503.
+    #[arg(long, env = "HERALD_GATEWAY_ACK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub ack_timeout_ms: u64,
+    /// Extra librdkafka settings, as KEY=VALUE (repeatable).
+    #[arg(long = "kafka-config", value_parser = parse_kv)]
+    pub kafka_config: Vec<(String, String)>,
+}
+
+fn gateway(args: GatewayArgs) -> Result<()> {
+    telemetry::init_tracing("info");
+    if args.app_secret.is_empty() {
+        bail!("HERALD_APP_SECRET (--app-secret) is empty: webhooks could not be verified");
+    }
+    if args.verify_token.is_empty() {
+        bail!("HERALD_VERIFY_TOKEN (--verify-token) is empty");
+    }
+    let identifiers = identifier_key_from(&args.identifier_key)?;
+    let topo = topology(&args.topology)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::registry::ping(&args.registry))?;
+    let codec = Arc::new(Codec::new(&args.registry)?);
+    let mut settings = KafkaSettings::new(&args.bootstrap, false, "gateway");
+    settings.extra = args.kafka_config.clone();
+    let stop = kafka::stop_on_signal(rt.handle());
+    let running = crate::gateway::start(
+        &rt,
+        &settings,
+        codec,
+        crate::gateway::GatewayConfig {
+            app_secret: args.app_secret.into_bytes(),
+            verify_token: args.verify_token,
+            identifiers,
+            partitions: topo.partitions(),
+            ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        },
+        args.listen,
+        args.health_listen,
+        stop.clone(),
+    )?;
+    tracing::info!(webhooks = %running.webhook_addr, health = %running.health_addr, "herald gateway");
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
@@ -801,11 +900,13 @@ fn run(args: RunArgs) -> Result<()> {
         if args.phone_number_id.is_empty() || args.provider_token.is_empty() {
             bail!("dispatch needs HERALD_PHONE_NUMBER_ID and HERALD_PROVIDER_TOKEN (or --phone-number-id / --provider-token)");
         }
-        let client = CloudApiClient::new(
+        let client = CloudApiClient::with_timeout(
             &args.provider_url,
             &args.phone_number_id,
             &args.provider_token,
+            Duration::from_millis(args.provider_timeout_ms),
         )?;
+        let settle_wait = Duration::from_millis(args.settle_wait_ms);
         let (s, st, m, h, c, store, k) = (
             settings.clone(),
             stop.clone(),
@@ -816,7 +917,8 @@ fn run(args: RunArgs) -> Result<()> {
             identifiers.clone(),
         );
         handles.push(std::thread::spawn(move || {
-            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), k);
+            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), k)
+                .with_settle_wait(settle_wait);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -42,7 +42,10 @@ fn forget_before(state: &CustomerState, ctx: &Ctx) -> Millis {
     }
     let mut seen: Vec<Millis> = state.seen.values().copied().collect();
     if seen.len() <= keep_others {
-        return seen.into_iter().min().map_or(window_start, |oldest| oldest.min(window_start));
+        return seen
+            .into_iter()
+            .min()
+            .map_or(window_start, |oldest| oldest.min(window_start));
     }
     // The keep_others-th newest first-seen time: everything at or after it stays.
     let (_, nth, _) = seen.select_nth_unstable_by(keep_others - 1, |a, b| b.cmp(a));

@@ -60,6 +60,11 @@ pub struct Summary {
     pub events_per_s: f64,
 }
 
+/// The app secret the demo's simulator signs webhooks with and its gateway checks.
+pub const DEMO_APP_SECRET: &str = "herald-demo-app-secret-not-secret";
+/// The demo gateway's verification token.
+pub const DEMO_VERIFY_TOKEN: &str = "herald-demo-verify-token";
+
 /// The running pieces of a one-machine Herald.
 pub struct Cluster {
     pub mock: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
@@ -67,10 +72,38 @@ pub struct Cluster {
     pub registry_url: String,
     pub simulator_url: String,
     pub simulator: Arc<provider::SimulatorLog>,
+    /// The webhook gateway the simulator posts status webhooks to.
+    pub gateway_url: String,
+    pub gateway: crate::gateway::RunningGateway,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Starts the mock cluster with Herald's topics, the registry and the simulator.
-pub fn start_cluster(rt: &tokio::runtime::Runtime, topology: &Topology) -> Result<Cluster> {
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.gateway.join();
+    }
+}
+
+/// The simulator as the demo runs it: the Cloud API's limits on the higher throughput tier
+/// (1,000 messages/s per number), statuses posted to the gateway within half a second.
+pub fn demo_simulator() -> provider::SimulatorOptions {
+    provider::SimulatorOptions {
+        sender_per_s: 1_000.0,
+        app_secret: DEMO_APP_SECRET.as_bytes().to_vec(),
+        duplicate_webhook_rate: 0.02,
+        undeliverable_rate: 0.01,
+        ..provider::SimulatorOptions::default()
+    }
+}
+
+/// Starts the mock cluster with Herald's topics, the registry, the webhook gateway and the
+/// simulator (posting its status webhooks to the gateway).
+pub fn start_cluster(
+    rt: &tokio::runtime::Runtime,
+    topology: &Topology,
+    simulator: provider::SimulatorOptions,
+) -> Result<Cluster> {
     let mock = rdkafka::mocking::MockCluster::new(1)
         .context("cannot start the in-process Kafka cluster")?;
     kafka::create_topics_on_mock(&mock, topology)?;
@@ -78,13 +111,38 @@ pub fn start_cluster(rt: &tokio::runtime::Runtime, topology: &Topology) -> Resul
     let bootstrap = mock.bootstrap_servers();
     let any = "127.0.0.1:0".parse().map_err(|e| anyhow!("{e}"))?;
     let reg = rt.block_on(registry::serve(any))?;
-    let (sim, log) = rt.block_on(provider::serve_simulator(any))?;
+    let registry_url = format!("http://{reg}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gateway = crate::gateway::start(
+        rt,
+        &KafkaSettings::new(&bootstrap, false, "demo-gateway"),
+        Arc::new(Codec::new(&registry_url)?),
+        crate::gateway::GatewayConfig {
+            app_secret: simulator.app_secret.clone(),
+            verify_token: DEMO_VERIFY_TOKEN.into(),
+            identifiers: crate::identity::IdentifierKey::demo(),
+            partitions: topology.partitions(),
+            ack_timeout: Duration::from_secs(10),
+        },
+        any,
+        any,
+        stop.clone(),
+    )?;
+    let gateway_url = format!("http://{}/webhook", gateway.webhook_addr);
+    let options = provider::SimulatorOptions {
+        webhook_url: Some(gateway_url.clone()),
+        ..simulator
+    };
+    let (sim, log) = rt.block_on(provider::serve_simulator_with(any, options))?;
     Ok(Cluster {
         mock,
         bootstrap,
-        registry_url: format!("http://{reg}"),
+        registry_url,
         simulator_url: format!("http://{sim}"),
         simulator: log,
+        gateway_url,
+        gateway,
+        stop,
     })
 }
 
@@ -289,6 +347,13 @@ pub fn independent_checks(
             }
         }
     }
+    // A message WhatsApp reported undeliverable may go out once more on a fallback channel,
+    // under an id derived from the first; it is judged at its first's trigger.
+    let firsts: Vec<(String, (&str, Millis))> =
+        triggers.iter().map(|(id, t)| (id.clone(), *t)).collect();
+    for (id, (c, at)) in firsts {
+        triggers.insert(deterministic_id(&[c, &id, "fallback"]), (c, at));
+    }
     let purpose_of = |template: &str| {
         topology
             .catalog
@@ -300,10 +365,10 @@ pub fn independent_checks(
     let mut seen = HashSet::new();
     let mut duplicates = 0;
     for s in sends {
-        if !seen.insert((s.to.clone(), s.callback_data.clone())) {
+        if !seen.insert((s.to.clone(), s.message_id.clone())) {
             duplicates += 1;
         }
-        let Some((customer, at)) = triggers.get(&s.callback_data) else {
+        let Some((customer, at)) = triggers.get(&s.message_id) else {
             // A message the scenario never asked for is a send without grounds.
             without += 1;
             continue;
@@ -368,7 +433,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         "herald demo: {} customers, seed {}",
         opts.customers, opts.seed
     ));
-    let cluster = start_cluster(&rt, &topology)?;
+    let cluster = start_cluster(&rt, &topology, demo_simulator())?;
     say(format!(
         "  kafka (in-process mock) {}\n  schema registry         {}\n  provider simulator      {}",
         cluster.bootstrap, cluster.registry_url, cluster.simulator_url
@@ -492,11 +557,30 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             return Err(anyhow!("a stage stopped early"));
         }
     }
+    let mut last_counts = None;
+    let mut quiet_since = Instant::now();
     wait_until(
         &stop,
         "dispatch",
         Duration::from_secs(600),
-        || dm.records_in.load(Ordering::Relaxed) >= pm.decisions_out.load(Ordering::Relaxed),
+        || {
+            // Quiet: every decision dispatched, no send unsettled, no status webhook still
+            // on its way, and nothing new decided for a second (a status may bring a
+            // fallback decision).
+            let counts = (
+                pm.records_in.load(Ordering::Relaxed),
+                pm.decisions_out.load(Ordering::Relaxed),
+            );
+            let quiet = dm.records_in.load(Ordering::Relaxed) >= counts.1
+                && dm.sends_in_flight.load(Ordering::Relaxed) == 0
+                && cluster.simulator.webhooks_pending.load(Ordering::Relaxed) == 0;
+            if !quiet || last_counts != Some(counts) {
+                last_counts = Some(counts);
+                quiet_since = Instant::now();
+                return false;
+            }
+            quiet_since.elapsed() >= Duration::from_secs(1)
+        },
         || show(fed),
     )?;
     let seconds = started.elapsed().as_secs_f64();

@@ -6,29 +6,138 @@ use crate::pipeline::deterministic_id;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Per-customer dispatch state: the messages already accepted by the provider.
+/// Per-customer dispatch state: the messages the provider accepted, and the sends recorded as
+/// intended whose outcome is not recorded yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DispatchState {
     /// message id -> provider message id.
     pub sent: BTreeMap<String, String>,
+    /// message id -> its open intent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub open: BTreeMap<String, OpenIntent>,
+}
+
+/// A send recorded as intended and not yet settled: the provider may or may not have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenIntent {
+    pub attempt: i32,
+    pub intended_at: Millis,
+    /// Where the approval is in the decision log partition, to send it anew if need be.
+    pub approval_offset: i64,
+    /// From where in the provider topic partition its statuses can appear.
+    #[serde(default)]
+    pub statuses_from: i64,
+    pub decision_id: String,
+    pub template_name: String,
+    pub channel: Channel,
 }
 
 /// What dispatch should do with an approval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
-    /// Call the provider.
-    Send,
+    /// Record an intent with this attempt number, then call the provider once it is committed.
+    Intend { attempt: i32 },
     /// Already sent: record the skip, do not call the provider again.
     AlreadySent { provider_message_id: String },
+    /// An intent is open: whether it went out is settled from status webhooks, never by
+    /// sending again.
+    AwaitingOutcome,
 }
 
 /// Plans the dispatch of one approval.
 pub fn plan(state: &DispatchState, approved: &MessageApproved) -> Plan {
-    match state.sent.get(&approved.message_id) {
-        Some(id) => Plan::AlreadySent {
+    if let Some(id) = state.sent.get(&approved.message_id) {
+        return Plan::AlreadySent {
             provider_message_id: id.clone(),
-        },
-        None => Plan::Send,
+        };
+    }
+    if state.open.contains_key(&approved.message_id) {
+        return Plan::AwaitingOutcome;
+    }
+    Plan::Intend { attempt: 1 }
+}
+
+/// A status the provider reported for one of our messages (its callback data names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedStatus {
+    pub provider_message_id: String,
+    pub status: String,
+}
+
+/// How an open intent is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// A status webhook names the message: it went out; never send it again.
+    Sent(ObservedStatus),
+    /// No status within the wait: it did not go out; a new intent (attempt + 1) follows.
+    NotSent { next_attempt: i32 },
+}
+
+/// Settles an intent whose call's outcome is unknown: by a status seen for it, or, once
+/// `wait_ms` has passed since the intent without one, as not sent. `None`: keep waiting.
+pub fn settle(
+    intent: &OpenIntent,
+    status: Option<&ObservedStatus>,
+    now: Millis,
+    wait_ms: i64,
+) -> Option<Settlement> {
+    match status {
+        Some(s) => Some(Settlement::Sent(s.clone())),
+        None if now - intent.intended_at >= wait_ms => Some(Settlement::NotSent {
+            next_attempt: intent.attempt + 1,
+        }),
+        None => None,
+    }
+}
+
+/// The step that records a settlement.
+pub fn settlement_step(intent: &OpenIntent, settlement: &Settlement, now: Millis) -> DispatchStep {
+    let waited_ms = now - intent.intended_at;
+    match settlement {
+        Settlement::Sent(s) => DispatchStep::Reconciled(DispatchReconciled {
+            provider_message_id: Some(s.provider_message_id.clone()),
+            status: Some(s.status.clone()),
+            waited_ms,
+        }),
+        Settlement::NotSent { .. } => DispatchStep::Reconciled(DispatchReconciled {
+            provider_message_id: None,
+            status: None,
+            waited_ms,
+        }),
+    }
+}
+
+/// The dispatch record of one step for a message.
+pub fn step_record(
+    customer_id: &str,
+    message_id: &str,
+    decision_id: &str,
+    template_name: &str,
+    channel: Channel,
+    step: DispatchStep,
+    now: Millis,
+) -> DispatchRecord {
+    let step_key = match &step {
+        DispatchStep::Attempted(a) => format!("attempt-{}", a.attempt),
+        DispatchStep::Accepted(_) => "accepted".into(),
+        DispatchStep::Failed(_) => "failed".into(),
+        DispatchStep::Skipped(_) => format!("skipped-{decision_id}"),
+        DispatchStep::Intended(i) => format!("intent-{}", i.attempt),
+        DispatchStep::Unanswered(u) => format!("unanswered-{}", u.attempt),
+        DispatchStep::Reconciled(r) => format!(
+            "reconciled-{}",
+            r.provider_message_id.as_deref().unwrap_or("unsent")
+        ),
+    };
+    DispatchRecord {
+        dispatch_id: deterministic_id(&[message_id, &step_key]),
+        message_id: message_id.to_string(),
+        customer_id: customer_id.to_string(),
+        decision_id: decision_id.to_string(),
+        template_name: template_name.to_string(),
+        channel,
+        recorded_at: now,
+        step,
     }
 }
 
@@ -39,39 +148,104 @@ pub fn record(
     step: DispatchStep,
     now: Millis,
 ) -> DispatchRecord {
-    let step_key = match &step {
-        DispatchStep::Attempted(a) => format!("attempt-{}", a.attempt),
-        DispatchStep::Accepted(_) => "accepted".into(),
-        DispatchStep::Failed(_) => "failed".into(),
-        DispatchStep::Skipped(_) => format!("skipped-{}", decision.decision_id),
-    };
-    DispatchRecord {
-        dispatch_id: deterministic_id(&[&approved.message_id, &step_key]),
-        message_id: approved.message_id.clone(),
-        customer_id: decision.customer_id.clone(),
-        decision_id: decision.decision_id.clone(),
-        template_name: approved.template_name.clone(),
-        channel: approved.channel,
-        recorded_at: now,
+    step_record(
+        &decision.customer_id,
+        &approved.message_id,
+        &decision.decision_id,
+        &approved.template_name,
+        approved.channel,
         step,
-    }
+        now,
+    )
 }
 
 /// Folds a dispatch step into the state.
 pub fn evolve(state: &mut DispatchState, rec: &DispatchRecord) {
-    if let DispatchStep::Accepted(a) = &rec.step {
-        state
-            .sent
-            .insert(rec.message_id.clone(), a.provider_message_id.clone());
+    match &rec.step {
+        DispatchStep::Intended(i) => {
+            state.open.insert(
+                rec.message_id.clone(),
+                OpenIntent {
+                    attempt: i.attempt,
+                    intended_at: rec.recorded_at,
+                    approval_offset: i.approval_offset,
+                    statuses_from: i.statuses_from,
+                    decision_id: rec.decision_id.clone(),
+                    template_name: rec.template_name.clone(),
+                    channel: rec.channel,
+                },
+            );
+        }
+        DispatchStep::Accepted(a) => {
+            state.open.remove(&rec.message_id);
+            state
+                .sent
+                .insert(rec.message_id.clone(), a.provider_message_id.clone());
+        }
+        DispatchStep::Reconciled(DispatchReconciled {
+            provider_message_id: Some(id),
+            ..
+        }) => {
+            state.open.remove(&rec.message_id);
+            state.sent.insert(rec.message_id.clone(), id.clone());
+        }
+        // Refused: settled, not sent. A not-sent reconciliation is followed by a new intent
+        // in the same transaction, which replaces the open one.
+        DispatchStep::Failed(_) => {
+            state.open.remove(&rec.message_id);
+        }
+        DispatchStep::Reconciled(_)
+        | DispatchStep::Attempted(_)
+        | DispatchStep::Unanswered(_)
+        | DispatchStep::Skipped(_) => {}
+    }
+}
+
+/// What a Cloud API error code calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    /// Throttling or a transient fault: back off and try again.
+    Retry,
+    /// The message cannot go as it was approved (outside the service window, template paused,
+    /// disabled or missing, a parameter refused): it returns to policy as a failed decision.
+    ReturnToPolicy,
+    /// Undeliverable on this channel: the next channel the customer consented to.
+    Fallback,
+    /// The customer is not to get marketing now (spam rate limit, per-user marketing limit,
+    /// the user stopped marketing): no more marketing to them.
+    StopMarketing,
+    /// The business account or number is blocked or its token is invalid: stop the lane and
+    /// alert; nothing sent on it can succeed until someone acts.
+    StopLane,
+    /// A code Herald does not know: the message goes to the dead-letter topic.
+    Unknown,
+}
+
+/// Classifies a Cloud API error code (or an HTTP status when the answer had none), as the
+/// Cloud API's error code reference defines them.
+pub fn classify(code: i32) -> ErrorAction {
+    match code {
+        // Throttling: app, account, number and pair rate limits; transient service faults.
+        4 | 80007 | 130429 | 131056 | 131000 | 131016 | 133004 | 429 | 500 | 502 | 503 | 504 => {
+            ErrorAction::Retry
+        }
+        131047 | 132000 | 132001 | 132005 | 132007 | 132012 | 132015 | 132016 | 131008 | 131009
+        | 131051 | 131052 | 131053 => ErrorAction::ReturnToPolicy,
+        131026 => ErrorAction::Fallback,
+        131048..=131050 => ErrorAction::StopMarketing,
+        // Access, token and account blocks: 0 (auth), 3 (capability), 10 (permission),
+        // 190 (token expired), 200-299 (permissions), 368 (policy block), 131031 (account
+        // locked), 131042 (payment), 131045 (certificate), 133010 (number not registered).
+        0 | 3 | 10 | 190 | 200..=299 | 368 | 131031 | 131042 | 131045 | 133010 => {
+            ErrorAction::StopLane
+        }
+        _ => ErrorAction::Unknown,
     }
 }
 
 /// Provider error codes worth retrying: throttling and transient provider faults.
 pub fn is_retryable(code: i32) -> bool {
-    matches!(
-        code,
-        4 | 80007 | 130429 | 131000 | 131016 | 429 | 500 | 502 | 503 | 504
-    )
+    classify(code) == ErrorAction::Retry
 }
 
 #[cfg(test)]
@@ -124,7 +298,8 @@ mod tests {
     fn a_message_the_provider_accepted_is_never_sent_again() {
         let (d, m) = approval();
         let mut state = DispatchState::default();
-        assert_eq!(plan(&state, &m), Plan::Send);
+        assert_eq!(plan(&state, &m), Plan::Intend { attempt: 1 });
+        evolve(&mut state, &intended(&d, &m, 1, 10));
         evolve(&mut state, &accepted(&d, &m, "wamid.1"));
         assert_eq!(
             plan(&state, &m),
@@ -149,7 +324,85 @@ mod tests {
             5,
         );
         evolve(&mut state, &failed);
-        assert_eq!(plan(&state, &m), Plan::Send);
+        assert_eq!(plan(&state, &m), Plan::Intend { attempt: 1 });
+    }
+
+    fn intended(d: &Decision, m: &MessageApproved, attempt: i32, at: Millis) -> DispatchRecord {
+        record(
+            d,
+            m,
+            DispatchStep::Intended(DispatchIntended {
+                attempt,
+                approval_offset: 7,
+                statuses_from: 3,
+            }),
+            at,
+        )
+    }
+
+    #[test]
+    fn an_open_intent_is_never_sent_again_until_it_is_settled() {
+        let (d, m) = approval();
+        let mut state = DispatchState::default();
+        evolve(&mut state, &intended(&d, &m, 1, 1_000));
+        // The process died during the call, or the answer was lost: the approval delivered
+        // again finds the intent open and does not lead to a second call.
+        assert_eq!(plan(&state, &m), Plan::AwaitingOutcome);
+        let unanswered = record(
+            &d,
+            &m,
+            DispatchStep::Unanswered(DispatchUnanswered {
+                attempt: 1,
+                detail: "timed out".into(),
+            }),
+            1_500,
+        );
+        evolve(&mut state, &unanswered);
+        assert_eq!(plan(&state, &m), Plan::AwaitingOutcome);
+        let open = state.open[&m.message_id].clone();
+        assert_eq!(open.approval_offset, 7);
+        // Before the wait is over and with no status, it stays open.
+        assert_eq!(settle(&open, None, 20_000, 30_000), None);
+    }
+
+    #[test]
+    fn a_status_webhook_settles_an_open_intent_as_sent() {
+        let (d, m) = approval();
+        let mut state = DispatchState::default();
+        evolve(&mut state, &intended(&d, &m, 1, 1_000));
+        let open = state.open[&m.message_id].clone();
+        let seen = ObservedStatus {
+            provider_message_id: "wamid.7".into(),
+            status: "delivered".into(),
+        };
+        // A status settles it at once, however short the wait so far.
+        let s = settle(&open, Some(&seen), 1_001, 30_000).unwrap();
+        assert_eq!(s, Settlement::Sent(seen));
+        let rec = record(&d, &m, settlement_step(&open, &s, 1_001), 1_001);
+        evolve(&mut state, &rec);
+        assert!(state.open.is_empty());
+        assert_eq!(
+            plan(&state, &m),
+            Plan::AlreadySent {
+                provider_message_id: "wamid.7".into()
+            }
+        );
+    }
+
+    #[test]
+    fn no_status_within_the_wait_means_not_sent_and_a_new_attempt() {
+        let (d, m) = approval();
+        let mut state = DispatchState::default();
+        evolve(&mut state, &intended(&d, &m, 1, 1_000));
+        let open = state.open[&m.message_id].clone();
+        let s = settle(&open, None, 31_000, 30_000).unwrap();
+        assert_eq!(s, Settlement::NotSent { next_attempt: 2 });
+        let rec = record(&d, &m, settlement_step(&open, &s, 31_000), 31_000);
+        assert_ne!(rec.dispatch_id, intended(&d, &m, 1, 1_000).dispatch_id);
+        evolve(&mut state, &rec);
+        evolve(&mut state, &intended(&d, &m, 2, 31_000));
+        assert_eq!(state.open[&m.message_id].attempt, 2);
+        assert!(state.sent.is_empty());
     }
 
     #[test]
@@ -178,5 +431,32 @@ mod tests {
         assert!(is_retryable(503));
         assert!(!is_retryable(131026), "undeliverable: retrying cannot help");
         assert!(!is_retryable(132001), "template does not exist");
+        assert!(is_retryable(131056), "pair rate limit: back off and retry");
+    }
+
+    #[test]
+    fn each_error_code_says_who_must_act() {
+        assert_eq!(
+            classify(131047),
+            ErrorAction::ReturnToPolicy,
+            "outside the window"
+        );
+        assert_eq!(
+            classify(132015),
+            ErrorAction::ReturnToPolicy,
+            "template paused"
+        );
+        assert_eq!(
+            classify(132016),
+            ErrorAction::ReturnToPolicy,
+            "template disabled"
+        );
+        assert_eq!(classify(131026), ErrorAction::Fallback);
+        for code in [131048, 131049, 131050] {
+            assert_eq!(classify(code), ErrorAction::StopMarketing, "{code}");
+        }
+        assert_eq!(classify(368), ErrorAction::StopLane, "account blocked");
+        assert_eq!(classify(190), ErrorAction::StopLane, "token expired");
+        assert_eq!(classify(987654), ErrorAction::Unknown);
     }
 }

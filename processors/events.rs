@@ -403,6 +403,17 @@ impl Fact {
         }
     }
 
+    /// Whether its time moves a task's stream time. A provider's report on Herald's own sends
+    /// (a delivery status, a template review) is stamped by the provider's clock, not the
+    /// business timeline: during a backfill of past events it would leap stream time to the
+    /// present and fire every timer before the facts that should have stopped them are read.
+    pub fn moves_stream_time(&self) -> bool {
+        !matches!(
+            self,
+            Fact::MessageStatusChanged(_) | Fact::TemplateStatusChanged(_)
+        )
+    }
+
     /// The family (and so the topic) this fact belongs to.
     pub fn family(&self) -> Family {
         match self.index() {
@@ -849,6 +860,28 @@ pub struct DispatchFailed {
 pub struct DispatchSkipped {
     pub first_provider_message_id: String,
 }
+/// Recorded and committed before the provider is called.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchIntended {
+    pub attempt: i32,
+    /// Where the approval is in the same partition of the decision log.
+    pub approval_offset: i64,
+    /// From where in the same partition of the provider topic a status of it can appear.
+    pub statuses_from: i64,
+}
+/// The request left and no answer came back: the outcome is unknown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchUnanswered {
+    pub attempt: i32,
+    pub detail: String,
+}
+/// An open intent settled from status webhooks; no provider id means it was not sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchReconciled {
+    pub provider_message_id: Option<String>,
+    pub status: Option<String>,
+    pub waited_ms: i64,
+}
 
 /// One dispatch step (the `payload` union of `DispatchEvent`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -858,6 +891,9 @@ pub enum DispatchStep {
     Accepted(DispatchAccepted),
     Failed(DispatchFailed),
     Skipped(DispatchSkipped),
+    Intended(DispatchIntended),
+    Unanswered(DispatchUnanswered),
+    Reconciled(DispatchReconciled),
 }
 
 impl DispatchStep {
@@ -868,6 +904,9 @@ impl DispatchStep {
             DispatchStep::Accepted(_) => 1,
             DispatchStep::Failed(_) => 2,
             DispatchStep::Skipped(_) => 3,
+            DispatchStep::Intended(_) => 4,
+            DispatchStep::Unanswered(_) => 5,
+            DispatchStep::Reconciled(_) => 6,
         }
     }
 }

@@ -93,6 +93,61 @@ pub fn pseudonymise(key: &IdentifierKey, mut input: InputEvent) -> InputEvent {
     input
 }
 
+/// The webhook gateway's sender directory: which customer a WhatsApp number belongs to, by
+/// the keyed hash of the number, learnt from CRM profile facts and forgotten on erasure.
+#[derive(Debug, Clone, Default)]
+pub struct SenderDirectory {
+    by_phone: std::collections::HashMap<String, String>,
+    phones_of: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl SenderDirectory {
+    /// Learns a profile's phone number, or forgets the customer's numbers on an erasure.
+    pub fn observe(&mut self, key: &IdentifierKey, input: &InputEvent) {
+        let customer = &input.envelope.customer_id;
+        match &input.fact {
+            Fact::ErasureRequested(_) => {
+                for phone in self.phones_of.remove(customer).unwrap_or_default() {
+                    self.by_phone.remove(&phone);
+                }
+            }
+            Fact::ProfileChanged(p) => {
+                if let Some(phone) = p.phone_e164.as_deref() {
+                    let hashed = if is_pseudonym(phone) {
+                        phone.to_string()
+                    } else {
+                        key.pseudonym("phone", phone)
+                    };
+                    self.by_phone.insert(hashed.clone(), customer.clone());
+                    self.phones_of
+                        .entry(customer.clone())
+                        .or_default()
+                        .push(hashed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The customer whose profile holds this WhatsApp id (the number without its `+`).
+    pub fn customer_of(&self, key: &IdentifierKey, wa_id: &str) -> Option<&str> {
+        let e164 = format!("+{}", wa_id.trim_start_matches('+'));
+        self.by_phone
+            .get(&key.pseudonym("phone", &e164))
+            .map(String::as_str)
+    }
+
+    /// How many numbers it knows.
+    pub fn len(&self) -> usize {
+        self.by_phone.len()
+    }
+
+    /// Whether it knows no number.
+    pub fn is_empty(&self) -> bool {
+        self.by_phone.is_empty()
+    }
+}
+
 /// Dispatch's contact directory: each customer's addresses by keyed hash, learnt from the
 /// customer's CRM facts and forgotten on their erasure.
 #[derive(Debug, Clone, Default)]

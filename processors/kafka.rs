@@ -88,7 +88,7 @@ impl KafkaSettings {
 
     /// What every Herald consumer shares: committed reads only, offsets committed by Herald
     /// itself, from the beginning when the group has none; then `specific`, then the extras.
-    fn consumer_config(
+    pub fn consumer_config(
         &self,
         group: &str,
         client_id: &str,
@@ -247,6 +247,57 @@ impl LogReader {
         self.consumer.unassign()?;
         // Transaction markers occupy offsets too: the next record is at or after the watermark.
         Ok(next.max(high))
+    }
+}
+
+impl LogReader {
+    /// The offset the next record of `topic`/`partition` will get.
+    pub fn end(&self, topic: &str, partition: i32) -> Result<i64> {
+        Ok(self
+            .consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(30))?
+            .1)
+    }
+
+    /// The record at `offset` of `topic`/`partition`, if the log holds one there.
+    pub fn read_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<OwnedMessage>> {
+        let mut found = None;
+        let (_, high) =
+            self.consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+        if offset >= high {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        self.consumer.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if m.offset() == offset {
+                        found = Some(m.detach());
+                    }
+                    break;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    if position_of(&self.consumer, topic, partition)? >= high {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    self.consumer.unassign()?;
+                    bail!("reading {topic}/{partition}@{offset}: {e}");
+                }
+            }
+        }
+        self.consumer.unassign()?;
+        Ok(found)
     }
 }
 

@@ -31,6 +31,7 @@ pub mod chaos;
 pub mod cli;
 pub mod demo;
 pub mod dump;
+pub mod gateway;
 pub mod intake;
 pub mod kafka;
 pub mod provider;

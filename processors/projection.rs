@@ -254,6 +254,7 @@ mod tests {
                 journey: None,
                 relied_on: Default::default(),
             },
+            status: None,
         };
         state.recent.insert("m1".into(), approved(2_000));
         state.recent.insert("m2".into(), approved(3_000));

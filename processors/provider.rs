@@ -30,6 +30,11 @@ pub enum SendOutcome {
         retryable: bool,
         detail: String,
     },
+    /// The request never reached the provider (no connection): safe to try again.
+    NotDelivered(String),
+    /// The request may have reached the provider but no answer came back (a timeout, a
+    /// connection lost mid-answer): the message may be out, so only a status settles it.
+    Unanswered(String),
 }
 
 /// A client for the WhatsApp Cloud API `/{phone-number-id}/messages` endpoint.
@@ -41,9 +46,24 @@ pub struct CloudApiClient {
     token: String,
 }
 
+/// What Herald puts in a send's `biz_opaque_callback_data`, which the provider echoes in
+/// every status webhook: the customer (so the gateway can key the status like every other
+/// record) and the message id (so dispatch can settle an intent from it).
+pub fn callback_data(customer_id: &str, message_id: &str) -> String {
+    format!("hc1|{customer_id}|{message_id}")
+}
+
+/// The customer and message id in a status webhook's callback data, if Herald wrote it.
+pub fn parse_callback_data(data: &str) -> Option<(&str, &str)> {
+    let rest = data.strip_prefix("hc1|")?;
+    // Message ids are hex; a customer id may itself hold a '|'.
+    let (customer, message) = rest.rsplit_once('|')?;
+    (!customer.is_empty() && !message.is_empty()).then_some((customer, message))
+}
+
 /// The Cloud API request body for an approved template message, with named parameters and the
-/// message id as `biz_opaque_callback_data` so status callbacks can be matched to it.
-pub fn template_request(m: &MessageApproved) -> Value {
+/// customer and message id as `biz_opaque_callback_data` so status callbacks can be matched.
+pub fn template_request(customer_id: &str, m: &MessageApproved) -> Value {
     let parameters: Vec<Value> = m
         .variables
         .iter()
@@ -59,15 +79,26 @@ pub fn template_request(m: &MessageApproved) -> Value {
             "language": {"code": m.locale},
             "components": [{"type": "body", "parameters": parameters}],
         },
-        "biz_opaque_callback_data": m.message_id,
+        "biz_opaque_callback_data": callback_data(customer_id, &m.message_id),
     })
 }
 
 impl CloudApiClient {
-    /// A client for `base_url` (the Graph API root or the simulator).
+    /// A client for `base_url` (the Graph API root or the simulator), waiting 10 s for an answer.
     pub fn new(base_url: &str, phone_number_id: &str, token: &str) -> Result<Self> {
+        Self::with_timeout(base_url, phone_number_id, token, Duration::from_secs(10))
+    }
+
+    /// A client that gives up on an answer after `timeout`.
+    pub fn with_timeout(
+        base_url: &str,
+        phone_number_id: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(3)))
             .pool_max_idle_per_host(8)
             .build()?;
         Ok(CloudApiClient {
@@ -78,25 +109,36 @@ impl CloudApiClient {
         })
     }
 
-    /// Sends one approved template message. `Err` means the provider could not be reached.
-    pub async fn send(&self, m: &MessageApproved) -> Result<SendOutcome> {
+    /// Sends one approved template message to one of `customer_id`'s addresses.
+    pub async fn send(&self, customer_id: &str, m: &MessageApproved) -> SendOutcome {
         let url = format!(
             "{}/{GRAPH_VERSION}/{}/messages",
             self.base_url, self.phone_number_id
         );
-        let resp = self
+        let resp = match self
             .http
             .post(url)
             .bearer_auth(&self.token)
-            .json(&template_request(m))
+            .json(&template_request(customer_id, m))
             .send()
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => return SendOutcome::NotDelivered(e.to_string()),
+            Err(e) => return SendOutcome::Unanswered(e.to_string()),
+        };
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let body: Value = match resp.json().await {
+            Ok(b) => b,
+            // A success whose body was lost is still an unknown outcome.
+            Err(e) if status.is_success() => return SendOutcome::Unanswered(e.to_string()),
+            Err(_) => Value::Null,
+        };
         if status.is_success() {
             if let Some(id) = body["messages"][0]["id"].as_str() {
-                return Ok(SendOutcome::Accepted(id.to_string()));
+                return SendOutcome::Accepted(id.to_string());
             }
+            return SendOutcome::Unanswered(format!("HTTP {status} without a message id"));
         }
         let code = body["error"]["code"]
             .as_i64()
@@ -105,11 +147,11 @@ impl CloudApiClient {
             .as_str()
             .unwrap_or("no error message")
             .to_string();
-        Ok(SendOutcome::Rejected {
+        SendOutcome::Rejected {
             code,
             retryable: crate::dispatch::is_retryable(code) || status.is_server_error(),
             detail,
-        })
+        }
     }
 }
 
@@ -120,15 +162,113 @@ pub struct SimulatedSend {
     pub template: String,
     pub language: String,
     pub callback_data: String,
+    /// Herald's message id, from the callback data (the whole of it if Herald did not write it).
+    pub message_id: String,
     pub parameters: Vec<(String, String)>,
     pub wamid: String,
 }
 
-/// What the simulator received, shared with whoever started it.
+/// How the simulator behaves beyond answering: the limits it enforces, the failures it
+/// injects, and the status webhooks it posts.
+#[derive(Debug, Clone)]
+pub struct SimulatorOptions {
+    /// Where to post signed status webhooks (the gateway's `/webhook`); none when absent.
+    pub webhook_url: Option<String>,
+    /// The app secret webhooks are signed with.
+    pub app_secret: Vec<u8>,
+    /// Seed of the failures and delays.
+    pub seed: u64,
+    /// Messages per second one sender number may send (the Cloud API's default is 80).
+    pub sender_per_s: f64,
+    /// One message per this interval to one recipient, after a burst of `pair_burst`.
+    pub pair_interval: Duration,
+    pub pair_burst: f64,
+    /// Share of sends accepted whose answer is held back past the client's patience.
+    pub drop_answer_rate: f64,
+    /// How long such an answer is held back.
+    pub withhold_answer_for: Duration,
+    /// Share of sends refused with a transient fault (131000), which a retry may pass.
+    pub transient_failure_rate: f64,
+    /// Share of accepted sends that later fail as undeliverable (a `failed` status, 131026).
+    pub undeliverable_rate: f64,
+    /// Share of status webhooks posted twice.
+    pub duplicate_webhook_rate: f64,
+    /// Each status webhook is posted after a delay up to this; independent delays reorder them.
+    pub max_webhook_delay: Duration,
+}
+
+impl Default for SimulatorOptions {
+    fn default() -> Self {
+        SimulatorOptions {
+            webhook_url: None,
+            app_secret: Vec::new(),
+            seed: 7,
+            sender_per_s: 80.0,
+            pair_interval: Duration::from_secs(6),
+            pair_burst: 45.0,
+            drop_answer_rate: 0.0,
+            withhold_answer_for: Duration::from_secs(15),
+            transient_failure_rate: 0.0,
+            undeliverable_rate: 0.0,
+            duplicate_webhook_rate: 0.0,
+            max_webhook_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A token bucket: `capacity` tokens, refilled at `per_s`.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, capacity: f64, per_s: f64, now: std::time::Instant) -> bool {
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * per_s).min(capacity);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What the simulator received and did, shared with whoever started it.
 #[derive(Default)]
 pub struct SimulatorLog {
     pub sends: Mutex<Vec<SimulatedSend>>,
     pub rejected: Mutex<u64>,
+    /// Accepted sends whose answer was held back.
+    pub answers_dropped: std::sync::atomic::AtomicU64,
+    /// Status webhooks the gateway acknowledged with a 2xx.
+    pub webhooks_delivered: std::sync::atomic::AtomicU64,
+    /// Status webhooks given up on after every retry.
+    pub webhooks_abandoned: std::sync::atomic::AtomicU64,
+    /// Status webhooks scheduled and not yet delivered or abandoned (a gauge).
+    pub webhooks_pending: std::sync::atomic::AtomicU64,
+}
+
+/// The simulator's shared state: its log, options, limits and randomness.
+struct Simulator {
+    log: Arc<SimulatorLog>,
+    options: SimulatorOptions,
+    rng: Mutex<crate::scenario::Rng>,
+    sender: Mutex<Option<Bucket>>,
+    pairs: Mutex<std::collections::HashMap<String, Bucket>>,
+    http: reqwest::Client,
+}
+
+impl Simulator {
+    fn chance(&self, p: f64) -> bool {
+        p > 0.0 && self.rng.lock().map(|mut r| r.chance(p)).unwrap_or(false)
+    }
+    fn below(&self, n: u64) -> u64 {
+        self.rng.lock().map(|mut r| r.below(n)).unwrap_or(0)
+    }
 }
 
 impl SimulatorLog {
@@ -149,11 +289,12 @@ fn graph_error(status: StatusCode, code: i32, message: &str) -> Response {
 }
 
 async fn messages(
-    State(log): State<Arc<SimulatorLog>>,
+    State(sim): State<Arc<Simulator>>,
     Path((_version, phone_id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Option<Json<Value>>,
 ) -> Response {
+    let log = &sim.log;
     let reject = |status, code, msg: &str| {
         if let Ok(mut r) = log.rejected.lock() {
             *r += 1;
@@ -230,22 +371,102 @@ async fn messages(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let Ok(mut sends) = log.sends.lock() else {
-        return graph_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            1,
-            "simulator state poisoned",
-        );
-    };
-    let wamid = format!("wamid.HERALDSIM{:012}", sends.len() + 1);
-    sends.push(SimulatedSend {
-        to: to.clone(),
-        template,
-        language,
-        callback_data,
-        parameters,
-        wamid: wamid.clone(),
+    let now = std::time::Instant::now();
+    let o = &sim.options;
+    let sender_ok = sim.sender.lock().is_ok_and(|mut b| {
+        b.get_or_insert(Bucket {
+            tokens: o.sender_per_s.max(1.0),
+            at: now,
+        })
+        .take(o.sender_per_s.max(1.0), o.sender_per_s, now)
     });
+    if !sender_ok {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            130429,
+            "(#130429) Rate limit hit: Cloud API message throughput has been reached.",
+        );
+    }
+    let pair_ok = sim.pairs.lock().is_ok_and(|mut pairs| {
+        pairs
+            .entry(digits.clone())
+            .or_insert(Bucket {
+                tokens: o.pair_burst,
+                at: now,
+            })
+            .take(
+                o.pair_burst,
+                1.0 / o.pair_interval.as_secs_f64().max(0.001),
+                now,
+            )
+    });
+    if !pair_ok {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            131056,
+            "(#131056) (Business Account, Consumer Account) pair rate limit hit",
+        );
+    }
+    if sim.chance(o.transient_failure_rate) {
+        return reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            131000,
+            "(#131000) Something went wrong",
+        );
+    }
+    let message_id = parse_callback_data(&callback_data)
+        .map_or(callback_data.as_str(), |(_, m)| m)
+        .to_string();
+    let wamid = {
+        let Ok(mut sends) = log.sends.lock() else {
+            return graph_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                1,
+                "simulator state poisoned",
+            );
+        };
+        let wamid = format!("wamid.HERALDSIM{:012}", sends.len() + 1);
+        sends.push(SimulatedSend {
+            to: to.clone(),
+            template,
+            language,
+            callback_data: callback_data.clone(),
+            message_id,
+            parameters,
+            wamid: wamid.clone(),
+        });
+        wamid
+    };
+    if o.webhook_url.is_some() {
+        let undeliverable = sim.chance(o.undeliverable_rate);
+        let statuses: &[(&str, Option<i32>)] = if undeliverable {
+            &[("sent", None), ("failed", Some(131026))]
+        } else {
+            &[("sent", None), ("delivered", None), ("read", None)]
+        };
+        for (status, code) in statuses {
+            let copies = if sim.chance(o.duplicate_webhook_rate) {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let delay =
+                    Duration::from_millis(sim.below(o.max_webhook_delay.as_millis() as u64 + 1));
+                let body = status_webhook(&wamid, status, *code, &digits, &callback_data);
+                log.webhooks_pending
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(post_webhook(sim.clone(), body, delay));
+            }
+        }
+    }
+    if sim.chance(o.drop_answer_rate) {
+        // The message is out; the answer saying so never arrives in time.
+        log.answers_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(o.withhold_answer_for).await;
+        return (StatusCode::GATEWAY_TIMEOUT, "answer withheld").into_response();
+    }
     Json(json!({
         "messaging_product": "whatsapp",
         "contacts": [{"input": to, "wa_id": digits}],
@@ -254,19 +475,115 @@ async fn messages(
     .into_response()
 }
 
-async fn stats(State(log): State<Arc<SimulatorLog>>) -> Response {
-    let sends = log.sent_count();
-    let rejected = log.rejected.lock().map(|r| *r).unwrap_or(0);
-    Json(json!({"accepted": sends, "rejected": rejected})).into_response()
+/// A Cloud API status webhook body for one message.
+pub fn status_webhook(
+    wamid: &str,
+    status: &str,
+    error_code: Option<i32>,
+    recipient: &str,
+    callback_data: &str,
+) -> Vec<u8> {
+    let mut st = json!({
+        "id": wamid,
+        "status": status,
+        "timestamp": (crate::stages::wall_clock_ms() / 1000).to_string(),
+        "recipient_id": recipient,
+        "biz_opaque_callback_data": callback_data,
+    });
+    if let Some(code) = error_code {
+        st["errors"] = json!([{"code": code, "title": "Message undeliverable", "message": "Message undeliverable", "error_data": {"details": "Message failed to send because of an unknown error."}}]);
+    }
+    let body = json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "102290129340398", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "1055501234567890"},
+            "statuses": [st],
+        }}]}],
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
-/// Serves the simulator on `addr`; returns the bound address and the log of what it received.
+/// Posts one signed webhook after `delay`, retrying with backoff until the gateway answers
+/// 2xx, as the provider does (for a while).
+async fn post_webhook(sim: Arc<Simulator>, body: Vec<u8>, delay: Duration) {
+    deliver_webhook(&sim, body, delay).await;
+    sim.log
+        .webhooks_pending
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+async fn deliver_webhook(sim: &Simulator, body: Vec<u8>, delay: Duration) {
+    let Some(url) = sim.options.webhook_url.clone() else {
+        return;
+    };
+    tokio::time::sleep(delay).await;
+    let signature = crate::gateway::sign(&sim.options.app_secret, &body);
+    let mut backoff = Duration::from_millis(200);
+    for _ in 0..10 {
+        let sent = sim
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", &signature)
+            .body(body.clone())
+            .send()
+            .await;
+        if sent.is_ok_and(|r| r.status().is_success()) {
+            sim.log
+                .webhooks_delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    sim.log
+        .webhooks_abandoned
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+async fn stats(State(sim): State<Arc<Simulator>>) -> Response {
+    let log = &sim.log;
+    let sends = log.sent_count();
+    let rejected = log.rejected.lock().map(|r| *r).unwrap_or(0);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    Json(json!({
+        "accepted": sends,
+        "rejected": rejected,
+        "answers_dropped": load(&log.answers_dropped),
+        "webhooks_delivered": load(&log.webhooks_delivered),
+        "webhooks_abandoned": load(&log.webhooks_abandoned),
+    }))
+    .into_response()
+}
+
+/// Serves the simulator on `addr` with the default limits and no webhooks; returns the bound
+/// address and the log of what it received.
 pub async fn serve_simulator(addr: SocketAddr) -> Result<(SocketAddr, Arc<SimulatorLog>)> {
+    serve_simulator_with(addr, SimulatorOptions::default()).await
+}
+
+/// Serves the simulator on `addr` with `options`.
+pub async fn serve_simulator_with(
+    addr: SocketAddr,
+    options: SimulatorOptions,
+) -> Result<(SocketAddr, Arc<SimulatorLog>)> {
     let log = Arc::new(SimulatorLog::default());
+    let sim = Arc::new(Simulator {
+        log: log.clone(),
+        rng: Mutex::new(crate::scenario::Rng::new(options.seed)),
+        options,
+        sender: Mutex::new(None),
+        pairs: Mutex::new(std::collections::HashMap::new()),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?,
+    });
     let router = Router::new()
         .route("/{version}/{phone_id}/messages", post(messages))
         .route("/simulator/stats", get(stats))
-        .with_state(log.clone());
+        .with_state(sim);
     let bound = crate::telemetry::serve_router(addr, router, "provider simulator").await?;
     Ok((bound, log))
 }

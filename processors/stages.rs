@@ -474,17 +474,47 @@ struct DispatchPartition {
     /// Addresses by keyed hash, from this partition of the CRM topic, and where to read on.
     contacts: ContactDirectory,
     crm_next: i64,
+    /// Statuses the provider reported for messages with an open intent, by message id.
+    statuses: HashMap<String, dispatch::ObservedStatus>,
+    /// Where to read this partition of the provider topic on.
+    provider_next: i64,
     next_offset: i64,
     touched: BTreeSet<String>,
 }
 
+impl DispatchPartition {
+    fn is_open(&self, message_id: &str) -> bool {
+        self.customers
+            .values()
+            .any(|c| c.open.contains_key(message_id))
+    }
+}
+
+/// An approval on its way to the provider.
 struct PendingSend {
     partition: i32,
     decision: Decision,
     approved: MessageApproved,
+    attempt: i32,
+}
+
+/// An open intent settled from the provider topic, to be recorded with the next batch; a
+/// not-sent one carries its approval, read again from the decision log, for a new intent.
+struct Settled {
+    partition: i32,
+    customer_id: String,
+    message_id: String,
+    intent: dispatch::OpenIntent,
+    settlement: dispatch::Settlement,
+    approval: Option<(Decision, MessageApproved)>,
 }
 
 /// Carries approved messages to the provider and records each step on `herald.dispatch.v1`.
+///
+/// A send is recorded as intended, and that record committed, before the provider is called;
+/// the call happens in the next transaction. An intent whose call did not finish (the process
+/// died, the answer was lost) is settled from the provider's status webhooks, which carry the
+/// message id back, and only a wait with no status at all leads to a new attempt.
 pub struct DispatchStage {
     pub codec: Arc<Codec>,
     pub store: SharedStore,
@@ -493,11 +523,22 @@ pub struct DispatchStage {
     pub metrics: Arc<Metrics>,
     identifiers: IdentifierKey,
     partitions: HashMap<i32, DispatchPartition>,
-    pending: Vec<PendingSend>,
+    /// Intents recorded in the batch in flight: sent once its transaction commits.
+    intending: Vec<PendingSend>,
+    /// Intents committed by this process and not yet sent: the next batch sends them.
+    ready: Vec<PendingSend>,
+    /// Open intents settled since the last batch, to be recorded.
+    settled: Vec<Settled>,
+    /// How long an open intent waits for a status before it counts as not sent.
+    settle_wait: Duration,
+    last_settle: Option<std::time::Instant>,
     /// Why the CRM topic could not be read before this batch, if it could not: an unknown
     /// recipient then stops the batch instead of failing the send.
     contacts_unread: Option<String>,
 }
+
+/// The provider topic, where the gateway writes status webhooks.
+pub const PROVIDER: &str = "provider.events.v1";
 
 impl DispatchStage {
     /// A dispatch stage sending through `client`; recipients are keyed hashes under
@@ -518,9 +559,20 @@ impl DispatchStage {
             metrics,
             identifiers,
             partitions: HashMap::new(),
-            pending: Vec::new(),
+            intending: Vec::new(),
+            ready: Vec::new(),
+            settled: Vec::new(),
+            settle_wait: Duration::from_secs(60),
+            last_settle: None,
             contacts_unread: None,
         }
+    }
+
+    /// How long an intent whose outcome is unknown waits for a status webhook before it is
+    /// taken as not sent and tried again. It must be longer than webhooks take to arrive.
+    pub fn with_settle_wait(mut self, wait: Duration) -> Self {
+        self.settle_wait = wait;
+        self
     }
 
     /// Reads this partition of the CRM topic on from where its directory stopped. Runs after
@@ -542,12 +594,112 @@ impl DispatchStage {
         Ok(())
     }
 
+    /// Reads this partition of the provider topic on, keeping the statuses of messages with an
+    /// open intent. A status is written only after its send, and every send after its intent,
+    /// so reading on from the restore never misses one.
+    fn learn_statuses(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+        let (codec, rt) = (&self.codec, &self.rt);
+        let Some(part) = self.partitions.get_mut(&partition) else {
+            return Ok(());
+        };
+        let mut seen = Vec::new();
+        part.provider_next = reader.read(PROVIDER, partition, part.provider_next, |m| {
+            // An unreadable provider record is the processors' to dead-letter.
+            if let Ok(input) = rt.block_on(codec.decode_input(PROVIDER, m.payload())) {
+                if let Fact::MessageStatusChanged(s) = input.fact {
+                    if let Some(id) = s.message_id {
+                        seen.push((id, s.provider_message_id, s.status));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for (id, provider_message_id, status) in seen {
+            if part.is_open(&id) {
+                part.statuses.entry(id).or_insert(dispatch::ObservedStatus {
+                    provider_message_id,
+                    status: wire_name(&status),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles the open intents whose call is not this process's to make or finish: by a
+    /// status seen for them, or as not sent once the wait is over (reading the approval again).
+    fn settle_open_intents(&mut self, reader: &LogReader) -> Result<()> {
+        let now = wall_clock_ms();
+        let wait = self.settle_wait.as_millis() as i64;
+        let mut found = Vec::new();
+        for (p, part) in &self.partitions {
+            for (customer, state) in &part.customers {
+                for (message, intent) in &state.open {
+                    if self.is_mine(message) {
+                        continue;
+                    }
+                    if let Some(settlement) =
+                        dispatch::settle(intent, part.statuses.get(message), now, wait)
+                    {
+                        found.push((
+                            *p,
+                            customer.clone(),
+                            message.clone(),
+                            intent.clone(),
+                            settlement,
+                        ));
+                    }
+                }
+            }
+        }
+        for (partition, customer_id, message_id, intent, settlement) in found {
+            let approval = match settlement {
+                dispatch::Settlement::Sent(_) => None,
+                dispatch::Settlement::NotSent { .. } => {
+                    let msg = reader
+                        .read_at(DECISIONS, partition, intent.approval_offset)?
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "the approval of {message_id} at {DECISIONS}/{partition}@{} is gone",
+                                intent.approval_offset
+                            )
+                        })?;
+                    let d = self
+                        .rt
+                        .block_on(self.codec.decode_decision(msg.payload()))
+                        .map_err(|e| anyhow!("approval of {message_id}: {e}"))?;
+                    match &d.outcome {
+                        Outcome::MessageApproved(a) if a.message_id == message_id => {
+                            let a = a.clone();
+                            Some((d, a))
+                        }
+                        _ => bail!(
+                            "{DECISIONS}/{partition}@{} is not the approval of {message_id}",
+                            intent.approval_offset
+                        ),
+                    }
+                }
+            };
+            self.settled.push(Settled {
+                partition,
+                customer_id,
+                message_id,
+                intent,
+                settlement,
+                approval,
+            });
+        }
+        Ok(())
+    }
+
     fn record(&mut self, partition: i32, rec: DispatchRecord, out: &mut Outbox) -> Result<()> {
         if let Some(part) = self.partitions.get_mut(&partition) {
             dispatch::evolve(
                 part.customers.entry(rec.customer_id.clone()).or_default(),
                 &rec,
             );
+            if !part.is_open(&rec.message_id) {
+                part.statuses.remove(&rec.message_id);
+            }
             part.touched.insert(rec.customer_id.clone());
         }
         out.records.push(OutRecord {
@@ -559,6 +711,250 @@ impl DispatchStage {
         });
         Ok(())
     }
+
+    /// Records the intent of a send; the call follows once the intent is committed.
+    fn intend(
+        &mut self,
+        partition: i32,
+        decision: Decision,
+        approved: MessageApproved,
+        attempt: i32,
+        approval_offset: i64,
+        out: &mut Outbox,
+    ) -> Result<()> {
+        // Any status of this send is written after it, so after what was read so far.
+        let statuses_from = self
+            .partitions
+            .get(&partition)
+            .map_or(0, |p| p.provider_next);
+        let rec = dispatch::record(
+            &decision,
+            &approved,
+            DispatchStep::Intended(DispatchIntended {
+                attempt,
+                approval_offset,
+                statuses_from,
+            }),
+            wall_clock_ms(),
+        );
+        self.record(partition, rec, out)?;
+        self.intending.push(PendingSend {
+            partition,
+            decision,
+            approved,
+            attempt,
+        });
+        Ok(())
+    }
+
+    /// Records the settlements found since the last batch; a not-sent one gets a new intent.
+    fn record_settlements(&mut self, out: &mut Outbox) -> Result<()> {
+        for s in std::mem::take(&mut self.settled) {
+            let now = wall_clock_ms();
+            let step = dispatch::settlement_step(&s.intent, &s.settlement, now);
+            let rec = dispatch::step_record(
+                &s.customer_id,
+                &s.message_id,
+                &s.intent.decision_id,
+                &s.intent.template_name,
+                s.intent.channel,
+                step,
+                now,
+            );
+            self.record(s.partition, rec, out)?;
+            tracing::info!(message = %s.message_id, attempt = s.intent.attempt, settlement = ?s.settlement, "open send settled");
+            match (s.settlement, s.approval) {
+                (dispatch::Settlement::Sent(_), _) => {
+                    Metrics::inc(&self.metrics.sends_settled, 1);
+                }
+                (dispatch::Settlement::NotSent { next_attempt }, Some((decision, approved))) => {
+                    Metrics::inc(&self.metrics.sends_settled, 1);
+                    let offset = s.intent.approval_offset;
+                    self.intend(s.partition, decision, approved, next_attempt, offset, out)?;
+                }
+                (dispatch::Settlement::NotSent { .. }, None) => {
+                    bail!(
+                        "a not-sent settlement of {} lacks its approval",
+                        s.message_id
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls the provider for the committed intents of this process.
+    fn send_ready(&mut self, out: &mut Outbox) -> Result<()> {
+        let mut pending = Vec::with_capacity(self.ready.len());
+        for s in std::mem::take(&mut self.ready) {
+            let address = self.partitions.get(&s.partition).map(|part| {
+                part.contacts
+                    .address(&s.decision.customer_id, &s.approved.recipient)
+            });
+            match address {
+                Some(identity::Address::Known(to)) => {
+                    let mut send = s.approved.clone();
+                    send.recipient = to.to_string();
+                    pending.push((s.decision.customer_id.clone(), s, send));
+                }
+                _ if self.contacts_unread.is_some() => bail!(
+                    "dispatch cannot resolve recipients: the CRM topic could not be read ({})",
+                    self.contacts_unread.as_deref().unwrap_or_default()
+                ),
+                _ => {
+                    // Erased before it went out, or an address the CRM topic never held:
+                    // nobody to send to, and trying again cannot change that.
+                    Metrics::inc(&self.metrics.send_failures, 1);
+                    tracing::info!(customer = %s.decision.customer_id, message = %s.approved.message_id, "no address for the recipient; not sent");
+                    let failed = DispatchStep::Failed(DispatchFailed {
+                        code: 0,
+                        retryable: false,
+                        detail: "no address for this recipient: the customer was erased, or the CRM topic never gave one".into(),
+                    });
+                    let rec = dispatch::record(&s.decision, &s.approved, failed, wall_clock_ms());
+                    self.record(s.partition, rec, out)?;
+                }
+            }
+        }
+        for chunk in pending.chunks(64) {
+            let client = &self.client;
+            let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(
+                |(customer, _, send)| async move {
+                    let mut delay = Duration::from_millis(50);
+                    let mut tries = 1;
+                    loop {
+                        // Only a call that surely did not reach the provider, or that it
+                        // refused as retryable, is tried again; an unanswered one is not.
+                        match client.send(customer, send).await {
+                            SendOutcome::Rejected {
+                                retryable: true, ..
+                            }
+                            | SendOutcome::NotDelivered(_)
+                                if tries < 4 =>
+                            {
+                                tokio::time::sleep(jittered(delay)).await;
+                                delay *= 2;
+                                tries += 1;
+                            }
+                            other => return (tries, other),
+                        }
+                    }
+                },
+            )));
+            for ((_, s, _), (tries, result)) in chunk.iter().zip(results) {
+                let now = wall_clock_ms();
+                let attempted = dispatch::record(
+                    &s.decision,
+                    &s.approved,
+                    DispatchStep::Attempted(DispatchAttempted { attempt: s.attempt }),
+                    now,
+                );
+                self.record(s.partition, attempted, out)?;
+                let step = match result {
+                    SendOutcome::Accepted(id) => {
+                        Metrics::inc(&self.metrics.sends, 1);
+                        DispatchStep::Accepted(DispatchAccepted {
+                            provider_message_id: id,
+                        })
+                    }
+                    SendOutcome::Rejected {
+                        code,
+                        retryable,
+                        detail,
+                    } => {
+                        Metrics::inc(&self.metrics.send_failures, 1);
+                        match dispatch::classify(code) {
+                            dispatch::ErrorAction::Unknown => {
+                                let why = format!(
+                                    "provider error code {code} is not one Herald knows: {detail}"
+                                );
+                                out.records.push(self.dead_letter_approval(s, why)?);
+                            }
+                            dispatch::ErrorAction::StopLane => {
+                                Metrics::inc(&self.metrics.account_blocks, 1);
+                                tracing::error!(code, detail = %detail, "the provider blocked the account or number: someone must act");
+                            }
+                            _ => {}
+                        }
+                        DispatchStep::Failed(DispatchFailed {
+                            code,
+                            retryable,
+                            detail: format!("{detail} (after {tries} tries)"),
+                        })
+                    }
+                    SendOutcome::NotDelivered(e) => {
+                        Metrics::inc(&self.metrics.send_failures, 1);
+                        DispatchStep::Failed(DispatchFailed {
+                            code: 0,
+                            retryable: true,
+                            detail: format!("provider unreachable after {tries} tries: {e}"),
+                        })
+                    }
+                    SendOutcome::Unanswered(e) => {
+                        tracing::info!(message = %s.approved.message_id, error = %e, "send unanswered; its status webhook will settle it");
+                        Metrics::inc(&self.metrics.sends_unanswered, 1);
+                        DispatchStep::Unanswered(DispatchUnanswered {
+                            attempt: s.attempt,
+                            detail: e,
+                        })
+                    }
+                };
+                let rec = dispatch::record(&s.decision, &s.approved, step, now);
+                self.record(s.partition, rec, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DispatchStage {
+    /// The approval of a send the provider refused with a code Herald does not know, for
+    /// `herald.dlq.v1`: `herald dlq replay` can send it again once someone knows what to do.
+    fn dead_letter_approval(&self, s: &PendingSend, why: String) -> Result<OutRecord> {
+        let offset = self
+            .partitions
+            .get(&s.partition)
+            .and_then(|p| p.customers.get(&s.decision.customer_id))
+            .and_then(|c| c.open.get(&s.approved.message_id))
+            .map_or(-1, |i| i.approval_offset);
+        let letter = DeadLetter {
+            source_topic: DECISIONS.to_string(),
+            source_partition: s.partition,
+            source_offset: offset,
+            key: Some(s.decision.customer_id.clone().into_bytes()),
+            value: Some(self.rt.block_on(self.codec.encode_decision(&s.decision))?),
+            stage: "dispatch".into(),
+            error: why.clone(),
+            failed_at: wall_clock_ms(),
+        };
+        tracing::warn!(message = %s.approved.message_id, error = %why, "approval dead-lettered");
+        Metrics::inc(&self.metrics.dead_letters, 1);
+        Ok(OutRecord {
+            topic: DLQ,
+            partition: s.partition,
+            key: s.decision.customer_id.clone().into_bytes(),
+            value: self.rt.block_on(self.codec.encode_dead_letter(&letter))?,
+            headers: vec![
+                ("herald.error", why.into_bytes()),
+                ("herald.source.topic", DECISIONS.as_bytes().to_vec()),
+                (
+                    "herald.source.partition",
+                    s.partition.to_string().into_bytes(),
+                ),
+                ("herald.source.offset", offset.to_string().into_bytes()),
+            ],
+        })
+    }
+}
+
+/// `delay` plus up to half of it again, so that retries of many sends spread out.
+fn jittered(delay: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64;
+    let half = delay.as_millis() as u64 / 2;
+    delay + Duration::from_millis(if half == 0 { 0 } else { nanos % half })
 }
 
 impl Stage for DispatchStage {
@@ -594,8 +990,24 @@ impl Stage for DispatchStage {
             part.touched.insert(r.customer_id.clone());
             Ok(())
         })?;
+        tracing::info!(
+            partition,
+            open = part.customers.values().map(|c| c.open.len()).sum::<usize>(),
+            "dispatch restored"
+        );
+        // The open intents' statuses can only be at or after where each intent says.
+        part.provider_next = match part
+            .customers
+            .values()
+            .flat_map(|c| c.open.values().map(|i| i.statuses_from))
+            .min()
+        {
+            Some(from) => from,
+            None => reader.end(PROVIDER, partition)?,
+        };
         self.partitions.insert(partition, part);
         self.learn_contacts(partition, reader)?;
+        self.learn_statuses(partition, reader)?;
         self.committed(&Produced::new())?;
         Ok(())
     }
@@ -603,25 +1015,55 @@ impl Stage for DispatchStage {
     fn refresh_tables(&mut self, reader: &LogReader) -> Result<()> {
         let owned: Vec<i32> = self.partitions.keys().copied().collect();
         let mut unread = None;
-        for p in owned {
-            if let Err(e) = self.learn_contacts(p, reader) {
+        for p in &owned {
+            if let Err(e) = self.learn_contacts(*p, reader) {
                 unread = Some(format!("{CRM}/{p}: {e}"));
             }
         }
         self.contacts_unread = unread.clone();
+        // Statuses are read on twice a second at most (a status takes longer than that to
+        // come back), also with no intent open, so that a new intent's position is recent.
+        if self
+            .last_settle
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
+        {
+            self.last_settle = Some(std::time::Instant::now());
+            for p in &owned {
+                self.learn_statuses(*p, reader)?;
+            }
+            self.settle_open_intents(reader)?;
+        }
         match unread {
             Some(why) => bail!(why),
             None => Ok(()),
         }
     }
 
+    fn tick_due(&self) -> bool {
+        !self.ready.is_empty()
+            || !self.settled.is_empty()
+            || (self
+                .last_settle
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
+                && self.partitions.values().any(|p| {
+                    p.customers
+                        .values()
+                        .any(|c| c.open.keys().any(|m| !self.is_mine(m)))
+                }))
+    }
+
     fn revoke(&mut self, partition: i32) {
         self.partitions.remove(&partition);
+        self.ready.retain(|s| s.partition != partition);
+        self.intending.retain(|s| s.partition != partition);
+        self.settled.retain(|s| s.partition != partition);
     }
 
     fn reset(&mut self) {
         self.partitions.clear();
-        self.pending.clear();
+        self.intending.clear();
+        self.ready.clear();
+        self.settled.clear();
     }
 
     fn owns(&self, partition: i32) -> bool {
@@ -647,10 +1089,6 @@ impl Stage for DispatchStage {
             .and_then(|part| part.customers.get(&decision.customer_id))
             .cloned()
             .unwrap_or_default();
-        let in_batch = self
-            .pending
-            .iter()
-            .any(|s| s.approved.message_id == approved.message_id);
         match dispatch::plan(&state, &approved) {
             Plan::AlreadySent {
                 provider_message_id,
@@ -665,116 +1103,22 @@ impl Stage for DispatchStage {
                 );
                 self.record(p, rec, out)?;
             }
-            Plan::Send if in_batch => {}
-            Plan::Send => self.pending.push(PendingSend {
-                partition: p,
-                decision,
-                approved,
-            }),
+            Plan::AwaitingOutcome => {}
+            Plan::Intend { attempt } => {
+                self.intend(p, decision, approved, attempt, msg.offset(), out)?
+            }
         }
         Ok(())
     }
 
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
-        let mut pending = Vec::with_capacity(self.pending.len());
-        for s in std::mem::take(&mut self.pending) {
-            let address = self.partitions.get(&s.partition).map(|part| {
-                part.contacts
-                    .address(&s.decision.customer_id, &s.approved.recipient)
-            });
-            match address {
-                Some(identity::Address::Known(to)) => {
-                    let mut send = s.approved.clone();
-                    send.recipient = to.to_string();
-                    pending.push((s, send));
-                }
-                _ if self.contacts_unread.is_some() => bail!(
-                    "dispatch cannot resolve recipients: the CRM topic could not be read ({})",
-                    self.contacts_unread.as_deref().unwrap_or_default()
-                ),
-                _ => {
-                    // Erased before it went out, or an address the CRM topic never held:
-                    // nobody to send to, and trying again cannot change that.
-                    Metrics::inc(&self.metrics.send_failures, 1);
-                    tracing::info!(customer = %s.decision.customer_id, message = %s.approved.message_id, "no address for the recipient; not sent");
-                    let failed = DispatchStep::Failed(DispatchFailed {
-                        code: 0,
-                        retryable: false,
-                        detail: "no address for this recipient: the customer was erased, or the CRM topic never gave one".into(),
-                    });
-                    let rec = dispatch::record(&s.decision, &s.approved, failed, wall_clock_ms());
-                    self.record(s.partition, rec, out)?;
-                }
-            }
-        }
-        for chunk in pending.chunks(64) {
-            let client = &self.client;
-            let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(
-                |(_, send)| async move {
-                    let mut delay = Duration::from_millis(50);
-                    let mut attempt = 1;
-                    loop {
-                        match client.send(send).await {
-                            Ok(SendOutcome::Rejected {
-                                retryable: true, ..
-                            })
-                            | Err(_)
-                                if attempt < 4 =>
-                            {
-                                tokio::time::sleep(delay).await;
-                                delay *= 2;
-                                attempt += 1;
-                            }
-                            other => return (attempt, other),
-                        }
-                    }
-                },
-            )));
-            for ((s, _), (attempts, result)) in chunk.iter().zip(results) {
-                let now = wall_clock_ms();
-                let attempted = dispatch::record(
-                    &s.decision,
-                    &s.approved,
-                    DispatchStep::Attempted(DispatchAttempted { attempt: attempts }),
-                    now,
-                );
-                self.record(s.partition, attempted, out)?;
-                let step = match result {
-                    Ok(SendOutcome::Accepted(id)) => {
-                        Metrics::inc(&self.metrics.sends, 1);
-                        DispatchStep::Accepted(DispatchAccepted {
-                            provider_message_id: id,
-                        })
-                    }
-                    Ok(SendOutcome::Rejected {
-                        code,
-                        retryable,
-                        detail,
-                    }) => {
-                        Metrics::inc(&self.metrics.send_failures, 1);
-                        DispatchStep::Failed(DispatchFailed {
-                            code,
-                            retryable,
-                            detail,
-                        })
-                    }
-                    Err(e) => {
-                        Metrics::inc(&self.metrics.send_failures, 1);
-                        DispatchStep::Failed(DispatchFailed {
-                            code: 0,
-                            retryable: true,
-                            detail: format!("provider unreachable: {e}"),
-                        })
-                    }
-                };
-                let rec = dispatch::record(&s.decision, &s.approved, step, now);
-                self.record(s.partition, rec, out)?;
-            }
-        }
-        Ok(())
+        self.record_settlements(out)?;
+        self.send_ready(out)
     }
 
     fn committed(&mut self, produced: &Produced) -> Result<()> {
+        // The intents of the batch just committed are durable: their calls may be made now.
+        self.ready.append(&mut self.intending);
         for (p, part) in self.partitions.iter_mut() {
             if let Some(next) = produced.get(&(DISPATCH.to_string(), *p)) {
                 part.next_offset = part.next_offset.max(*next);
@@ -789,7 +1133,28 @@ impl Stage for DispatchStage {
             };
             self.store.save(store::DISPATCH, *p, &write)?;
         }
+        let open: usize = self
+            .partitions
+            .values()
+            .flat_map(|p| p.customers.values())
+            .map(|c| c.open.len())
+            .sum();
+        self.metrics
+            .sends_in_flight
+            .store(open as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl DispatchStage {
+    /// Whether this process holds the call of an open intent (about to make it, or recording
+    /// its settlement), so the settling must leave it alone.
+    fn is_mine(&self, message_id: &str) -> bool {
+        self.ready
+            .iter()
+            .chain(&self.intending)
+            .any(|s| s.approved.message_id == message_id)
+            || self.settled.iter().any(|s| s.message_id == message_id)
     }
 }
 

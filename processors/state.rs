@@ -95,6 +95,20 @@ pub struct SubscriptionFacts {
 pub struct RecentSend {
     pub approved_at: Millis,
     pub message: MessageApproved,
+    /// The furthest delivery status the provider reported; statuses arrive out of order and
+    /// repeated, and never move it back (read is not followed by delivered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MessageStatus>,
+}
+
+/// How far along a status is: a later report of an earlier status changes nothing.
+fn status_rank(s: MessageStatus) -> u8 {
+    match s {
+        MessageStatus::Sent => 1,
+        MessageStatus::Delivered => 2,
+        // Read and failed both end a message's story; neither replaces the other.
+        MessageStatus::Read | MessageStatus::Failed => 3,
+    }
 }
 
 /// One running journey instance.
@@ -246,6 +260,16 @@ impl CustomerState {
             Fact::SubscriptionRenewed(f) => {
                 self.subscriptions.remove(&f.subscription_id);
             }
+            Fact::MessageStatusChanged(st) => {
+                if let Some(sent) = st.message_id.as_ref().and_then(|m| self.recent.get_mut(m)) {
+                    if sent
+                        .status
+                        .is_none_or(|now| status_rank(st.status) > status_rank(now))
+                    {
+                        sent.status = Some(st.status);
+                    }
+                }
+            }
             Fact::InboundMessageReceived(_) => {
                 self.last_inbound_at = Some(self.last_inbound_at.map_or(at, |t| t.max(at)));
             }
@@ -331,6 +355,7 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
                 RecentSend {
                     approved_at: decision.decided_at,
                     message: m.clone(),
+                    status: None,
                 },
             );
         }
@@ -391,5 +416,52 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
         | Outcome::PreErasureFactIgnored(_)
         | Outcome::MessageHeldOut(_)
         | Outcome::EscalationRaised(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_status_never_moves_back() {
+        let mut state = CustomerState::default();
+        let message: MessageApproved = serde_json::from_value(serde_json::json!({
+            "message_id": "m-1", "trigger_event_id": "e-1", "template_name": "t",
+            "template_version": 1, "locale": "en_US", "purpose": "TRANSACTIONAL",
+            "channel": "WHATSAPP", "recipient": "hk1:00", "variables": {},
+            "consent_artifact_id": "a", "consent_granted_at": 0, "category": "UTILITY",
+            "delivery": "TEMPLATE", "journey": null, "relied_on": {}
+        }))
+        .unwrap();
+        state.recent.insert(
+            "m-1".into(),
+            RecentSend {
+                approved_at: 0,
+                message,
+                status: None,
+            },
+        );
+        let report = |state: &mut CustomerState, status| {
+            state.apply_fact(
+                &Fact::MessageStatusChanged(MessageStatusChanged {
+                    provider_message_id: "wamid.1".into(),
+                    status,
+                    error_code: None,
+                    message_id: Some("m-1".into()),
+                }),
+                0,
+            )
+        };
+        // Reordered and repeated, as webhooks arrive: read first, then delivered, then sent.
+        for s in [
+            MessageStatus::Read,
+            MessageStatus::Delivered,
+            MessageStatus::Sent,
+            MessageStatus::Read,
+        ] {
+            report(&mut state, s);
+            assert_eq!(state.recent["m-1"].status, Some(MessageStatus::Read));
+        }
     }
 }

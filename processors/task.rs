@@ -66,7 +66,12 @@ impl Task {
         topology: &Topology,
         tables: &Tables,
     ) -> Vec<Decision> {
-        let mut out = self.advance_to(input.envelope.occurred_at, topology, tables);
+        let until = if input.fact.moves_stream_time() {
+            input.envelope.occurred_at
+        } else {
+            self.stream_time
+        };
+        let mut out = self.advance_to(until, topology, tables);
         let customer = input.envelope.customer_id.clone();
         let ctx = Ctx {
             now: self.stream_time,
@@ -223,6 +228,35 @@ mod tests {
         assert!(first_c2 > 0, "{:?}", kinds(&ds));
         assert!(ds[..first_c2].iter().all(|d| d.customer_id == "c-1"));
         assert!(kinds(&ds[..first_c2]).contains(&"HoldExpired".to_string()));
+    }
+
+    #[test]
+    fn a_provider_status_does_not_move_stream_time() {
+        let topology = Topology::embedded().unwrap();
+        let tables = Tables::default();
+        let mut task = Task::default();
+        for e in held_shipment("c-1", "e-1", T0) {
+            task.decide(&e, "t/0/0", &topology, &tables);
+        }
+        let before = task.stream_time();
+        let due = task.next_timer().unwrap();
+        // A status stamped by the provider's clock, weeks after the business timeline.
+        let status = input(
+            "c-1",
+            "s-1",
+            due + 500 * HOUR,
+            fact(
+                serde_json::json!({"type": "MessageStatusChanged", "provider_message_id": "wamid.1", "status": "DELIVERED", "error_code": null, "message_id": "m-1"}),
+            ),
+        );
+        let ds = task.decide(&status, "t/0/5", &topology, &tables);
+        assert_eq!(task.stream_time(), before);
+        assert!(
+            !kinds(&ds).contains(&"HoldExpired".to_string()),
+            "{:?}",
+            kinds(&ds)
+        );
+        assert_eq!(task.next_timer(), Some(due));
     }
 
     #[test]

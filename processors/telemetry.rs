@@ -44,6 +44,14 @@ pub struct Metrics {
     pub aborted_transactions: AtomicU64,
     pub sends: AtomicU64,
     pub send_failures: AtomicU64,
+    /// Calls that may have reached the provider but got no answer.
+    pub sends_unanswered: AtomicU64,
+    /// Open intents settled from status webhooks or the reconcile wait.
+    pub sends_settled: AtomicU64,
+    /// Sends the provider refused because the account or number is blocked: an alert.
+    pub account_blocks: AtomicU64,
+    /// Sends recorded as intended and not yet settled, as of the last commit (a gauge).
+    pub sends_in_flight: AtomicU64,
     pub restored_partitions: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
     by_reason: Mutex<BTreeMap<String, u64>>,
@@ -127,6 +135,26 @@ impl Metrics {
             "herald_send_failures_total",
             "Provider calls that failed.",
             g(&self.send_failures),
+        );
+        line(
+            "herald_sends_unanswered_total",
+            "Provider calls that got no answer; their intents wait for a status webhook.",
+            g(&self.sends_unanswered),
+        );
+        line(
+            "herald_sends_settled_total",
+            "Open send intents settled from status webhooks or after the reconcile wait.",
+            g(&self.sends_settled),
+        );
+        line(
+            "herald_provider_account_blocks_total",
+            "Sends refused because the provider blocked the account or number (alert on any).",
+            g(&self.account_blocks),
+        );
+        line(
+            "herald_sends_in_flight",
+            "Sends recorded as intended and not yet settled, as of the last commit.",
+            g(&self.sends_in_flight),
         );
         line(
             "herald_partitions_restored_total",

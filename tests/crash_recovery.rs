@@ -78,7 +78,7 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         .build()
         .unwrap();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster(&rt, &topology).unwrap();
+    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
     let codec = Codec::new(&cluster.registry_url).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(300, 11);

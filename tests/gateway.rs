@@ -1,0 +1,261 @@
+//! The webhook gateway against the in-process Kafka cluster: a corpus of genuine and tampered
+//! webhooks must give 0 false accepts and 0 false rejects; oversize and malformed bodies are
+//! answered with their status and the gateway goes on; the verification handshake; a repeated
+//! status becomes one event on provider.events.v1, keyed by the customer in its callback data.
+
+use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
+use herald::events::{Fact, MessageStatus};
+use herald::gateway::sign;
+use herald::provider::{callback_data, status_webhook};
+use herald::registry::Codec;
+use herald::topology::Topology;
+use rdkafka::message::Message;
+use std::sync::Arc;
+
+/// What was changed, the headers sent, and the body sent.
+type Tampering<'a> = (&'a str, Vec<(&'a str, String)>, Vec<u8>);
+
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+fn post(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Answer {
+    rt.block_on(async {
+        let mut req = reqwest::Client::new().post(url).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let r = req.send().await.expect("the gateway answers");
+        Answer {
+            status: r.status().as_u16(),
+            body: r.text().await.unwrap_or_default(),
+        }
+    })
+}
+
+fn get(rt: &tokio::runtime::Runtime, url: &str) -> Answer {
+    rt.block_on(async {
+        let r = reqwest::get(url).await.expect("the gateway answers");
+        Answer {
+            status: r.status().as_u16(),
+            body: r.text().await.unwrap_or_default(),
+        }
+    })
+}
+
+/// Genuine webhook bodies of each kind the gateway reads.
+fn genuine_bodies() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (i, status) in ["sent", "delivered", "read"].iter().enumerate() {
+        out.push(status_webhook(
+            &format!("wamid.CORPUS{i}"),
+            status,
+            None,
+            "34000000001",
+            &callback_data("cust-000001", &format!("m{i}")),
+        ));
+    }
+    out.push(status_webhook(
+        "wamid.CORPUS9",
+        "failed",
+        Some(131026),
+        "34000000001",
+        &callback_data("cust-000002", "m9"),
+    ));
+    // An inbound message with emoji and non-ASCII text: the signature covers the raw bytes.
+    out.push(
+        serde_json::to_vec(&serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+                "messages": [{"from": "34999999999", "id": "wamid.IN1", "timestamp": "1795500000",
+                    "type": "text", "text": {"body": "¿Dónde está mi pedido? 📦🙏"}}]}}]}]
+        }))
+        .unwrap(),
+    );
+    out.push(
+        serde_json::to_vec(&serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "time": 1795500100, "changes": [{"field": "message_template_status_update", "value": {
+                "event": "PAUSED", "message_template_id": 7, "message_template_name": "cart_reminder",
+                "message_template_language": "en_US", "reason": "LOW_QUALITY"}}]}]
+        }))
+        .unwrap(),
+    );
+    out
+}
+
+#[test]
+fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let topology = Topology::embedded().unwrap();
+    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    rt.block_on(codec.register_all()).unwrap();
+    let url = cluster.gateway_url.clone();
+    let secret = DEMO_APP_SECRET.as_bytes();
+    let sig = |body: &[u8]| ("x-hub-signature-256", sign(secret, body));
+
+    let (mut false_accepts, mut false_rejects, mut genuine, mut tampered) = (0, 0, 0, 0);
+    let mut outcomes = Vec::new();
+    for body in genuine_bodies() {
+        let good = sign(secret, &body);
+        let hex = good.trim_start_matches("sha256=").to_string();
+        // Genuine: as the provider signs it, and with the hex digits in upper case.
+        for header in [good.clone(), format!("sha256={}", hex.to_uppercase())] {
+            genuine += 1;
+            let a = post(&rt, &url, &[("x-hub-signature-256", header)], body.clone());
+            if a.status != 200 {
+                false_rejects += 1;
+                outcomes.push(format!("genuine refused {}: {}", a.status, a.body));
+            }
+        }
+        let reserialised =
+            serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+                .unwrap();
+        let mut flipped = body.clone();
+        let last = flipped.len() - 3;
+        flipped[last] ^= 0x01;
+        let tamperings: Vec<Tampering> = vec![
+            (
+                "wrong secret",
+                vec![("x-hub-signature-256", sign(b"some-other-app-secret", &body))],
+                body.clone(),
+            ),
+            ("missing header", vec![], body.clone()),
+            (
+                "sha1 header only",
+                vec![("x-hub-signature", format!("sha1={}", &hex[..40]))],
+                body.clone(),
+            ),
+            (
+                "truncated hex",
+                vec![("x-hub-signature-256", format!("sha256={}", &hex[..63]))],
+                body.clone(),
+            ),
+            (
+                "no sha256= prefix",
+                vec![("x-hub-signature-256", hex.clone())],
+                body.clone(),
+            ),
+            (
+                "re-serialised body",
+                vec![("x-hub-signature-256", good.clone())],
+                reserialised,
+            ),
+            (
+                "one bit flipped",
+                vec![("x-hub-signature-256", good.clone())],
+                flipped,
+            ),
+        ];
+        for (what, headers, b) in tamperings {
+            tampered += 1;
+            let a = post(&rt, &url, &headers, b);
+            if a.status == 200 {
+                false_accepts += 1;
+                outcomes.push(format!("{what} accepted"));
+            } else {
+                assert_eq!(a.status, 401, "{what}: {}", a.body);
+                assert!(a.body.contains("X-Hub-Signature-256"), "{what}: {}", a.body);
+            }
+        }
+    }
+    eprintln!(
+        "corpus: {genuine} genuine, {tampered} tampered: {false_accepts} false accepts, {false_rejects} false rejects"
+    );
+    assert_eq!((false_accepts, false_rejects), (0, 0), "{outcomes:#?}");
+
+    // Oversize and malformed bodies get their status, and the gateway goes on.
+    let big = vec![b' '; herald::gateway::MAX_BODY_BYTES + 1];
+    let a = post(&rt, &url, &[sig(&big)], big.clone());
+    assert_eq!(a.status, 413, "{}", a.body);
+    let junk = b"{\"object\": \"whatsapp_business_account\", \"entry\": [".to_vec();
+    let a = post(&rt, &url, &[sig(&junk)], junk.clone());
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body.contains("not JSON"), "{}", a.body);
+    let odd = br#"{"object":"whatsapp_business_account","entry":[{"changes":[{"field":"messages","value":{"statuses":[{"id":"w","status":"exploded"}]}}]}]}"#.to_vec();
+    let a = post(&rt, &url, &[sig(&odd)], odd.clone());
+    assert_eq!(a.status, 400);
+    assert!(a.body.contains("exploded"), "{}", a.body);
+    let health = format!("http://{}/healthz", cluster.gateway.health_addr);
+    assert_eq!(get(&rt, &health).status, 200);
+
+    // The verification handshake.
+    let hs = |token: &str| {
+        get(
+            &rt,
+            &format!("{url}?hub.mode=subscribe&hub.verify_token={token}&hub.challenge=1158201444"),
+        )
+    };
+    let ok = hs(DEMO_VERIFY_TOKEN);
+    assert_eq!((ok.status, ok.body.as_str()), (200, "1158201444"));
+    assert_eq!(hs("guess").status, 403);
+
+    // A status posted twice is one event, on the customer's partition.
+    let repeated = status_webhook(
+        "wamid.REPEATED",
+        "delivered",
+        None,
+        "34000000003",
+        &callback_data("cust-000003", "m-rep"),
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            post(&rt, &url, &[sig(&repeated)], repeated.clone()).status,
+            200
+        );
+    }
+    let mut repeats = 0;
+    let mut template_copies = 0;
+    demo::read_topic(
+        &cluster.bootstrap,
+        "provider.events.v1",
+        topology.partitions(),
+        |m| {
+            let e = rt
+                .block_on(codec.decode_input("provider.events.v1", m.payload()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            match &e.fact {
+                Fact::MessageStatusChanged(s) if s.provider_message_id == "wamid.REPEATED" => {
+                    repeats += 1;
+                    assert_eq!(s.status, MessageStatus::Delivered);
+                    assert_eq!(s.message_id.as_deref(), Some("m-rep"));
+                    assert_eq!(e.envelope.customer_id, "cust-000003");
+                    assert_eq!(m.key(), Some("cust-000003".as_bytes()));
+                }
+                Fact::TemplateStatusChanged(_) => template_copies += 1,
+                _ => {}
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(repeats, 1, "a repeated status must be one event");
+    // A template status concerns every task: one copy per partition (from the two genuine
+    // posts of the same body, deduplicated).
+    assert_eq!(template_copies, topology.partitions());
+    // The inbound message from a number no profile holds is kept, on the dead-letter topic.
+    let mut unroutable = 0;
+    demo::read_topic(
+        &cluster.bootstrap,
+        "herald.dlq.v1",
+        topology.partitions(),
+        |m| {
+            let d = rt
+                .block_on(codec.decode_dead_letter(m.payload()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if d.stage == "gateway" && d.error.contains("no customer profile holds") {
+                unroutable += 1;
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(unroutable, 1);
+}
