@@ -63,14 +63,38 @@ fn every_deployment_has_probes_on_its_metrics_port_and_a_grace_period() {
             .iter()
             .filter_map(|a| a.as_str())
             .collect();
-        assert_eq!(args[0], "run", "{file}");
+        let command = if d["metadata"]["name"] == "herald-gateway" {
+            "gateway"
+        } else {
+            "run"
+        };
+        assert_eq!(args[0], command, "{file}");
     }
 }
 
 #[test]
-fn the_gateway_service_exists() {
+fn the_gateway_service_reaches_the_gateway_pods_webhook_port() {
     let docs = docs();
-    assert!(docs
+    let service = docs
         .iter()
-        .any(|(_, d)| d["kind"] == "Service" && d["metadata"]["name"] == "herald-gateway"));
+        .find(|(_, d)| d["kind"] == "Service" && d["metadata"]["name"] == "herald-gateway")
+        .map(|(_, d)| d)
+        .expect("the herald-gateway Service");
+    let gateway = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Deployment" && d["metadata"]["name"] == "herald-gateway")
+        .map(|(_, d)| d)
+        .expect("the herald-gateway Deployment");
+    assert_eq!(
+        service["spec"]["selector"],
+        gateway["spec"]["template"]["metadata"]["labels"]
+    );
+    let target = &service["spec"]["ports"][0]["targetPort"];
+    assert!(
+        gateway["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| &p["name"] == target)
+    );
 }
