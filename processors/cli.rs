@@ -803,12 +803,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
     }
     let identifiers = identifier_key_from(&args.identifier_key)?;
     let topo = topology(&args.topology)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(crate::registry::ping(&args.registry))?;
-    let codec = Arc::new(Codec::new(&args.registry)?);
+    let (rt, codec) = runtime_with_registry(&args.registry)?;
     let mut settings = KafkaSettings::new(&args.bootstrap, false, "gateway");
     settings.extra = args.kafka_config.clone();
     let stop = kafka::stop_on_signal(rt.handle());
@@ -849,15 +844,21 @@ fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
     })
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    let identifiers = identifier_key_from(&args.identifier_key)?;
-    let topo = Arc::new(topology(&args.topology)?);
+/// The runtime a long-running command works on, and the codec of a registry it has reached.
+fn runtime_with_registry(registry: &str) -> Result<(tokio::runtime::Runtime, Arc<Codec>)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(crate::registry::ping(&args.registry))?;
-    let codec = Arc::new(Codec::new(&args.registry)?);
+    rt.block_on(crate::registry::ping(registry))?;
+    let codec = Arc::new(Codec::new(registry)?);
+    Ok((rt, codec))
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let identifiers = identifier_key_from(&args.identifier_key)?;
+    let topo = Arc::new(topology(&args.topology)?);
+    let (rt, codec) = runtime_with_registry(&args.registry)?;
     let store: kafka::SharedStore = args.store.open(rt.handle())?;
     let instance = args
         .instance_id
