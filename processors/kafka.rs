@@ -915,16 +915,18 @@ pub fn create_topics_on_mock<C: ClientContext>(
 
 /// Headers that say where a record came from.
 pub fn provenance(msg: &OwnedMessage) -> Vec<(&'static str, Vec<u8>)> {
+    provenance_of(msg.topic(), msg.partition(), msg.offset())
+}
+
+/// The provenance headers of a record at `topic`/`partition`@`offset`.
+pub fn provenance_of(topic: &str, partition: i32, offset: i64) -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("herald.source.topic", msg.topic().as_bytes().to_vec()),
+        ("herald.source.topic", topic.as_bytes().to_vec()),
         (
             "herald.source.partition",
-            msg.partition().to_string().into_bytes(),
+            partition.to_string().into_bytes(),
         ),
-        (
-            "herald.source.offset",
-            msg.offset().to_string().into_bytes(),
-        ),
+        ("herald.source.offset", offset.to_string().into_bytes()),
     ]
 }
 

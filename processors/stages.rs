@@ -6,7 +6,9 @@ use crate::audit::ConsentProjection;
 use crate::dispatch::{self, DispatchState, Plan};
 use crate::events::*;
 use crate::identity::{self, pseudonymise, ContactDirectory, IdentifierKey};
-use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
+use crate::kafka::{
+    provenance, provenance_of, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage,
+};
 use crate::provider::{CloudApiClient, SendOutcome};
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
@@ -134,17 +136,32 @@ fn dead_letter(
         key: msg.key().map(|k| k.to_vec()),
         value: msg.payload().map(|v| v.to_vec()),
         stage: stage.to_string(),
-        error: error.clone(),
+        error,
         failed_at: wall_clock_ms(),
     };
-    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), error = %error, "record dead-lettered");
+    dead_letter_record(codec, rt, letter, metrics)
+}
+
+/// The `herald.dlq.v1` record of a dead letter, on its source's partition and key, with the
+/// provenance and the error as headers; logged and counted.
+fn dead_letter_record(
+    codec: &Codec,
+    rt: &tokio::runtime::Handle,
+    letter: DeadLetter,
+    metrics: &Metrics,
+) -> Result<OutRecord> {
+    tracing::warn!(topic = %letter.source_topic, partition = letter.source_partition, offset = letter.source_offset, error = %letter.error, "record dead-lettered");
     Metrics::inc(&metrics.dead_letters, 1);
-    let mut headers = provenance(msg);
-    headers.push(("herald.error", error.into_bytes()));
+    let mut headers = provenance_of(
+        &letter.source_topic,
+        letter.source_partition,
+        letter.source_offset,
+    );
+    headers.push(("herald.error", letter.error.clone().into_bytes()));
     Ok(OutRecord {
         topic: DLQ,
-        partition: msg.partition(),
-        key: msg.key().map(|k| k.to_vec()).unwrap_or_default(),
+        partition: letter.source_partition,
+        key: letter.key.clone().unwrap_or_default(),
         value: rt.block_on(codec.encode_dead_letter(&letter))?,
         headers,
     })
@@ -483,10 +500,11 @@ struct DispatchPartition {
 }
 
 impl DispatchPartition {
-    fn is_open(&self, message_id: &str) -> bool {
+    /// Whether the customer has an open intent for the message.
+    fn is_open(&self, customer_id: &str, message_id: &str) -> bool {
         self.customers
-            .values()
-            .any(|c| c.open.contains_key(message_id))
+            .get(customer_id)
+            .is_some_and(|c| c.open.contains_key(message_id))
     }
 }
 
@@ -608,14 +626,19 @@ impl DispatchStage {
             if let Ok(input) = rt.block_on(codec.decode_input(PROVIDER, m.payload())) {
                 if let Fact::MessageStatusChanged(s) = input.fact {
                     if let Some(id) = s.message_id {
-                        seen.push((id, s.provider_message_id, s.status));
+                        seen.push((
+                            input.envelope.customer_id,
+                            id,
+                            s.provider_message_id,
+                            s.status,
+                        ));
                     }
                 }
             }
             Ok(())
         })?;
-        for (id, provider_message_id, status) in seen {
-            if part.is_open(&id) {
+        for (customer, id, provider_message_id, status) in seen {
+            if part.is_open(&customer, &id) {
                 part.statuses.entry(id).or_insert(dispatch::ObservedStatus {
                     provider_message_id,
                     status: wire_name(&status),
@@ -697,7 +720,7 @@ impl DispatchStage {
                 part.customers.entry(rec.customer_id.clone()).or_default(),
                 &rec,
             );
-            if !part.is_open(&rec.message_id) {
+            if !part.is_open(&rec.customer_id, &rec.message_id) {
                 part.statuses.remove(&rec.message_id);
             }
             part.touched.insert(rec.customer_id.clone());
@@ -781,6 +804,38 @@ impl DispatchStage {
             }
         }
         Ok(())
+    }
+
+    /// The approval of a send the provider refused with a code Herald does not know, for
+    /// `herald.dlq.v1`: `herald dlq replay` can send it again once someone knows what to do.
+    fn dead_letter_approval(&self, s: &PendingSend, why: String) -> Result<OutRecord> {
+        let offset = self
+            .partitions
+            .get(&s.partition)
+            .and_then(|p| p.customers.get(&s.decision.customer_id))
+            .and_then(|c| c.open.get(&s.approved.message_id))
+            .map_or(-1, |i| i.approval_offset);
+        let letter = DeadLetter {
+            source_topic: DECISIONS.to_string(),
+            source_partition: s.partition,
+            source_offset: offset,
+            key: Some(s.decision.customer_id.clone().into_bytes()),
+            value: Some(self.rt.block_on(self.codec.encode_decision(&s.decision))?),
+            stage: "dispatch".into(),
+            error: why,
+            failed_at: wall_clock_ms(),
+        };
+        dead_letter_record(&self.codec, &self.rt, letter, &self.metrics)
+    }
+
+    /// Whether this process holds the call of an open intent (about to make it, or recording
+    /// its settlement), so the settling must leave it alone.
+    fn is_mine(&self, message_id: &str) -> bool {
+        self.ready
+            .iter()
+            .chain(&self.intending)
+            .any(|s| s.approved.message_id == message_id)
+            || self.settled.iter().any(|s| s.message_id == message_id)
     }
 
     /// Calls the provider for the committed intents of this process.
@@ -904,46 +959,6 @@ impl DispatchStage {
             }
         }
         Ok(())
-    }
-}
-
-impl DispatchStage {
-    /// The approval of a send the provider refused with a code Herald does not know, for
-    /// `herald.dlq.v1`: `herald dlq replay` can send it again once someone knows what to do.
-    fn dead_letter_approval(&self, s: &PendingSend, why: String) -> Result<OutRecord> {
-        let offset = self
-            .partitions
-            .get(&s.partition)
-            .and_then(|p| p.customers.get(&s.decision.customer_id))
-            .and_then(|c| c.open.get(&s.approved.message_id))
-            .map_or(-1, |i| i.approval_offset);
-        let letter = DeadLetter {
-            source_topic: DECISIONS.to_string(),
-            source_partition: s.partition,
-            source_offset: offset,
-            key: Some(s.decision.customer_id.clone().into_bytes()),
-            value: Some(self.rt.block_on(self.codec.encode_decision(&s.decision))?),
-            stage: "dispatch".into(),
-            error: why.clone(),
-            failed_at: wall_clock_ms(),
-        };
-        tracing::warn!(message = %s.approved.message_id, error = %why, "approval dead-lettered");
-        Metrics::inc(&self.metrics.dead_letters, 1);
-        Ok(OutRecord {
-            topic: DLQ,
-            partition: s.partition,
-            key: s.decision.customer_id.clone().into_bytes(),
-            value: self.rt.block_on(self.codec.encode_dead_letter(&letter))?,
-            headers: vec![
-                ("herald.error", why.into_bytes()),
-                ("herald.source.topic", DECISIONS.as_bytes().to_vec()),
-                (
-                    "herald.source.partition",
-                    s.partition.to_string().into_bytes(),
-                ),
-                ("herald.source.offset", offset.to_string().into_bytes()),
-            ],
-        })
     }
 }
 
@@ -1143,18 +1158,6 @@ impl Stage for DispatchStage {
             .sends_in_flight
             .store(open as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
-    }
-}
-
-impl DispatchStage {
-    /// Whether this process holds the call of an open intent (about to make it, or recording
-    /// its settlement), so the settling must leave it alone.
-    fn is_mine(&self, message_id: &str) -> bool {
-        self.ready
-            .iter()
-            .chain(&self.intending)
-            .any(|s| s.approved.message_id == message_id)
-            || self.settled.iter().any(|s| s.message_id == message_id)
     }
 }
 

@@ -34,6 +34,13 @@ pub async fn serve_router(addr: SocketAddr, router: Router, what: &str) -> Resul
     Ok(bound)
 }
 
+/// Appends one counter in the Prometheus text format.
+pub fn counter_line(out: &mut String, name: &str, help: &str, value: u64) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+    ));
+}
+
 /// Counters a processor exposes on `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
@@ -95,11 +102,7 @@ impl Metrics {
     /// Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut line = |name: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            ));
-        };
+        let mut line = |name: &str, help: &str, v: u64| counter_line(&mut out, name, help, v);
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         line(
             "herald_records_in_total",
