@@ -126,6 +126,8 @@ impl Processes {
             // A withheld answer is given up on after a second; a send whose outcome is
             // unknown waits 10 s for its status webhook (they arrive within a second).
             .args(["--provider-timeout-ms", "1000", "--settle-wait-ms", "10000"])
+            // The simulator's number is an upgraded one, as in the demo.
+            .args(["--sender-rate", "1000"])
             .args(["--metrics-addr", "127.0.0.1:0"])
             // The mock cluster ignores static membership, so a killed member is dropped only
             // when its session expires: keep that short, as for fast failover.
@@ -328,15 +330,20 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .join()
         .map_err(|_| anyhow!("the killer thread panicked"))??;
     result?;
-    // Dispatch catches up once the kills stop: every approval sent, or nothing new for 30 s
+    // Dispatch catches up once the kills stop: every approval sent, or nothing new for 15 s
     // (longer than an unknown send waits for its status before it is tried again).
     let mut last = (0, Instant::now());
+    let mut told = Instant::now();
     wait_for("dispatch catching up", Duration::from_secs(600), || {
         let sent = cluster.simulator.sent_count();
         if sent != last.0 {
             last = (sent, Instant::now());
         }
-        sent as u64 >= follower.approved() || last.1.elapsed() > Duration::from_secs(30)
+        if told.elapsed() >= Duration::from_secs(5) {
+            say(format!("  sent {sent}/{} approvals", follower.approved()));
+            told = Instant::now();
+        }
+        sent as u64 >= follower.approved() || last.1.elapsed() > Duration::from_secs(15)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     procs

@@ -360,6 +360,37 @@ pub struct RunArgs {
     /// is tried again. Longer than the provider takes to post a status.
     #[arg(long, env = "HERALD_SETTLE_WAIT_MS", default_value_t = 60_000)]
     pub settle_wait_ms: u64,
+    /// Messages per second dispatch sends from its phone number (the Cloud API's default
+    /// throughput is 80; an upgraded number may send 1,000).
+    #[arg(long, env = "HERALD_SENDER_RATE", default_value_t = 80.0)]
+    pub sender_rate: f64,
+    /// Messages the phone number may send at once after a quiet spell (default: one
+    /// second's worth).
+    #[arg(long, env = "HERALD_SENDER_BURST")]
+    pub sender_burst: Option<f64>,
+    /// Milliseconds between two messages to one recipient once their burst is spent (the
+    /// provider's pair rate limit).
+    #[arg(long, env = "HERALD_PAIR_INTERVAL_MS", default_value_t = 6_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pair_interval_ms: u64,
+    /// Messages one recipient may get at once before the pair interval applies.
+    #[arg(long, env = "HERALD_PAIR_BURST", default_value_t = 45, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pair_burst: u32,
+    /// Provider calls under way at once, at most.
+    #[arg(long, env = "HERALD_MAX_CALLS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_calls: u32,
+    /// A provider's circuit breaker judges it by the calls that ended in this many last
+    /// milliseconds...
+    #[arg(long, env = "HERALD_BREAKER_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub breaker_window_ms: u64,
+    /// ...once at least this many ended in it...
+    #[arg(long, env = "HERALD_BREAKER_MIN_CALLS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_min_calls: u32,
+    /// ...and opens when at least this share of them failed (unreachable, 5xx, no answer).
+    #[arg(long, env = "HERALD_BREAKER_FAILURE_SHARE", default_value_t = 0.5)]
+    pub breaker_failure_share: f64,
+    /// How long an open breaker holds every call to that provider before one probe call.
+    #[arg(long, env = "HERALD_BREAKER_COOLDOWN_MS", default_value_t = 30_000)]
+    pub breaker_cooldown_ms: u64,
     #[arg(long, env = "HERALD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 1000)]
@@ -845,6 +876,33 @@ fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
 }
 
 /// The runtime a long-running command works on, and the codec of a registry it has reached.
+/// The pacing limits of `herald run`'s dispatch, each checked under its own name.
+fn send_limits(args: &RunArgs) -> Result<crate::pacing::Limits> {
+    let rate = args.sender_rate;
+    if !(rate.is_finite() && rate > 0.0) {
+        bail!("HERALD_SENDER_RATE (--sender-rate) must be a number of messages per second above 0, not {rate}");
+    }
+    let burst = args.sender_burst.unwrap_or(rate);
+    if !(burst.is_finite() && burst >= 1.0) {
+        bail!("HERALD_SENDER_BURST (--sender-burst) must be at least 1 message, not {burst}");
+    }
+    let share = args.breaker_failure_share;
+    if !(share > 0.0 && share <= 1.0) {
+        bail!("HERALD_BREAKER_FAILURE_SHARE (--breaker-failure-share) must be above 0 and at most 1, not {share}");
+    }
+    Ok(crate::pacing::Limits {
+        sender_per_second: rate,
+        sender_burst: burst,
+        pair_interval_ms: args.pair_interval_ms,
+        pair_burst: args.pair_burst as f64,
+        max_calls: args.max_calls as usize,
+        breaker_window_ms: args.breaker_window_ms as crate::events::Millis,
+        breaker_min_calls: args.breaker_min_calls,
+        breaker_failure_share: share,
+        breaker_cooldown_ms: args.breaker_cooldown_ms as crate::events::Millis,
+    })
+}
+
 fn runtime_with_registry(registry: &str) -> Result<(tokio::runtime::Runtime, Arc<Codec>)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -908,6 +966,7 @@ fn run(args: RunArgs) -> Result<()> {
             Duration::from_millis(args.provider_timeout_ms),
         )?;
         let settle_wait = Duration::from_millis(args.settle_wait_ms);
+        let limits = send_limits(&args)?;
         let (s, st, m, h, c, store, k) = (
             settings.clone(),
             stop.clone(),
@@ -919,7 +978,8 @@ fn run(args: RunArgs) -> Result<()> {
         );
         handles.push(std::thread::spawn(move || {
             let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), k)
-                .with_settle_wait(settle_wait);
+                .with_settle_wait(settle_wait)
+                .with_limits(limits);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

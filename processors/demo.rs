@@ -97,6 +97,18 @@ pub fn demo_simulator() -> provider::SimulatorOptions {
     }
 }
 
+/// Dispatch's pacing in the demo: the simulator's number's throughput and pair limit.
+pub fn demo_limits() -> crate::pacing::Limits {
+    let sim = demo_simulator();
+    crate::pacing::Limits {
+        sender_per_second: sim.sender_per_s,
+        sender_burst: sim.sender_per_s,
+        pair_interval_ms: sim.pair_interval.as_millis() as u64,
+        pair_burst: sim.pair_burst,
+        ..crate::pacing::Limits::default()
+    }
+}
+
 /// Starts the mock cluster with Herald's topics, the registry, the webhook gateway and the
 /// simulator (posting its status webhooks to the gateway).
 pub fn start_cluster(
@@ -510,7 +522,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
                 h.clone(),
                 m.clone(),
                 crate::identity::IdentifierKey::demo(),
-            );
+            )
+            .with_limits(demo_limits());
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

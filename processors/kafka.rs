@@ -115,7 +115,10 @@ impl KafkaSettings {
         self.consumer_config(
             &format!("herald-restore-{}", self.instance_id),
             &format!("herald-restore-{}", self.instance_id),
-            &[("enable.partition.eof", "true")],
+            // A reader reads to the end and stops; the fetch it leaves waiting at the end of
+            // one partition holds up its next read (one fetch per broker at a time), so the
+            // broker must answer an empty fetch at once, not after the default 500 ms.
+            &[("enable.partition.eof", "true"), ("fetch.wait.max.ms", "5")],
         )
         .create_with_context(EndOfLogIsExpected)
         .context("cannot create Kafka restore reader")

@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod identity;
 pub mod journey;
 pub mod ordering;
+pub mod pacing;
 pub mod pipeline;
 pub mod policy;
 pub mod projection;

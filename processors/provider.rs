@@ -37,6 +37,25 @@ pub enum SendOutcome {
     Unanswered(String),
 }
 
+impl SendOutcome {
+    /// What the call says about the provider's health, for its circuit breaker and the
+    /// sender's bucket: a server-side fault or silence counts against the provider, a refusal
+    /// of the message does not.
+    pub fn call_end(&self) -> crate::pacing::CallEnd {
+        use crate::pacing::CallEnd;
+        match self {
+            SendOutcome::Accepted(_) => CallEnd::Answered,
+            SendOutcome::Rejected { code: 130429, .. } => CallEnd::Throttled,
+            // 131000 is the Cloud API's "something went wrong"; a bare 5xx carries its status.
+            SendOutcome::Rejected { code, .. } if *code == 131000 || (500..600).contains(code) => {
+                CallEnd::ProviderFailed
+            }
+            SendOutcome::Rejected { .. } => CallEnd::Answered,
+            SendOutcome::NotDelivered(_) | SendOutcome::Unanswered(_) => CallEnd::ProviderFailed,
+        }
+    }
+}
+
 /// A client for the WhatsApp Cloud API `/{phone-number-id}/messages` endpoint.
 #[derive(Clone)]
 pub struct CloudApiClient {

@@ -9,6 +9,7 @@ use crate::identity::{self, pseudonymise, ContactDirectory, IdentifierKey};
 use crate::kafka::{
     provenance, provenance_of, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage,
 };
+use crate::pacing::{self, Lane, Limits, Pacer};
 use crate::provider::{CloudApiClient, SendOutcome};
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
@@ -20,7 +21,8 @@ use crate::topology::Topology;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const DECISIONS: &str = "herald.decisions.v1";
@@ -516,6 +518,14 @@ struct PendingSend {
     attempt: i32,
 }
 
+/// A finished provider call, as its task left it.
+struct Answer {
+    epoch: u64,
+    send: PendingSend,
+    tries: u32,
+    outcome: SendOutcome,
+}
+
 /// An open intent settled from the provider topic, to be recorded with the next batch; a
 /// not-sent one carries its approval, read again from the decision log, for a new intent.
 struct Settled {
@@ -541,10 +551,20 @@ pub struct DispatchStage {
     pub metrics: Arc<Metrics>,
     identifiers: IdentifierKey,
     partitions: HashMap<i32, DispatchPartition>,
-    /// Intents recorded in the batch in flight: sent once its transaction commits.
+    /// Intents recorded in the batch in flight: queued for their call once it commits.
     intending: Vec<PendingSend>,
-    /// Intents committed by this process and not yet sent: the next batch sends them.
-    ready: Vec<PendingSend>,
+    /// Committed intents waiting in their lane for the pacer to let their call go.
+    pacer: Pacer<PendingSend>,
+    /// Calls under way, by message id: their partition and customer.
+    calls: HashMap<String, (i32, String)>,
+    /// Answers of finished calls, left by the tasks that made them; recorded with the next
+    /// batch, so one slow call never holds up the others.
+    answers: Arc<Mutex<Vec<Answer>>>,
+    /// Bumped when the stage is reset: answers to calls made before are not recorded here.
+    epoch: u64,
+    /// The message ids whose call this process holds (intending, queued or under way), with
+    /// their partition.
+    held: HashMap<String, i32>,
     /// Open intents settled since the last batch, to be recorded.
     settled: Vec<Settled>,
     /// How long an open intent waits for a status before it counts as not sent.
@@ -578,7 +598,11 @@ impl DispatchStage {
             identifiers,
             partitions: HashMap::new(),
             intending: Vec::new(),
-            ready: Vec::new(),
+            pacer: Pacer::new(Limits::default()),
+            calls: HashMap::new(),
+            answers: Arc::new(Mutex::new(Vec::new())),
+            epoch: 0,
+            held: HashMap::new(),
             settled: Vec::new(),
             settle_wait: Duration::from_secs(60),
             last_settle: None,
@@ -590,6 +614,13 @@ impl DispatchStage {
     /// taken as not sent and tried again. It must be longer than webhooks take to arrive.
     pub fn with_settle_wait(mut self, wait: Duration) -> Self {
         self.settle_wait = wait;
+        self
+    }
+
+    /// Paces provider calls by these limits (sender and recipient rates, calls at once, the
+    /// providers' circuit breakers).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.pacer = Pacer::new(limits);
         self
     }
 
@@ -761,6 +792,7 @@ impl DispatchStage {
             wall_clock_ms(),
         );
         self.record(partition, rec, out)?;
+        self.held.insert(approved.message_id.clone(), partition);
         self.intending.push(PendingSend {
             partition,
             decision,
@@ -831,17 +863,21 @@ impl DispatchStage {
     /// Whether this process holds the call of an open intent (about to make it, or recording
     /// its settlement), so the settling must leave it alone.
     fn is_mine(&self, message_id: &str) -> bool {
-        self.ready
-            .iter()
-            .chain(&self.intending)
-            .any(|s| s.approved.message_id == message_id)
+        self.held.contains_key(message_id)
             || self.settled.iter().any(|s| s.message_id == message_id)
     }
 
-    /// Calls the provider for the committed intents of this process.
-    fn send_ready(&mut self, out: &mut Outbox) -> Result<()> {
-        let mut pending = Vec::with_capacity(self.ready.len());
-        for s in std::mem::take(&mut self.ready) {
+    /// Starts the calls the pacer lets go now. Each runs as its own task and leaves its
+    /// answer for a later batch to record.
+    fn call_released(&mut self, out: &mut Outbox) -> Result<()> {
+        let now = wall_clock_ms();
+        for released in self.pacer.release(now) {
+            let longest = match released.lane {
+                Lane::Transactional => &self.metrics.longest_wait_transactional_ms,
+                Lane::Marketing => &self.metrics.longest_wait_marketing_ms,
+            };
+            longest.fetch_max(released.waited_ms.max(0) as u64, AtomicOrdering::Relaxed);
+            let s = released.send;
             let address = self.partitions.get(&s.partition).map(|part| {
                 part.contacts
                     .address(&s.decision.customer_id, &s.approved.recipient)
@@ -850,7 +886,25 @@ impl DispatchStage {
                 Some(identity::Address::Known(to)) => {
                     let mut send = s.approved.clone();
                     send.recipient = to.to_string();
-                    pending.push((s.decision.customer_id.clone(), s, send));
+                    self.calls.insert(
+                        s.approved.message_id.clone(),
+                        (s.partition, s.decision.customer_id.clone()),
+                    );
+                    let (client, answers, epoch) =
+                        (self.client.clone(), self.answers.clone(), self.epoch);
+                    self.rt.spawn(async move {
+                        let (tries, outcome) =
+                            call_with_retries(&client, &s.decision.customer_id, &send).await;
+                        answers
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .push(Answer {
+                                epoch,
+                                send: s,
+                                tries,
+                                outcome,
+                            });
+                    });
                 }
                 _ if self.contacts_unread.is_some() => bail!(
                     "dispatch cannot resolve recipients: the CRM topic could not be read ({})",
@@ -861,6 +915,8 @@ impl DispatchStage {
                     // nobody to send to, and trying again cannot change that.
                     Metrics::inc(&self.metrics.send_failures, 1);
                     tracing::info!(customer = %s.decision.customer_id, message = %s.approved.message_id, "no address for the recipient; not sent");
+                    self.pacer.forget_call(&s.decision.customer_id);
+                    self.held.remove(&s.approved.message_id);
                     let failed = DispatchStep::Failed(DispatchFailed {
                         code: 0,
                         retryable: false,
@@ -871,94 +927,150 @@ impl DispatchStage {
                 }
             }
         }
-        for chunk in pending.chunks(64) {
-            let client = &self.client;
-            let results = self.rt.block_on(futures::future::join_all(chunk.iter().map(
-                |(customer, _, send)| async move {
-                    let mut delay = Duration::from_millis(50);
-                    let mut tries = 1;
-                    loop {
-                        // Only a call that surely did not reach the provider, or that it
-                        // refused as retryable, is tried again; an unanswered one is not.
-                        match client.send(customer, send).await {
-                            SendOutcome::Rejected {
-                                retryable: true, ..
-                            }
-                            | SendOutcome::NotDelivered(_)
-                                if tries < 4 =>
-                            {
-                                tokio::time::sleep(jittered(delay)).await;
-                                delay *= 2;
-                                tries += 1;
-                            }
-                            other => return (tries, other),
-                        }
-                    }
-                },
-            )));
-            for ((_, s, _), (tries, result)) in chunk.iter().zip(results) {
-                let now = wall_clock_ms();
-                let attempted = dispatch::record(
-                    &s.decision,
-                    &s.approved,
-                    DispatchStep::Attempted(DispatchAttempted { attempt: s.attempt }),
-                    now,
-                );
-                self.record(s.partition, attempted, out)?;
-                let step = match result {
-                    SendOutcome::Accepted(id) => {
-                        Metrics::inc(&self.metrics.sends, 1);
-                        DispatchStep::Accepted(DispatchAccepted {
-                            provider_message_id: id,
-                        })
-                    }
-                    SendOutcome::Rejected {
-                        code,
-                        retryable,
-                        detail,
-                    } => {
-                        Metrics::inc(&self.metrics.send_failures, 1);
-                        match dispatch::classify(code) {
-                            dispatch::ErrorAction::Unknown => {
-                                let why = format!(
-                                    "provider error code {code} is not one Herald knows: {detail}"
-                                );
-                                out.records.push(self.dead_letter_approval(s, why)?);
-                            }
-                            dispatch::ErrorAction::StopLane => {
-                                Metrics::inc(&self.metrics.account_blocks, 1);
-                                tracing::error!(code, detail = %detail, "the provider blocked the account or number: someone must act");
-                            }
-                            _ => {}
-                        }
-                        DispatchStep::Failed(DispatchFailed {
-                            code,
-                            retryable,
-                            detail: format!("{detail} (after {tries} tries)"),
-                        })
-                    }
-                    SendOutcome::NotDelivered(e) => {
-                        Metrics::inc(&self.metrics.send_failures, 1);
-                        DispatchStep::Failed(DispatchFailed {
-                            code: 0,
-                            retryable: true,
-                            detail: format!("provider unreachable after {tries} tries: {e}"),
-                        })
-                    }
-                    SendOutcome::Unanswered(e) => {
-                        tracing::info!(message = %s.approved.message_id, error = %e, "send unanswered; its status webhook will settle it");
-                        Metrics::inc(&self.metrics.sends_unanswered, 1);
-                        DispatchStep::Unanswered(DispatchUnanswered {
-                            attempt: s.attempt,
-                            detail: e,
-                        })
-                    }
-                };
-                let rec = dispatch::record(&s.decision, &s.approved, step, now);
-                self.record(s.partition, rec, out)?;
+        self.metrics.waiting_transactional.store(
+            self.pacer.waiting(Lane::Transactional) as u64,
+            AtomicOrdering::Relaxed,
+        );
+        self.metrics.waiting_marketing.store(
+            self.pacer.waiting(Lane::Marketing) as u64,
+            AtomicOrdering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Records the answers of the calls that finished since the last batch.
+    fn record_answers(&mut self, out: &mut Outbox) -> Result<()> {
+        let answers = std::mem::take(
+            &mut *self
+                .answers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for a in answers {
+            let message_id = a.send.approved.message_id.clone();
+            // A call from before a reset, or of a partition that moved away: its intent is
+            // settled by whoever holds the partition now.
+            if a.epoch != self.epoch || self.calls.remove(&message_id).is_none() {
+                continue;
             }
+            self.held.remove(&message_id);
+            let now = wall_clock_ms();
+            let channel = a.send.approved.channel;
+            let before = self.pacer.breaker(channel);
+            self.pacer.ended(
+                &a.send.decision.customer_id,
+                channel,
+                a.outcome.call_end(),
+                now,
+            );
+            if let (false, pacing::Breaker::Open { until }) = (
+                matches!(before, pacing::Breaker::Open { .. }),
+                self.pacer.breaker(channel),
+            ) {
+                Metrics::inc(&self.metrics.breaker_opens, 1);
+                tracing::error!(
+                    ?channel,
+                    reopen_at_ms = until,
+                    "the provider keeps failing: its circuit breaker is open, sends wait"
+                );
+            }
+            self.record_answer(a.send, a.tries, a.outcome, now, out)?;
         }
         Ok(())
+    }
+
+    /// Records what one call came to.
+    fn record_answer(
+        &mut self,
+        s: PendingSend,
+        tries: u32,
+        outcome: SendOutcome,
+        now: Millis,
+        out: &mut Outbox,
+    ) -> Result<()> {
+        let attempted = dispatch::record(
+            &s.decision,
+            &s.approved,
+            DispatchStep::Attempted(DispatchAttempted { attempt: s.attempt }),
+            now,
+        );
+        self.record(s.partition, attempted, out)?;
+        let step = match outcome {
+            SendOutcome::Accepted(id) => {
+                Metrics::inc(&self.metrics.sends, 1);
+                DispatchStep::Accepted(DispatchAccepted {
+                    provider_message_id: id,
+                })
+            }
+            SendOutcome::Rejected {
+                code,
+                retryable,
+                detail,
+            } => {
+                Metrics::inc(&self.metrics.send_failures, 1);
+                match dispatch::classify(code) {
+                    dispatch::ErrorAction::Unknown => {
+                        let why =
+                            format!("provider error code {code} is not one Herald knows: {detail}");
+                        out.records.push(self.dead_letter_approval(&s, why)?);
+                    }
+                    dispatch::ErrorAction::StopLane => {
+                        Metrics::inc(&self.metrics.account_blocks, 1);
+                        tracing::error!(code, detail = %detail, "the provider blocked the account or number: someone must act");
+                    }
+                    _ => {}
+                }
+                DispatchStep::Failed(DispatchFailed {
+                    code,
+                    retryable,
+                    detail: format!("{detail} (after {tries} tries)"),
+                })
+            }
+            SendOutcome::NotDelivered(e) => {
+                Metrics::inc(&self.metrics.send_failures, 1);
+                DispatchStep::Failed(DispatchFailed {
+                    code: 0,
+                    retryable: true,
+                    detail: format!("provider unreachable after {tries} tries: {e}"),
+                })
+            }
+            SendOutcome::Unanswered(e) => {
+                tracing::info!(message = %s.approved.message_id, error = %e, "send unanswered; its status webhook will settle it");
+                Metrics::inc(&self.metrics.sends_unanswered, 1);
+                DispatchStep::Unanswered(DispatchUnanswered {
+                    attempt: s.attempt,
+                    detail: e,
+                })
+            }
+        };
+        let rec = dispatch::record(&s.decision, &s.approved, step, now);
+        self.record(s.partition, rec, out)
+    }
+}
+
+/// Calls the provider, trying again with backoff only a call that surely did not reach it or
+/// that it refused as retryable; an unanswered one is not tried again.
+async fn call_with_retries(
+    client: &CloudApiClient,
+    customer_id: &str,
+    send: &MessageApproved,
+) -> (u32, SendOutcome) {
+    let mut delay = Duration::from_millis(50);
+    let mut tries = 1;
+    loop {
+        match client.send(customer_id, send).await {
+            SendOutcome::Rejected {
+                retryable: true, ..
+            }
+            | SendOutcome::NotDelivered(_)
+                if tries < 4 =>
+            {
+                tokio::time::sleep(jittered(delay)).await;
+                delay *= 2;
+                tries += 1;
+            }
+            other => return (tries, other),
+        }
     }
 }
 
@@ -1055,8 +1167,13 @@ impl Stage for DispatchStage {
     }
 
     fn tick_due(&self) -> bool {
-        !self.ready.is_empty()
-            || !self.settled.is_empty()
+        !self.settled.is_empty()
+            || !self
+                .answers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .is_empty()
+            || self.pacer.has_releasable(wall_clock_ms())
             || (self
                 .last_settle
                 .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
@@ -1069,15 +1186,31 @@ impl Stage for DispatchStage {
 
     fn revoke(&mut self, partition: i32) {
         self.partitions.remove(&partition);
-        self.ready.retain(|s| s.partition != partition);
+        self.pacer.retain(|s| s.partition != partition);
         self.intending.retain(|s| s.partition != partition);
         self.settled.retain(|s| s.partition != partition);
+        self.held.retain(|_, p| *p != partition);
+        // Calls under way there end unrecorded here; the partition's new owner settles them.
+        let moved: Vec<String> = self
+            .calls
+            .iter()
+            .filter(|(_, (p, _))| *p == partition)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in moved {
+            if let Some((_, customer)) = self.calls.remove(&m) {
+                self.pacer.forget_call(&customer);
+            }
+        }
     }
 
     fn reset(&mut self) {
         self.partitions.clear();
         self.intending.clear();
-        self.ready.clear();
+        self.pacer.clear();
+        self.calls.clear();
+        self.held.clear();
+        self.epoch += 1;
         self.settled.clear();
     }
 
@@ -1128,12 +1261,18 @@ impl Stage for DispatchStage {
 
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
         self.record_settlements(out)?;
-        self.send_ready(out)
+        self.record_answers(out)?;
+        self.call_released(out)
     }
 
     fn committed(&mut self, produced: &Produced) -> Result<()> {
         // The intents of the batch just committed are durable: their calls may be made now.
-        self.ready.append(&mut self.intending);
+        let now = wall_clock_ms();
+        for s in std::mem::take(&mut self.intending) {
+            let lane = Lane::of(&s.approved.purpose, &s.approved.category);
+            let (customer, channel) = (s.decision.customer_id.clone(), s.approved.channel);
+            self.pacer.queue(lane, &customer, channel, s, now);
+        }
         for (p, part) in self.partitions.iter_mut() {
             if let Some(next) = produced.get(&(DISPATCH.to_string(), *p)) {
                 part.next_offset = part.next_offset.max(*next);

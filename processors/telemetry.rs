@@ -59,6 +59,16 @@ pub struct Metrics {
     pub account_blocks: AtomicU64,
     /// Sends recorded as intended and not yet settled, as of the last commit (a gauge).
     pub sends_in_flight: AtomicU64,
+    /// Sends waiting for their call in the transactional lane (a gauge).
+    pub waiting_transactional: AtomicU64,
+    /// Sends waiting for their call in the marketing lane (a gauge).
+    pub waiting_marketing: AtomicU64,
+    /// The longest a transactional send waited in its lane, in milliseconds.
+    pub longest_wait_transactional_ms: AtomicU64,
+    /// The longest a marketing send waited in its lane, in milliseconds.
+    pub longest_wait_marketing_ms: AtomicU64,
+    /// Times a provider's circuit breaker opened.
+    pub breaker_opens: AtomicU64,
     pub restored_partitions: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
     by_reason: Mutex<BTreeMap<String, u64>>,
@@ -158,6 +168,31 @@ impl Metrics {
             "herald_sends_in_flight",
             "Sends recorded as intended and not yet settled, as of the last commit.",
             g(&self.sends_in_flight),
+        );
+        line(
+            "herald_dispatch_waiting_transactional",
+            "Transactional and authentication sends waiting for their provider call.",
+            g(&self.waiting_transactional),
+        );
+        line(
+            "herald_dispatch_waiting_marketing",
+            "Marketing sends waiting for their provider call.",
+            g(&self.waiting_marketing),
+        );
+        line(
+            "herald_dispatch_longest_wait_transactional_ms",
+            "The longest a transactional send waited for its call since the start.",
+            g(&self.longest_wait_transactional_ms),
+        );
+        line(
+            "herald_dispatch_longest_wait_marketing_ms",
+            "The longest a marketing send waited for its call since the start.",
+            g(&self.longest_wait_marketing_ms),
+        );
+        line(
+            "herald_provider_breaker_opens_total",
+            "Times a provider's circuit breaker opened after calls kept failing.",
+            g(&self.breaker_opens),
         );
         line(
             "herald_partitions_restored_total",
