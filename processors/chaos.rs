@@ -6,11 +6,11 @@
 
 use crate::demo::{self, FeedStamp};
 use crate::dump::Follower;
-use crate::events::{Decision, Processor};
+use crate::events::{Decision, DispatchStep, Processor};
 use crate::kafka::KafkaSettings;
 use crate::registry::Codec;
 use crate::scenario::{self, FeedItem};
-use crate::stages::DECISIONS;
+use crate::stages::{DECISIONS, DISPATCH};
 use crate::topology::Topology;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
@@ -53,6 +53,9 @@ pub struct ChaosReport {
     pub order_violations: u64,
     pub sends_without_consent: u64,
     pub duplicate_sends: u64,
+    /// Approved messages whose dispatch never ended (sent, failed, or skipped as a repeat):
+    /// a dispatch that stalled or lost an approval.
+    pub approvals_unsettled: u64,
 }
 
 impl ChaosReport {
@@ -63,12 +66,13 @@ impl ChaosReport {
             && self.order_violations == 0
             && self.sends_without_consent == 0
             && self.duplicate_sends == 0
+            && self.approvals_unsettled == 0
     }
 
     /// The one line.
     pub fn line(&self) -> String {
         format!(
-            "chaos: {} events, {} kills ({} of dispatch), {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}",
+            "chaos: {} events, {} kills ({} of dispatch), {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}, approvals unsettled {}",
             self.events,
             self.kills,
             self.dispatch_kills,
@@ -78,7 +82,8 @@ impl ChaosReport {
             self.duplicate_decisions,
             self.order_violations,
             self.sends_without_consent,
-            self.duplicate_sends
+            self.duplicate_sends,
+            self.approvals_unsettled
         )
     }
 }
@@ -193,6 +198,90 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Resu
     Ok(())
 }
 
+/// Follows `herald.dispatch.v1` (read_committed) and keeps the messages whose dispatch ended:
+/// accepted, failed, skipped as a repeat, or settled as sent from a status.
+struct DispatchWatch {
+    ended: Arc<Mutex<HashSet<String>>>,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<()>>,
+}
+
+impl DispatchWatch {
+    fn start(
+        bootstrap: &str,
+        codec: Arc<Codec>,
+        partitions: i32,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self> {
+        use rdkafka::consumer::Consumer;
+        use rdkafka::message::Message;
+        use rdkafka::{Offset, TopicPartitionList};
+        let consumer = KafkaSettings::new(bootstrap, true, "chaos-dispatch-watch").log_reader()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(DISPATCH, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let ended = Arc::new(Mutex::new(HashSet::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, c, st) = (ended.clone(), count.clone(), stop.clone());
+        let handle = std::thread::spawn(move || -> Result<()> {
+            while !st.load(Ordering::SeqCst) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let rec = rt
+                    .block_on(codec.decode_dispatch(m.payload()))
+                    .map_err(|e| anyhow!("{DISPATCH}@{}: {e}", m.offset()))?;
+                let over = match &rec.step {
+                    DispatchStep::Accepted(_)
+                    | DispatchStep::Failed(_)
+                    | DispatchStep::Skipped(_) => true,
+                    DispatchStep::Reconciled(r) => r.status.is_some(),
+                    _ => false,
+                };
+                if over {
+                    let mut ended = e.lock().map_err(|_| anyhow!("dispatch watch poisoned"))?;
+                    if ended.insert(rec.message_id) {
+                        c.store(ended.len() as u64, Ordering::SeqCst);
+                    }
+                }
+            }
+            Ok(())
+        });
+        Ok(DispatchWatch {
+            ended,
+            count,
+            stop,
+            handle,
+        })
+    }
+
+    /// Messages whose dispatch ended so far.
+    fn ended(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn finish(self) -> Result<HashSet<String>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .join()
+            .map_err(|_| anyhow!("the dispatch watch panicked"))??;
+        let ended = self
+            .ended
+            .lock()
+            .map_err(|_| anyhow!("dispatch watch poisoned"))?;
+        Ok(ended.clone())
+    }
+}
+
+/// How far dispatch may fall behind the approvals before feeding waits for it: the mock
+/// cluster keeps only 5 MB of each partition, and dispatch must read an approval before it is
+/// trimmed.
+const DISPATCH_LAG: u64 = 1_500;
+
 /// Runs the scenario under repeated SIGKILLs and checks the outcome.
 pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -208,14 +297,6 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let cluster = demo::start_cluster(&rt, &topology, simulator)?;
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
-    // Reads the decision log as it is committed: the mock cluster trims old segments.
-    let follower = Follower::start(
-        &cluster.bootstrap,
-        vec![DECISIONS],
-        codec.clone(),
-        topology.partitions(),
-        rt.handle().clone(),
-    )?;
     let scenario = scenario::generate(opts.customers, opts.seed);
     let events: Vec<&crate::events::InputEvent> = scenario
         .items
@@ -225,6 +306,22 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             _ => None,
         })
         .collect();
+    // Reads the decision log as it is committed: the mock cluster trims old segments. Only
+    // the scenario's own records count as decided, not the status webhooks that join them.
+    let follower = Follower::counting(
+        &cluster.bootstrap,
+        vec![DECISIONS],
+        codec.clone(),
+        topology.partitions(),
+        rt.handle().clone(),
+        Some(events.iter().map(|e| e.envelope.event_id.clone()).collect()),
+    )?;
+    let dispatched = DispatchWatch::start(
+        &cluster.bootstrap,
+        codec.clone(),
+        topology.partitions(),
+        rt.handle().clone(),
+    )?;
     say(format!(
         "herald chaos: {} events, a SIGKILL every {} ms",
         events.len(),
@@ -280,9 +377,18 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             let mut last = Instant::now();
             while !calm.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
-                if last.elapsed() < every || progress(roles[victim]) <= since[victim] {
+                if last.elapsed() < every {
                     continue;
                 }
+                // The next in turn that has made progress: one waiting for the other (the
+                // processors idle while dispatch catches up) does not shield the other.
+                let Some(next) = (0..roles.len())
+                    .map(|k| (victim + k) % roles.len())
+                    .find(|&k| progress(roles[k]) > since[k])
+                else {
+                    continue;
+                };
+                victim = next;
                 let mut p = procs
                     .lock()
                     .map_err(|_| anyhow!("process table poisoned"))?;
@@ -317,9 +423,14 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             wait_for("deciding the fed records", Duration::from_secs(600), || {
                 follower.decided_inputs() >= fed_events
             })?;
+            wait_for("dispatch keeping up", Duration::from_secs(600), || {
+                dispatched.ended() + DISPATCH_LAG >= follower.approved()
+            })?;
             say(format!(
-                "  decided {fed_events}/{}  kills {}",
+                "  decided {fed_events}/{}  dispatched {}/{}  kills {}",
                 events.len(),
+                dispatched.ended(),
+                follower.approved(),
                 kills.load(Ordering::SeqCst)
             ));
         }
@@ -330,20 +441,23 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .join()
         .map_err(|_| anyhow!("the killer thread panicked"))??;
     result?;
-    // Dispatch catches up once the kills stop: every approval sent, or nothing new for 15 s
-    // (longer than an unknown send waits for its status before it is tried again).
+    // Dispatch catches up once the kills stop: every approval's dispatch ended, or nothing
+    // new for 15 s (longer than an unknown send waits for its status before it is tried again).
     let mut last = (0, Instant::now());
     let mut told = Instant::now();
     wait_for("dispatch catching up", Duration::from_secs(600), || {
-        let sent = cluster.simulator.sent_count();
-        if sent != last.0 {
-            last = (sent, Instant::now());
+        let ended = dispatched.ended();
+        if ended != last.0 {
+            last = (ended, Instant::now());
         }
         if told.elapsed() >= Duration::from_secs(5) {
-            say(format!("  sent {sent}/{} approvals", follower.approved()));
+            say(format!(
+                "  dispatched {ended}/{} approvals",
+                follower.approved()
+            ));
             told = Instant::now();
         }
-        sent as u64 >= follower.approved() || last.1.elapsed() > Duration::from_secs(15)
+        ended >= follower.approved() || last.1.elapsed() > Duration::from_secs(15)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     procs
@@ -351,7 +465,18 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .map_err(|_| anyhow!("process table poisoned"))?
         .stop();
     let records = follower.finish()?;
+    let ended = dispatched.finish()?;
     let decisions = crate::dump::decisions(&records);
+    let approvals_unsettled = decisions
+        .iter()
+        .filter_map(|d| match &d.outcome {
+            crate::events::Outcome::MessageApproved(a) => Some(a.message_id.as_str()),
+            _ => None,
+        })
+        .collect::<HashSet<&str>>()
+        .iter()
+        .filter(|m| !ended.contains(**m))
+        .count() as u64;
     let sends = cluster.simulator.sent();
     let (without, duplicate_sends) = demo::independent_checks(&scenario.items, &topology, &sends);
     let (events_lost, duplicate_decisions, order_violations) = check_log(&events, &decisions);
@@ -370,6 +495,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         order_violations,
         sends_without_consent: without,
         duplicate_sends,
+        approvals_unsettled,
     })
 }
 

@@ -362,7 +362,8 @@ fn decode(codec: &Codec, rt: &tokio::runtime::Handle, m: &BorrowedMessage) -> Re
 /// 5 MB per partition) cannot take records from the dump.
 pub struct Follower {
     finish: Arc<AtomicBool>,
-    /// Dedupe decisions read so far (one per decided input record), and approvals.
+    /// Dedupe decisions read so far (one per decided input record, of the counted ones if
+    /// the follower was given them), and approvals.
     decided_inputs: Arc<std::sync::atomic::AtomicU64>,
     approved: Arc<std::sync::atomic::AtomicU64>,
     handle: std::thread::JoinHandle<Result<Vec<DumpedRecord>>>,
@@ -376,6 +377,19 @@ impl Follower {
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
+    ) -> Result<Self> {
+        Self::counting(bootstrap, topics, codec, partitions, rt, None)
+    }
+
+    /// As `start`, counting as decided only the input records whose event id is in `counted`
+    /// (a feed's own records, not the status webhooks the gateway adds).
+    pub fn counting(
+        bootstrap: &str,
+        topics: Vec<&'static str>,
+        codec: Arc<Codec>,
+        partitions: i32,
+        rt: tokio::runtime::Handle,
+        counted: Option<std::collections::HashSet<String>>,
     ) -> Result<Self> {
         let settings = KafkaSettings::new(bootstrap, true, &format!("dump-{}", std::process::id()));
         let consumer: BaseConsumer<EndOfLogIsExpected> = settings.log_reader()?;
@@ -393,6 +407,7 @@ impl Follower {
         let (decided, approvals) = (decided_inputs.clone(), approved.clone());
         let handle = std::thread::spawn(move || {
             let mut out = Vec::new();
+            let mut approved_ids = std::collections::HashSet::new();
             // Set once finishing: the end offsets to reach, per topic and partition.
             let mut ends: Option<HashMap<(String, i32), i64>> = None;
             let mut deadline = None;
@@ -424,11 +439,17 @@ impl Follower {
                     Some(Ok(m)) => {
                         let payload = decode(&codec, &rt, &m)?;
                         if let Payload::Decision(d) = &payload {
-                            if d.processor == crate::events::Processor::Dedupe {
+                            if d.processor == crate::events::Processor::Dedupe
+                                && counted
+                                    .as_ref()
+                                    .is_none_or(|c| c.contains(&d.input_event_id))
+                            {
                                 decided.fetch_add(1, Ordering::Relaxed);
                             }
-                            if matches!(d.outcome, crate::events::Outcome::MessageApproved(_)) {
-                                approvals.fetch_add(1, Ordering::Relaxed);
+                            if let crate::events::Outcome::MessageApproved(a) = &d.outcome {
+                                if approved_ids.insert(a.message_id.clone()) {
+                                    approvals.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                         out.push(DumpedRecord {
@@ -463,7 +484,7 @@ impl Follower {
         self.decided_inputs.clone()
     }
 
-    /// Approved messages read so far.
+    /// Distinct messages approved so far.
     pub fn approved(&self) -> u64 {
         self.approved.load(Ordering::Relaxed)
     }
