@@ -110,6 +110,9 @@ pub enum Breaker {
     Open { until: Millis },
     /// A probe call is under way: its answer closes the breaker or opens it again.
     Probing,
+    /// The provider blocked the account or number (this error code): no call goes until
+    /// someone acts and restarts dispatch; nothing a retry does can succeed meanwhile.
+    Halted { code: i32 },
 }
 
 impl Breaker {
@@ -117,7 +120,7 @@ impl Breaker {
         match self {
             Breaker::Closed => true,
             Breaker::Open { until } => now >= *until,
-            Breaker::Probing => false,
+            Breaker::Probing | Breaker::Halted { .. } => false,
         }
     }
 }
@@ -348,6 +351,7 @@ impl<T> Pacer<T> {
             Breaker::Probing => Breaker::Closed,
             // A call released before the breaker opened ends late: the breaker stays open.
             open @ Breaker::Open { .. } => open,
+            halted @ Breaker::Halted { .. } => halted,
             Breaker::Closed => {
                 let since = now - self.limits.breaker_window_ms;
                 let recent = self.recent.entry(channel).or_default();
@@ -378,6 +382,11 @@ impl<T> Pacer<T> {
         Breaker::Open {
             until: now + self.limits.breaker_cooldown_ms,
         }
+    }
+
+    /// Stops every call to a channel's provider: it blocked the account or number.
+    pub fn halt(&mut self, channel: Channel, code: i32) {
+        self.breakers.insert(channel, Breaker::Halted { code });
     }
 
     /// Forgets a call whose answer will not come back here (its partition moved away): the
@@ -554,6 +563,22 @@ mod tests {
         assert_eq!(sends(p.release(1_000)), vec![3]);
         p.ended("c", Channel::Whatsapp, CallEnd::ProviderFailed, 1_100);
         assert_eq!(p.breaker(Channel::Whatsapp), Breaker::Open { until: 2_100 });
+    }
+
+    #[test]
+    fn an_account_block_halts_its_provider_and_only_its_provider() {
+        let mut p = Pacer::new(limits());
+        p.queue(Lane::Transactional, "a", Channel::Whatsapp, 1, 0);
+        assert_eq!(sends(p.release(0)), vec![1]);
+        p.halt(Channel::Whatsapp, 368);
+        p.ended("a", Channel::Whatsapp, CallEnd::Answered, 10);
+        p.queue(Lane::Transactional, "b", Channel::Whatsapp, 2, 10);
+        p.queue(Lane::Transactional, "c", Channel::Sms, 3, 10);
+        // No cooldown ends a halt: the WhatsApp send waits, however long.
+        assert_eq!(sends(p.release(10)), vec![3]);
+        assert!(p.release(3_600_000).is_empty());
+        assert_eq!(p.waiting(Lane::Transactional), 1);
+        assert_eq!(p.breaker(Channel::Whatsapp), Breaker::Halted { code: 368 });
     }
 
     #[test]

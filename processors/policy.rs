@@ -774,17 +774,20 @@ pub fn decide_inbound(
 /// The provider error code for a message it could not deliver to that channel.
 pub const UNDELIVERABLE: i32 = 131_026;
 
-/// A message WhatsApp could not deliver goes out again on the next channel the customer
-/// consented to, with the same template, language and variables.
+/// What the provider's failure of a message calls for: one WhatsApp could not deliver
+/// (131026) goes out again on the next channel the customer consented to, with the same
+/// template, language and variables; one the provider refused as it was approved (outside the
+/// service window, template paused or disabled, variables refused) is recorded as suppressed,
+/// with the code, so the decision log says it never went out and why.
 pub fn decide_status(
     state: &CustomerState,
     customer_id: &str,
     status: &MessageStatusChanged,
     ctx: &Ctx,
 ) -> Vec<Outcome> {
-    if status.status != MessageStatus::Failed || status.error_code != Some(UNDELIVERABLE) {
+    let (MessageStatus::Failed, Some(code)) = (&status.status, status.error_code) else {
         return vec![];
-    }
+    };
     let Some(sent) = status
         .message_id
         .as_ref()
@@ -792,6 +795,39 @@ pub fn decide_status(
     else {
         return vec![];
     };
+    if code == UNDELIVERABLE {
+        return fall_back(state, customer_id, sent, ctx);
+    }
+    match refusal_reason(code) {
+        Some(reason) => suppressed_planned(
+            &sent.message,
+            reason,
+            format!("the provider refused it with error {code}"),
+        ),
+        None => vec![],
+    }
+}
+
+/// The suppression reason of a Cloud API refusal that policy must hear of.
+pub fn refusal_reason(code: i32) -> Option<SuppressionReason> {
+    match code {
+        131047 => Some(SuppressionReason::OutsideSessionWindow),
+        132001 | 132015 | 132016 | 131051 | 131052 | 131053 => {
+            Some(SuppressionReason::TemplateUnavailable)
+        }
+        132000 | 132005 | 132007 | 132012 | 131008 | 131009 => {
+            Some(SuppressionReason::MissingVariable)
+        }
+        _ => None,
+    }
+}
+
+fn fall_back(
+    state: &CustomerState,
+    customer_id: &str,
+    sent: &crate::state::RecentSend,
+    ctx: &Ctx,
+) -> Vec<Outcome> {
     let failed = &sent.message;
     let channels = &ctx.topology.policy.channels;
     let after = channels

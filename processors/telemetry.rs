@@ -69,6 +69,8 @@ pub struct Metrics {
     pub longest_wait_marketing_ms: AtomicU64,
     /// Times a provider's circuit breaker opened.
     pub breaker_opens: AtomicU64,
+    /// 1 once a provider blocked the account or number and its lane stopped (a gauge).
+    pub lanes_halted: AtomicU64,
     pub restored_partitions: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
     by_reason: Mutex<BTreeMap<String, u64>>,
@@ -193,6 +195,11 @@ impl Metrics {
             "herald_provider_breaker_opens_total",
             "Times a provider's circuit breaker opened after calls kept failing.",
             g(&self.breaker_opens),
+        );
+        line(
+            "herald_provider_lane_halted",
+            "1 when a provider blocked the account or number and dispatch stopped calling it (alert).",
+            g(&self.lanes_halted),
         );
         line(
             "herald_partitions_restored_total",
