@@ -9,7 +9,7 @@ use crate::telemetry::{self, Metrics};
 use crate::topology::Topology;
 use crate::{bench, demo};
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -110,6 +110,11 @@ pub enum Command {
         /// demo's key, for the demo's recordings.
         #[arg(long, env = "HERALD_IDENTIFIER_KEY", hide_env_values = true, default_value = crate::identity::DEMO_KEY)]
         identifier_key: String,
+    },
+    /// The dead-letter topic: list its records, or replay them to where they came from.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
     },
     /// Consent audit: a customer's consent timeline, and the hash chain check of every customer's.
     Audit {
@@ -292,6 +297,56 @@ fn parse_instant(flag: &str, text: &str) -> Result<crate::events::Millis> {
         .with_context(|| {
             format!("{flag}: '{text}' is not an RFC 3339 instant (2026-11-01T00:00:00Z)")
         })
+}
+
+/// Where the dead-letter topic is, and which of its records a `herald dlq` command acts on.
+#[derive(Args, Debug)]
+pub struct DlqArgs {
+    #[arg(long, env = "HERALD_BOOTSTRAP")]
+    bootstrap: String,
+    #[arg(long, env = "HERALD_REGISTRY_URL")]
+    registry: String,
+    /// Topology directory (for the partition count); the embedded one when absent.
+    #[arg(long, env = "HERALD_TOPOLOGY")]
+    topology: Option<PathBuf>,
+    /// librdkafka settings (security, timeouts), as for `herald run`.
+    #[arg(long = "kafka-config", value_parser = parse_kv)]
+    kafka_config: Vec<(String, String)>,
+    /// A dead letter's id (`partition:offset`, as the list shows); repeat for several.
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Only dead letters whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only dead letters written at or after this instant (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only dead letters written before this instant (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// Lists the dead letters (all, or those selected): id, time, stage, origin and reason.
+    List {
+        #[command(flatten)]
+        args: DlqArgs,
+    },
+    /// Writes the selected dead letters' records back to their topic and partition. A dry run
+    /// unless --execute; a replayed record is deduplicated like the first, so nothing is sent twice.
+    Replay {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// Replay every dead letter (a replay needs a selection otherwise).
+        #[arg(long)]
+        all: bool,
+        /// Really write them (the default only shows what would be replayed).
+        #[arg(long)]
+        execute: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -579,6 +634,7 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Dlq { action } => dead_letters(action),
         Command::Audit {
             action:
                 AuditAction::Consent {
@@ -876,6 +932,94 @@ fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
 }
 
 /// The runtime a long-running command works on, and the codec of a registry it has reached.
+/// `herald dlq list` and `herald dlq replay`.
+fn dead_letters(action: DlqAction) -> Result<()> {
+    telemetry::init_tracing("warn");
+    let (args, replay) = match action {
+        DlqAction::List { args } => (args, None),
+        DlqAction::Replay { args, all, execute } => (args, Some((all, execute))),
+    };
+    crate::dlq::check_ids(&args.ids)?;
+    let selection = crate::dlq::Selection {
+        ids: args.ids.clone(),
+        reason: args.reason.clone(),
+        since: args
+            .since
+            .as_deref()
+            .map(|t| parse_instant("--since", t))
+            .transpose()?,
+        until: args
+            .until
+            .as_deref()
+            .map(|t| parse_instant("--until", t))
+            .transpose()?,
+    };
+    if let Some((false, _)) = replay {
+        if selection.is_empty() {
+            bail!("herald dlq replay needs --id, --reason, --since or --until (or --all for every dead letter)");
+        }
+    }
+    let topo = topology(&args.topology)?;
+    let partitions = topo
+        .topics
+        .iter()
+        .find(|t| t.name == crate::stages::DLQ)
+        .map_or(topo.partitions(), |t| t.partitions);
+    let (rt, codec) = runtime_with_registry(&args.registry)?;
+    let mut settings = KafkaSettings::new(&args.bootstrap, true, "herald-dlq");
+    settings.extra = args.kafka_config.clone();
+    let entries: Vec<crate::dlq::Entry> = crate::dlq::read_all(&settings, &codec, &rt, partitions)?
+        .into_iter()
+        .filter(|e| selection.selects(e))
+        .collect();
+    let Some((_, execute)) = replay else {
+        if args.json {
+            for e in &entries {
+                println!("{}", serde_json::to_string(e)?);
+            }
+        } else {
+            println!("{} dead letters", entries.len());
+            for e in &entries {
+                println!(
+                    "  {:<8} {}  {:<10} {}/{}@{}  {}",
+                    e.id,
+                    crate::events::rfc3339(e.failed_at),
+                    e.stage,
+                    e.source_topic,
+                    e.source_partition,
+                    e.source_offset,
+                    e.reason
+                );
+            }
+        }
+        return Ok(());
+    };
+    let done = crate::dlq::replay(&settings, &rt, &entries, execute)?;
+    if args.json {
+        for r in &done {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        let verb = if execute {
+            "replayed"
+        } else {
+            "would replay (dry run; --execute to write)"
+        };
+        let written = done.iter().filter(|r| r.skipped.is_none()).count();
+        println!("{verb}: {written} of {} selected dead letters", done.len());
+        for r in &done {
+            match (&r.skipped, r.offset) {
+                (Some(why), _) => println!("  {:<8} skipped: {why}", r.id),
+                (None, Some(o)) => {
+                    println!("  {:<8} -> {}/{}@{o}", r.id, r.to_topic, r.to_partition)
+                }
+                (None, None) => println!("  {:<8} -> {}/{}", r.id, r.to_topic, r.to_partition),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The pacing limits of `herald run`'s dispatch, each checked under its own name.
 fn send_limits(args: &RunArgs) -> Result<crate::pacing::Limits> {
     let rate = args.sender_rate;

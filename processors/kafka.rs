@@ -202,6 +202,13 @@ pub struct LogReader {
 }
 
 impl LogReader {
+    /// A reader with these settings' connection and security options.
+    pub fn new(settings: &KafkaSettings) -> Result<Self> {
+        Ok(LogReader {
+            consumer: settings.log_reader()?,
+        })
+    }
+
     /// Feeds every record of `topic`/`partition` from `from` to the end; returns the next offset.
     pub fn read(
         &self,

@@ -31,6 +31,7 @@ pub mod bench;
 pub mod chaos;
 pub mod cli;
 pub mod demo;
+pub mod dlq;
 pub mod dump;
 pub mod gateway;
 pub mod intake;
