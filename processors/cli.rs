@@ -123,13 +123,8 @@ pub enum Command {
     },
     /// Writes the inputs, stock levels and decisions of a cluster to a dump file for `herald replay`.
     Export {
-        #[arg(long, env = "HERALD_BOOTSTRAP")]
-        bootstrap: String,
-        #[arg(long, env = "HERALD_REGISTRY_URL")]
-        registry: String,
-        /// Topology directory (for the partition count); the embedded one when absent.
-        #[arg(long, env = "HERALD_TOPOLOGY")]
-        topology: Option<PathBuf>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// The dump file: `.jsonl` (JSON lines) or `.avro` (Avro container).
         #[arg(long)]
         out: PathBuf,
@@ -299,9 +294,9 @@ fn parse_instant(flag: &str, text: &str) -> Result<crate::events::Millis> {
         })
 }
 
-/// Where the dead-letter topic is, and which of its records a `herald dlq` command acts on.
+/// The cluster a command reads: brokers, registry, and the topology for partition counts.
 #[derive(Args, Debug)]
-pub struct DlqArgs {
+pub struct ClusterArgs {
     #[arg(long, env = "HERALD_BOOTSTRAP")]
     bootstrap: String,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
@@ -309,6 +304,13 @@ pub struct DlqArgs {
     /// Topology directory (for the partition count); the embedded one when absent.
     #[arg(long, env = "HERALD_TOPOLOGY")]
     topology: Option<PathBuf>,
+}
+
+/// Where the dead-letter topic is, and which of its records a `herald dlq` command acts on.
+#[derive(Args, Debug)]
+pub struct DlqArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// librdkafka settings (security, timeouts), as for `herald run`.
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -814,9 +816,12 @@ pub fn main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export {
-            bootstrap,
-            registry,
-            topology: dir,
+            cluster:
+                ClusterArgs {
+                    bootstrap,
+                    registry,
+                    topology: dir,
+                },
             out,
         } => {
             telemetry::init_tracing("warn");
@@ -959,14 +964,14 @@ fn dead_letters(action: DlqAction) -> Result<()> {
             bail!("herald dlq replay needs --id, --reason, --since or --until (or --all for every dead letter)");
         }
     }
-    let topo = topology(&args.topology)?;
+    let topo = topology(&args.cluster.topology)?;
     let partitions = topo
         .topics
         .iter()
         .find(|t| t.name == crate::stages::DLQ)
         .map_or(topo.partitions(), |t| t.partitions);
-    let (rt, codec) = runtime_with_registry(&args.registry)?;
-    let mut settings = KafkaSettings::new(&args.bootstrap, true, "herald-dlq");
+    let (rt, codec) = runtime_with_registry(&args.cluster.registry)?;
+    let mut settings = KafkaSettings::new(&args.cluster.bootstrap, true, "herald-dlq");
     settings.extra = args.kafka_config.clone();
     let entries: Vec<crate::dlq::Entry> = crate::dlq::read_all(&settings, &codec, &rt, partitions)?
         .into_iter()
