@@ -375,6 +375,10 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             let mut since: Vec<u64> = roles.iter().map(|r| progress(*r)).collect();
             let mut victim = 0;
             let mut last = Instant::now();
+            // Each process is killed at most once per round of turns, so a restarted one has
+            // the time of a round to rejoin and settle before it is killed again.
+            let mut last_of: Vec<Instant> = roles.iter().map(|_| Instant::now()).collect();
+            let round = every * roles.len() as u32;
             while !calm.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
                 if last.elapsed() < every {
@@ -384,10 +388,11 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
                 // processors idle while dispatch catches up) does not shield the other.
                 let Some(next) = (0..roles.len())
                     .map(|k| (victim + k) % roles.len())
-                    .find(|&k| progress(roles[k]) > since[k])
+                    .find(|&k| progress(roles[k]) > since[k] && last_of[k].elapsed() >= round)
                 else {
                     continue;
                 };
+                last_of[next] = Instant::now();
                 victim = next;
                 let mut p = procs
                     .lock()
