@@ -860,33 +860,6 @@ impl DispatchStage {
         dead_letter_record(&self.codec, &self.rt, letter, &self.metrics)
     }
 
-    /// A refusal policy must hear of, as the failed status the provider would have posted: it
-    /// goes to `provider.events.v1` with the message's customer key, in the transaction that
-    /// records the failure, so the processors read it like any status webhook.
-    fn refusal_for_policy(&self, s: &PendingSend, code: i32, now: Millis) -> Result<OutRecord> {
-        let customer = &s.decision.customer_id;
-        let message_id = &s.approved.message_id;
-        let event = InputEvent::new(
-            "dispatch",
-            customer,
-            &crate::pipeline::deterministic_id(&[message_id, "refused", &code.to_string()]),
-            now,
-            Fact::MessageStatusChanged(MessageStatusChanged {
-                provider_message_id: String::new(),
-                status: MessageStatus::Failed,
-                error_code: Some(code),
-                message_id: Some(message_id.clone()),
-            }),
-        );
-        Ok(OutRecord {
-            topic: PROVIDER,
-            partition: s.partition,
-            key: customer.clone().into_bytes(),
-            value: self.rt.block_on(self.codec.encode_input(&event))?,
-            headers: vec![],
-        })
-    }
-
     /// Whether this process holds the call of an open intent (about to make it, or recording
     /// its settlement), so the settling must leave it alone.
     fn is_mine(&self, message_id: &str) -> bool {
@@ -1035,16 +1008,7 @@ impl DispatchStage {
                 detail,
             } => {
                 Metrics::inc(&self.metrics.send_failures, 1);
-                let action = dispatch::classify(code);
-                if matches!(
-                    action,
-                    dispatch::ErrorAction::ReturnToPolicy
-                        | dispatch::ErrorAction::Fallback
-                        | dispatch::ErrorAction::StopMarketing
-                ) {
-                    out.records.push(self.refusal_for_policy(&s, code, now)?);
-                }
-                match action {
+                match dispatch::classify(code) {
                     dispatch::ErrorAction::Unknown => {
                         let why =
                             format!("provider error code {code} is not one Herald knows: {detail}");
