@@ -45,6 +45,8 @@ pub struct ChaosReport {
     pub dispatch_kills: u64,
     /// Sends the simulator accepted but whose answer it withheld.
     pub answers_withheld: u64,
+    /// Times a process exited on its own (a fatal error after a kill) and was restarted.
+    pub exits: u64,
     pub seconds: f64,
     pub decisions: usize,
     pub sends: usize,
@@ -72,10 +74,11 @@ impl ChaosReport {
     /// The one line.
     pub fn line(&self) -> String {
         format!(
-            "chaos: {} events, {} kills ({} of dispatch), {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}, approvals unsettled {}",
+            "chaos: {} events, {} kills ({} of dispatch), {} restarts after an exit, {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}, approvals unsettled {}",
             self.events,
             self.kills,
             self.dispatch_kills,
+            self.exits,
             self.answers_withheld,
             self.seconds,
             self.events_lost,
@@ -156,6 +159,21 @@ impl Processes {
         let _ = self.children[i].1.wait();
         self.children[i].1 = self.spawn(role)?;
         Ok(())
+    }
+
+    /// Restarts every process that exited on its own (a fatal error stops a process; its
+    /// supervisor, here the harness, starts it again). Returns how many it restarted.
+    fn restart_exited(&mut self) -> Result<u64> {
+        let mut restarted = 0;
+        for i in 0..self.children.len() {
+            if let Ok(Some(status)) = self.children[i].1.try_wait() {
+                let role = self.children[i].0;
+                tracing::warn!(?role, %status, "a process exited on its own; restarting it");
+                self.children[i].1 = self.spawn(role)?;
+                restarted += 1;
+            }
+        }
+        Ok(restarted)
     }
 
     fn stop(&mut self) {
@@ -348,8 +366,10 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let kills = Arc::new(AtomicU64::new(0));
     let dispatch_kills = Arc::new(AtomicU64::new(0));
     let calm = Arc::new(AtomicBool::new(false));
+    let exits = Arc::new(AtomicU64::new(0));
     let killer = {
         let dispatch_kills = dispatch_kills.clone();
+        let exits = exits.clone();
         let (procs, kills, calm, every, victims) = (
             procs.clone(),
             kills.clone(),
@@ -377,10 +397,15 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             let mut last = Instant::now();
             // Each process is killed at most once per round of turns, so a restarted one has
             // the time of a round to rejoin and settle before it is killed again.
-            let mut last_of: Vec<Instant> = roles.iter().map(|_| Instant::now()).collect();
+            let mut last_of: Vec<Option<Instant>> = roles.iter().map(|_| None).collect();
             let round = every * roles.len() as u32;
             while !calm.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
+                let restarted = procs
+                    .lock()
+                    .map_err(|_| anyhow!("process table poisoned"))?
+                    .restart_exited()?;
+                exits.fetch_add(restarted, Ordering::SeqCst);
                 if last.elapsed() < every {
                     continue;
                 }
@@ -388,11 +413,14 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
                 // processors idle while dispatch catches up) does not shield the other.
                 let Some(next) = (0..roles.len())
                     .map(|k| (victim + k) % roles.len())
-                    .find(|&k| progress(roles[k]) > since[k] && last_of[k].elapsed() >= round)
+                    .find(|&k| {
+                        progress(roles[k]) > since[k]
+                            && last_of[k].is_none_or(|t| t.elapsed() >= round)
+                    })
                 else {
                     continue;
                 };
-                last_of[next] = Instant::now();
+                last_of[next] = Some(Instant::now());
                 victim = next;
                 let mut p = procs
                     .lock()
@@ -451,6 +479,11 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let mut last = (0, Instant::now());
     let mut told = Instant::now();
     wait_for("dispatch catching up", Duration::from_secs(600), || {
+        if let Ok(mut p) = procs.lock() {
+            if let Ok(n) = p.restart_exited() {
+                exits.fetch_add(n, Ordering::SeqCst);
+            }
+        }
         let ended = dispatched.ended();
         if ended != last.0 {
             last = (ended, Instant::now());
@@ -492,6 +525,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         kills: kills.load(Ordering::SeqCst),
         dispatch_kills: dispatch_kills.load(Ordering::SeqCst),
         answers_withheld: cluster.simulator.answers_dropped.load(Ordering::SeqCst),
+        exits: exits.load(Ordering::SeqCst),
         seconds,
         decisions: decisions.len(),
         sends: sends.len(),
