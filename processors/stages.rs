@@ -499,6 +499,11 @@ struct DispatchPartition {
     provider_next: i64,
     next_offset: i64,
     touched: BTreeSet<String>,
+    /// Next decision-log offset to handle: everything below was handled in a committed
+    /// transaction. Kept in the snapshot, so a restart does not depend on the broker's
+    /// committed offset alone (which may lag) and re-read the whole log.
+    decisions_next: i64,
+    decisions_moved: bool,
 }
 
 impl DispatchPartition {
@@ -1108,10 +1113,15 @@ impl Stage for DispatchStage {
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
+        part.decisions_next = snap.inputs.get(DECISIONS).copied().unwrap_or(0);
         part.next_offset = reader.read(DISPATCH, partition, snap.next_offset, |m| {
             let r = rt
                 .block_on(codec.decode_dispatch(m.payload()))
                 .map_err(|e| anyhow!("dispatch log {DISPATCH}/{partition}@{}: {e}", m.offset()))?;
+            // An intent is committed with the offset of the decision read before it.
+            if let DispatchStep::Intended(i) = &r.step {
+                part.decisions_next = part.decisions_next.max(i.approval_offset + 1);
+            }
             if snap.holds(&r.customer_id, m.offset()) {
                 return Ok(());
             }
@@ -1220,7 +1230,23 @@ impl Stage for DispatchStage {
         self.partitions.contains_key(&partition)
     }
 
+    fn resume_positions(&self, partition: i32) -> Vec<(String, i64)> {
+        self.partitions
+            .get(&partition)
+            .filter(|p| p.decisions_next > 0)
+            .map(|p| vec![(DECISIONS.to_string(), p.decisions_next)])
+            .unwrap_or_default()
+    }
+
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
+        if let Some(part) = self.partitions.get_mut(&msg.partition()) {
+            // Handled in a committed transaction already: the broker's offset was behind.
+            if msg.offset() < part.decisions_next {
+                return Ok(());
+            }
+            part.decisions_next = msg.offset() + 1;
+            part.decisions_moved = true;
+        }
         let Some(decision) =
             decode_or_dead_letter(&self.codec, &self.rt, &self.metrics, msg, out, |c| {
                 c.decode_decision(msg.payload())
@@ -1279,15 +1305,17 @@ impl Stage for DispatchStage {
             if let Some(next) = produced.get(&(DISPATCH.to_string(), *p)) {
                 part.next_offset = part.next_offset.max(*next);
             }
-            if part.touched.is_empty() {
+            if part.touched.is_empty() && !part.decisions_moved {
                 continue;
             }
             let write = SnapshotWrite {
                 changed: encode_touched(&mut part.touched, &part.customers)?,
                 next_offset: part.next_offset,
+                inputs: [(DECISIONS.to_string(), part.decisions_next)].into(),
                 ..SnapshotWrite::default()
             };
             self.store.save(store::DISPATCH, *p, &write)?;
+            part.decisions_moved = false;
         }
         let open: usize = self
             .partitions
