@@ -165,6 +165,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/decisions/pre_erasure_fact_ignored.avsc"),
     ),
     (
+        "decisions/marketing_stopped.avsc",
+        include_str!("../schemas/decisions/marketing_stopped.avsc"),
+    ),
+    (
         "decisions/shipment_held.avsc",
         include_str!("../schemas/decisions/shipment_held.avsc"),
     ),
@@ -563,6 +567,7 @@ union_codec!(outcome_record, outcome_from, Outcome {
     12 => JourneyExited(JourneyExited),
     13 => EscalationRaised(EscalationRaised),
     14 => PreErasureFactIgnored(PreErasureFactIgnored),
+    15 => MarketingStopped(MarketingStopped),
 });
 
 union_codec!(step_record, step_from, DispatchStep {

@@ -513,6 +513,9 @@ pub enum SuppressionReason {
     Ambiguous,
     /// Its journey ended (the cart was bought, the order cancelled) before it went out.
     JourneyExited,
+    /// The provider said marketing to this customer stopped: they turned marketing off
+    /// (131050), or it is paused (131048, 131049) past the message's time to live.
+    MarketingStopped,
 }
 
 /// Why a message waits instead of going out now.
@@ -533,6 +536,8 @@ pub enum DeferralReason {
     StaleInventory,
     /// The message is about an order Herald has not seen placed.
     MissingOrderFacts,
+    /// The provider paused marketing to the customer (131048, 131049) until then.
+    MarketingPaused,
 }
 
 /// How an approved message travels: as a pre-approved template, or as a free-form session
@@ -552,6 +557,23 @@ pub struct EventAccepted {
     pub envelope: Envelope,
     pub fact: Fact,
     pub forget_before: Millis,
+}
+/// The provider refused a marketing message because marketing to the customer must stop: they
+/// turned marketing messages off (131050, until they grant marketing consent again), or the
+/// provider limits marketing to them for now (131048, 131049, until `resumes_at`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketingStopped {
+    /// The refused message.
+    pub message_id: String,
+    /// The provider's error code.
+    pub error_code: i32,
+    /// The channel that refused it.
+    pub channel: Channel,
+    /// When the refusal was decided (stream time).
+    pub stopped_at: Millis,
+    /// When marketing may resume by itself; none when only a new marketing consent lifts it.
+    #[serde(default)]
+    pub resumes_at: Option<Millis>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreErasureFactIgnored {
@@ -715,6 +737,7 @@ pub enum Outcome {
     JourneyExited(JourneyExited),
     EscalationRaised(EscalationRaised),
     PreErasureFactIgnored(PreErasureFactIgnored),
+    MarketingStopped(MarketingStopped),
 }
 
 impl Outcome {
@@ -736,6 +759,7 @@ impl Outcome {
             Outcome::JourneyExited(_) => 12,
             Outcome::EscalationRaised(_) => 13,
             Outcome::PreErasureFactIgnored(_) => 14,
+            Outcome::MarketingStopped(_) => 15,
         }
     }
 
@@ -757,6 +781,7 @@ impl Outcome {
             "JourneyExited",
             "EscalationRaised",
             "PreErasureFactIgnored",
+            "MarketingStopped",
         ][self.index()]
     }
 
@@ -811,6 +836,7 @@ impl Outcome {
             Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),
             Outcome::MessageHeldOut(h) => format!("MessageHeldOut:{}", h.journey),
             Outcome::OptedOut(o) => format!("OptedOut:{}", o.keyword),
+            Outcome::MarketingStopped(m) => format!("MarketingStopped:{}", m.error_code),
             Outcome::EscalationRaised(e) => {
                 format!("EscalationRaised:{}:{}", e.category, e.matched_term)
             }

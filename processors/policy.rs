@@ -652,6 +652,18 @@ fn when_to_send(
             planned,
         })]
     };
+    if planned.purpose == Purpose::Marketing {
+        match marketing_stopped_until(state, ctx) {
+            Some((Some(until), why)) if until <= expires_at => {
+                planned.relied_on.insert("marketing_paused".into(), why);
+                return defer(planned, DeferralReason::MarketingPaused, until);
+            }
+            Some((_, why)) => {
+                return suppressed_planned(&planned, SuppressionReason::MarketingStopped, why)
+            }
+            None => {}
+        }
+    }
     if let Some((frees, why)) = cap_frees_at(state, &planned.category, ctx) {
         if frees > expires_at {
             return suppressed_planned(
@@ -798,6 +810,24 @@ pub fn decide_status(
     if code == UNDELIVERABLE {
         return fall_back(state, customer_id, sent, ctx);
     }
+    if let Some(stop) = marketing_stop(&sent.message, code, ctx) {
+        let detail = match stop.resumes_at {
+            None => format!(
+                "the provider refused it with error {code}: the customer turned marketing messages off"
+            ),
+            Some(at) => format!(
+                "the provider refused it with error {code}: marketing to the customer is paused until {}",
+                iso_date(at)
+            ),
+        };
+        let mut out = vec![Outcome::MarketingStopped(stop)];
+        out.extend(suppressed_planned(
+            &sent.message,
+            SuppressionReason::MarketingStopped,
+            detail,
+        ));
+        return out;
+    }
     match refusal_reason(code) {
         Some(reason) => suppressed_planned(
             &sent.message,
@@ -806,6 +836,63 @@ pub fn decide_status(
         ),
         None => vec![],
     }
+}
+
+/// What a refusal of a marketing message with 131048 (spam rate limit), 131049 (the provider
+/// limits marketing to this user for now) or 131050 (the user turned marketing messages off)
+/// stops: only the last waits for a new consent; the others pause for the configured hours.
+fn marketing_stop(refused: &MessageApproved, code: i32, ctx: &Ctx) -> Option<MarketingStopped> {
+    if refused.purpose != Purpose::Marketing {
+        return None;
+    }
+    let resumes_at = match code {
+        131050 => None,
+        131048 | 131049 => {
+            Some(ctx.now + ctx.topology.policy.provider_marketing_pause_hours * HOUR)
+        }
+        _ => return None,
+    };
+    Some(MarketingStopped {
+        message_id: refused.message_id.clone(),
+        error_code: code,
+        channel: refused.channel,
+        stopped_at: ctx.now,
+        resumes_at,
+    })
+}
+
+/// Whether marketing to the customer is stopped now, and until when (`None`: until a new
+/// marketing consent). A pause ends at its time; a turn-off ends with a marketing grant
+/// given after it, on any channel.
+fn marketing_stopped_until(state: &CustomerState, ctx: &Ctx) -> Option<(Option<Millis>, String)> {
+    if let Some(off) = &state.marketing_turned_off {
+        let granted_since = state
+            .consent
+            .iter()
+            .any(|c| c.purpose == Purpose::Marketing && c.granted && c.changed_at > off.stopped_at);
+        if !granted_since {
+            return Some((
+                None,
+                format!(
+                    "the customer turned marketing messages off at the provider (error {} on {:?}, {}); a new marketing consent lifts it",
+                    off.error_code,
+                    off.channel,
+                    iso_date(off.stopped_at)
+                ),
+            ));
+        }
+    }
+    let paused = state.marketing_paused.as_ref()?;
+    let until = paused.resumes_at.filter(|t| *t > ctx.now)?;
+    Some((
+        Some(until),
+        format!(
+            "the provider paused marketing to the customer (error {} on {:?}) until {}",
+            paused.error_code,
+            paused.channel,
+            iso_date(until)
+        ),
+    ))
 }
 
 /// The suppression reason of a Cloud API refusal that policy must hear of.
@@ -996,6 +1083,99 @@ mod tests {
             reason(&decide_on(&customer("en_US"), &cart)),
             Some(SuppressionReason::NoConsent)
         );
+    }
+
+    /// What becomes of a message of this purpose, planned now with a 72 h time to live.
+    fn planned_now(state: &CustomerState, purpose: Purpose) -> Vec<Outcome> {
+        let out = decide_on(state, &order(Some(100)));
+        let [Outcome::MessageApproved(m)] = out.as_slice() else {
+            panic!("expected the order confirmation approved, got {out:?}");
+        };
+        let topology = Topology::embedded().expect("embedded topology");
+        let tables = crate::tables::Tables::default();
+        let ctx = Ctx {
+            now: T0,
+            topology: &topology,
+            tables: &tables,
+            input_ref: "test/0/0",
+        };
+        let planned = MessageApproved {
+            purpose,
+            ..m.clone()
+        };
+        when_to_send(state, planned, T0 + 72 * HOUR, &ctx)
+    }
+
+    /// Whether a provider's marketing stop or pause held the message (quiet hours may still).
+    fn held_by_a_stop(out: &[Outcome]) -> bool {
+        out.iter().any(|o| {
+            matches!(o, Outcome::MessageSuppressed(m) if m.reason == SuppressionReason::MarketingStopped)
+                || matches!(o, Outcome::MessageDeferred(d) if d.reason == DeferralReason::MarketingPaused)
+        })
+    }
+
+    fn marketing_consent(changed_at: Millis) -> ConsentEntry {
+        ConsentEntry {
+            purpose: Purpose::Marketing,
+            channel: Channel::Whatsapp,
+            granted: true,
+            source: "preferences".into(),
+            artifact_id: "form-2".into(),
+            changed_at,
+        }
+    }
+
+    #[test]
+    fn a_customer_who_turned_marketing_off_gets_orders_and_no_marketing_until_a_new_grant() {
+        let mut s = customer("en_US");
+        s.consent.push(marketing_consent(T0 - 10 * HOUR));
+        s.marketing_turned_off = Some(MarketingStopped {
+            message_id: "m-0".into(),
+            error_code: 131050,
+            channel: Channel::Whatsapp,
+            stopped_at: T0 - HOUR,
+            resumes_at: None,
+        });
+        assert_eq!(
+            reason(&planned_now(&s, Purpose::Marketing)),
+            Some(SuppressionReason::MarketingStopped)
+        );
+        assert!(matches!(
+            planned_now(&s, Purpose::Transactional).as_slice(),
+            [Outcome::MessageApproved(_)]
+        ));
+        // A grant from before the stop does not lift it; one given after it does.
+        s.consent.retain(|c| c.purpose != Purpose::Marketing);
+        s.consent.push(marketing_consent(T0 - HOUR / 2));
+        assert!(!held_by_a_stop(&planned_now(&s, Purpose::Marketing)));
+    }
+
+    #[test]
+    fn a_marketing_pause_defers_within_the_time_to_live_and_suppresses_beyond_it() {
+        let mut s = customer("en_US");
+        let pause = |resumes_at| MarketingStopped {
+            message_id: "m-0".into(),
+            error_code: 131049,
+            channel: Channel::Whatsapp,
+            stopped_at: T0 - HOUR,
+            resumes_at: Some(resumes_at),
+        };
+        s.marketing_paused = Some(pause(T0 + 5 * HOUR));
+        let out = planned_now(&s, Purpose::Marketing);
+        let [Outcome::MessageDeferred(d)] = out.as_slice() else {
+            panic!("expected a deferral, got {out:?}");
+        };
+        assert_eq!(
+            (d.reason, d.deferred_until),
+            (DeferralReason::MarketingPaused, T0 + 5 * HOUR)
+        );
+        s.marketing_paused = Some(pause(T0 + 100 * HOUR));
+        assert_eq!(
+            reason(&planned_now(&s, Purpose::Marketing)),
+            Some(SuppressionReason::MarketingStopped)
+        );
+        s.marketing_paused = Some(pause(T0));
+        assert!(!held_by_a_stop(&planned_now(&s, Purpose::Marketing)));
     }
 
     #[test]

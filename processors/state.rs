@@ -174,6 +174,13 @@ pub struct CustomerState {
     /// When the latest erasure request was made; facts from before it stay out of state.
     #[serde(default)]
     pub erased_at: Option<Millis>,
+    /// The latest provider refusal saying the customer turned marketing off (lifted by a
+    /// later marketing consent).
+    #[serde(default)]
+    pub marketing_turned_off: Option<MarketingStopped>,
+    /// The latest provider refusal pausing marketing to the customer until a given time.
+    #[serde(default)]
+    pub marketing_paused: Option<MarketingStopped>,
 }
 
 impl CustomerState {
@@ -373,6 +380,13 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
                     || d.planned.template_name != m.template_name
             }),
         },
+        Outcome::MarketingStopped(m) => {
+            let slot = match m.resumes_at {
+                None => &mut state.marketing_turned_off,
+                Some(_) => &mut state.marketing_paused,
+            };
+            *slot = Some(m.clone());
+        }
         Outcome::OptedOut(o) => {
             for purpose in &o.purposes {
                 state.set_consent(ConsentEntry {

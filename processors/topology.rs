@@ -112,6 +112,10 @@ fn default_ttl_hours() -> i64 {
     72
 }
 
+fn default_provider_marketing_pause_hours() -> i64 {
+    24
+}
+
 /// Quiet hours in each customer's own time zone, from policy.toml's `[quiet_hours]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +245,10 @@ pub struct PolicySettings {
     pub session_window_hours: i64,
     /// A stock level older than this is not trusted by a journey guard.
     pub inventory_max_age_hours: i64,
+    /// How long marketing to a customer pauses after the provider refused it with 131048
+    /// (spam rate limit) or 131049 (marketing limited for this user).
+    #[serde(default = "default_provider_marketing_pause_hours")]
+    pub provider_marketing_pause_hours: i64,
     #[serde(default)]
     pub frequency_cap: Vec<FrequencyCap>,
     #[serde(default)]
@@ -607,6 +615,10 @@ impl Topology {
             ("recheck_ambiguous_hours", p.recheck_ambiguous_hours),
             ("session_window_hours", p.session_window_hours),
             ("inventory_max_age_hours", p.inventory_max_age_hours),
+            (
+                "provider_marketing_pause_hours",
+                p.provider_marketing_pause_hours,
+            ),
         ] {
             if v <= 0 {
                 bail!("topology/policy.toml: {key} must be > 0");

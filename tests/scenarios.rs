@@ -130,12 +130,23 @@ fn every_scenario_file_decides_as_expected() {
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let (got, decisions, states) = run(&s, &topology);
         if got != s.expect {
+            // A status step names the message it is about; the ids approved help write one.
+            let approved: Vec<String> = decisions
+                .iter()
+                .filter_map(|d| match &d.outcome {
+                    Outcome::MessageApproved(m) => {
+                        Some(format!("{} {}", m.template_name, m.message_id))
+                    }
+                    _ => None,
+                })
+                .collect();
             failures.push(format!(
-                "{} ({})\n  expected {:?}\n  got      {:?}",
+                "{} ({})\n  expected {:?}\n  got      {:?}\n  approved {:?}",
                 f.display(),
                 s.description,
                 s.expect,
-                got
+                got,
+                approved
             ));
         }
         // Replay gives the same state: the fold of a customer's decisions is their live state.
