@@ -1009,15 +1009,19 @@ mod tests {
         })
     }
 
-    fn decide_on(state: &CustomerState, fact: &Fact) -> Vec<Outcome> {
+    /// Runs `f` with the embedded topology, empty tables, at T0.
+    fn at_t0<R>(f: impl FnOnce(&Ctx) -> R) -> R {
         let topology = Topology::embedded().expect("embedded topology");
         let tables = crate::tables::Tables::default();
-        let ctx = Ctx {
+        f(&Ctx {
             now: T0,
             topology: &topology,
             tables: &tables,
             input_ref: "test/0/0",
-        };
+        })
+    }
+
+    fn decide_on(state: &CustomerState, fact: &Fact) -> Vec<Outcome> {
         let (template, journey) = match fact {
             Fact::OrderPlaced(_) => ("order_confirmation", "order_updates"),
             Fact::ShipmentDispatched(_) => ("shipment_dispatched", "order_updates"),
@@ -1031,7 +1035,7 @@ mod tests {
             since: T0,
             journey: (journey, fact.order_id().unwrap_or("k-1")),
         };
-        decide_message(state, &req, &ctx)
+        at_t0(|ctx| decide_message(state, &req, ctx))
     }
 
     fn reason(outcomes: &[Outcome]) -> Option<SuppressionReason> {
@@ -1091,19 +1095,11 @@ mod tests {
         let [Outcome::MessageApproved(m)] = out.as_slice() else {
             panic!("expected the order confirmation approved, got {out:?}");
         };
-        let topology = Topology::embedded().expect("embedded topology");
-        let tables = crate::tables::Tables::default();
-        let ctx = Ctx {
-            now: T0,
-            topology: &topology,
-            tables: &tables,
-            input_ref: "test/0/0",
-        };
         let planned = MessageApproved {
             purpose,
             ..m.clone()
         };
-        when_to_send(state, planned, T0 + 72 * HOUR, &ctx)
+        at_t0(|ctx| when_to_send(state, planned, T0 + 72 * HOUR, ctx))
     }
 
     /// Whether a provider's marketing stop or pause held the message (quiet hours may still).
