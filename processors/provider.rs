@@ -46,10 +46,8 @@ impl SendOutcome {
         match self {
             SendOutcome::Accepted(_) => CallEnd::Answered,
             SendOutcome::Rejected { code: 130429, .. } => CallEnd::Throttled,
-            // 131000 is the Cloud API's "something went wrong"; a bare 5xx carries its status.
-            SendOutcome::Rejected { code, .. } if *code == 131000 || (500..600).contains(code) => {
-                CallEnd::ProviderFailed
-            }
+            // 131000 is the Cloud API's "something went wrong".
+            SendOutcome::Rejected { code: 131000, .. } => CallEnd::ProviderFailed,
             SendOutcome::Rejected { .. } => CallEnd::Answered,
             SendOutcome::NotDelivered(_) | SendOutcome::Unanswered(_) => CallEnd::ProviderFailed,
         }
@@ -159,9 +157,20 @@ impl CloudApiClient {
             }
             return SendOutcome::Unanswered(format!("HTTP {status} without a message id"));
         }
-        let code = body["error"]["code"]
-            .as_i64()
-            .unwrap_or(status.as_u16() as i64) as i32;
+        let Some(code) = body["error"]["code"].as_i64().map(|c| c as i32) else {
+            // A server error without a Cloud API error is a gateway or proxy answering for the
+            // provider (502, 504...): whether the send went through is unknown.
+            if status.is_server_error() {
+                return SendOutcome::Unanswered(format!(
+                    "HTTP {status} without a Cloud API error: the message may have gone out"
+                ));
+            }
+            return SendOutcome::Rejected {
+                code: status.as_u16() as i32,
+                retryable: false,
+                detail: format!("HTTP {status} without a Cloud API error"),
+            };
+        };
         let detail = body["error"]["message"]
             .as_str()
             .unwrap_or("no error message")
@@ -605,4 +614,71 @@ pub async fn serve_simulator_with(
         .with_state(sim);
     let bound = crate::telemetry::serve_router(addr, router, "provider simulator").await?;
     Ok((bound, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider stand-in that answers every send with this status and body.
+    async fn answering(status: StatusCode, body: &'static str) -> CloudApiClient {
+        let app = Router::new().fallback(move || async move { (status, body) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        CloudApiClient::new(&format!("http://{addr}"), "1", "t").expect("client")
+    }
+
+    fn approval() -> MessageApproved {
+        MessageApproved {
+            message_id: "m-1".into(),
+            trigger_event_id: "e-1".into(),
+            template_name: "order_confirmation".into(),
+            template_version: 1,
+            locale: "en_US".into(),
+            purpose: crate::events::Purpose::Transactional,
+            channel: crate::events::Channel::Whatsapp,
+            recipient: "+15550100001".into(),
+            variables: Default::default(),
+            consent_artifact_id: "form-1".into(),
+            consent_granted_at: 0,
+            category: "UTILITY".into(),
+            delivery: Default::default(),
+            journey: None,
+            relied_on: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proxy_error_is_an_unknown_outcome_and_a_coded_error_is_a_refusal() {
+        let proxy = answering(StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").await;
+        assert!(matches!(
+            proxy.send("c-1", &approval()).await,
+            SendOutcome::Unanswered(_)
+        ));
+        let fault = answering(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"error":{"code":131000,"message":"Something went wrong"}}"#,
+        )
+        .await;
+        assert!(matches!(
+            fault.send("c-1", &approval()).await,
+            SendOutcome::Rejected {
+                code: 131000,
+                retryable: true,
+                ..
+            }
+        ));
+        let refused = answering(StatusCode::FORBIDDEN, "").await;
+        assert!(matches!(
+            refused.send("c-1", &approval()).await,
+            SendOutcome::Rejected {
+                code: 403,
+                retryable: false,
+                ..
+            }
+        ));
+    }
 }
