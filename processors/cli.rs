@@ -936,7 +936,6 @@ fn serve_forever(listen: SocketAddr, registry: bool) -> Result<()> {
     })
 }
 
-/// The runtime a long-running command works on, and the codec of a registry it has reached.
 /// `herald dlq list` and `herald dlq replay`.
 fn dead_letters(action: DlqAction) -> Result<()> {
     telemetry::init_tracing("warn");
@@ -1052,6 +1051,7 @@ fn send_limits(args: &RunArgs) -> Result<crate::pacing::Limits> {
     })
 }
 
+/// The runtime a long-running command works on, and the codec of a registry it has reached.
 fn runtime_with_registry(registry: &str) -> Result<(tokio::runtime::Runtime, Arc<Codec>)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -229,9 +229,9 @@ pub fn classify(code: i32) -> ErrorAction {
         4 | 80007 | 130429 | 131056 | 131000 | 131016 | 133004 | 429 | 500 | 502 | 503 | 504 => {
             ErrorAction::Retry
         }
-        131047 | 132000 | 132001 | 132005 | 132007 | 132012 | 132015 | 132016 | 131008 | 131009
-        | 131051 | 131052 | 131053 => ErrorAction::ReturnToPolicy,
-        131026 => ErrorAction::Fallback,
+        // Policy names the reason of each refusal it must hear of; one list serves both.
+        code if crate::policy::refusal_reason(code).is_some() => ErrorAction::ReturnToPolicy,
+        crate::policy::UNDELIVERABLE => ErrorAction::Fallback,
         131048..=131050 => ErrorAction::StopMarketing,
         // Access, token and account blocks: 0 (auth), 3 (capability), 10 (permission),
         // 190 (token expired), 200-299 (permissions), 368 (policy block), 131031 (account

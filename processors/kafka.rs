@@ -419,9 +419,7 @@ pub fn run_stage<S: Stage>(
             .init_transactions(Duration::from_secs(30))
             .context("init_transactions failed: does the broker support transactions? (use at-least-once mode if not)")?;
     }
-    let reader = LogReader {
-        consumer: settings.log_reader()?,
-    };
+    let reader = LogReader::new(settings)?;
     let mut owned: BTreeSet<i32> = BTreeSet::new();
     let mut intake: Intake<OwnedMessage> = Intake::new(settings.max_task_idle_ms, LANE_PAUSE_ABOVE);
     let clock = Instant::now();

@@ -165,9 +165,11 @@ impl CloudApiClient {
                     "HTTP {status} without a Cloud API error: the message may have gone out"
                 ));
             }
+            let code = status.as_u16() as i32;
             return SendOutcome::Rejected {
-                code: status.as_u16() as i32,
-                retryable: false,
+                code,
+                // A bare 429 is a throttle in front of the provider: worth trying again.
+                retryable: crate::dispatch::is_retryable(code),
                 detail: format!("HTTP {status} without a Cloud API error"),
             };
         };

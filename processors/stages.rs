@@ -64,8 +64,9 @@ fn encode_touched<S: serde::Serialize>(
 /// and both must survive a restart (the dedupe window and hold timers run on stream time).
 pub const STREAM_TIME_KEY: &str = "~stream-time";
 
-/// The input record a decision came from, from its provenance headers.
-fn source_position(m: &OwnedMessage) -> Option<(String, i64)> {
+/// The input record (topic, offset; the partition is the decision's own) a decision or dead
+/// letter came from, from its provenance headers.
+pub fn source_position(m: &impl Message) -> Option<(String, i64)> {
     use rdkafka::message::Headers;
     let h = m.headers()?;
     let get = |key: &str| {

@@ -86,18 +86,7 @@ fn undecided(
     rt: &tokio::runtime::Runtime,
 ) -> String {
     let source = |m: &rdkafka::message::BorrowedMessage<'_>| {
-        let h = m.headers()?;
-        let get = |key: &str| {
-            h.iter()
-                .find(|x| x.key == key)
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).to_string())
-        };
-        Some((
-            get("herald.source.topic")?,
-            m.partition(),
-            get("herald.source.offset")?.parse::<i64>().ok()?,
-        ))
+        herald::stages::source_position(m).map(|(topic, offset)| (topic, m.partition(), offset))
     };
     let mut seen = HashSet::new();
     let mut deduped = HashSet::new();
@@ -107,12 +96,11 @@ fn undecided(
             .block_on(codec.decode_decision(m.payload()))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(src) = source(m) {
-            let kind = format!("{:?}", d.outcome);
             kinds.entry(src.clone()).or_default().push(format!(
                 "{}@{}:{}",
                 m.partition(),
                 m.offset(),
-                kind.split('(').next().unwrap_or_default()
+                d.outcome.kind()
             ));
             if dedupe_step(&d.outcome) {
                 deduped.insert(src.clone());
