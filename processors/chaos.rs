@@ -14,7 +14,7 @@ use crate::stages::{DECISIONS, DISPATCH};
 use crate::topology::Topology;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -516,7 +516,27 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .filter(|m| !ended.contains(**m))
         .count() as u64;
     let sends = cluster.simulator.sent();
-    let (without, duplicate_sends) = demo::independent_checks(&scenario.items, &topology, &sends);
+    let checks = demo::independent_checks(&scenario.items, &topology, &sends);
+    for w in &checks.without_consent {
+        eprintln!("chaos: send without consent: {w}");
+    }
+    // What the log shows of those customers, in log order, to tell a late read from a lost one.
+    let suspects: BTreeSet<&str> = checks
+        .without_consent
+        .iter()
+        .filter_map(|w| w.customer_id.as_deref())
+        .collect();
+    for c in suspects {
+        eprintln!("chaos: the decision log of {c}:");
+        for d in decisions.iter().filter(|d| d.customer_id == c) {
+            eprintln!(
+                "chaos:   {} {} (input {})",
+                crate::events::rfc3339(d.decided_at),
+                d.outcome.summary(),
+                d.input_event_id,
+            );
+        }
+    }
     let (events_lost, duplicate_decisions, order_violations) = check_log(&events, &decisions);
     let _ = std::fs::remove_dir_all(&dir);
     drop(producer);
@@ -532,8 +552,8 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         events_lost,
         duplicate_decisions,
         order_violations,
-        sends_without_consent: without,
-        duplicate_sends,
+        sends_without_consent: checks.without_consent.len() as u64,
+        duplicate_sends: checks.duplicates,
         approvals_unsettled,
     })
 }

@@ -297,12 +297,12 @@ pub fn read_topic(
 
 /// Checks the simulator's log against the scenario's own consent events, without policy code:
 /// a send counts as without consent when, at its trigger's time, the scenario's latest consent
-/// event for the template's purpose was a grant on no channel. Returns (without, duplicates).
+/// event for the template's purpose was a grant on no channel.
 pub fn independent_checks(
     items: &[FeedItem],
     topology: &Topology,
     sends: &[SimulatedSend],
-) -> (u64, u64) {
+) -> IndependentChecks {
     // Ground truth from the scenario: consent timeline and trigger times per message id.
     let mut timeline: HashMap<&str, Vec<(Millis, Purpose, Channel, bool)>> = HashMap::new();
     let mut triggers: HashMap<String, (&str, Millis)> = HashMap::new();
@@ -373,20 +373,29 @@ pub fn independent_checks(
             .and_then(|v| v.first())
             .map(|t| t.purpose)
     };
-    let mut without = 0;
+    let mut checks = IndependentChecks::default();
     let mut seen = HashSet::new();
-    let mut duplicates = 0;
     for s in sends {
         if !seen.insert((s.to.clone(), s.message_id.clone())) {
-            duplicates += 1;
+            checks.duplicates += 1;
         }
         let Some((customer, at)) = triggers.get(&s.message_id) else {
             // A message the scenario never asked for is a send without grounds.
-            without += 1;
+            checks.without_consent.push(UnconsentedSend {
+                message_id: s.message_id.clone(),
+                template: s.template.clone(),
+                customer_id: None,
+                why: "no fact asked for it".into(),
+            });
             continue;
         };
         let Some(purpose) = purpose_of(&s.template) else {
-            without += 1;
+            checks.without_consent.push(UnconsentedSend {
+                message_id: s.message_id.clone(),
+                template: s.template.clone(),
+                customer_id: Some(customer.to_string()),
+                why: "the template is not in the catalog".into(),
+            });
             continue;
         };
         let granted = timeline.get(customer).is_some_and(|t| {
@@ -402,10 +411,47 @@ pub fn independent_checks(
                 })
         });
         if !granted {
-            without += 1;
+            checks.without_consent.push(UnconsentedSend {
+                message_id: s.message_id.clone(),
+                template: s.template.clone(),
+                customer_id: Some(customer.to_string()),
+                why: format!(
+                    "no {purpose:?} consent at its trigger, {}",
+                    crate::events::rfc3339(*at)
+                ),
+            });
         }
     }
-    (without, duplicates)
+    checks
+}
+
+/// A send the scenario's own consent events do not allow, and why.
+#[derive(Debug)]
+pub struct UnconsentedSend {
+    pub message_id: String,
+    pub template: String,
+    /// The customer whose fact asked for it; None when no fact did.
+    pub customer_id: Option<String>,
+    pub why: String,
+}
+
+impl std::fmt::Display for UnconsentedSend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message_id, self.template)?;
+        if let Some(c) = &self.customer_id {
+            write!(f, " for {c}")?;
+        }
+        write!(f, ": {}", self.why)
+    }
+}
+
+/// What [`independent_checks`] found in the simulator's log.
+#[derive(Debug, Default)]
+pub struct IndependentChecks {
+    /// Each send without consent.
+    pub without_consent: Vec<UnconsentedSend>,
+    /// Sends of a message id to a number that had already received it.
+    pub duplicates: u64,
 }
 
 fn wait_until(
@@ -607,7 +653,10 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let decisions = pm.decisions_out.load(Ordering::Relaxed);
     let dlq = read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |_| Ok(()))?;
     let sends = cluster.simulator.sent();
-    let (without, duplicates) = independent_checks(&scenario.items, &topology, &sends);
+    let checks = independent_checks(&scenario.items, &topology, &sends);
+    for w in &checks.without_consent {
+        say(format!("  send without consent: {w}"));
+    }
     if let (Some(path), Some(recorder)) = (&opts.record, recorder) {
         let records = recorder.finish()?;
         let recorded = records
@@ -631,8 +680,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         decisions_by_kind: by_kind,
         suppressions_by_reason: by_reason,
         sends: sends.len() as u64,
-        sends_without_consent: without,
-        duplicate_sends: duplicates,
+        sends_without_consent: checks.without_consent.len() as u64,
+        duplicate_sends: checks.duplicates,
         dlq,
         seconds,
         events_per_s: total as f64 / seconds.max(1e-9),

@@ -831,6 +831,7 @@ impl Outcome {
                 }
                 s
             }
+            Outcome::EventAccepted(a) => format!("EventAccepted:{}", a.fact.kind()),
             Outcome::JourneyEntered(j) => format!("JourneyEntered:{}", j.journey),
             Outcome::JourneyAdvanced(j) => format!("JourneyAdvanced:{}", j.journey),
             Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),
