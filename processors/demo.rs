@@ -475,6 +475,10 @@ fn wait_until(
     Ok(())
 }
 
+/// How many decisions dispatch may have still to read before the demo feeds more: well inside
+/// what the mock cluster keeps of six partitions.
+const DISPATCH_LAG: u64 = 15_000;
+
 /// Runs the demo and returns its summary.
 pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -603,6 +607,19 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             Duration::from_secs(600),
             || {
                 pm.records_in.load(Ordering::Relaxed) >= target
+                    || handles.iter().any(|h| h.is_finished())
+            },
+            || show(fed),
+        )?;
+        // The mock cluster keeps about 5 MB of each partition: dispatch must not fall so far
+        // behind that the decisions it has yet to read are trimmed.
+        wait_until(
+            &stop,
+            "dispatch keeping up",
+            Duration::from_secs(600),
+            || {
+                dm.records_in.load(Ordering::Relaxed) + DISPATCH_LAG
+                    >= pm.decisions_out.load(Ordering::Relaxed)
                     || handles.iter().any(|h| h.is_finished())
             },
             || show(fed),

@@ -4,8 +4,11 @@
 //! Without it the consumer hands records over in whatever order the fetches return, so one
 //! topic can run days ahead of another: an order is then decided before the consent revocation
 //! that preceded it, and the stream time that ages the dedupe window jumps past a redelivery.
-//! A lane (one topic-partition) that is empty holds its partition back until records arrive or
-//! it has been idle for `max_idle_ms`, after which the others go on without it.
+//! A lane (one topic-partition) that is empty holds its partition back until the broker,
+//! asked after the partition's latest arrival, says the lane is at its end. A lane the broker
+//! says is behind (records written, not yet fetched) holds it back until they arrive, however
+//! long that takes; only a lane whose position is unknown, or whose broker does not answer,
+//! gives up after `max_idle_ms` (Kafka Streams' KIP-695 semantics).
 
 use rdkafka::message::{Message, OwnedMessage};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -42,9 +45,20 @@ impl Stamped for OwnedMessage {
 /// other topics meanwhile would run stream time ahead of it.
 pub const FIRST_FETCH_WAIT_MS: u64 = 5_000;
 
-/// How long after records arrive on one lane another lane's end-of-partition counts: the
-/// cached watermark that says so may predate a fetch response still on its way.
-pub const CONFIRM_GRACE_MS: u64 = 100;
+/// How often a lane the broker said was behind is asked again while its records do not come:
+/// they may have been only a transaction marker, which moves the position without a record.
+pub const RECHECK_MS: u64 = 25;
+
+/// Where the broker says a lane stands against its end (the last stable offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lag {
+    /// Nothing after the lane's position.
+    AtEnd,
+    /// Records after the lane's position that the consumer has not handed over yet.
+    Behind,
+    /// The broker did not answer, or the lane's position is not known.
+    Unknown,
+}
 
 struct Lane<R> {
     records: VecDeque<R>,
@@ -52,8 +66,8 @@ struct Lane<R> {
     empty_since: u64,
     /// Offset after the last record buffered, once one was.
     next_offset: Option<i64>,
-    /// When the broker was last seen to have nothing after `next_offset`.
-    caught_up_at: Option<u64>,
+    /// The broker's last answer about this lane since its last record, and when it was asked.
+    checked: Option<(u64, Lag)>,
     /// Nothing buffered since the lane was opened or rewound: its first fetch may be slow.
     fresh: bool,
 }
@@ -64,27 +78,41 @@ impl<R> Lane<R> {
             records: VecDeque::new(),
             empty_since: now_ms,
             next_offset: start,
-            caught_up_at: None,
+            checked: None,
             fresh: true,
         }
     }
 
     /// Empty, and may still receive records older than what other lanes hold. `last_fill` is
-    /// when records last arrived on an empty lane of the partition: data that arrives together
-    /// (one produce burst) reaches the lanes in separate fetch responses, so an empty lane is
-    /// waited for from then on, unless it was seen at its end well after that.
+    /// when records last arrived on an empty lane of the partition: whatever was written before
+    /// them is on the broker by then, so only an answer asked at or after it proves the lane
+    /// has nothing older.
     fn holds_back(&self, now_ms: u64, last_fill: u64, max_idle_ms: u64) -> bool {
-        let patience = if self.fresh {
-            max_idle_ms.max(FIRST_FETCH_WAIT_MS)
-        } else {
-            max_idle_ms
-        };
-        let confirmed_at_end = self
-            .caught_up_at
-            .is_some_and(|at| at >= last_fill + CONFIRM_GRACE_MS);
-        self.records.is_empty()
-            && !confirmed_at_end
-            && now_ms.saturating_sub(self.empty_since.max(last_fill)) < patience
+        if !self.records.is_empty() {
+            return false;
+        }
+        match self.checked {
+            Some((asked_at, Lag::AtEnd)) if asked_at >= last_fill => false,
+            Some((_, Lag::Behind)) => true,
+            _ => {
+                let patience = if self.fresh {
+                    max_idle_ms.max(FIRST_FETCH_WAIT_MS)
+                } else {
+                    max_idle_ms
+                };
+                now_ms.saturating_sub(self.empty_since.max(last_fill)) < patience
+            }
+        }
+    }
+
+    /// Whether the broker should be asked about the lane now: it holds its partition back and
+    /// has no answer since the partition's latest arrival, or was behind a while ago.
+    fn needs_check(&self, now_ms: u64, last_fill: u64) -> bool {
+        match self.checked {
+            Some((asked_at, Lag::AtEnd)) => asked_at < last_fill,
+            Some((asked_at, _)) => now_ms >= asked_at + RECHECK_MS,
+            None => true,
+        }
     }
 }
 
@@ -154,7 +182,7 @@ impl<R: Stamped> Intake<R> {
                 self.last_fill.insert(p, now_ms);
             }
             lane.next_offset = Some(record.offset() + 1);
-            lane.caught_up_at = None;
+            lane.checked = None;
             lane.fresh = false;
             lane.records.push_back(record);
         }
@@ -167,20 +195,41 @@ impl<R: Stamped> Intake<R> {
         })
     }
 
-    /// Empty lanes holding their partition back, with the offset they wait for if known: the
-    /// shell compares it with the broker's watermarks and reports the ones at the end.
+    /// Empty lanes holding back a partition that has records to decide, with the offset they
+    /// wait for if known.
     pub fn waiting(&self, now_ms: u64) -> Vec<(String, i32, Option<i64>)> {
+        let has_records: BTreeSet<i32> = self
+            .lanes
+            .iter()
+            .filter(|(_, l)| !l.records.is_empty())
+            .map(|((p, _), _)| *p)
+            .collect();
         self.blocking(now_ms)
+            .filter(|((p, _), _)| has_records.contains(p))
             .map(|((p, t), l)| (t.clone(), *p, l.next_offset))
             .collect()
     }
 
-    /// The lane has read all the broker has, as of `now_ms`: once that is well after the
-    /// partition's last arrival, it stops holding the partition back.
-    pub fn caught_up(&mut self, topic: &str, partition: i32, now_ms: u64) {
+    /// The waiting lanes the broker should be asked about now (see [`Intake::checked`]).
+    pub fn to_check(&self, now_ms: u64) -> Vec<(String, i32, Option<i64>)> {
+        self.waiting(now_ms)
+            .into_iter()
+            .filter(|(t, p, _)| {
+                let last_fill = self.last_fill.get(p).copied().unwrap_or(0);
+                self.lanes
+                    .get(&(*p, t.clone()))
+                    .is_some_and(|l| l.needs_check(now_ms, last_fill))
+            })
+            .collect()
+    }
+
+    /// The broker's answer about a lane, to a question asked at `asked_at`: at its end, it
+    /// stops holding the partition back (until the next arrival); behind, it holds it back
+    /// until its records come.
+    pub fn checked(&mut self, topic: &str, partition: i32, asked_at: u64, lag: Lag) {
         if let Some(lane) = self.lanes.get_mut(&(partition, topic.to_string())) {
             if lane.records.is_empty() {
-                lane.caught_up_at = Some(now_ms);
+                lane.checked = Some((asked_at, lag));
             }
         }
     }
@@ -301,12 +350,13 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_lane_holds_its_partition_back_until_it_idles_out() {
+    fn a_lane_nobody_could_ask_about_holds_its_partition_back_until_it_idles_out() {
         let mut i = intake(&["crm", "oms"], &[0]);
         i.push(R("crm", 0, 1), 0);
         i.push(R("oms", 0, 10), 0);
         assert_eq!(i.next(0), Some(R("crm", 0, 1)));
         assert_eq!(i.next(50), None, "crm may still deliver something older");
+        i.checked("crm", 0, 50, Lag::Unknown);
         assert_eq!(i.next(100), Some(R("oms", 0, 10)));
     }
 
@@ -321,46 +371,62 @@ mod tests {
         );
         assert_eq!(i.next(FIRST_FETCH_WAIT_MS), Some(R("oms", 0, 10)));
         i.open("crm", 0, Some(40), FIRST_FETCH_WAIT_MS);
+        i.push(R("oms", 0, 20), FIRST_FETCH_WAIT_MS);
         assert_eq!(
-            i.waiting(FIRST_FETCH_WAIT_MS),
-            vec![
-                ("crm".to_string(), 0, Some(40)),
-                ("oms".to_string(), 0, Some(11))
-            ]
+            i.to_check(FIRST_FETCH_WAIT_MS),
+            vec![("crm".to_string(), 0, Some(40))],
+            "a reopened lane is asked about from the position it was opened at"
         );
     }
 
     #[test]
-    fn a_lane_at_the_end_of_its_partition_does_not_hold_it_back() {
+    fn a_lane_the_broker_says_is_at_its_end_does_not_hold_its_partition_back() {
         let mut i = intake(&["crm", "oms"], &[0]);
         i.push(R("crm", 0, 5), 0);
         i.push(R("oms", 0, 10), 0);
         assert_eq!(i.next(0), Some(R("crm", 0, 5)));
-        assert_eq!(i.waiting(0), vec![("crm".to_string(), 0, Some(6))]);
+        assert_eq!(i.to_check(0), vec![("crm".to_string(), 0, Some(6))]);
         assert_eq!(i.next(0), None);
-        i.caught_up("crm", 0, 100);
-        assert_eq!(i.waiting(100), vec![]);
-        assert_eq!(i.next(100), Some(R("oms", 0, 10)));
-        assert_eq!(
-            i.waiting(100),
-            vec![("oms".to_string(), 0, Some(11))],
-            "crm is still at its end"
-        );
+        i.checked("crm", 0, 0, Lag::AtEnd);
+        assert_eq!(i.to_check(0), vec![]);
+        assert_eq!(i.next(0), Some(R("oms", 0, 10)));
+        assert_eq!(i.to_check(0), vec![], "nothing is waiting to be decided");
         i.push(R("crm", 0, 20), 200);
         assert_eq!(i.next(200), None, "oms is not known to be at its end");
-        i.caught_up("oms", 0, 250);
+        assert_eq!(i.to_check(200), vec![("oms".to_string(), 0, Some(11))]);
+        i.checked("oms", 0, 150, Lag::AtEnd);
         assert_eq!(
-            i.next(250),
+            i.next(200),
             None,
-            "seen at its end too soon after crm's arrival: its own fetch may be on the way"
+            "asked before crm's record arrived: what was written with it may not have been"
         );
-        i.caught_up("oms", 0, 300);
-        assert_eq!(i.next(300), Some(R("crm", 0, 20)));
+        i.checked("oms", 0, 200, Lag::AtEnd);
+        assert_eq!(i.next(200), Some(R("crm", 0, 20)));
+    }
+
+    #[test]
+    fn a_lane_the_broker_says_is_behind_holds_its_partition_back_until_its_records_come() {
+        let mut i = intake(&["crm", "oms"], &[0]);
+        i.push(R("crm", 0, 1), 0);
+        i.push(R("oms", 0, 30), 0);
+        assert_eq!(i.next(0), Some(R("crm", 0, 1)));
+        i.checked("crm", 0, 0, Lag::Behind);
         assert_eq!(
-            i.waiting(300),
-            vec![("crm".to_string(), 0, Some(21))],
-            "a new record means crm may have more again"
+            i.next(60_000),
+            None,
+            "long past the idle time, a revocation the broker has may still come first"
         );
+        assert_eq!(i.to_check(RECHECK_MS - 1), vec![]);
+        assert_eq!(
+            i.to_check(RECHECK_MS),
+            vec![("crm".to_string(), 0, Some(2))],
+            "asked again: the lag may have been a transaction marker"
+        );
+        i.push(R("crm", 0, 20), 60_000);
+        assert_eq!(i.next(60_000), Some(R("crm", 0, 20)));
+        assert_eq!(i.next(60_000), None, "crm is empty again");
+        i.checked("crm", 0, 60_000, Lag::AtEnd);
+        assert_eq!(i.next(60_000), Some(R("oms", 0, 30)));
     }
 
     #[test]

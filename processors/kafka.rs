@@ -2,7 +2,7 @@
 //! brokers without them), restore of partition state on assignment, the dead-letter topic, and a
 //! clean stop on SIGTERM. The loop is generic over a [`Stage`]; the rules live in the core.
 
-use crate::intake::{FlowChange, Intake};
+use crate::intake::{FlowChange, Intake, Lag};
 use crate::store::StateStore;
 use crate::telemetry::Metrics;
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,7 +12,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -386,6 +386,10 @@ pub fn run_stage<S: Stage>(
         ),
         ("session.timeout.ms", session.as_str()),
         ("heartbeat.interval.ms", heartbeat.as_str()),
+        // A lane the broker says is behind holds its partition until its next fetch answers;
+        // a broker that parks an empty fetch for its whole wait (as librdkafka's mock cluster
+        // does) would stall it that long. `--kafka-config` can raise it.
+        ("fetch.wait.max.ms", FETCH_WAIT_MS),
     ];
     if settings.static_membership {
         specific.push(("group.instance.id", client_id.as_str()));
@@ -402,13 +406,21 @@ pub fn run_stage<S: Stage>(
     // out whole partitions: the companion topics' same-numbered partitions follow by manual
     // assignment. That is what keeps one customer's whole history on one task.
     consumer.subscribe(&[lead])?;
-    let companion_config =
-        settings.consumer_config(&group, &format!("{client_id}-companions"), &[]);
+    let companion_config = settings.consumer_config(
+        &group,
+        &format!("{client_id}-companions"),
+        &[("fetch.wait.max.ms", FETCH_WAIT_MS)],
+    );
     let inputs = Inputs {
         group: consumer,
         companions: companion_config
             .create_with_context(EndOfLogIsExpected)
             .context("cannot create Kafka consumer for companion topics")?,
+        probe: settings
+            .consumer_config(&group, &format!("{client_id}-probe"), &[])
+            .create_with_context(EndOfLogIsExpected)
+            .context("cannot create Kafka client for lane checks")?,
+        stale_positions: Default::default(),
         lead: lead.to_string(),
         companion_topics: companions.iter().map(|t| t.to_string()).collect(),
     };
@@ -454,16 +466,7 @@ pub fn run_stage<S: Stage>(
                 &reader,
                 metrics,
             )?;
-            for (topic, p, next) in intake.waiting(now_ms()) {
-                let at_end = match (inputs.cached_watermarks(&topic, p), next) {
-                    (Some((_, high)), Some(next)) => next >= high,
-                    (Some((low, high)), None) => low >= high,
-                    (None, _) => false,
-                };
-                if at_end {
-                    intake.caught_up(&topic, p, now_ms());
-                }
-            }
+            check_lanes(&inputs, &mut intake, &now_ms);
             while batch.len() < settings.batch_size {
                 match intake.next(now_ms()) {
                     Some(m) => batch.push(m),
@@ -499,8 +502,14 @@ pub fn run_stage<S: Stage>(
                         .context("abort_transaction")?;
                 }
                 stage.reset();
-                inputs.rewind()?;
+                let starts = inputs.rewind()?;
                 intake.clear(now_ms());
+                for (topic, p, start) in starts {
+                    if intake.is_open(&topic, p) {
+                        intake.open(&topic, p, Some(start), now_ms());
+                        inputs.opened(&topic, p);
+                    }
+                }
             }
             Err(BatchError::Fatal(e)) => {
                 if settings.exactly_once {
@@ -580,7 +589,12 @@ fn apply_rebalances<S: Stage>(
                     }
                     // The lanes' patience starts now, after the restore, not at the assignment.
                     for topic in inputs.all_topics() {
-                        intake.open(topic, p, starts.get(topic).copied(), now_ms());
+                        let start = match starts.get(topic) {
+                            Some(s) => Some(*s),
+                            None => inputs.start_of(topic, p),
+                        };
+                        intake.open(topic, p, start, now_ms());
+                        inputs.opened(topic, p);
                     }
                 }
             }
@@ -589,11 +603,57 @@ fn apply_rebalances<S: Stage>(
     Ok(())
 }
 
+/// Asks the broker where the empty lanes that hold a partition back stand against their ends,
+/// in one request, and tells the intake. Asked after the partition's latest arrival, "at the
+/// end" proves that nothing written before that arrival is still to come on the lane.
+fn check_lanes(inputs: &Inputs, intake: &mut Intake<OwnedMessage>, now_ms: &dyn Fn() -> u64) {
+    let lanes = intake.to_check(now_ms());
+    if lanes.is_empty() {
+        return;
+    }
+    let asked_at = now_ms();
+    let ends = inputs.ends(&lanes);
+    let positions = inputs.positions();
+    for (topic, p, next) in lanes {
+        // The consumer's own position steps over transaction markers; the lane's next offset
+        // stands in before the consumer has handed anything over, and wins when it is further
+        // (a lead partition whose seek to the resume position failed re-reads decided records).
+        let reported = positions
+            .get(&(topic.clone(), p))
+            .copied()
+            .filter(|at| !inputs.is_stale(&topic, p, *at));
+        let position = reported.max(next);
+        let lag = match (position, ends.get(&(topic.clone(), p))) {
+            (Some(at), Some(end)) if at >= *end => Lag::AtEnd,
+            (Some(_), Some(_)) => Lag::Behind,
+            _ => Lag::Unknown,
+        };
+        tracing::debug!(topic, partition = p, ?position, end = ?ends.get(&(topic.clone(), p)), ?lag, "lane checked");
+        intake.checked(&topic, p, asked_at, lag);
+    }
+}
+
+/// How many records one poll of the inputs takes from each consumer without waiting: a lane
+/// that catches up holds its partition back, so it must be drained as fast as it is fetched.
+const POLL_BURST: usize = 1024;
+
+/// How long a stage consumer's fetch may wait at the broker for data (librdkafka's default is
+/// 500 ms).
+const FETCH_WAIT_MS: &str = "50";
+
 /// The two consumers a stage reads with: the group member for the lead topic, and a
 /// manually assigned one for the companion topics' partitions that follow it.
 struct Inputs {
     group: BaseConsumer<RebalanceLog>,
     companions: BaseConsumer<EndOfLogIsExpected>,
+    /// Asks where lanes end. It never fetches: a broker answers one connection's requests in
+    /// order, so on a consumer's connection the question would wait out a parked fetch.
+    probe: BaseConsumer<EndOfLogIsExpected>,
+    /// The position each consumer reported for a lane when it was (re)opened. librdkafka
+    /// forgets a partition's position only once its unassign or seek has been processed, so
+    /// until then it reports where the previous assignment had read to, which may be past
+    /// records the new one has yet to hand over.
+    stale_positions: std::cell::RefCell<HashMap<(String, i32), i64>>,
     lead: String,
     companion_topics: Vec<String>,
 }
@@ -617,8 +677,14 @@ impl Inputs {
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
         };
         take(self.group.poll(wait).map(|r| r.map(|m| m.detach())));
+        for _ in 0..POLL_BURST {
+            match self.group.poll(Duration::ZERO) {
+                None => break,
+                r => take(r.map(|r| r.map(|m| m.detach()))),
+            }
+        }
         if !self.companion_topics.is_empty() {
-            for _ in 0..64 {
+            for _ in 0..POLL_BURST {
                 match self.companions.poll(Duration::ZERO) {
                     None => break,
                     r => take(r.map(|r| r.map(|m| m.detach()))),
@@ -662,11 +728,95 @@ impl Inputs {
         Ok(())
     }
 
-    fn cached_watermarks(&self, topic: &str, p: i32) -> Option<(i64, i64)> {
-        if self.is_lead(topic) {
-            cached_watermarks(&self.group, topic, p)
+    /// The end (last stable offset) of each lane, asked of the broker now; lanes it did not
+    /// answer for are missing.
+    fn ends(&self, lanes: &[(String, i32, Option<i64>)]) -> HashMap<(String, i32), i64> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p, _) in lanes {
+            if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::End) {
+                tracing::debug!(error = %e, topic, partition = p, "cannot ask for a lane's end");
+            }
+        }
+        match self.probe.offsets_for_times(tpl, Duration::from_secs(2)) {
+            Ok(answer) => answer
+                .elements()
+                .iter()
+                .filter(|e| e.error().is_ok())
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "the broker did not say where the lanes end");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// Notes the position the consumer reports for a lane just (re)opened: until it changes,
+    /// it belongs to the previous assignment.
+    fn opened(&self, topic: &str, p: i32) {
+        let key = (topic.to_string(), p);
+        let now = self.positions().get(&key).copied();
+        let mut stale = self.stale_positions.borrow_mut();
+        match now {
+            Some(at) => stale.insert(key, at),
+            None => stale.remove(&key),
+        };
+    }
+
+    /// Whether `at` is the position the consumer reported when the lane was opened.
+    fn is_stale(&self, topic: &str, p: i32, at: i64) -> bool {
+        self.stale_positions
+            .borrow()
+            .get(&(topic.to_string(), p))
+            .is_some_and(|s| *s == at)
+    }
+
+    /// Each assigned lane's consume position, where the consumer knows it.
+    fn positions(&self) -> HashMap<(String, i32), i64> {
+        let mut out = HashMap::new();
+        let group = self.group.position();
+        let companions = if self.companion_topics.is_empty() {
+            Ok(TopicPartitionList::new())
         } else {
-            cached_watermarks(&self.companions, topic, p)
+            self.companions.position()
+        };
+        for tpl in [group, companions].into_iter().flatten() {
+            for e in tpl.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    out.insert((e.topic().to_string(), e.partition()), o);
+                }
+            }
+        }
+        out
+    }
+
+    /// Where a lane with no resume position starts reading: the group's committed offset, or
+    /// the start of the partition when the group has none (`auto.offset.reset=earliest`).
+    /// None when the broker does not say.
+    fn start_of(&self, topic: &str, p: i32) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, p);
+        let consumer_committed = if self.is_lead(topic) {
+            self.group.committed_offsets(tpl, Duration::from_secs(5))
+        } else {
+            self.companions
+                .committed_offsets(tpl, Duration::from_secs(5))
+        };
+        let committed = consumer_committed
+            .ok()?
+            .elements()
+            .first()
+            .map(|e| e.offset());
+        match committed {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => self
+                .probe
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .ok()
+                .map(|(low, _)| low),
         }
     }
 
@@ -690,62 +840,43 @@ impl Inputs {
         }
     }
 
-    /// Seeks every assigned partition of both consumers back to the group's committed offset.
-    fn rewind(&self) -> Result<()> {
+    /// Seeks every assigned partition of both consumers back to the group's committed offset;
+    /// returns the committed offsets it sought to.
+    fn rewind(&self) -> Result<Vec<(String, i32, i64)>> {
         let committed = self
             .group
             .committed_offsets(self.group.assignment()?, Duration::from_secs(30))?;
-        seek_to(&self.group, &committed)?;
+        let mut sought = seek_to(&self.group, &committed)?;
         if !self.companion_topics.is_empty() {
             let committed = self
                 .companions
                 .committed_offsets(self.companions.assignment()?, Duration::from_secs(30))?;
-            seek_to(&self.companions, &committed)?;
+            sought.extend(seek_to(&self.companions, &committed)?);
         }
-        Ok(())
+        Ok(sought)
     }
 }
 
+/// Seeks to the committed offsets (the beginning where there is none); returns the committed
+/// ones.
 fn seek_to<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     committed: &TopicPartitionList,
-) -> Result<()> {
+) -> Result<Vec<(String, i32, i64)>> {
     let mut seek = TopicPartitionList::new();
+    let mut sought = Vec::new();
     for e in committed.elements() {
         let offset = match e.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
+            Offset::Offset(o) => {
+                sought.push((e.topic().to_string(), e.partition(), o));
+                Offset::Offset(o)
+            }
             _ => Offset::Beginning,
         };
         seek.add_partition_offset(e.topic(), e.partition(), offset)?;
     }
     consumer.seek_partitions(seek, Duration::from_secs(30))?;
-    Ok(())
-}
-
-/// Start and end of a partition as of the consumer's last fetch response (the end is the last
-/// stable offset under read_committed), without a round trip; None while unknown. Behind a
-/// transactional producer the last record is followed by a commit marker, so such a lane never
-/// looks caught up and falls back to the idle timeout.
-fn cached_watermarks<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    partition: i32,
-) -> Option<(i64, i64)> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client handle lives as long as `consumer`; librdkafka copies what it needs
-    // from the topic string and only writes the two out-parameters.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some((low, high))
+    Ok(sought)
 }
 
 enum BatchError {
