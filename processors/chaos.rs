@@ -110,6 +110,8 @@ struct Processes {
     bootstrap: String,
     registry: String,
     simulator: String,
+    /// The gateway's scheme and host, where SMS statuses are asked for.
+    gateway: String,
     dir: PathBuf,
     children: Vec<(Role, Child)>,
 }
@@ -131,6 +133,15 @@ impl Processes {
                 "--provider-token",
                 "chaos",
             ])
+            // SMS and e-mail on the simulator too, as the demo has them.
+            .args(["--sms-url", &self.simulator, "--email-url", &self.simulator])
+            .args(["--sms-account-sid", crate::demo::DEMO_SMS_ACCOUNT])
+            .env("HERALD_SMS_AUTH_TOKEN", crate::demo::DEMO_SMS_TOKEN)
+            .args(["--sms-from", "+15550199999"])
+            .arg("--sms-status-callback")
+            .arg(format!("{}/webhooks/sms", self.gateway))
+            .env("HERALD_EMAIL_API_KEY", "SG.chaos-key")
+            .args(["--email-from", "orders@herald.example"])
             // A withheld answer is given up on after a second; a send whose outcome is
             // unknown waits 10 s for its status webhook (they arrive within a second).
             .args(["--provider-timeout-ms", "1000", "--settle-wait-ms", "10000"])
@@ -354,6 +365,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         bootstrap: cluster.bootstrap.clone(),
         registry: cluster.registry_url.clone(),
         simulator: cluster.simulator_url.clone(),
+        gateway: cluster.gateway_root.clone(),
         dir: dir.clone(),
         children: Vec::new(),
     };

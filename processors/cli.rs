@@ -1,7 +1,10 @@
 //! The `herald` command line.
 
 use crate::kafka::{self, KafkaSettings};
-use crate::provider::CloudApiClient;
+use crate::email::EmailClient;
+use crate::events::Channel;
+use crate::provider::{CloudApiClient, Providers};
+use crate::sms::SmsClient;
 use crate::registry::Codec;
 use crate::stages::{DispatchStage, ProcessorStage};
 use crate::store::StoreAddress;
@@ -408,6 +411,29 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub provider_token: String,
+    /// The SMS provider's API root (Twilio-shaped Messages resource).
+    #[arg(long, env = "HERALD_SMS_URL", default_value = "https://api.twilio.com")]
+    pub sms_url: String,
+    /// The SMS account SID (AC...); with --sms-auth-token and --sms-from it turns SMS on.
+    #[arg(long, env = "HERALD_SMS_ACCOUNT_SID")]
+    pub sms_account_sid: Option<String>,
+    #[arg(long, env = "HERALD_SMS_AUTH_TOKEN", hide_env_values = true)]
+    pub sms_auth_token: Option<String>,
+    /// The number (E.164) or messaging service SID (MG...) SMS are sent from.
+    #[arg(long, env = "HERALD_SMS_FROM")]
+    pub sms_from: Option<String>,
+    /// Where the SMS provider posts statuses: the gateway's public `/webhooks/sms`.
+    #[arg(long, env = "HERALD_SMS_STATUS_CALLBACK")]
+    pub sms_status_callback: Option<String>,
+    /// The e-mail provider's API root (SendGrid-shaped v3 Mail Send).
+    #[arg(long, env = "HERALD_EMAIL_URL", default_value = "https://api.sendgrid.com")]
+    pub email_url: String,
+    /// The e-mail API key; with --email-from it turns e-mail on.
+    #[arg(long, env = "HERALD_EMAIL_API_KEY", hide_env_values = true)]
+    pub email_api_key: Option<String>,
+    /// The address e-mails are sent from.
+    #[arg(long, env = "HERALD_EMAIL_FROM")]
+    pub email_from: Option<String>,
     /// How long dispatch waits for the provider's answer to a send. A send left unanswered is
     /// never retried blindly: its outcome is settled from status webhooks.
     #[arg(long, env = "HERALD_PROVIDER_TIMEOUT_MS", default_value_t = 10_000)]
@@ -880,9 +906,74 @@ pub struct GatewayArgs {
     /// How long Kafka may take to acknowledge a webhook's events before it is answered 503.
     #[arg(long, env = "HERALD_GATEWAY_ACK_TIMEOUT_MS", default_value_t = 10_000)]
     pub ack_timeout_ms: u64,
+    /// The SMS account's auth token, which signs its status callbacks (X-Twilio-Signature);
+    /// `/webhooks/sms` answers 404 without it.
+    #[arg(long, env = "HERALD_SMS_AUTH_TOKEN", hide_env_values = true)]
+    pub sms_auth_token: Option<String>,
+    /// The scheme and host the providers call the gateway at (e.g. https://hooks.example.com):
+    /// SMS signatures cover the URL, which a TLS-terminating proxy hides from the gateway.
+    #[arg(long, env = "HERALD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// USER:PASSWORD the e-mail provider's event webhook presents (HTTP basic auth);
+    /// `/webhooks/email` answers 404 without it.
+    #[arg(long, env = "HERALD_EMAIL_WEBHOOK_AUTH", hide_env_values = true)]
+    pub email_webhook_auth: Option<String>,
     /// Extra librdkafka settings, as KEY=VALUE (repeatable).
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     pub kafka_config: Vec<(String, String)>,
+}
+
+/// The providers dispatch sends through: the Cloud API always, SMS and e-mail when their
+/// settings are all given; a channel without them dead-letters its messages with the settings
+/// it lacks.
+fn providers(args: &RunArgs) -> Result<Providers> {
+    let timeout = Duration::from_millis(args.provider_timeout_ms);
+    let mut providers = Providers::default().with(Arc::new(CloudApiClient::with_timeout(
+        &args.provider_url,
+        &args.phone_number_id,
+        &args.provider_token,
+        timeout,
+    )?));
+    let given = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_string);
+    let sms = [
+        given(&args.sms_account_sid),
+        given(&args.sms_auth_token),
+        given(&args.sms_from),
+    ];
+    providers = match sms {
+        [Some(sid), Some(token), Some(from)] => {
+            if !sid.starts_with("AC") {
+                bail!("HERALD_SMS_ACCOUNT_SID (--sms-account-sid) must start with AC, got '{sid}'");
+            }
+            providers.with(Arc::new(SmsClient::new(
+                &args.sms_url,
+                &sid,
+                &token,
+                &from,
+                args.sms_status_callback.as_deref(),
+                timeout,
+            )?))
+        }
+        [None, None, None] => providers.without(
+            Channel::Sms,
+            "set --sms-account-sid, --sms-auth-token and --sms-from (HERALD_SMS_ACCOUNT_SID, HERALD_SMS_AUTH_TOKEN, HERALD_SMS_FROM)",
+        ),
+        _ => bail!("SMS needs all of HERALD_SMS_ACCOUNT_SID, HERALD_SMS_AUTH_TOKEN and HERALD_SMS_FROM (--sms-account-sid, --sms-auth-token, --sms-from), or none"),
+    };
+    providers = match [given(&args.email_api_key), given(&args.email_from)] {
+        [Some(key), Some(from)] => {
+            if !from.contains('@') {
+                bail!("HERALD_EMAIL_FROM (--email-from) must be an e-mail address, got '{from}'");
+            }
+            providers.with(Arc::new(EmailClient::new(&args.email_url, &key, &from, timeout)?))
+        }
+        [None, None] => providers.without(
+            Channel::Email,
+            "set --email-api-key and --email-from (HERALD_EMAIL_API_KEY, HERALD_EMAIL_FROM)",
+        ),
+        _ => bail!("e-mail needs both HERALD_EMAIL_API_KEY and HERALD_EMAIL_FROM (--email-api-key, --email-from), or neither"),
+    };
+    Ok(providers)
 }
 
 fn gateway(args: GatewayArgs) -> Result<()> {
@@ -894,6 +985,23 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         bail!("HERALD_VERIFY_TOKEN (--verify-token) is empty");
     }
     let identifiers = identifier_key_from(&args.identifier_key)?;
+    let email_webhook_auth = match args.email_webhook_auth.as_deref() {
+        None => None,
+        Some(auth) => match auth.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                Some((user.to_string(), password.to_string()))
+            }
+            _ => bail!("HERALD_EMAIL_WEBHOOK_AUTH (--email-webhook-auth) must be USER:PASSWORD, both non-empty"),
+        },
+    };
+    if args.sms_auth_token.as_deref() == Some("") {
+        bail!("HERALD_SMS_AUTH_TOKEN (--sms-auth-token) is set but empty");
+    }
+    if let Some(u) = &args.public_url {
+        if !(u.starts_with("https://") || u.starts_with("http://")) {
+            bail!("HERALD_PUBLIC_URL (--public-url) must start with https:// or http://, got '{u}'");
+        }
+    }
     let topo = topology(&args.topology)?;
     let (rt, codec) = runtime_with_registry(&args.registry)?;
     let mut settings = KafkaSettings::new(&args.bootstrap, false, "gateway");
@@ -909,6 +1017,9 @@ fn gateway(args: GatewayArgs) -> Result<()> {
             identifiers,
             partitions: topo.partitions(),
             ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+            sms_auth_token: args.sms_auth_token.map(String::into_bytes),
+            public_url: args.public_url,
+            email_webhook_auth,
         },
         args.listen,
         args.health_listen,
@@ -1108,12 +1219,8 @@ fn run(args: RunArgs) -> Result<()> {
         if args.phone_number_id.is_empty() || args.provider_token.is_empty() {
             bail!("dispatch needs HERALD_PHONE_NUMBER_ID and HERALD_PROVIDER_TOKEN (or --phone-number-id / --provider-token)");
         }
-        let client = CloudApiClient::with_timeout(
-            &args.provider_url,
-            &args.phone_number_id,
-            &args.provider_token,
-            Duration::from_millis(args.provider_timeout_ms),
-        )?;
+        let providers = providers(&args)?;
+        let catalog = topo.catalog.clone();
         let settle_wait = Duration::from_millis(args.settle_wait_ms);
         let limits = send_limits(&args)?;
         let (s, st, m, h, c, store, k) = (
@@ -1126,7 +1233,7 @@ fn run(args: RunArgs) -> Result<()> {
             identifiers.clone(),
         );
         handles.push(std::thread::spawn(move || {
-            let mut stage = DispatchStage::new(c, store, client, h.clone(), m.clone(), k)
+            let mut stage = DispatchStage::new(c, store, providers, catalog, h.clone(), m.clone(), k)
                 .with_settle_wait(settle_wait)
                 .with_limits(limits);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)

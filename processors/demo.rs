@@ -53,6 +53,9 @@ pub struct Summary {
     pub decisions_by_kind: BTreeMap<String, u64>,
     pub suppressions_by_reason: BTreeMap<String, u64>,
     pub sends: u64,
+    /// Sends the simulator accepted, by channel (WHATSAPP, SMS, EMAIL).
+    #[serde(default)]
+    pub sends_by_channel: BTreeMap<String, u64>,
     pub sends_without_consent: u64,
     pub duplicate_sends: u64,
     pub dlq: u64,
@@ -64,6 +67,37 @@ pub struct Summary {
 pub const DEMO_APP_SECRET: &str = "herald-demo-app-secret-not-secret";
 /// The demo gateway's verification token.
 pub const DEMO_VERIFY_TOKEN: &str = "herald-demo-verify-token";
+/// The demo SMS account: its SID, and the auth token that signs its status callbacks.
+pub const DEMO_SMS_ACCOUNT: &str = "ACherald0000000000000000000000demo";
+pub const DEMO_SMS_TOKEN: &str = "herald-demo-sms-token-not-secret";
+/// The basic-auth credentials of the demo e-mail provider's event webhook.
+pub const DEMO_EMAIL_WEBHOOK_AUTH: (&str, &str) = ("herald", "herald-demo-email-hook-not-secret");
+
+/// The providers of every channel, all on the simulator at `simulator_url`, SMS statuses
+/// asked for at the gateway's `/webhooks/sms`.
+pub fn demo_providers(simulator_url: &str, gateway_url: &str) -> Result<provider::Providers> {
+    let timeout = Duration::from_secs(10);
+    Ok(provider::Providers::default()
+        .with(Arc::new(CloudApiClient::new(
+            simulator_url,
+            "1055501234567890",
+            "demo-token",
+        )?))
+        .with(Arc::new(crate::sms::SmsClient::new(
+            simulator_url,
+            DEMO_SMS_ACCOUNT,
+            DEMO_SMS_TOKEN,
+            "+15550199999",
+            Some(&format!("{gateway_url}/webhooks/sms")),
+            timeout,
+        )?))
+        .with(Arc::new(crate::email::EmailClient::new(
+            simulator_url,
+            "SG.demo-key",
+            "orders@herald.example",
+            timeout,
+        )?)))
+}
 
 /// The running pieces of a one-machine Herald.
 pub struct Cluster {
@@ -74,6 +108,8 @@ pub struct Cluster {
     pub simulator: Arc<provider::SimulatorLog>,
     /// The webhook gateway the simulator posts status webhooks to.
     pub gateway_url: String,
+    /// The gateway's scheme and host, under which `/webhooks/sms` and `/webhooks/email` are.
+    pub gateway_root: String,
     pub gateway: crate::gateway::RunningGateway,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -135,14 +171,27 @@ pub fn start_cluster(
             identifiers: crate::identity::IdentifierKey::demo(),
             partitions: topology.partitions(),
             ack_timeout: Duration::from_secs(10),
+            sms_auth_token: Some(DEMO_SMS_TOKEN.as_bytes().to_vec()),
+            public_url: None,
+            email_webhook_auth: Some((
+                DEMO_EMAIL_WEBHOOK_AUTH.0.to_string(),
+                DEMO_EMAIL_WEBHOOK_AUTH.1.to_string(),
+            )),
         },
         any,
         any,
         stop.clone(),
     )?;
-    let gateway_url = format!("http://{}/webhook", gateway.webhook_addr);
+    let gateway_root = format!("http://{}", gateway.webhook_addr);
+    let gateway_url = format!("{gateway_root}/webhook");
     let options = provider::SimulatorOptions {
         webhook_url: Some(gateway_url.clone()),
+        sms_auth_token: DEMO_SMS_TOKEN.as_bytes().to_vec(),
+        email_webhook_url: Some(format!("{gateway_root}/webhooks/email")),
+        email_webhook_auth: (
+            DEMO_EMAIL_WEBHOOK_AUTH.0.to_string(),
+            DEMO_EMAIL_WEBHOOK_AUTH.1.to_string(),
+        ),
         ..simulator
     };
     let (sim, log) = rt.block_on(provider::serve_simulator_with(any, options))?;
@@ -153,6 +202,7 @@ pub fn start_cluster(
         simulator_url: format!("http://{sim}"),
         simulator: log,
         gateway_url,
+        gateway_root,
         gateway,
         stop,
     })
@@ -305,7 +355,9 @@ pub fn independent_checks(
 ) -> IndependentChecks {
     // Ground truth from the scenario: consent timeline and trigger times per message id.
     let mut timeline: HashMap<&str, Vec<(Millis, Purpose, Channel, bool)>> = HashMap::new();
-    let mut triggers: HashMap<String, (&str, Millis)> = HashMap::new();
+    // Message id -> (customer, when it was asked for, template): an SMS or e-mail carries
+    // text, not the template's name, so the template is known from what asked for it.
+    let mut triggers: HashMap<String, (&str, Millis, &str)> = HashMap::new();
     for item in items {
         let FeedItem::Event(e) = item else { continue };
         let c = e.envelope.customer_id.as_str();
@@ -329,7 +381,9 @@ pub fn independent_checks(
             for r in j.reactions.iter().filter(|r| r.fact == e.fact.kind()) {
                 for template in std::iter::once(&r.template).chain(&r.partial_template) {
                     let id = deterministic_id(&[c, &e.envelope.event_id, template]);
-                    triggers.entry(id).or_insert((c, e.envelope.occurred_at));
+                    triggers
+                        .entry(id)
+                        .or_insert((c, e.envelope.occurred_at, template.as_str()));
                 }
             }
         }
@@ -354,17 +408,19 @@ pub fn independent_checks(
                 };
                 let id =
                     deterministic_id(&[c, &j.name, &key, &e.envelope.event_id, &n.to_string()]);
-                triggers.entry(id).or_insert((c, at));
+                triggers
+                    .entry(id)
+                    .or_insert((c, at, step.template.as_str()));
                 n += 1;
             }
         }
     }
     // A message WhatsApp reported undeliverable may go out once more on a fallback channel,
     // under an id derived from the first; it is judged at its first's trigger.
-    let firsts: Vec<(String, (&str, Millis))> =
+    let firsts: Vec<(String, (&str, Millis, &str))> =
         triggers.iter().map(|(id, t)| (id.clone(), *t)).collect();
-    for (id, (c, at)) in firsts {
-        triggers.insert(deterministic_id(&[c, &id, "fallback"]), (c, at));
+    for (id, (c, at, template)) in firsts {
+        triggers.insert(deterministic_id(&[c, &id, "fallback"]), (c, at, template));
     }
     let purpose_of = |template: &str| {
         topology
@@ -379,7 +435,7 @@ pub fn independent_checks(
         if !seen.insert((s.to.clone(), s.message_id.clone())) {
             checks.duplicates += 1;
         }
-        let Some((customer, at)) = triggers.get(&s.message_id) else {
+        let Some((customer, at, asked_for)) = triggers.get(&s.message_id) else {
             // A message the scenario never asked for is a send without grounds.
             checks.without_consent.push(UnconsentedSend {
                 message_id: s.message_id.clone(),
@@ -389,7 +445,13 @@ pub fn independent_checks(
             });
             continue;
         };
-        let Some(purpose) = purpose_of(&s.template) else {
+        // A WhatsApp template may be a fallback template of the one asked for.
+        let template = if s.template.is_empty() {
+            asked_for
+        } else {
+            s.template.as_str()
+        };
+        let Some(purpose) = purpose_of(template) else {
             checks.without_consent.push(UnconsentedSend {
                 message_id: s.message_id.clone(),
                 template: s.template.clone(),
@@ -563,12 +625,14 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             dm.clone(),
         );
         let store = store.clone();
-        let client = CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "demo-token")?;
+        let providers = demo_providers(&cluster.simulator_url, &cluster.gateway_root)?;
+        let catalog = topology.catalog.clone();
         handles.push(std::thread::spawn(move || {
             let mut stage = DispatchStage::new(
                 c,
                 store,
-                client,
+                providers,
+                catalog,
                 h.clone(),
                 m.clone(),
                 crate::identity::IdentifierKey::demo(),
@@ -697,6 +761,11 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         decisions_by_kind: by_kind,
         suppressions_by_reason: by_reason,
         sends: sends.len() as u64,
+        sends_by_channel: sends.iter().fold(BTreeMap::new(), |mut by, s| {
+            *by.entry(format!("{:?}", s.channel).to_uppercase())
+                .or_insert(0) += 1;
+            by
+        }),
         sends_without_consent: checks.without_consent.len() as u64,
         duplicate_sends: checks.duplicates,
         dlq,
@@ -749,6 +818,9 @@ pub fn print_summary(s: &Summary, json: bool) {
         println!("    {k:<22}{v}");
     }
     println!("  messages sent           {}", s.sends);
+    for (k, v) in &s.sends_by_channel {
+        println!("    {k:<22}{v}");
+    }
     println!("  dead letters            {}", s.dlq);
     println!(
         "  throughput              {:.0} events/s ({:.1} s)",

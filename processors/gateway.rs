@@ -1,7 +1,9 @@
 //! The webhook gateway (`herald gateway`): the WhatsApp Cloud API posts message statuses,
-//! inbound messages and template status changes here. Each POST is checked against its
-//! `X-Hub-Signature-256` before anything reads it, normalised into provider events, and answered
-//! 200 only once Kafka has acknowledged every event (acks=all); a 5xx makes the provider retry.
+//! inbound messages and template status changes here, the SMS provider its status callbacks,
+//! the e-mail provider its delivery events. Each POST is authenticated (`X-Hub-Signature-256`,
+//! `X-Twilio-Signature`, basic auth) before anything reads it, normalised into provider events,
+//! and answered 200 only once Kafka has acknowledged every event (acks=all); a 5xx makes the
+//! provider retry.
 //!
 //! The signature check and the normalisation are pure functions; the HTTP and Kafka parts are
 //! the shell around them. Health and readiness are served on a listener of their own, so a
@@ -102,6 +104,8 @@ pub fn verify_signature(
 pub enum Callback {
     /// A status of a message (ours when its callback data is Herald's).
     Status {
+        /// The channel whose provider reported it.
+        channel: Channel,
         provider_message_id: String,
         status: MessageStatus,
         error_code: Option<i32>,
@@ -195,6 +199,7 @@ fn status(s: &Value, received_at: Millis) -> Result<Callback, BodyError> {
     };
     let error_code = s["errors"][0]["code"].as_i64().map(|c| c as i32);
     Ok(Callback::Status {
+        channel: Channel::Whatsapp,
         provider_message_id: id.to_string(),
         status,
         error_code,
@@ -313,8 +318,20 @@ pub fn route(c: &Callback, sender_of: impl Fn(&str) -> Option<String>) -> Route 
 
 /// The provider event for a callback, for `customer_id`.
 pub fn provider_event(c: &Callback, customer_id: &str) -> InputEvent {
+    let source = match c {
+        Callback::Status {
+            channel: Channel::Sms,
+            ..
+        } => "sms",
+        Callback::Status {
+            channel: Channel::Email,
+            ..
+        } => "email",
+        _ => "whatsapp",
+    };
     let (at, fact) = match c {
         Callback::Status {
+            channel: _,
             provider_message_id,
             status,
             error_code,
@@ -358,7 +375,7 @@ pub fn provider_event(c: &Callback, customer_id: &str) -> InputEvent {
             }),
         ),
     };
-    InputEvent::new("whatsapp", customer_id, &event_id(c), at, fact)
+    InputEvent::new(source, customer_id, &event_id(c), at, fact)
 }
 
 /// Settings of `herald gateway`.
@@ -374,6 +391,15 @@ pub struct GatewayConfig {
     pub partitions: i32,
     /// How long Kafka may take to acknowledge a webhook's events before it is answered 503.
     pub ack_timeout: Duration,
+    /// The SMS account's auth token, which signs its status callbacks; `/webhooks/sms` is
+    /// answered 404 without it.
+    pub sms_auth_token: Option<Vec<u8>>,
+    /// The scheme and host the SMS provider calls the gateway at (`https://hooks.example.com`),
+    /// which its signatures cover; by default `http://` and the request's Host header.
+    pub public_url: Option<String>,
+    /// The basic-auth user and password of the e-mail event webhook; `/webhooks/email` is
+    /// answered 404 without them.
+    pub email_webhook_auth: Option<(String, String)>,
 }
 
 /// What the gateway has done, for `/metrics` and the benchmark.
@@ -450,7 +476,8 @@ async fn verify(State(g): State<Arc<Gateway>>, Query(h): Query<Handshake>) -> Re
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares two secrets without leaking, by its timing, where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -464,17 +491,102 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
         inc(&g.metrics.unauthorized);
         return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
     }
-    let now = wall_clock_ms();
-    let callbacks = match normalise(&body, now) {
-        Ok(c) => c,
-        Err(e) => {
-            inc(&g.metrics.bad_requests);
-            return (StatusCode::BAD_REQUEST, e.0).into_response();
-        }
+    match normalise(&body, wall_clock_ms()) {
+        Ok(callbacks) => accept(&g, &callbacks, &body).await,
+        Err(e) => bad_request(&g, e),
+    }
+}
+
+fn bad_request(g: &Gateway, e: BodyError) -> Response {
+    g.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+    (StatusCode::BAD_REQUEST, e.0).into_response()
+}
+
+/// `POST /webhooks/sms`: an SMS status callback, its signature checked over the URL the
+/// provider called and the form fields before any field is trusted.
+async fn receive_sms(
+    State(g): State<Arc<Gateway>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = g.config.sms_auth_token.as_deref() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "SMS status callbacks are not configured: set --sms-auth-token (HERALD_SMS_AUTH_TOKEN)",
+        )
+            .into_response();
     };
+    let fields: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let base = match &g.config.public_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => format!(
+            "http://{}",
+            headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default()
+        ),
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{base}{path}");
+    if let Err(e) = crate::sms::verify_signature(
+        token,
+        headers
+            .get(crate::sms::SIGNATURE_HEADER)
+            .map(|v| v.as_bytes()),
+        &url,
+        &fields,
+    ) {
+        g.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+    }
+    let data = crate::sms::url_param(&url, crate::sms::CALLBACK_PARAM);
+    match crate::sms::normalise(&fields, data.as_deref(), wall_clock_ms()) {
+        Ok(callbacks) => accept(&g, &callbacks, &body).await,
+        Err(e) => bad_request(&g, e),
+    }
+}
+
+/// `POST /webhooks/email`: the e-mail provider's delivery events, under basic auth.
+async fn receive_email(
+    State(g): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some((user, password)) = &g.config.email_webhook_auth else {
+        return (
+            StatusCode::NOT_FOUND,
+            "e-mail events are not configured: set --email-webhook-auth (HERALD_EMAIL_WEBHOOK_AUTH)",
+        )
+            .into_response();
+    };
+    if !crate::email::authorized(
+        headers.get("authorization").map(|v| v.as_bytes()),
+        user,
+        password,
+    ) {
+        g.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong basic-auth credentials",
+        )
+            .into_response();
+    }
+    match crate::email::normalise(&body, wall_clock_ms()) {
+        Ok(callbacks) => accept(&g, &callbacks, &body).await,
+        Err(e) => bad_request(&g, e),
+    }
+}
+
+/// Turns authenticated callbacks into provider events (or dead letters), and answers 200 once
+/// Kafka has every one of them.
+async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Response {
+    let inc = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+    let now = wall_clock_ms();
     let mut records: Vec<Outgoing> = Vec::new();
     let mut fresh = Vec::new();
-    for c in &callbacks {
+    for c in callbacks {
         let id = event_id(c);
         let known = g.recent.lock().map(|r| r.contains(&id)).unwrap_or(false);
         if known {
@@ -495,7 +607,7 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
                 let e = provider_event(c, customer);
                 match g.codec.encode_input(&e).await {
                     Ok(v) => vec![(customer.clone(), None, v)],
-                    Err(e) => return unavailable(&g, format!("cannot encode: {e:#}")),
+                    Err(e) => return unavailable(g, format!("cannot encode: {e:#}")),
                 }
             }
             Route::Everyone => {
@@ -504,7 +616,7 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
                 let key = format!("template:{id}");
                 let v = match g.codec.encode_input(&provider_event(c, &key)).await {
                     Ok(v) => v,
-                    Err(e) => return unavailable(&g, format!("cannot encode: {e:#}")),
+                    Err(e) => return unavailable(g, format!("cannot encode: {e:#}")),
                 };
                 for p in 0..g.config.partitions {
                     out.push((key.clone(), Some(p), v.clone()));
@@ -536,7 +648,7 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
                         fresh.push(id);
                         continue;
                     }
-                    Err(e) => return unavailable(&g, format!("cannot encode: {e:#}")),
+                    Err(e) => return unavailable(g, format!("cannot encode: {e:#}")),
                 }
             }
         };
@@ -552,7 +664,7 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
         fresh.push(id);
     }
     let Some(producer) = g.producer.read().ok().and_then(|p| p.clone()) else {
-        return unavailable(&g, "the gateway is shutting down".into());
+        return unavailable(g, "the gateway is shutting down".into());
     };
     // Every event acknowledged by all in-sync replicas, or the provider must try again.
     let sends = records.iter().map(|o| {
@@ -574,7 +686,7 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
     });
     for result in futures::future::join_all(sends).await {
         if let Err((e, _)) = result {
-            return unavailable(&g, format!("Kafka did not acknowledge: {e}"));
+            return unavailable(g, format!("Kafka did not acknowledge: {e}"));
         }
     }
     if let Ok(mut r) = g.recent.lock() {
@@ -749,6 +861,8 @@ pub fn start(
     });
     let webhooks = Router::new()
         .route("/webhook", get(verify).post(receive))
+        .route("/webhooks/sms", axum::routing::post(receive_sms))
+        .route("/webhooks/email", axum::routing::post(receive_email))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway.clone());
     let health = {

@@ -2,8 +2,8 @@
 //!
 //! The pure core (`dedupe`, `ordering`, `policy`, `journey`, `quiet_hours`, `dispatch`, `state`,
 //! `tables`, `pipeline`, `task`, `replay`, `audit`, `identity`, `projection`) decides; the
-//! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `scylla_store`, `provider`, `dump`,
-//! `telemetry`, `cli`) move bytes.
+//! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `scylla_store`, `provider`, `sms`,
+//! `email`, `dump`, `telemetry`, `cli`) move bytes.
 
 pub mod avro;
 pub mod events;
@@ -33,6 +33,7 @@ pub mod cli;
 pub mod demo;
 pub mod dlq;
 pub mod dump;
+pub mod email;
 pub mod gateway;
 pub mod intake;
 pub mod kafka;
@@ -41,6 +42,7 @@ pub mod rebuild;
 pub mod registry;
 pub mod scenario;
 pub mod scylla_store;
+pub mod sms;
 pub mod stages;
 pub mod store;
 pub mod telemetry;

@@ -783,8 +783,24 @@ pub fn decide_inbound(
     vec![]
 }
 
-/// The provider error code for a message it could not deliver to that channel.
+/// The Cloud API error code for a message it could not deliver to that channel.
 pub const UNDELIVERABLE: i32 = 131_026;
+
+/// Whether a provider's error code says the message cannot reach the customer on that
+/// channel, so the next channel should carry it: the Cloud API's 131026; the SMS provider's
+/// invalid, unreachable, landline or filtered numbers (Twilio's 21211, 21614, 30003-30008);
+/// an e-mail bounce or drop (550, as the gateway records one).
+pub fn is_undeliverable(channel: Channel, code: i32) -> bool {
+    match channel {
+        Channel::Whatsapp => code == UNDELIVERABLE,
+        Channel::Sms => matches!(code, 21211 | 21614 | 30003..=30008),
+        Channel::Email => code == EMAIL_BOUNCED,
+    }
+}
+
+/// The code the gateway gives an e-mail the provider bounced or dropped (SMTP's permanent
+/// "mailbox unavailable").
+pub const EMAIL_BOUNCED: i32 = 550;
 
 /// What the provider's failure of a message calls for: one WhatsApp could not deliver
 /// (131026) goes out again on the next channel the customer consented to, with the same
@@ -807,8 +823,8 @@ pub fn decide_status(
     else {
         return vec![];
     };
-    if code == UNDELIVERABLE {
-        return fall_back(state, customer_id, sent, ctx);
+    if is_undeliverable(sent.message.channel, code) {
+        return fall_back(state, customer_id, sent, ctx, code);
     }
     if let Some(stop) = marketing_stop(&sent.message, code, ctx) {
         let detail = match stop.resumes_at {
@@ -914,6 +930,7 @@ fn fall_back(
     customer_id: &str,
     sent: &crate::state::RecentSend,
     ctx: &Ctx,
+    code: i32,
 ) -> Vec<Outcome> {
     let failed = &sent.message;
     let channels = &ctx.topology.policy.channels;
@@ -954,7 +971,7 @@ fn fall_back(
     planned.relied_on.insert(
         "fallback_from".into(),
         format!(
-            "{} on {:?} (error {UNDELIVERABLE})",
+            "{} on {:?} (error {code})",
             failed.message_id, failed.channel
         ),
     );

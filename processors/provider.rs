@@ -1,9 +1,11 @@
-//! The provider shell: a WhatsApp Cloud API client for approved template messages, and the
-//! provider simulator, an HTTP server that accepts the Cloud API send request shape, answers with
-//! a message id, and keeps what it received so that checks independent of Herald's policy code
-//! can inspect it.
+//! The provider shell: the [`Provider`] trait every channel's adapter implements, the WhatsApp
+//! Cloud API client for template and session messages, and the provider simulator, an HTTP
+//! server that accepts the Cloud API (and, through `sms` and `email`, the SMS and e-mail
+//! providers') send request shapes, answers with a message id, posts signed status callbacks,
+//! and keeps what it received so that checks independent of Herald's policy code can inspect
+//! it.
 
-use crate::events::MessageApproved;
+use crate::events::{Channel, Delivery, MessageApproved};
 use anyhow::Result;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -45,13 +47,100 @@ impl SendOutcome {
         use crate::pacing::CallEnd;
         match self {
             SendOutcome::Accepted(_) => CallEnd::Answered,
-            SendOutcome::Rejected { code: 130429, .. } => CallEnd::Throttled,
-            // 131000 is the Cloud API's "something went wrong".
-            SendOutcome::Rejected { code: 131000, .. } => CallEnd::ProviderFailed,
+            // The Cloud API's, the SMS provider's and HTTP's "too many requests".
+            SendOutcome::Rejected {
+                code: 130429 | 20429 | 429,
+                ..
+            } => CallEnd::Throttled,
+            // The Cloud API's and the SMS provider's "something went wrong"; an e-mail
+            // provider's server error.
+            SendOutcome::Rejected {
+                code: 131000 | 20500 | 500..=504,
+                ..
+            } => CallEnd::ProviderFailed,
             SendOutcome::Rejected { .. } => CallEnd::Answered,
             SendOutcome::NotDelivered(_) | SendOutcome::Unanswered(_) => CallEnd::ProviderFailed,
         }
     }
+}
+
+/// One message on its way out: the approval with the recipient's clear address, and its
+/// composed text where the channel carries text (SMS, e-mail, a WhatsApp session message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub customer_id: String,
+    pub approved: MessageApproved,
+    pub text: Option<String>,
+}
+
+/// What each channel's provider adapter does: carry one message and say how the call ended.
+/// Object-safe, so dispatch holds one per channel behind the same pointer type.
+pub trait Provider: Send + Sync {
+    /// The channel it carries.
+    fn channel(&self) -> Channel;
+    /// Sends one message; never retries by itself (dispatch decides that from the outcome).
+    fn send<'a>(&'a self, message: &'a Outgoing) -> futures::future::BoxFuture<'a, SendOutcome>;
+}
+
+/// The providers dispatch sends through, at most one per channel.
+#[derive(Clone, Default)]
+pub struct Providers {
+    by_channel: std::collections::BTreeMap<Channel, Arc<dyn Provider>>,
+    /// Why a channel has none, naming the setting that would give it one.
+    unconfigured: std::collections::BTreeMap<Channel, String>,
+}
+
+impl Providers {
+    /// Adds (or replaces) the provider of its channel.
+    pub fn with(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.by_channel.insert(provider.channel(), provider);
+        self
+    }
+
+    /// Notes why `channel` has no provider (the settings it lacks), for the dead letters of
+    /// the messages approved for it.
+    pub fn without(mut self, channel: Channel, why: &str) -> Self {
+        self.unconfigured.insert(channel, why.to_string());
+        self
+    }
+
+    /// Why a message on `channel` cannot be sent: no provider, and what would give it one.
+    pub fn missing(&self, channel: Channel) -> String {
+        match self.unconfigured.get(&channel) {
+            Some(why) => format!("no {channel:?} provider is configured: {why}"),
+            None => format!("no {channel:?} provider is configured"),
+        }
+    }
+
+    /// The provider of a channel, if one is configured.
+    pub fn of(&self, channel: Channel) -> Option<&Arc<dyn Provider>> {
+        self.by_channel.get(&channel)
+    }
+
+    /// The channels with a provider.
+    pub fn channels(&self) -> Vec<Channel> {
+        self.by_channel.keys().copied().collect()
+    }
+}
+
+/// Reads an HTTP call's failure to get an answer: a connection never made is safe to try
+/// again; anything later (a timeout, a connection lost mid-answer) may have sent the message.
+pub fn unanswered_or_undelivered(e: reqwest::Error) -> SendOutcome {
+    if e.is_connect() {
+        SendOutcome::NotDelivered(e.to_string())
+    } else {
+        SendOutcome::Unanswered(e.to_string())
+    }
+}
+
+/// An HTTP client with Herald's timeouts for a provider: `timeout` for the whole answer, at
+/// most 3 s to connect.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(3)))
+        .pool_max_idle_per_host(8)
+        .build()?)
 }
 
 /// A client for the WhatsApp Cloud API `/{phone-number-id}/messages` endpoint.
@@ -100,6 +189,19 @@ pub fn template_request(customer_id: &str, m: &MessageApproved) -> Value {
     })
 }
 
+/// The Cloud API request body for a session (free-form text) message, which the provider
+/// takes only inside the customer service window.
+pub fn session_request(customer_id: &str, m: &MessageApproved, text: &str) -> Value {
+    json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": m.recipient,
+        "type": "text",
+        "text": {"preview_url": false, "body": text},
+        "biz_opaque_callback_data": callback_data(customer_id, &m.message_id),
+    })
+}
+
 impl CloudApiClient {
     /// A client for `base_url` (the Graph API root or the simulator), waiting 10 s for an answer.
     pub fn new(base_url: &str, phone_number_id: &str, token: &str) -> Result<Self> {
@@ -113,13 +215,8 @@ impl CloudApiClient {
         token: &str,
         timeout: Duration,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(3)))
-            .pool_max_idle_per_host(8)
-            .build()?;
         Ok(CloudApiClient {
-            http,
+            http: http_client(timeout)?,
             base_url: base_url.trim_end_matches('/').to_string(),
             phone_number_id: phone_number_id.to_string(),
             token: token.to_string(),
@@ -128,6 +225,27 @@ impl CloudApiClient {
 
     /// Sends one approved template message to one of `customer_id`'s addresses.
     pub async fn send(&self, customer_id: &str, m: &MessageApproved) -> SendOutcome {
+        self.post(&template_request(customer_id, m)).await
+    }
+
+    /// Sends one message as its approval says it travels: a template, or a session message
+    /// with its composed text.
+    pub async fn send_outgoing(&self, o: &Outgoing) -> SendOutcome {
+        match (o.approved.delivery, &o.text) {
+            (Delivery::Session, Some(text)) => {
+                self.post(&session_request(&o.customer_id, &o.approved, text))
+                    .await
+            }
+            (Delivery::Session, None) => SendOutcome::Rejected {
+                code: 131008,
+                retryable: false,
+                detail: "a session message without its text".into(),
+            },
+            (Delivery::Template, _) => self.send(&o.customer_id, &o.approved).await,
+        }
+    }
+
+    async fn post(&self, body: &Value) -> SendOutcome {
         let url = format!(
             "{}/{GRAPH_VERSION}/{}/messages",
             self.base_url, self.phone_number_id
@@ -136,13 +254,12 @@ impl CloudApiClient {
             .http
             .post(url)
             .bearer_auth(&self.token)
-            .json(&template_request(customer_id, m))
+            .json(body)
             .send()
             .await
         {
             Ok(r) => r,
-            Err(e) if e.is_connect() => return SendOutcome::NotDelivered(e.to_string()),
-            Err(e) => return SendOutcome::Unanswered(e.to_string()),
+            Err(e) => return unanswered_or_undelivered(e),
         };
         let status = resp.status();
         let body: Value = match resp.json().await {
@@ -169,7 +286,7 @@ impl CloudApiClient {
             return SendOutcome::Rejected {
                 code,
                 // A bare 429 is a throttle in front of the provider: worth trying again.
-                retryable: crate::dispatch::is_retryable(code),
+                retryable: crate::dispatch::is_retryable(Channel::Whatsapp, code),
                 detail: format!("HTTP {status} without a Cloud API error"),
             };
         };
@@ -179,23 +296,63 @@ impl CloudApiClient {
             .to_string();
         SendOutcome::Rejected {
             code,
-            retryable: crate::dispatch::is_retryable(code) || status.is_server_error(),
+            retryable: crate::dispatch::is_retryable(Channel::Whatsapp, code)
+                || status.is_server_error(),
             detail,
         }
+    }
+}
+
+impl Provider for CloudApiClient {
+    fn channel(&self) -> Channel {
+        Channel::Whatsapp
+    }
+    fn send<'a>(&'a self, message: &'a Outgoing) -> futures::future::BoxFuture<'a, SendOutcome> {
+        Box::pin(self.send_outgoing(message))
     }
 }
 
 /// One send the simulator accepted.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SimulatedSend {
+    pub channel: Channel,
     pub to: String,
+    /// The template's name (empty for a message sent as text).
     pub template: String,
     pub language: String,
     pub callback_data: String,
     /// Herald's message id, from the callback data (the whole of it if Herald did not write it).
     pub message_id: String,
     pub parameters: Vec<(String, String)>,
+    /// The text of a message sent as text (SMS, e-mail, a WhatsApp session message).
+    pub text: Option<String>,
+    /// The provider's message id (the simulator assigns it when it records the send).
     pub wamid: String,
+}
+
+impl SimulatedSend {
+    /// A message sent as text on `channel`, whose provider id will start with `id_prefix`.
+    pub fn text(
+        channel: Channel,
+        to: &str,
+        callback_data: &str,
+        text: &str,
+        id_prefix: &str,
+    ) -> Self {
+        SimulatedSend {
+            channel,
+            to: to.to_string(),
+            template: String::new(),
+            language: String::new(),
+            callback_data: callback_data.to_string(),
+            message_id: parse_callback_data(callback_data)
+                .map_or(callback_data, |(_, m)| m)
+                .to_string(),
+            parameters: vec![],
+            text: Some(text.to_string()),
+            wamid: id_prefix.to_string(),
+        }
+    }
 }
 
 /// How the simulator behaves beyond answering: the limits it enforces, the failures it
@@ -221,10 +378,22 @@ pub struct SimulatorOptions {
     pub transient_failure_rate: f64,
     /// Share of accepted sends that later fail as undeliverable (a `failed` status, 131026).
     pub undeliverable_rate: f64,
+    /// Share of session (text) messages refused as outside the customer service window.
+    pub window_closed_rate: f64,
     /// Share of status webhooks posted twice.
     pub duplicate_webhook_rate: f64,
     /// Each status webhook is posted after a delay up to this; independent delays reorder them.
     pub max_webhook_delay: Duration,
+    /// The SMS account's auth token, which signs its status callbacks.
+    pub sms_auth_token: Vec<u8>,
+    /// Messages per second the SMS account may send.
+    pub sms_per_s: f64,
+    /// Where the e-mail provider posts its event webhook (the gateway's `/webhooks/email`).
+    pub email_webhook_url: Option<String>,
+    /// The basic-auth user and password of the e-mail event webhook.
+    pub email_webhook_auth: (String, String),
+    /// Requests per second the e-mail API key may make.
+    pub email_per_s: f64,
 }
 
 impl Default for SimulatorOptions {
@@ -240,8 +409,14 @@ impl Default for SimulatorOptions {
             withhold_answer_for: Duration::from_secs(15),
             transient_failure_rate: 0.0,
             undeliverable_rate: 0.0,
+            window_closed_rate: 0.0,
             duplicate_webhook_rate: 0.0,
             max_webhook_delay: Duration::from_millis(500),
+            sms_auth_token: Vec::new(),
+            sms_per_s: 100.0,
+            email_webhook_url: None,
+            email_webhook_auth: (String::new(), String::new()),
+            email_per_s: 600.0,
         }
     }
 }
@@ -283,22 +458,114 @@ pub struct SimulatorLog {
 }
 
 /// The simulator's shared state: its log, options, limits and randomness.
-struct Simulator {
+pub(crate) struct Simulator {
     log: Arc<SimulatorLog>,
-    options: SimulatorOptions,
+    pub(crate) options: SimulatorOptions,
     rng: Mutex<crate::scenario::Rng>,
     sender: Mutex<Option<Bucket>>,
+    sms_sender: Mutex<Option<Bucket>>,
+    email_sender: Mutex<Option<Bucket>>,
     pairs: Mutex<std::collections::HashMap<String, Bucket>>,
     http: reqwest::Client,
 }
 
 impl Simulator {
-    fn chance(&self, p: f64) -> bool {
+    pub(crate) fn chance(&self, p: f64) -> bool {
         p > 0.0 && self.rng.lock().map(|mut r| r.chance(p)).unwrap_or(false)
     }
     fn below(&self, n: u64) -> u64 {
         self.rng.lock().map(|mut r| r.below(n)).unwrap_or(0)
     }
+
+    /// Counts a refused send.
+    pub(crate) fn count_rejection(&self) {
+        if let Ok(mut r) = self.log.rejected.lock() {
+            *r += 1;
+        }
+    }
+
+    fn take(bucket: &Mutex<Option<Bucket>>, per_s: f64) -> bool {
+        let now = std::time::Instant::now();
+        bucket.lock().is_ok_and(|mut b| {
+            b.get_or_insert(Bucket {
+                tokens: per_s.max(1.0),
+                at: now,
+            })
+            .take(per_s.max(1.0), per_s, now)
+        })
+    }
+
+    /// Whether the SMS account may send one more message now.
+    pub(crate) fn take_sms_sender_token(&self) -> bool {
+        Self::take(&self.sms_sender, self.options.sms_per_s)
+    }
+
+    /// Whether the e-mail API key may make one more request now.
+    pub(crate) fn take_email_token(&self) -> bool {
+        Self::take(&self.email_sender, self.options.email_per_s)
+    }
+
+    /// Records an accepted send, giving it a provider id that starts with its `wamid`
+    /// field's prefix; `None` if the log is poisoned.
+    pub(crate) fn record(&self, mut send: SimulatedSend) -> Option<String> {
+        let mut sends = self.log.sends.lock().ok()?;
+        let id = format!("{}HERALDSIM{:012}", send.wamid, sends.len() + 1);
+        send.wamid = id.clone();
+        sends.push(send);
+        Some(id)
+    }
+
+    /// Posts one callback to `url` after a random delay, twice at the duplicate rate, and
+    /// retries it until the receiver answers 2xx, as providers do.
+    pub(crate) fn post_callbacks(
+        self: &Arc<Self>,
+        url: String,
+        content_type: &'static str,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    ) {
+        let copies = if self.chance(self.options.duplicate_webhook_rate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = Duration::from_millis(
+                self.below(self.options.max_webhook_delay.as_millis() as u64 + 1),
+            );
+            let callback = Callback {
+                url: url.clone(),
+                content_type,
+                headers: headers.clone(),
+                body: body.clone(),
+            };
+            self.log
+                .webhooks_pending
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(post_webhook(self.clone(), callback, delay));
+        }
+    }
+
+    /// Holds the answer back past the client's patience at the drop rate (the message is out,
+    /// the answer saying so never arrives in time); true if it did.
+    pub(crate) async fn withholds_answer(&self) -> bool {
+        if !self.chance(self.options.drop_answer_rate) {
+            return false;
+        }
+        self.log
+            .answers_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(self.options.withhold_answer_for).await;
+        true
+    }
+}
+
+/// One callback the simulator posts.
+struct Callback {
+    url: String,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
 }
 
 impl SimulatorLog {
@@ -324,11 +591,8 @@ async fn messages(
     headers: HeaderMap,
     body: Option<Json<Value>>,
 ) -> Response {
-    let log = &sim.log;
     let reject = |status, code, msg: &str| {
-        if let Ok(mut r) = log.rejected.lock() {
-            *r += 1;
-        }
+        sim.count_rejection();
         graph_error(status, code, msg)
     };
     let authorized = headers
@@ -360,9 +624,29 @@ async fn messages(
             "(#131009) Parameter value is not valid: to",
         );
     }
-    if b["type"] != "template" {
-        // Herald only sends templates outside a service window; a free-form message is refused
-        // the way the Cloud API refuses it outside the 24-hour window.
+    let session_text = match b["type"].as_str() {
+        Some("template") => None,
+        Some("text") => match b["text"]["body"].as_str().filter(|t| !t.trim().is_empty()) {
+            Some(t) => Some(t.to_string()),
+            None => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    131008,
+                    "(#131008) Required parameter is missing: text.body",
+                )
+            }
+        },
+        _ => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                100,
+                "(#100) Param type must be one of {TEMPLATE, TEXT}",
+            )
+        }
+    };
+    // The simulator cannot see the customer's replies, so whether the 24-hour window is open
+    // is drawn at the configured rate.
+    if session_text.is_some() && sim.chance(sim.options.window_closed_rate) {
         return reject(StatusCode::BAD_REQUEST, 131047, "Re-engagement message: more than 24 hours have passed since the recipient last replied.");
     }
     let template = b["template"]["name"]
@@ -373,7 +657,7 @@ async fn messages(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    if template.is_empty() || language.is_empty() {
+    if session_text.is_none() && (template.is_empty() || language.is_empty()) {
         return reject(
             StatusCode::BAD_REQUEST,
             132000,
@@ -447,27 +731,24 @@ async fn messages(
     let message_id = parse_callback_data(&callback_data)
         .map_or(callback_data.as_str(), |(_, m)| m)
         .to_string();
-    let wamid = {
-        let Ok(mut sends) = log.sends.lock() else {
-            return graph_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                1,
-                "simulator state poisoned",
-            );
-        };
-        let wamid = format!("wamid.HERALDSIM{:012}", sends.len() + 1);
-        sends.push(SimulatedSend {
-            to: to.clone(),
-            template,
-            language,
-            callback_data: callback_data.clone(),
-            message_id,
-            parameters,
-            wamid: wamid.clone(),
-        });
-        wamid
+    let Some(wamid) = sim.record(SimulatedSend {
+        channel: Channel::Whatsapp,
+        to: to.clone(),
+        template,
+        language,
+        callback_data: callback_data.clone(),
+        message_id,
+        parameters,
+        text: session_text,
+        wamid: "wamid.".into(),
+    }) else {
+        return graph_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            1,
+            "simulator state poisoned",
+        );
     };
-    if o.webhook_url.is_some() {
+    if let Some(url) = &o.webhook_url {
         let undeliverable = sim.chance(o.undeliverable_rate);
         let statuses: &[(&str, Option<i32>)] = if undeliverable {
             &[("sent", None), ("failed", Some(131026))]
@@ -475,26 +756,17 @@ async fn messages(
             &[("sent", None), ("delivered", None), ("read", None)]
         };
         for (status, code) in statuses {
-            let copies = if sim.chance(o.duplicate_webhook_rate) {
-                2
-            } else {
-                1
-            };
-            for _ in 0..copies {
-                let delay =
-                    Duration::from_millis(sim.below(o.max_webhook_delay.as_millis() as u64 + 1));
-                let body = status_webhook(&wamid, status, *code, &digits, &callback_data);
-                log.webhooks_pending
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::spawn(post_webhook(sim.clone(), body, delay));
-            }
+            let body = status_webhook(&wamid, status, *code, &digits, &callback_data);
+            let signature = crate::gateway::sign(&o.app_secret, &body);
+            sim.post_callbacks(
+                url.clone(),
+                "application/json",
+                vec![(crate::gateway::SIGNATURE_HEADER, signature)],
+                body,
+            );
         }
     }
-    if sim.chance(o.drop_answer_rate) {
-        // The message is out; the answer saying so never arrives in time.
-        log.answers_dropped
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(o.withhold_answer_for).await;
+    if sim.withholds_answer().await {
         return (StatusCode::GATEWAY_TIMEOUT, "answer withheld").into_response();
     }
     Json(json!({
@@ -536,29 +808,26 @@ pub fn status_webhook(
 
 /// Posts one signed webhook after `delay`, retrying with backoff until the gateway answers
 /// 2xx, as the provider does (for a while).
-async fn post_webhook(sim: Arc<Simulator>, body: Vec<u8>, delay: Duration) {
-    deliver_webhook(&sim, body, delay).await;
+async fn post_webhook(sim: Arc<Simulator>, callback: Callback, delay: Duration) {
+    deliver_webhook(&sim, callback, delay).await;
     sim.log
         .webhooks_pending
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-async fn deliver_webhook(sim: &Simulator, body: Vec<u8>, delay: Duration) {
-    let Some(url) = sim.options.webhook_url.clone() else {
-        return;
-    };
+async fn deliver_webhook(sim: &Simulator, callback: Callback, delay: Duration) {
     tokio::time::sleep(delay).await;
-    let signature = crate::gateway::sign(&sim.options.app_secret, &body);
     let mut backoff = Duration::from_millis(200);
     for _ in 0..10 {
-        let sent = sim
+        let mut request = sim
             .http
-            .post(&url)
-            .header("content-type", "application/json")
-            .header("x-hub-signature-256", &signature)
-            .body(body.clone())
-            .send()
-            .await;
+            .post(&callback.url)
+            .header("content-type", callback.content_type)
+            .body(callback.body.clone());
+        for (name, value) in &callback.headers {
+            request = request.header(*name, value);
+        }
+        let sent = request.send().await;
         if sent.is_ok_and(|r| r.status().is_success()) {
             sim.log
                 .webhooks_delivered
@@ -605,6 +874,8 @@ pub async fn serve_simulator_with(
         rng: Mutex::new(crate::scenario::Rng::new(options.seed)),
         options,
         sender: Mutex::new(None),
+        sms_sender: Mutex::new(None),
+        email_sender: Mutex::new(None),
         pairs: Mutex::new(std::collections::HashMap::new()),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -612,6 +883,11 @@ pub async fn serve_simulator_with(
     });
     let router = Router::new()
         .route("/{version}/{phone_id}/messages", post(messages))
+        .route(
+            "/2010-04-01/Accounts/{account}/Messages.json",
+            post(crate::sms::simulate_send),
+        )
+        .route("/v3/mail/send", post(crate::email::simulate_send))
         .route("/simulator/stats", get(stats))
         .with_state(sim);
     let bound = crate::telemetry::serve_router(addr, router, "provider simulator").await?;

@@ -238,6 +238,33 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                     artifact_id: format!("sms-{customer}-t"),
                 }),
             );
+            if g.rng.chance(0.5) {
+                // ...and half of them to e-mail too, where an undeliverable SMS falls back to.
+                g.push(
+                    &customer,
+                    "crm",
+                    t0 + 61_000,
+                    Fact::ConsentGranted(ConsentChange {
+                        purpose: Purpose::Transactional,
+                        channel: Channel::Email,
+                        source: "checkout".into(),
+                        artifact_id: format!("email-{customer}-t"),
+                    }),
+                );
+            }
+        } else if g.rng.chance(0.5) {
+            // Others only to e-mail.
+            g.push(
+                &customer,
+                "crm",
+                t0 + 60_000,
+                Fact::ConsentGranted(ConsentChange {
+                    purpose: Purpose::Transactional,
+                    channel: Channel::Email,
+                    source: "checkout".into(),
+                    artifact_id: format!("email-{customer}-t"),
+                }),
+            );
         }
         let marketing = g.rng.chance(0.55);
         if marketing {

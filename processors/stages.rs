@@ -10,7 +10,8 @@ use crate::kafka::{
     provenance, provenance_of, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage,
 };
 use crate::pacing::{self, Lane, Limits, Pacer};
-use crate::provider::{CloudApiClient, SendOutcome};
+use crate::provider::{Outgoing, Provider, Providers, SendOutcome};
+use crate::topology::TemplateCatalog;
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
 use crate::store::{self, SnapshotWrite, PROCESSORS};
@@ -552,7 +553,9 @@ struct Settled {
 pub struct DispatchStage {
     pub codec: Arc<Codec>,
     pub store: SharedStore,
-    pub client: CloudApiClient,
+    pub providers: Providers,
+    /// Where the text of SMS, e-mail and session messages comes from.
+    catalog: Arc<TemplateCatalog>,
     pub rt: tokio::runtime::Handle,
     pub metrics: Arc<Metrics>,
     identifiers: IdentifierKey,
@@ -585,12 +588,13 @@ pub struct DispatchStage {
 pub const PROVIDER: &str = "provider.events.v1";
 
 impl DispatchStage {
-    /// A dispatch stage sending through `client`; recipients are keyed hashes under
-    /// `identifiers`, resolved through the CRM topic.
+    /// A dispatch stage sending through `providers`, composing text from `catalog`;
+    /// recipients are keyed hashes under `identifiers`, resolved through the CRM topic.
     pub fn new(
         codec: Arc<Codec>,
         store: SharedStore,
-        client: CloudApiClient,
+        providers: Providers,
+        catalog: TemplateCatalog,
         rt: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
         identifiers: IdentifierKey,
@@ -598,7 +602,8 @@ impl DispatchStage {
         DispatchStage {
             codec,
             store,
-            client,
+            providers,
+            catalog: Arc::new(catalog),
             rt,
             metrics,
             identifiers,
@@ -890,17 +895,39 @@ impl DispatchStage {
             });
             match address {
                 Some(identity::Address::Known(to)) => {
-                    let mut send = s.approved.clone();
-                    send.recipient = to.to_string();
+                    let to = to.to_string();
+                    let channel = s.approved.channel;
+                    let Some(provider) = self.providers.of(channel).cloned() else {
+                        let why = self.providers.missing(channel);
+                        self.fail_uncalled(s, why, true, out)?;
+                        continue;
+                    };
+                    let text = if dispatch::carries_text(&s.approved) {
+                        match dispatch::compose(&self.catalog, &s.approved) {
+                            Ok(t) => Some(t),
+                            Err(e) => {
+                                let why = format!("cannot compose the {channel:?} text: {e}");
+                                self.fail_uncalled(s, why, true, out)?;
+                                continue;
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    let mut approved = s.approved.clone();
+                    approved.recipient = to;
+                    let outgoing = Outgoing {
+                        customer_id: s.decision.customer_id.clone(),
+                        approved,
+                        text,
+                    };
                     self.calls.insert(
                         s.approved.message_id.clone(),
                         (s.partition, s.decision.customer_id.clone()),
                     );
-                    let (client, answers, epoch) =
-                        (self.client.clone(), self.answers.clone(), self.epoch);
+                    let (answers, epoch) = (self.answers.clone(), self.epoch);
                     self.rt.spawn(async move {
-                        let (tries, outcome) =
-                            call_with_retries(&client, &s.decision.customer_id, &send).await;
+                        let (tries, outcome) = call_with_retries(&*provider, &outgoing).await;
                         answers
                             .lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -919,17 +946,9 @@ impl DispatchStage {
                 _ => {
                     // Erased before it went out, or an address the CRM topic never held:
                     // nobody to send to, and trying again cannot change that.
-                    Metrics::inc(&self.metrics.send_failures, 1);
                     tracing::info!(customer = %s.decision.customer_id, message = %s.approved.message_id, "no address for the recipient; not sent");
-                    self.pacer.forget_call(&s.decision.customer_id);
-                    self.held.remove(&s.approved.message_id);
-                    let failed = DispatchStep::Failed(DispatchFailed {
-                        code: 0,
-                        retryable: false,
-                        detail: "no address for this recipient: the customer was erased, or the CRM topic never gave one".into(),
-                    });
-                    let rec = dispatch::record(&s.decision, &s.approved, failed, wall_clock_ms());
-                    self.record(s.partition, rec, out)?;
+                    let why = "no address for this recipient: the customer was erased, or the CRM topic never gave one".to_string();
+                    self.fail_uncalled(s, why, false, out)?;
                 }
             }
         }
@@ -942,6 +961,32 @@ impl DispatchStage {
             AtomicOrdering::Relaxed,
         );
         Ok(())
+    }
+
+    /// Records a send that cannot be called: failed, and, when someone can fix what stopped
+    /// it (a channel without a provider, a template dispatch cannot compose), dead-lettered so
+    /// that `herald dlq replay` sends it once they have.
+    fn fail_uncalled(
+        &mut self,
+        s: PendingSend,
+        why: String,
+        dead_letter: bool,
+        out: &mut Outbox,
+    ) -> Result<()> {
+        Metrics::inc(&self.metrics.send_failures, 1);
+        if dead_letter {
+            tracing::error!(customer = %s.decision.customer_id, message = %s.approved.message_id, reason = %why, "send dead-lettered");
+            out.records.push(self.dead_letter_approval(&s, why.clone())?);
+        }
+        self.pacer.forget_call(&s.decision.customer_id);
+        self.held.remove(&s.approved.message_id);
+        let failed = DispatchStep::Failed(DispatchFailed {
+            code: 0,
+            retryable: false,
+            detail: why,
+        });
+        let rec = dispatch::record(&s.decision, &s.approved, failed, wall_clock_ms());
+        self.record(s.partition, rec, out)
     }
 
     /// Records the answers of the calls that finished since the last batch.
@@ -1014,7 +1059,7 @@ impl DispatchStage {
                 detail,
             } => {
                 Metrics::inc(&self.metrics.send_failures, 1);
-                match dispatch::classify(code) {
+                match dispatch::classify(s.approved.channel, code) {
                     dispatch::ErrorAction::Unknown => {
                         let why =
                             format!("provider error code {code} is not one Herald knows: {detail}");
@@ -1058,15 +1103,11 @@ impl DispatchStage {
 
 /// Calls the provider, trying again with backoff only a call that surely did not reach it or
 /// that it refused as retryable; an unanswered one is not tried again.
-async fn call_with_retries(
-    client: &CloudApiClient,
-    customer_id: &str,
-    send: &MessageApproved,
-) -> (u32, SendOutcome) {
+async fn call_with_retries(provider: &dyn Provider, send: &Outgoing) -> (u32, SendOutcome) {
     let mut delay = Duration::from_millis(50);
     let mut tries = 1;
     loop {
-        match client.send(customer_id, send).await {
+        match provider.send(send).await {
             SendOutcome::Rejected {
                 retryable: true, ..
             }

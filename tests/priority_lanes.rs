@@ -6,7 +6,7 @@ use herald::demo;
 use herald::events::*;
 use herald::kafka::{self, KafkaSettings, SharedStore};
 use herald::pacing::Limits;
-use herald::provider::{CloudApiClient, SimulatorOptions};
+use herald::provider::{CloudApiClient, Providers, SimulatorOptions};
 use herald::registry::Codec;
 use herald::stages::{DispatchStage, DECISIONS};
 use herald::store::EmbeddedStore;
@@ -95,13 +95,16 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
             codec.clone(),
             rt.handle().clone(),
         );
-        let client =
-            CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "lanes").unwrap();
+        let providers = Providers::default().with(Arc::new(
+            CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "lanes").unwrap(),
+        ));
+        let catalog = herald::topology::Topology::embedded().unwrap().catalog;
         std::thread::spawn(move || {
             let mut stage = DispatchStage::new(
                 codec,
                 store,
-                client,
+                providers,
+                catalog,
                 h.clone(),
                 metrics.clone(),
                 herald::identity::IdentifierKey::demo(),
