@@ -1,11 +1,11 @@
 //! The `herald` command line.
 
-use crate::kafka::{self, KafkaSettings};
 use crate::email::EmailClient;
 use crate::events::Channel;
+use crate::kafka::{self, KafkaSettings};
 use crate::provider::{CloudApiClient, Providers};
-use crate::sms::SmsClient;
 use crate::registry::Codec;
+use crate::sms::SmsClient;
 use crate::stages::{DispatchStage, ProcessorStage};
 use crate::store::StoreAddress;
 use crate::telemetry::{self, Metrics};
@@ -426,7 +426,11 @@ pub struct RunArgs {
     #[arg(long, env = "HERALD_SMS_STATUS_CALLBACK")]
     pub sms_status_callback: Option<String>,
     /// The e-mail provider's API root (SendGrid-shaped v3 Mail Send).
-    #[arg(long, env = "HERALD_EMAIL_URL", default_value = "https://api.sendgrid.com")]
+    #[arg(
+        long,
+        env = "HERALD_EMAIL_URL",
+        default_value = "https://api.sendgrid.com"
+    )]
     pub email_url: String,
     /// The e-mail API key; with --email-from it turns e-mail on.
     #[arg(long, env = "HERALD_EMAIL_API_KEY", hide_env_values = true)]
@@ -999,7 +1003,9 @@ fn gateway(args: GatewayArgs) -> Result<()> {
     }
     if let Some(u) = &args.public_url {
         if !(u.starts_with("https://") || u.starts_with("http://")) {
-            bail!("HERALD_PUBLIC_URL (--public-url) must start with https:// or http://, got '{u}'");
+            bail!(
+                "HERALD_PUBLIC_URL (--public-url) must start with https:// or http://, got '{u}'"
+            );
         }
     }
     let topo = topology(&args.topology)?;
@@ -1233,9 +1239,10 @@ fn run(args: RunArgs) -> Result<()> {
             identifiers.clone(),
         );
         handles.push(std::thread::spawn(move || {
-            let mut stage = DispatchStage::new(c, store, providers, catalog, h.clone(), m.clone(), k)
-                .with_settle_wait(settle_wait)
-                .with_limits(limits);
+            let mut stage =
+                DispatchStage::new(c, store, providers, catalog, h.clone(), m.clone(), k)
+                    .with_settle_wait(settle_wait)
+                    .with_limits(limits);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -303,7 +303,10 @@ pub struct CompositionError(pub String);
 /// with its variables filled in. A placeholder without a value is an error, never a blank.
 pub fn compose(catalog: &TemplateCatalog, m: &MessageApproved) -> Result<String, CompositionError> {
     let variants = catalog.variants(&m.template_name).ok_or_else(|| {
-        CompositionError(format!("template {} is not in the catalog", m.template_name))
+        CompositionError(format!(
+            "template {} is not in the catalog",
+            m.template_name
+        ))
     })?;
     let template = variants
         .iter()
@@ -553,12 +556,21 @@ mod tests {
         let wa = Channel::Whatsapp;
         assert!(is_retryable(wa, 130429), "rate limit hit");
         assert!(is_retryable(wa, 503));
-        assert!(!is_retryable(wa, 131026), "undeliverable: retrying cannot help");
+        assert!(
+            !is_retryable(wa, 131026),
+            "undeliverable: retrying cannot help"
+        );
         assert!(!is_retryable(wa, 132001), "template does not exist");
-        assert!(is_retryable(wa, 131056), "pair rate limit: back off and retry");
+        assert!(
+            is_retryable(wa, 131056),
+            "pair rate limit: back off and retry"
+        );
         assert!(is_retryable(Channel::Sms, 20429), "SMS: too many requests");
         assert!(is_retryable(Channel::Email, 429));
-        assert!(!is_retryable(Channel::Email, 400), "a malformed mail is not sent by retrying");
+        assert!(
+            !is_retryable(Channel::Email, 400),
+            "a malformed mail is not sent by retrying"
+        );
     }
 
     #[test]
@@ -591,11 +603,31 @@ mod tests {
     #[test]
     fn sms_and_email_codes_are_read_in_their_providers_numbering() {
         use super::classify as by;
-        assert_eq!(by(Channel::Sms, 30003), ErrorAction::Fallback, "unreachable handset");
-        assert_eq!(by(Channel::Sms, 21211), ErrorAction::Fallback, "invalid number");
-        assert_eq!(by(Channel::Sms, 21610), ErrorAction::StopMarketing, "replied STOP");
-        assert_eq!(by(Channel::Sms, 20003), ErrorAction::StopLane, "bad credentials");
-        assert_eq!(by(Channel::Sms, 131047), ErrorAction::Unknown, "a Cloud API code");
+        assert_eq!(
+            by(Channel::Sms, 30003),
+            ErrorAction::Fallback,
+            "unreachable handset"
+        );
+        assert_eq!(
+            by(Channel::Sms, 21211),
+            ErrorAction::Fallback,
+            "invalid number"
+        );
+        assert_eq!(
+            by(Channel::Sms, 21610),
+            ErrorAction::StopMarketing,
+            "replied STOP"
+        );
+        assert_eq!(
+            by(Channel::Sms, 20003),
+            ErrorAction::StopLane,
+            "bad credentials"
+        );
+        assert_eq!(
+            by(Channel::Sms, 131047),
+            ErrorAction::Unknown,
+            "a Cloud API code"
+        );
         assert_eq!(by(Channel::Email, 401), ErrorAction::StopLane);
         assert_eq!(by(Channel::Email, 413), ErrorAction::Unknown);
     }
@@ -616,7 +648,10 @@ mod tests {
             ("total".to_string(), "EUR 12.50".to_string()),
         ]);
         let text = compose(&catalog(), &m).expect("composed");
-        assert_eq!(text, "Hi Ana, thanks for your order A-17. Total: EUR 12.50.");
+        assert_eq!(
+            text,
+            "Hi Ana, thanks for your order A-17. Total: EUR 12.50."
+        );
         assert_eq!(subject_of(&text), "Hi Ana, thanks for your order A-17.");
         m.variables.remove("total");
         let e = compose(&catalog(), &m).expect_err("a missing value is never sent blank");

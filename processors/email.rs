@@ -297,7 +297,8 @@ pub(crate) async fn simulate_send(
             if *event == "bounce" {
                 e["type"] = json!("bounce");
                 e["status"] = json!("5.1.1");
-                e["reason"] = json!("550 5.1.1 The email account that you tried to reach does not exist.");
+                e["reason"] =
+                    json!("550 5.1.1 The email account that you tried to reach does not exist.");
             }
             let body = serde_json::to_vec(&json!([e])).unwrap_or_default();
             let (user, password) = &sim.options.email_webhook_auth;

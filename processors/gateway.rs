@@ -549,11 +549,7 @@ async fn receive_sms(
 }
 
 /// `POST /webhooks/email`: the e-mail provider's delivery events, under basic auth.
-async fn receive_email(
-    State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn receive_email(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let Some((user, password)) = &g.config.email_webhook_auth else {
         return (
             StatusCode::NOT_FOUND,

@@ -73,7 +73,10 @@ impl SmsClient {
         ];
         if let Some(url) = &self.status_callback {
             let data = crate::provider::callback_data(&o.customer_id, &o.approved.message_id);
-            form.push(("StatusCallback".to_string(), status_callback_url(url, &data)));
+            form.push((
+                "StatusCallback".to_string(),
+                status_callback_url(url, &data),
+            ));
         }
         form
     }
@@ -239,7 +242,9 @@ pub fn normalise(
     };
     let error_code = match field("ErrorCode").filter(|c| !c.is_empty()) {
         Some(c) => Some(c.parse::<i32>().map_err(|_| {
-            BodyError(format!("SMS status of {sid} has ErrorCode '{c}', not a number"))
+            BodyError(format!(
+                "SMS status of {sid} has ErrorCode '{c}', not a number"
+            ))
         })?),
         None => None,
     };
@@ -468,7 +473,10 @@ mod tests {
     #[test]
     fn a_callback_url_carries_the_callback_data_back() {
         let url = status_callback_url("https://h.example/webhooks/sms", "hc1|a b|m-1");
-        assert_eq!(url_param(&url, CALLBACK_PARAM).as_deref(), Some("hc1|a b|m-1"));
+        assert_eq!(
+            url_param(&url, CALLBACK_PARAM).as_deref(),
+            Some("hc1|a b|m-1")
+        );
     }
 
     #[test]

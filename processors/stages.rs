@@ -11,13 +11,13 @@ use crate::kafka::{
 };
 use crate::pacing::{self, Lane, Limits, Pacer};
 use crate::provider::{Outgoing, Provider, Providers, SendOutcome};
-use crate::topology::TemplateCatalog;
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
 use crate::store::{self, SnapshotWrite, PROCESSORS};
 use crate::tables::Tables;
 use crate::task::Task;
 use crate::telemetry::Metrics;
+use crate::topology::TemplateCatalog;
 use crate::topology::Topology;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
@@ -976,7 +976,8 @@ impl DispatchStage {
         Metrics::inc(&self.metrics.send_failures, 1);
         if dead_letter {
             tracing::error!(customer = %s.decision.customer_id, message = %s.approved.message_id, reason = %why, "send dead-lettered");
-            out.records.push(self.dead_letter_approval(&s, why.clone())?);
+            out.records
+                .push(self.dead_letter_approval(&s, why.clone())?);
         }
         self.pacer.forget_call(&s.decision.customer_id);
         self.held.remove(&s.approved.message_id);

@@ -259,3 +259,214 @@ fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
     .unwrap();
     assert_eq!(unroutable, 1);
 }
+
+/// SMS and e-mail sent through their adapters to the simulator come back as signed status
+/// callbacks on `/webhooks/sms` and `/webhooks/email`, and become provider events of the
+/// customer, named by Herald's message id; tampered or unauthenticated callbacks are refused.
+#[test]
+fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
+    use herald::events::{Channel, MessageApproved};
+    use herald::provider::{Outgoing, SendOutcome};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let topology = Topology::embedded().unwrap();
+    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    rt.block_on(codec.register_all()).unwrap();
+    let providers = demo::demo_providers(&cluster.simulator_url, &cluster.gateway_root).unwrap();
+    let message = |channel, recipient: &str, id: &str| Outgoing {
+        customer_id: "cust-000042".into(),
+        approved: MessageApproved {
+            message_id: id.into(),
+            trigger_event_id: "e-1".into(),
+            template_name: "order_confirmation".into(),
+            template_version: 3,
+            locale: "en_US".into(),
+            purpose: herald::events::Purpose::Transactional,
+            channel,
+            recipient: recipient.into(),
+            variables: Default::default(),
+            consent_artifact_id: "form-1".into(),
+            consent_granted_at: 0,
+            category: "UTILITY".into(),
+            delivery: Default::default(),
+            journey: None,
+            relied_on: Default::default(),
+        },
+        text: Some("Hi Ana, thanks for your order A-17. Total: EUR 12.50.".into()),
+    };
+    let sms = providers.of(Channel::Sms).expect("the demo has SMS");
+    let email = providers.of(Channel::Email).expect("the demo has e-mail");
+    let sent_sms = rt.block_on(sms.send(&message(Channel::Sms, "+34600000042", "m-sms")));
+    let sent_mail = rt.block_on(email.send(&message(Channel::Email, "ana@example.com", "m-mail")));
+    let (SendOutcome::Accepted(sms_id), SendOutcome::Accepted(mail_id)) = (&sent_sms, &sent_mail)
+    else {
+        panic!("both accepted: {sent_sms:?} {sent_mail:?}");
+    };
+    assert!(sms_id.starts_with("SM"), "{sms_id}");
+    // The simulator received them in the providers' shapes.
+    let sends = cluster.simulator.sent();
+    assert!(sends.iter().any(|s| s.channel == Channel::Sms
+        && s.to == "+34600000042"
+        && s.message_id == "m-sms"
+        && s.text.as_deref().is_some_and(|t| t.contains("A-17"))));
+    assert!(sends.iter().any(|s| s.channel == Channel::Email
+        && s.to == "ana@example.com"
+        && s.message_id == "m-mail"));
+    // A refused send is read in the provider's numbering.
+    let bad = rt.block_on(sms.send(&message(Channel::Sms, "+12", "m-bad")));
+    assert!(
+        matches!(
+            bad,
+            SendOutcome::Rejected {
+                code: 21211,
+                retryable: false,
+                ..
+            }
+        ),
+        "{bad:?}"
+    );
+
+    // Wait for the simulator's callbacks to be delivered (each within half a second).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while cluster
+        .simulator
+        .webhooks_pending
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "callbacks still pending"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        cluster
+            .simulator
+            .webhooks_abandoned
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the gateway refused a genuine callback"
+    );
+    let mut statuses = Vec::new();
+    demo::read_topic(
+        &cluster.bootstrap,
+        "provider.events.v1",
+        topology.partitions(),
+        |m| {
+            let e = rt
+                .block_on(codec.decode_input("provider.events.v1", m.payload()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Fact::MessageStatusChanged(s) = &e.fact {
+                assert_eq!(e.envelope.customer_id, "cust-000042");
+                statuses.push((
+                    e.envelope.source_system.clone(),
+                    s.message_id.clone().unwrap_or_default(),
+                    s.status,
+                ));
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    for (source, id) in [("sms", "m-sms"), ("email", "m-mail")] {
+        for status in [MessageStatus::Sent, MessageStatus::Delivered] {
+            let n = statuses
+                .iter()
+                .filter(|(s, m, st)| s == source && m == id && *st == status)
+                .count();
+            assert_eq!(n, 1, "{source} {status:?} of {id}: {statuses:?}");
+        }
+    }
+
+    // Forgeries: an SMS callback signed with another token, or with a field changed after
+    // signing; an e-mail event with the wrong password or none.
+    let sms_url = herald::sms::status_callback_url(
+        &format!("{}/webhooks/sms", cluster.gateway_root),
+        &callback_data("cust-000042", "m-sms"),
+    );
+    let fields: Vec<(String, String)> = [
+        ("MessageSid", sms_id.as_str()),
+        ("MessageStatus", "read"),
+        ("To", "+34600000042"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    let form = |fields: &[(String, String)]| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in fields {
+            s.append_pair(k, v);
+        }
+        s.finish().into_bytes()
+    };
+    let form_header = (
+        "content-type",
+        "application/x-www-form-urlencoded".to_string(),
+    );
+    let genuine = herald::sms::sign(demo::DEMO_SMS_TOKEN.as_bytes(), &sms_url, &fields);
+    let a = post(
+        &rt,
+        &sms_url,
+        &[form_header.clone(), ("x-twilio-signature", genuine.clone())],
+        form(&fields),
+    );
+    assert_eq!(a.status, 200, "genuine SMS callback: {}", a.body);
+    let forged = herald::sms::sign(b"another-token", &sms_url, &fields);
+    let a = post(
+        &rt,
+        &sms_url,
+        &[form_header.clone(), ("x-twilio-signature", forged)],
+        form(&fields),
+    );
+    assert_eq!(a.status, 401, "{}", a.body);
+    let mut changed = fields.clone();
+    changed[1].1 = "failed".into();
+    let a = post(
+        &rt,
+        &sms_url,
+        &[form_header.clone(), ("x-twilio-signature", genuine)],
+        form(&changed),
+    );
+    assert_eq!(a.status, 401, "{}", a.body);
+    let a = post(&rt, &sms_url, &[form_header], form(&fields));
+    assert_eq!(
+        (a.status, a.body.contains("missing")),
+        (401, true),
+        "{}",
+        a.body
+    );
+
+    let email_url = format!("{}/webhooks/email", cluster.gateway_root);
+    let event = serde_json::to_vec(&serde_json::json!([{"email": "ana@example.com",
+        "timestamp": 1795500000, "event": "open", "sg_message_id": format!("{mail_id}.filter0"),
+        "herald_callback": callback_data("cust-000042", "m-mail")}]))
+    .unwrap();
+    let basic = |user: &str, password: &str| {
+        use base64::Engine;
+        (
+            "authorization",
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            ),
+        )
+    };
+    let (user, password) = demo::DEMO_EMAIL_WEBHOOK_AUTH;
+    assert_eq!(
+        post(&rt, &email_url, &[basic(user, "guess")], event.clone()).status,
+        401
+    );
+    assert_eq!(post(&rt, &email_url, &[], event.clone()).status, 401);
+    assert_eq!(
+        post(&rt, &email_url, &[basic(user, password)], event.clone()).status,
+        200
+    );
+    let a = post(
+        &rt,
+        &email_url,
+        &[basic(user, password)],
+        b"{\"event\":1}".to_vec(),
+    );
+    assert_eq!(a.status, 400, "{}", a.body);
+}

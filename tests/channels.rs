@@ -1,0 +1,209 @@
+//! Dispatch across channels against the in-process cluster and the simulator: an SMS and a
+//! WhatsApp session message go out as the catalog's text with the approval's values; an
+//! e-mail approved while no e-mail provider is configured is not lost but dead-lettered with
+//! the settings that would send it, and recorded as failed on the dispatch topic.
+
+use herald::demo;
+use herald::events::*;
+use herald::kafka::{self, KafkaSettings, SharedStore};
+use herald::provider::{CloudApiClient, Providers};
+use herald::registry::Codec;
+use herald::sms::SmsClient;
+use herald::stages::{DispatchStage, DECISIONS, DISPATCH, DLQ};
+use herald::store::EmbeddedStore;
+use herald::telemetry::Metrics;
+use herald::topology::Topology;
+use rdkafka::producer::FutureRecord;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn approval(id: &str, channel: Channel, delivery: Delivery, recipient: &str) -> Decision {
+    let m = MessageApproved {
+        message_id: id.into(),
+        trigger_event_id: format!("e-{id}"),
+        template_name: "order_confirmation".into(),
+        template_version: 3,
+        locale: "en_US".into(),
+        purpose: Purpose::Transactional,
+        channel,
+        // Clear addresses: no CRM directory is needed to resolve them.
+        recipient: recipient.into(),
+        variables: BTreeMap::from([
+            ("first_name".to_string(), "Ana".to_string()),
+            ("order_id".to_string(), format!("A-{id}")),
+            ("total".to_string(), "EUR 12.50".to_string()),
+        ]),
+        consent_artifact_id: "form-1".into(),
+        consent_granted_at: 0,
+        category: "UTILITY".into(),
+        delivery,
+        journey: None,
+        relied_on: BTreeMap::new(),
+    };
+    Decision {
+        decision_id: format!("d-{id}"),
+        customer_id: "cust-000777".into(),
+        input_event_id: format!("e-{id}"),
+        processor: Processor::Policy,
+        decided_at: 0,
+        policy_version: "channels-test".into(),
+        outcome: Outcome::MessageApproved(m),
+        consent_chain: None,
+    }
+}
+
+#[test]
+fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_lettered() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let topology = Topology::embedded().unwrap();
+    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    rt.block_on(codec.register_all()).unwrap();
+    let dir = demo::fresh_temp_dir("channels").unwrap();
+    let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("dispatch.redb")).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let metrics = Metrics::shared();
+    let settings = KafkaSettings::new(&cluster.bootstrap, true, "channels");
+    let providers = Providers::default()
+        .with(Arc::new(
+            CloudApiClient::new(&cluster.simulator_url, "1055501234567890", "t").unwrap(),
+        ))
+        .with(Arc::new(
+            SmsClient::new(
+                &cluster.simulator_url,
+                demo::DEMO_SMS_ACCOUNT,
+                demo::DEMO_SMS_TOKEN,
+                "+15550199999",
+                // The simulator knows Herald's message id from the callback URL only.
+                Some(&format!("{}/webhooks/sms", cluster.gateway_root)),
+                Duration::from_secs(5),
+            )
+            .unwrap(),
+        ))
+        .without(Channel::Email, "set --email-api-key and --email-from");
+    let dispatch = {
+        let (settings, stop, metrics, codec, h) = (
+            settings.clone(),
+            stop.clone(),
+            metrics.clone(),
+            codec.clone(),
+            rt.handle().clone(),
+        );
+        let catalog = topology.catalog.clone();
+        std::thread::spawn(move || {
+            let mut stage = DispatchStage::new(
+                codec,
+                store,
+                providers,
+                catalog,
+                h.clone(),
+                metrics.clone(),
+                herald::identity::IdentifierKey::demo(),
+            );
+            kafka::run_stage(&settings, &mut stage, &stop, &metrics, &h)
+        })
+    };
+    let producer = settings.producer(None).unwrap();
+    for d in [
+        approval("sms-1", Channel::Sms, Delivery::Template, "+34600000777"),
+        approval(
+            "session-1",
+            Channel::Whatsapp,
+            Delivery::Session,
+            "+34600000777",
+        ),
+        approval(
+            "mail-1",
+            Channel::Email,
+            Delivery::Template,
+            "ana@example.com",
+        ),
+    ] {
+        let bytes = rt.block_on(codec.encode_decision(&d)).unwrap();
+        let record = FutureRecord::to(DECISIONS)
+            .key(d.customer_id.as_bytes())
+            .payload(&bytes);
+        rt.block_on(producer.send(record, Duration::from_secs(10)))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.simulator.sent_count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The dead letter and the failure are committed with the batch that tried the call.
+    let mut letters = Vec::new();
+    let mut failures = Vec::new();
+    while Instant::now() < deadline {
+        letters.clear();
+        failures.clear();
+        demo::read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |m| {
+            use rdkafka::message::Message;
+            letters.push(
+                rt.block_on(codec.decode_dead_letter(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            Ok(())
+        })
+        .unwrap();
+        demo::read_topic(&cluster.bootstrap, DISPATCH, topology.partitions(), |m| {
+            use rdkafka::message::Message;
+            let r = rt
+                .block_on(codec.decode_dispatch(m.payload()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let DispatchStep::Failed(f) = &r.step {
+                failures.push((r.message_id.clone(), f.detail.clone()));
+            }
+            Ok(())
+        })
+        .unwrap();
+        if !letters.is_empty() && !failures.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = dispatch.join();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let sent = cluster.simulator.sent();
+    let text = "Hi Ana, thanks for your order A-sms-1. Total: EUR 12.50.";
+    let sms = sent
+        .iter()
+        .find(|s| s.message_id == "sms-1")
+        .unwrap_or_else(|| panic!("the SMS went out: {sent:?}"));
+    assert_eq!(
+        (sms.channel, sms.text.as_deref()),
+        (Channel::Sms, Some(text))
+    );
+    let session = sent
+        .iter()
+        .find(|s| s.message_id == "session-1")
+        .expect("the session message went out");
+    assert_eq!(session.channel, Channel::Whatsapp);
+    assert_eq!(
+        session.text.as_deref(),
+        Some("Hi Ana, thanks for your order A-session-1. Total: EUR 12.50."),
+        "a session message is text, not a template"
+    );
+    assert!(
+        sent.iter().all(|s| s.message_id != "mail-1"),
+        "no e-mail provider"
+    );
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].stage, "dispatch");
+    assert!(
+        letters[0].error.contains("no Email provider")
+            && letters[0].error.contains("--email-api-key"),
+        "the dead letter names the missing settings: {}",
+        letters[0].error
+    );
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].0, "mail-1");
+}
