@@ -122,13 +122,15 @@ impl Drop for Cluster {
 }
 
 /// The simulator as the demo runs it: the Cloud API's limits on the higher throughput tier
-/// (1,000 messages/s per number), statuses posted to the gateway within half a second.
+/// (1,000 messages/s per number), statuses posted to the gateway within half a second, 1 %
+/// of messages undeliverable, 0.2 % of template sends refused in the answer as paused.
 pub fn demo_simulator() -> provider::SimulatorOptions {
     provider::SimulatorOptions {
         sender_per_s: 1_000.0,
         app_secret: DEMO_APP_SECRET.as_bytes().to_vec(),
         duplicate_webhook_rate: 0.02,
         undeliverable_rate: 0.01,
+        template_paused_rate: 0.002,
         ..provider::SimulatorOptions::default()
     }
 }

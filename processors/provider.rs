@@ -380,6 +380,9 @@ pub struct SimulatorOptions {
     pub undeliverable_rate: f64,
     /// Share of session (text) messages refused as outside the customer service window.
     pub window_closed_rate: f64,
+    /// Share of template messages refused in the answer because the template is paused
+    /// (132015), as the Cloud API does after quality complaints.
+    pub template_paused_rate: f64,
     /// Share of status webhooks posted twice.
     pub duplicate_webhook_rate: f64,
     /// Each status webhook is posted after a delay up to this; independent delays reorder them.
@@ -410,6 +413,7 @@ impl Default for SimulatorOptions {
             transient_failure_rate: 0.0,
             undeliverable_rate: 0.0,
             window_closed_rate: 0.0,
+            template_paused_rate: 0.0,
             duplicate_webhook_rate: 0.0,
             max_webhook_delay: Duration::from_millis(500),
             sms_auth_token: Vec::new(),
@@ -680,6 +684,13 @@ async fn messages(
                 text.to_string(),
             ));
         }
+    }
+    if session_text.is_none() && sim.chance(sim.options.template_paused_rate) {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            132015,
+            "(#132015) Template is paused: the template has been paused due to low quality",
+        );
     }
     let callback_data = b["biz_opaque_callback_data"]
         .as_str()

@@ -871,6 +871,34 @@ impl DispatchStage {
         dead_letter_record(&self.codec, &self.rt, letter, &self.metrics)
     }
 
+    /// A refusal policy must hear of, as the failed status the provider would have posted: it
+    /// goes to `provider.events.v1` under the customer's key, in the transaction that records
+    /// the failure, so the processors read it like any status callback (and a replay of the
+    /// answer writes the same event id, which dedupe recognises).
+    fn refusal_for_policy(&self, s: &PendingSend, code: i32, now: Millis) -> Result<OutRecord> {
+        let customer = &s.decision.customer_id;
+        let message_id = &s.approved.message_id;
+        let event = InputEvent::new(
+            "dispatch",
+            customer,
+            &crate::pipeline::deterministic_id(&[message_id, "refused", &code.to_string()]),
+            now,
+            Fact::MessageStatusChanged(MessageStatusChanged {
+                provider_message_id: String::new(),
+                status: MessageStatus::Failed,
+                error_code: Some(code),
+                message_id: Some(message_id.clone()),
+            }),
+        );
+        Ok(OutRecord {
+            topic: PROVIDER,
+            partition: s.partition,
+            key: customer.clone().into_bytes(),
+            value: self.rt.block_on(self.codec.encode_input(&event))?,
+            headers: vec![],
+        })
+    }
+
     /// Whether this process holds the call of an open intent (about to make it, or recording
     /// its settlement), so the settling must leave it alone.
     fn is_mine(&self, message_id: &str) -> bool {
@@ -1060,7 +1088,17 @@ impl DispatchStage {
                 detail,
             } => {
                 Metrics::inc(&self.metrics.send_failures, 1);
-                match dispatch::classify(s.approved.channel, code) {
+                let action = dispatch::classify(s.approved.channel, code);
+                if matches!(
+                    action,
+                    dispatch::ErrorAction::ReturnToPolicy
+                        | dispatch::ErrorAction::Fallback
+                        | dispatch::ErrorAction::StopMarketing
+                ) {
+                    Metrics::inc(&self.metrics.refusals_to_policy, 1);
+                    out.records.push(self.refusal_for_policy(&s, code, now)?);
+                }
+                match action {
                     dispatch::ErrorAction::Unknown => {
                         let why =
                             format!("provider error code {code} is not one Herald knows: {detail}");

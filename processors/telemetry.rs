@@ -57,6 +57,8 @@ pub struct Metrics {
     pub sends_settled: AtomicU64,
     /// Sends the provider refused because the account or number is blocked: an alert.
     pub account_blocks: AtomicU64,
+    /// Refusals in a call's answer handed back to policy as failed statuses.
+    pub refusals_to_policy: AtomicU64,
     /// Sends recorded as intended and not yet settled, as of the last commit (a gauge).
     pub sends_in_flight: AtomicU64,
     /// Sends waiting for their call in the transactional lane (a gauge).
@@ -165,6 +167,11 @@ impl Metrics {
             "herald_provider_account_blocks_total",
             "Sends refused because the provider blocked the account or number (alert on any).",
             g(&self.account_blocks),
+        );
+        line(
+            "herald_refusals_to_policy_total",
+            "Refusals in a send's answer written back to policy as failed statuses.",
+            g(&self.refusals_to_policy),
         );
         line(
             "herald_sends_in_flight",

@@ -1,7 +1,9 @@
 //! Dispatch across channels against the in-process cluster and the simulator: an SMS and a
 //! WhatsApp session message go out as the catalog's text with the approval's values; an
 //! e-mail approved while no e-mail provider is configured is not lost but dead-lettered with
-//! the settings that would send it, and recorded as failed on the dispatch topic.
+//! the settings that would send it, and recorded as failed on the dispatch topic; refusals in
+//! a call's answer that policy must hear of (a paused template, an invalid SMS number) are
+//! written back to the provider topic as the failed statuses the provider would have posted.
 
 use herald::demo;
 use herald::events::*;
@@ -62,7 +64,12 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         .build()
         .unwrap();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    // Every WhatsApp template send is refused as paused (session messages are not).
+    let simulator = herald::provider::SimulatorOptions {
+        template_paused_rate: 1.0,
+        ..demo::demo_simulator()
+    };
+    let cluster = demo::start_cluster(&rt, &topology, simulator).unwrap();
     let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("channels").unwrap();
@@ -124,6 +131,13 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
             Delivery::Template,
             "ana@example.com",
         ),
+        approval(
+            "paused-1",
+            Channel::Whatsapp,
+            Delivery::Template,
+            "+34600000777",
+        ),
+        approval("badnumber-1", Channel::Sms, Delivery::Template, "+12"),
     ] {
         let bytes = rt.block_on(codec.encode_decision(&d)).unwrap();
         let record = FutureRecord::to(DECISIONS)
@@ -140,9 +154,34 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
     // The dead letter and the failure are committed with the batch that tried the call.
     let mut letters = Vec::new();
     let mut failures = Vec::new();
+    let mut refusals = Vec::new();
     while Instant::now() < deadline {
         letters.clear();
         failures.clear();
+        refusals.clear();
+        demo::read_topic(
+            &cluster.bootstrap,
+            "provider.events.v1",
+            topology.partitions(),
+            |m| {
+                use rdkafka::message::Message;
+                let e = rt
+                    .block_on(codec.decode_input("provider.events.v1", m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if let (Fact::MessageStatusChanged(s), "dispatch") =
+                    (&e.fact, e.envelope.source_system.as_str())
+                {
+                    refusals.push((
+                        s.message_id.clone().unwrap_or_default(),
+                        s.status,
+                        s.error_code,
+                        e.envelope.customer_id.clone(),
+                    ));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
         demo::read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |m| {
             use rdkafka::message::Message;
             letters.push(
@@ -163,7 +202,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
             Ok(())
         })
         .unwrap();
-        if !letters.is_empty() && !failures.is_empty() {
+        if !letters.is_empty() && failures.len() >= 3 && refusals.len() >= 2 {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -204,6 +243,32 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         "the dead letter names the missing settings: {}",
         letters[0].error
     );
-    assert_eq!(failures.len(), 1, "{failures:?}");
-    assert_eq!(failures[0].0, "mail-1");
+    failures.sort();
+    let failed: Vec<&str> = failures.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(
+        failed,
+        ["badnumber-1", "mail-1", "paused-1"],
+        "{failures:?}; refusals {refusals:?}; sent {sent:?}; metrics {}",
+        metrics.render()
+    );
+    refusals.sort_by(|a, b| a.0.cmp(&b.0));
+    let customer = "cust-000777".to_string();
+    assert_eq!(
+        refusals,
+        vec![
+            (
+                "badnumber-1".to_string(),
+                MessageStatus::Failed,
+                Some(21211),
+                customer.clone()
+            ),
+            (
+                "paused-1".to_string(),
+                MessageStatus::Failed,
+                Some(132015),
+                customer
+            ),
+        ],
+        "each refusal policy must hear of is on the provider topic once"
+    );
 }

@@ -77,6 +77,7 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
     let simulator = SimulatorOptions {
         sender_per_s: SENDER_PER_S,
         undeliverable_rate: 0.0,
+        template_paused_rate: 0.0,
         ..demo::demo_simulator()
     };
     let cluster = demo::start_cluster(&rt, &topology, simulator).unwrap();
