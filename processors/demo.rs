@@ -123,7 +123,8 @@ impl Drop for Cluster {
 
 /// The simulator as the demo runs it: the Cloud API's limits on the higher throughput tier
 /// (1,000 messages/s per number), statuses posted to the gateway within half a second, 1 %
-/// of messages undeliverable, 0.2 % of template sends refused in the answer as paused.
+/// of messages undeliverable, 0.2 % of template sends refused in the answer as paused, 1 % of
+/// calls failing with a transient fault that a retry passes.
 pub fn demo_simulator() -> provider::SimulatorOptions {
     provider::SimulatorOptions {
         sender_per_s: 1_000.0,
@@ -131,6 +132,7 @@ pub fn demo_simulator() -> provider::SimulatorOptions {
         duplicate_webhook_rate: 0.02,
         undeliverable_rate: 0.01,
         template_paused_rate: 0.002,
+        transient_failure_rate: 0.01,
         ..provider::SimulatorOptions::default()
     }
 }

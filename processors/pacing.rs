@@ -171,7 +171,17 @@ struct Waiting<T> {
     customer: String,
     channel: Channel,
     queued_at: Millis,
+    /// A retry waits out its backoff: not called before this.
+    not_before: Millis,
     send: T,
+}
+
+/// How long a retry of a call waits after its `tries`-th try failed retryably: 50 ms doubled
+/// per try, plus `jitter` (0.0 to 1.0) of half that again, so that the retries of many sends
+/// refused at once spread out.
+pub fn retry_backoff_ms(tries: u32, jitter: f64) -> Millis {
+    let base = 50i64 << tries.saturating_sub(1).min(10);
+    base + (base as f64 / 2.0 * jitter.clamp(0.0, 1.0)) as Millis
 }
 
 /// A send the pacer lets go: call it now.
@@ -206,7 +216,9 @@ const RECIPIENTS_KEPT: usize = 4_096;
 pub struct Pacer<T> {
     limits: Limits,
     lanes: [VecDeque<Waiting<T>>; 2],
-    sender: Option<TokenBucket>,
+    /// Each channel's sender (a WhatsApp number, an SMS sender, an e-mail account) has its
+    /// own bucket: an SMS never spends a WhatsApp number's token.
+    senders: HashMap<Channel, TokenBucket>,
     recipients: HashMap<String, TokenBucket>,
     /// Customers with a call under way.
     calling: HashSet<String>,
@@ -222,7 +234,7 @@ impl<T> Pacer<T> {
         Pacer {
             limits,
             lanes: [VecDeque::new(), VecDeque::new()],
-            sender: None,
+            senders: HashMap::new(),
             recipients: HashMap::new(),
             calling: HashSet::new(),
             breakers: HashMap::new(),
@@ -236,6 +248,28 @@ impl<T> Pacer<T> {
             customer: customer.to_string(),
             channel,
             queued_at: now,
+            not_before: now,
+            send,
+        });
+    }
+
+    /// Puts a send whose call failed retryably back at the front of its lane (it was the
+    /// first of its customer's), to be called again through the same buckets and breaker, not
+    /// before `not_before`.
+    pub fn retry(
+        &mut self,
+        lane: Lane,
+        customer: &str,
+        channel: Channel,
+        send: T,
+        queued_at: Millis,
+        not_before: Millis,
+    ) {
+        self.lanes[lane.index()].push_front(Waiting {
+            customer: customer.to_string(),
+            channel,
+            queued_at,
+            not_before,
             send,
         });
     }
@@ -264,7 +298,9 @@ impl<T> Pacer<T> {
     }
 
     fn releasable(&self, w: &Waiting<T>, now: Millis) -> bool {
-        !self.calling.contains(&w.customer)
+        now >= w.not_before
+            && !self.calling.contains(&w.customer)
+            && self.sender_has_token(w.channel, now)
             && self.breaker(w.channel).allows(now)
             && self
                 .recipients
@@ -272,13 +308,13 @@ impl<T> Pacer<T> {
                 .is_none_or(|b| b.has_token(now))
     }
 
-    fn sender_has_token(&self, now: Millis) -> bool {
-        self.sender.as_ref().is_none_or(|b| b.has_token(now))
+    fn sender_has_token(&self, channel: Channel, now: Millis) -> bool {
+        self.senders.get(&channel).is_none_or(|b| b.has_token(now))
     }
 
     /// Whether `release` would let a send go at `now`.
     pub fn has_releasable(&self, now: Millis) -> bool {
-        if self.calling.len() >= self.limits.max_calls || !self.sender_has_token(now) {
+        if self.calling.len() >= self.limits.max_calls {
             return false;
         }
         self.lanes.iter().any(|lane| {
@@ -297,7 +333,7 @@ impl<T> Pacer<T> {
             let mut i = 0;
             let mut scanned = 0;
             while i < self.lanes[lane.index()].len() && scanned < SCAN_LIMIT {
-                if self.calling.len() >= self.limits.max_calls || !self.sender_has_token(now) {
+                if self.calling.len() >= self.limits.max_calls {
                     return out;
                 }
                 scanned += 1;
@@ -309,8 +345,9 @@ impl<T> Pacer<T> {
                     break;
                 };
                 let limits = &self.limits;
-                self.sender
-                    .get_or_insert_with(|| {
+                self.senders
+                    .entry(w.channel)
+                    .or_insert_with(|| {
                         TokenBucket::full(limits.sender_per_second, limits.sender_burst, now)
                     })
                     .take(now);
@@ -372,7 +409,7 @@ impl<T> Pacer<T> {
         };
         self.breakers.insert(channel, next);
         if end == CallEnd::Throttled {
-            if let Some(b) = self.sender.as_mut() {
+            if let Some(b) = self.senders.get_mut(&channel) {
                 b.drain(now);
             }
         }
@@ -607,5 +644,52 @@ mod tests {
         assert!(p.release(0).is_empty());
         p.forget_call("c0");
         assert_eq!(sends(p.release(0)), vec![2]);
+    }
+
+    #[test]
+    fn a_retry_waits_out_its_backoff_and_spends_a_token_like_any_call() {
+        let mut p = Pacer::new(Limits {
+            sender_burst: 2.0,
+            sender_per_second: 1.0,
+            ..limits()
+        });
+        p.queue(Lane::Transactional, "c", Channel::Whatsapp, 1, 0);
+        assert_eq!(sends(p.release(0)), vec![1]);
+        // Refused as retryable: back in its lane, first, not before its backoff.
+        p.ended("c", Channel::Whatsapp, CallEnd::Answered, 10);
+        p.queue(Lane::Transactional, "other", Channel::Whatsapp, 2, 10);
+        p.retry(Lane::Transactional, "c", Channel::Whatsapp, 1, 0, 60);
+        assert_eq!(
+            sends(p.release(20)),
+            vec![2],
+            "the retry waits; the other goes"
+        );
+        // Both tokens are spent: the retry's backoff is over, but it waits for a token.
+        assert!(p.release(60).is_empty());
+        assert_eq!(sends(p.release(1_100)), vec![1]);
+    }
+
+    #[test]
+    fn each_channel_has_its_own_sender_bucket() {
+        let mut p = Pacer::new(Limits {
+            sender_burst: 1.0,
+            ..limits()
+        });
+        p.queue(Lane::Transactional, "a", Channel::Whatsapp, 1, 0);
+        p.queue(Lane::Transactional, "b", Channel::Whatsapp, 2, 0);
+        p.queue(Lane::Transactional, "c", Channel::Sms, 3, 0);
+        assert_eq!(
+            sends(p.release(0)),
+            vec![1, 3],
+            "the SMS does not wait for the WhatsApp number's token"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_per_try_with_at_most_half_again_of_jitter() {
+        assert_eq!(retry_backoff_ms(1, 0.0), 50);
+        assert_eq!(retry_backoff_ms(2, 0.0), 100);
+        assert_eq!(retry_backoff_ms(3, 1.0), 300);
+        assert!(retry_backoff_ms(40, 1.0) < 100_000, "bounded");
     }
 }

@@ -10,7 +10,7 @@ use crate::kafka::{
     provenance, provenance_of, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage,
 };
 use crate::pacing::{self, Lane, Limits, Pacer};
-use crate::provider::{Outgoing, Provider, Providers, SendOutcome};
+use crate::provider::{Outgoing, Providers, SendOutcome};
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
 use crate::store::{self, SnapshotWrite, PROCESSORS};
@@ -523,13 +523,19 @@ struct PendingSend {
     decision: Decision,
     approved: MessageApproved,
     attempt: i32,
+    /// Calls made for this attempt so far (retryable refusals and failed connections).
+    tries: u32,
+    /// When it first joined its lane, for the lane's longest-wait figure.
+    queued_at: Millis,
 }
+
+/// Calls one attempt may make: the first and three retries, each through the pacer.
+const MAX_TRIES: u32 = 4;
 
 /// A finished provider call, as its task left it.
 struct Answer {
     epoch: u64,
     send: PendingSend,
-    tries: u32,
     outcome: SendOutcome,
 }
 
@@ -809,6 +815,8 @@ impl DispatchStage {
             decision,
             approved,
             attempt,
+            tries: 0,
+            queued_at: 0,
         });
         Ok(())
     }
@@ -955,14 +963,13 @@ impl DispatchStage {
                     );
                     let (answers, epoch) = (self.answers.clone(), self.epoch);
                     self.rt.spawn(async move {
-                        let (tries, outcome) = call_with_retries(&*provider, &outgoing).await;
+                        let outcome = provider.send(&outgoing).await;
                         answers
                             .lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
                             .push(Answer {
                                 epoch,
                                 send: s,
-                                tries,
                                 outcome,
                             });
                     });
@@ -1054,7 +1061,28 @@ impl DispatchStage {
                     "the provider keeps failing: its circuit breaker is open, sends wait"
                 );
             }
-            self.record_answer(a.send, a.tries, a.outcome, now, out)?;
+            let mut send = a.send;
+            send.tries += 1;
+            let retryable = matches!(
+                a.outcome,
+                SendOutcome::Rejected {
+                    retryable: true,
+                    ..
+                } | SendOutcome::NotDelivered(_)
+            );
+            if retryable && send.tries < MAX_TRIES {
+                // Back through the buckets and the breaker, after its backoff: a retry is a
+                // call like any other, and a throttled provider gets its pause.
+                let lane = Lane::of(&send.approved.purpose, &send.approved.category);
+                let not_before = now + pacing::retry_backoff_ms(send.tries, jitter());
+                let (customer, queued_at) = (send.decision.customer_id.clone(), send.queued_at);
+                self.held.insert(message_id, send.partition);
+                self.pacer
+                    .retry(lane, &customer, channel, send, queued_at, not_before);
+                continue;
+            }
+            let tries = send.tries;
+            self.record_answer(send, tries, a.outcome, now, out)?;
         }
         Ok(())
     }
@@ -1140,36 +1168,13 @@ impl DispatchStage {
     }
 }
 
-/// Calls the provider, trying again with backoff only a call that surely did not reach it or
-/// that it refused as retryable; an unanswered one is not tried again.
-async fn call_with_retries(provider: &dyn Provider, send: &Outgoing) -> (u32, SendOutcome) {
-    let mut delay = Duration::from_millis(50);
-    let mut tries = 1;
-    loop {
-        match provider.send(send).await {
-            SendOutcome::Rejected {
-                retryable: true, ..
-            }
-            | SendOutcome::NotDelivered(_)
-                if tries < 4 =>
-            {
-                tokio::time::sleep(jittered(delay)).await;
-                delay *= 2;
-                tries += 1;
-            }
-            other => return (tries, other),
-        }
-    }
-}
-
-/// `delay` plus up to half of it again, so that retries of many sends spread out.
-fn jittered(delay: Duration) -> Duration {
+/// A fraction from 0 to 1 that differs from call to call, to spread retries out.
+fn jitter() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
-        .unwrap_or(0) as u64;
-    let half = delay.as_millis() as u64 / 2;
-    delay + Duration::from_millis(if half == 0 { 0 } else { nanos % half })
+        .unwrap_or(0);
+    f64::from(nanos % 1_000) / 1_000.0
 }
 
 impl Stage for DispatchStage {
@@ -1377,7 +1382,8 @@ impl Stage for DispatchStage {
     fn committed(&mut self, produced: &Produced) -> Result<()> {
         // The intents of the batch just committed are durable: their calls may be made now.
         let now = wall_clock_ms();
-        for s in std::mem::take(&mut self.intending) {
+        for mut s in std::mem::take(&mut self.intending) {
+            s.queued_at = now;
             let lane = Lane::of(&s.approved.purpose, &s.approved.category);
             let (customer, channel) = (s.decision.customer_id.clone(), s.approved.channel);
             self.pacer.queue(lane, &customer, channel, s, now);
