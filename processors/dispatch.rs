@@ -602,34 +602,46 @@ mod tests {
 
     #[test]
     fn sms_and_email_codes_are_read_in_their_providers_numbering() {
-        use super::classify as by;
-        assert_eq!(
-            by(Channel::Sms, 30003),
-            ErrorAction::Fallback,
-            "unreachable handset"
-        );
-        assert_eq!(
-            by(Channel::Sms, 21211),
-            ErrorAction::Fallback,
-            "invalid number"
-        );
-        assert_eq!(
-            by(Channel::Sms, 21610),
-            ErrorAction::StopMarketing,
-            "replied STOP"
-        );
-        assert_eq!(
-            by(Channel::Sms, 20003),
-            ErrorAction::StopLane,
-            "bad credentials"
-        );
-        assert_eq!(
-            by(Channel::Sms, 131047),
-            ErrorAction::Unknown,
-            "a Cloud API code"
-        );
-        assert_eq!(by(Channel::Email, 401), ErrorAction::StopLane);
-        assert_eq!(by(Channel::Email, 413), ErrorAction::Unknown);
+        for (channel, code, action, what) in [
+            (
+                Channel::Sms,
+                30003,
+                ErrorAction::Fallback,
+                "unreachable handset",
+            ),
+            (Channel::Sms, 21211, ErrorAction::Fallback, "invalid number"),
+            (
+                Channel::Sms,
+                21610,
+                ErrorAction::StopMarketing,
+                "replied STOP",
+            ),
+            (
+                Channel::Sms,
+                20003,
+                ErrorAction::StopLane,
+                "bad credentials",
+            ),
+            (
+                Channel::Sms,
+                131047,
+                ErrorAction::Unknown,
+                "a Cloud API code",
+            ),
+            (Channel::Email, 401, ErrorAction::StopLane, "bad API key"),
+            (
+                Channel::Email,
+                413,
+                ErrorAction::Unknown,
+                "a mail too large",
+            ),
+        ] {
+            assert_eq!(
+                classify(channel, code),
+                action,
+                "{channel:?} {code}: {what}"
+            );
+        }
     }
 
     fn catalog() -> TemplateCatalog {

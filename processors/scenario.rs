@@ -225,46 +225,41 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                     format!("form-{customer}-t"),
                 )),
             );
-        } else if g.rng.chance(0.5) {
-            // Some customers only agreed to order updates by SMS: the fallback channel.
-            g.push(
-                &customer,
-                "crm",
-                t0 + 60_000,
+        } else {
+            let transactional_on = |channel, prefix: &str| {
                 Fact::ConsentGranted(ConsentChange {
                     purpose: Purpose::Transactional,
-                    channel: Channel::Sms,
+                    channel,
                     source: "checkout".into(),
-                    artifact_id: format!("sms-{customer}-t"),
-                }),
-            );
+                    artifact_id: format!("{prefix}-{customer}-t"),
+                })
+            };
             if g.rng.chance(0.5) {
-                // ...and half of them to e-mail too, where an undeliverable SMS falls back to.
+                // Some customers only agreed to order updates by SMS: the fallback channel...
                 g.push(
                     &customer,
                     "crm",
-                    t0 + 61_000,
-                    Fact::ConsentGranted(ConsentChange {
-                        purpose: Purpose::Transactional,
-                        channel: Channel::Email,
-                        source: "checkout".into(),
-                        artifact_id: format!("email-{customer}-t"),
-                    }),
+                    t0 + 60_000,
+                    transactional_on(Channel::Sms, "sms"),
+                );
+                if g.rng.chance(0.5) {
+                    // ...half of them to e-mail too, where an undeliverable SMS falls back to.
+                    g.push(
+                        &customer,
+                        "crm",
+                        t0 + 61_000,
+                        transactional_on(Channel::Email, "email"),
+                    );
+                }
+            } else if g.rng.chance(0.5) {
+                // Others only to e-mail.
+                g.push(
+                    &customer,
+                    "crm",
+                    t0 + 60_000,
+                    transactional_on(Channel::Email, "email"),
                 );
             }
-        } else if g.rng.chance(0.5) {
-            // Others only to e-mail.
-            g.push(
-                &customer,
-                "crm",
-                t0 + 60_000,
-                Fact::ConsentGranted(ConsentChange {
-                    purpose: Purpose::Transactional,
-                    channel: Channel::Email,
-                    source: "checkout".into(),
-                    artifact_id: format!("email-{customer}-t"),
-                }),
-            );
         }
         let marketing = g.rng.chance(0.55);
         if marketing {

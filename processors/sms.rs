@@ -154,11 +154,15 @@ pub fn status_callback_url(base: &str, callback_data: &str) -> String {
     format!("{base}{sep}{CALLBACK_PARAM}={encoded}")
 }
 
-/// The `X-Twilio-Signature` of a callback to `url` with these form fields, under `auth_token`.
-pub fn sign(auth_token: &[u8], url: &str, fields: &[(String, String)]) -> String {
-    let Ok(mut mac) = <Hmac<sha1::Sha1> as Mac>::new_from_slice(auth_token) else {
-        return String::new();
-    };
+/// The HMAC-SHA1 state of a callback to `url` with these form fields, under `auth_token`:
+/// the URL followed by each field's name and value, sorted by name.
+fn callback_mac(
+    auth_token: &[u8],
+    url: &str,
+    fields: &[(String, String)],
+) -> Option<Hmac<sha1::Sha1>> {
+    // HMAC takes a key of any length, so this never fails.
+    let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(auth_token).ok()?;
     mac.update(url.as_bytes());
     let mut sorted: Vec<&(String, String)> = fields.iter().collect();
     sorted.sort();
@@ -166,7 +170,14 @@ pub fn sign(auth_token: &[u8], url: &str, fields: &[(String, String)]) -> String
         mac.update(name.as_bytes());
         mac.update(value.as_bytes());
     }
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    Some(mac)
+}
+
+/// The `X-Twilio-Signature` of a callback to `url` with these form fields, under `auth_token`.
+pub fn sign(auth_token: &[u8], url: &str, fields: &[(String, String)]) -> String {
+    callback_mac(auth_token, url, fields).map_or_else(String::new, |mac| {
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    })
 }
 
 /// Why an SMS status callback's signature was refused; the text is the 401's body.
@@ -193,17 +204,9 @@ pub fn verify_signature(
         .ok()
         .filter(|d| d.len() == 20)
         .ok_or(SignatureError::Malformed)?;
-    let Ok(mut mac) = <Hmac<sha1::Sha1> as Mac>::new_from_slice(auth_token) else {
-        return Err(SignatureError::Mismatch);
-    };
-    mac.update(url.as_bytes());
-    let mut sorted: Vec<&(String, String)> = fields.iter().collect();
-    sorted.sort();
-    for (name, value) in sorted {
-        mac.update(name.as_bytes());
-        mac.update(value.as_bytes());
-    }
-    mac.verify_slice(&given)
+    callback_mac(auth_token, url, fields)
+        .ok_or(SignatureError::Mismatch)?
+        .verify_slice(&given)
         .map_err(|_| SignatureError::Mismatch)
 }
 
