@@ -798,6 +798,9 @@ pub fn is_undeliverable(channel: Channel, code: i32) -> bool {
     }
 }
 
+/// The SMS provider's code for a recipient who replied STOP (Twilio's 21610).
+pub const SMS_UNSUBSCRIBED: i32 = 21_610;
+
 /// The code the gateway gives an e-mail the provider bounced or dropped (SMTP's permanent
 /// "mailbox unavailable").
 pub const EMAIL_BOUNCED: i32 = 550;
@@ -823,6 +826,24 @@ pub fn decide_status(
     else {
         return vec![];
     };
+    if sent.message.channel == Channel::Sms && code == SMS_UNSUBSCRIBED {
+        // The recipient texted STOP: the carrier blocks every message from us to them, so
+        // their SMS consent is gone for every purpose, and this message takes the next channel.
+        let artifact = if status.provider_message_id.is_empty() {
+            sent.message.message_id.clone()
+        } else {
+            status.provider_message_id.clone()
+        };
+        let mut out = vec![Outcome::OptedOut(OptedOut {
+            provider_message_id: artifact,
+            keyword: "STOP".into(),
+            channel: Channel::Sms,
+            purposes: vec![Purpose::Transactional, Purpose::Marketing],
+            received_at: ctx.now,
+        })];
+        out.extend(fall_back(state, customer_id, sent, ctx, code));
+        return out;
+    }
     if is_undeliverable(sent.message.channel, code) {
         return fall_back(state, customer_id, sent, ctx, code);
     }
