@@ -4,6 +4,10 @@
 //! the settings that would send it, and recorded as failed on the dispatch topic; refusals in
 //! a call's answer that policy must hear of (a paused template, an invalid SMS number) are
 //! written back to the provider topic as the failed statuses the provider would have posted.
+//! Once e-mail is configured, `herald dlq replay` sends the dead-lettered e-mail exactly once,
+//! however often it is replayed.
+
+mod common;
 
 use herald::demo;
 use herald::events::*;
@@ -94,13 +98,13 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
             .unwrap(),
         ))
         .without(Channel::Email, "set --email-api-key and --email-from");
-    let dispatch = {
-        let (settings, stop, metrics, codec, h) = (
+    let start_dispatch = |providers: Providers, stop: Arc<AtomicBool>| {
+        let (settings, metrics, codec, h, store) = (
             settings.clone(),
-            stop.clone(),
             metrics.clone(),
             codec.clone(),
             rt.handle().clone(),
+            store.clone(),
         );
         let catalog = topology.catalog.clone();
         std::thread::spawn(move || {
@@ -116,6 +120,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
             kafka::run_stage(&settings, &mut stage, &stop, &metrics, &h)
         })
     };
+    let dispatch = start_dispatch(providers.clone(), stop.clone());
     let producer = settings.producer(None).unwrap();
     for d in [
         approval("sms-1", Channel::Sms, Delivery::Template, "+34600000777"),
@@ -209,7 +214,6 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
     }
     stop.store(true, Ordering::SeqCst);
     let _ = dispatch.join();
-    let _ = std::fs::remove_dir_all(&dir);
 
     let sent = cluster.simulator.sent();
     let text = "Hi Ana, thanks for your order A-sms-1. Total: EUR 12.50.";
@@ -271,4 +275,52 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         ],
         "each refusal policy must hear of is on the provider topic once"
     );
+
+    // Once e-mail is configured, `herald dlq replay` sends the dead-lettered e-mail, once,
+    // however often it is replayed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let with_email = providers.clone().with(Arc::new(
+        herald::email::EmailClient::new(
+            &cluster.simulator_url,
+            "SG.test",
+            "orders@herald.example",
+            Duration::from_secs(5),
+        )
+        .unwrap(),
+    ));
+    let dispatch = start_dispatch(with_email, stop.clone());
+    let mails = || {
+        cluster
+            .simulator
+            .sent()
+            .iter()
+            .filter(|s| s.message_id == "mail-1")
+            .count()
+    };
+    for round in 0..2 {
+        let o = common::herald(&[
+            "dlq",
+            "replay",
+            "--reason",
+            "no Email provider",
+            "--execute",
+            "--bootstrap",
+            &cluster.bootstrap,
+            "--registry",
+            &cluster.registry_url,
+        ]);
+        assert!(o.status.success(), "{}", common::text(&o));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mails() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if round == 1 {
+            // Time for a second send, were dispatch to make one.
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        assert_eq!(mails(), 1, "after replay {}", round + 1);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = dispatch.join();
+    let _ = std::fs::remove_dir_all(&dir);
 }
