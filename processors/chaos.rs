@@ -137,11 +137,11 @@ impl Processes {
             .args(["--sms-url", &self.simulator, "--email-url", &self.simulator])
             .args(["--sms-account-sid", crate::demo::DEMO_SMS_ACCOUNT])
             .env("HERALD_SMS_AUTH_TOKEN", crate::demo::DEMO_SMS_TOKEN)
-            .args(["--sms-from", "+15550199999"])
+            .args(["--sms-from", crate::demo::DEMO_SMS_FROM])
             .arg("--sms-status-callback")
             .arg(format!("{}/webhooks/sms", self.gateway))
             .env("HERALD_EMAIL_API_KEY", "SG.chaos-key")
-            .args(["--email-from", "orders@herald.example"])
+            .args(["--email-from", crate::demo::DEMO_EMAIL_FROM])
             // A withheld answer is given up on after a second; a send whose outcome is
             // unknown waits 10 s for its status webhook (they arrive within a second).
             .args(["--provider-timeout-ms", "1000", "--settle-wait-ms", "10000"])

@@ -70,6 +70,9 @@ pub const DEMO_VERIFY_TOKEN: &str = "herald-demo-verify-token";
 /// The demo SMS account: its SID, and the auth token that signs its status callbacks.
 pub const DEMO_SMS_ACCOUNT: &str = "ACherald0000000000000000000000demo";
 pub const DEMO_SMS_TOKEN: &str = "herald-demo-sms-token-not-secret";
+/// The number the demo's SMS are sent from, and the address its e-mails are sent from.
+pub const DEMO_SMS_FROM: &str = "+15550199999";
+pub const DEMO_EMAIL_FROM: &str = "orders@herald.example";
 /// The basic-auth credentials of the demo e-mail provider's event webhook.
 pub const DEMO_EMAIL_WEBHOOK_AUTH: (&str, &str) = ("herald", "herald-demo-email-hook-not-secret");
 
@@ -87,14 +90,14 @@ pub fn demo_providers(simulator_url: &str, gateway_url: &str) -> Result<provider
             simulator_url,
             DEMO_SMS_ACCOUNT,
             DEMO_SMS_TOKEN,
-            "+15550199999",
+            DEMO_SMS_FROM,
             Some(&format!("{gateway_url}/webhooks/sms")),
             timeout,
         )?))
         .with(Arc::new(crate::email::EmailClient::new(
             simulator_url,
             "SG.demo-key",
-            "orders@herald.example",
+            DEMO_EMAIL_FROM,
             timeout,
         )?)))
 }

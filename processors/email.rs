@@ -130,11 +130,16 @@ impl Provider for EmailClient {
 /// Whether an event webhook's `Authorization` header holds these basic-auth credentials,
 /// compared in constant time.
 pub fn authorized(header: Option<&[u8]>, user: &str, password: &str) -> bool {
-    let expected = format!(
+    let expected = basic_auth(user, password);
+    header.is_some_and(|h| crate::gateway::constant_time_eq(h, expected.as_bytes()))
+}
+
+/// The `Authorization` header value of HTTP basic auth with these credentials.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    );
-    header.is_some_and(|h| crate::gateway::constant_time_eq(h, expected.as_bytes()))
+    )
 }
 
 /// Reads an Event Webhook body (a JSON list of events) into callbacks. Events that say nothing
@@ -265,13 +270,8 @@ pub(crate) async fn simulate_send(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let Some(id) = sim.record(SimulatedSend::text(
-        Channel::Email,
-        &to,
-        &callback_data,
-        text,
-        "",
-    )) else {
+    let send = SimulatedSend::text(Channel::Email, &to, &callback_data, text);
+    let Some(id) = sim.record(send, "") else {
         return sendgrid_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             None,
@@ -302,10 +302,7 @@ pub(crate) async fn simulate_send(
             }
             let body = serde_json::to_vec(&json!([e])).unwrap_or_default();
             let (user, password) = &sim.options.email_webhook_auth;
-            let auth = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-            );
+            let auth = basic_auth(user, password);
             sim.post_callbacks(
                 url.clone(),
                 "application/json",

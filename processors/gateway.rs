@@ -319,15 +319,12 @@ pub fn route(c: &Callback, sender_of: impl Fn(&str) -> Option<String>) -> Route 
 /// The provider event for a callback, for `customer_id`.
 pub fn provider_event(c: &Callback, customer_id: &str) -> InputEvent {
     let source = match c {
-        Callback::Status {
-            channel: Channel::Sms,
-            ..
-        } => "sms",
-        Callback::Status {
-            channel: Channel::Email,
-            ..
-        } => "email",
-        _ => "whatsapp",
+        Callback::Status { channel, .. } => match channel {
+            Channel::Whatsapp => "whatsapp",
+            Channel::Sms => "sms",
+            Channel::Email => "email",
+        },
+        Callback::Inbound { .. } | Callback::TemplateStatus { .. } => "whatsapp",
     };
     let (at, fact) = match c {
         Callback::Status {

@@ -116,11 +116,6 @@ impl Providers {
     pub fn of(&self, channel: Channel) -> Option<&Arc<dyn Provider>> {
         self.by_channel.get(&channel)
     }
-
-    /// The channels with a provider.
-    pub fn channels(&self) -> Vec<Channel> {
-        self.by_channel.keys().copied().collect()
-    }
 }
 
 /// Reads an HTTP call's failure to get an answer: a connection never made is safe to try
@@ -330,27 +325,26 @@ pub struct SimulatedSend {
     pub wamid: String,
 }
 
+/// Herald's message id in a send's callback data (the whole of it if Herald did not write it).
+fn message_id_of(callback_data: &str) -> String {
+    parse_callback_data(callback_data)
+        .map_or(callback_data, |(_, m)| m)
+        .to_string()
+}
+
 impl SimulatedSend {
-    /// A message sent as text on `channel`, whose provider id will start with `id_prefix`.
-    pub fn text(
-        channel: Channel,
-        to: &str,
-        callback_data: &str,
-        text: &str,
-        id_prefix: &str,
-    ) -> Self {
+    /// A message sent as text on `channel`; its provider id is given when it is recorded.
+    pub fn text(channel: Channel, to: &str, callback_data: &str, text: &str) -> Self {
         SimulatedSend {
             channel,
             to: to.to_string(),
             template: String::new(),
             language: String::new(),
             callback_data: callback_data.to_string(),
-            message_id: parse_callback_data(callback_data)
-                .map_or(callback_data, |(_, m)| m)
-                .to_string(),
+            message_id: message_id_of(callback_data),
             parameters: vec![],
             text: Some(text.to_string()),
-            wamid: id_prefix.to_string(),
+            wamid: String::new(),
         }
     }
 }
@@ -509,11 +503,11 @@ impl Simulator {
         Self::take(&self.email_sender, self.options.email_per_s)
     }
 
-    /// Records an accepted send, giving it a provider id that starts with its `wamid`
-    /// field's prefix; `None` if the log is poisoned.
-    pub(crate) fn record(&self, mut send: SimulatedSend) -> Option<String> {
+    /// Records an accepted send under a new provider id starting with `id_prefix` (`wamid.`,
+    /// `SM`), and returns the id; `None` if the log is poisoned.
+    pub(crate) fn record(&self, mut send: SimulatedSend, id_prefix: &str) -> Option<String> {
         let mut sends = self.log.sends.lock().ok()?;
-        let id = format!("{}HERALDSIM{:012}", send.wamid, sends.len() + 1);
+        let id = format!("{id_prefix}HERALDSIM{:012}", sends.len() + 1);
         send.wamid = id.clone();
         sends.push(send);
         Some(id)
@@ -698,14 +692,7 @@ async fn messages(
         .to_string();
     let now = std::time::Instant::now();
     let o = &sim.options;
-    let sender_ok = sim.sender.lock().is_ok_and(|mut b| {
-        b.get_or_insert(Bucket {
-            tokens: o.sender_per_s.max(1.0),
-            at: now,
-        })
-        .take(o.sender_per_s.max(1.0), o.sender_per_s, now)
-    });
-    if !sender_ok {
+    if !Simulator::take(&sim.sender, o.sender_per_s) {
         return reject(
             StatusCode::BAD_REQUEST,
             130429,
@@ -739,20 +726,18 @@ async fn messages(
             "(#131000) Something went wrong",
         );
     }
-    let message_id = parse_callback_data(&callback_data)
-        .map_or(callback_data.as_str(), |(_, m)| m)
-        .to_string();
-    let Some(wamid) = sim.record(SimulatedSend {
+    let send = SimulatedSend {
         channel: Channel::Whatsapp,
         to: to.clone(),
         template,
         language,
+        message_id: message_id_of(&callback_data),
         callback_data: callback_data.clone(),
-        message_id,
         parameters,
         text: session_text,
-        wamid: "wamid.".into(),
-    }) else {
+        wamid: String::new(),
+    };
+    let Some(wamid) = sim.record(send, "wamid.") else {
         return graph_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             1,
@@ -866,12 +851,6 @@ async fn stats(State(sim): State<Arc<Simulator>>) -> Response {
         "webhooks_abandoned": load(&log.webhooks_abandoned),
     }))
     .into_response()
-}
-
-/// Serves the simulator on `addr` with the default limits and no webhooks; returns the bound
-/// address and the log of what it received.
-pub async fn serve_simulator(addr: SocketAddr) -> Result<(SocketAddr, Arc<SimulatorLog>)> {
-    serve_simulator_with(addr, SimulatorOptions::default()).await
 }
 
 /// Serves the simulator on `addr` with `options`.

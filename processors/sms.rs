@@ -351,13 +351,8 @@ pub(crate) async fn simulate_send(
     }
     let callback = field("StatusCallback");
     let callback_data = url_param(&callback, CALLBACK_PARAM).unwrap_or_default();
-    let Some(sid) = sim.record(SimulatedSend::text(
-        Channel::Sms,
-        &to,
-        &callback_data,
-        &text,
-        "SM",
-    )) else {
+    let send = SimulatedSend::text(Channel::Sms, &to, &callback_data, &text);
+    let Some(sid) = sim.record(send, "SM") else {
         return twilio_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             20500,

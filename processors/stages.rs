@@ -1040,7 +1040,6 @@ impl DispatchStage {
             if a.epoch != self.epoch || self.calls.remove(&message_id).is_none() {
                 continue;
             }
-            self.held.remove(&message_id);
             let now = wall_clock_ms();
             let channel = a.send.approved.channel;
             let before = self.pacer.breaker(channel);
@@ -1076,11 +1075,12 @@ impl DispatchStage {
                 let lane = Lane::of(&send.approved.purpose, &send.approved.category);
                 let not_before = now + pacing::retry_backoff_ms(send.tries, jitter());
                 let (customer, queued_at) = (send.decision.customer_id.clone(), send.queued_at);
-                self.held.insert(message_id, send.partition);
+                // Still held here: its call is not over.
                 self.pacer
                     .retry(lane, &customer, channel, send, queued_at, not_before);
                 continue;
             }
+            self.held.remove(&message_id);
             let tries = send.tries;
             self.record_answer(send, tries, a.outcome, now, out)?;
         }

@@ -90,7 +90,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
                 &cluster.simulator_url,
                 demo::DEMO_SMS_ACCOUNT,
                 demo::DEMO_SMS_TOKEN,
-                "+15550199999",
+                demo::DEMO_SMS_FROM,
                 // The simulator knows Herald's message id from the callback URL only.
                 Some(&format!("{}/webhooks/sms", cluster.gateway_root)),
                 Duration::from_secs(5),
@@ -283,7 +283,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         herald::email::EmailClient::new(
             &cluster.simulator_url,
             "SG.test",
-            "orders@herald.example",
+            demo::DEMO_EMAIL_FROM,
             Duration::from_secs(5),
         )
         .unwrap(),

@@ -442,16 +442,8 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
         "timestamp": 1795500000, "event": "open", "sg_message_id": format!("{mail_id}.filter0"),
         "herald_callback": callback_data("cust-000042", "m-mail")}]))
     .unwrap();
-    let basic = |user: &str, password: &str| {
-        use base64::Engine;
-        (
-            "authorization",
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-            ),
-        )
-    };
+    let basic =
+        |user: &str, password: &str| ("authorization", herald::email::basic_auth(user, password));
     let (user, password) = demo::DEMO_EMAIL_WEBHOOK_AUTH;
     assert_eq!(
         post(&rt, &email_url, &[basic(user, "guess")], event.clone()).status,
