@@ -1,4 +1,5 @@
-//! `herald bench`: throughput of the core alone, end to end through the mock cluster with
+//! `herald bench`: throughput of the core alone, end to end through the mock cluster (or real
+//! brokers) with
 //! transactions and Avro both ways, the same loop with no processing (the ceiling), and the
 //! webhook gateway.
 
@@ -34,8 +35,27 @@ pub struct BenchResult {
     pub gateway_webhooks_per_s: f64,
 }
 
-/// Runs all three measurements on a scenario of `customers` customers.
-pub fn run(customers: usize) -> Result<BenchResult> {
+/// The figures mean something only when the stages read this run's events alone.
+fn refuse_used_topics(settings: &KafkaSettings, topology: &Topology) -> Result<()> {
+    let reader = kafka::LogReader::new(settings)?;
+    for topic in crate::stages::INPUTS
+        .iter()
+        .chain([&crate::stages::DECISIONS, &crate::stages::PASSTHROUGH])
+    {
+        for p in 0..topology.partitions() {
+            if reader.end(topic, p)? > 0 {
+                return Err(anyhow!(
+                    "herald bench --bootstrap needs a cluster whose Herald topics are empty, and {topic} holds records: start a fresh one (scripts/kafka start --dir DIR)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs all three measurements on a scenario of `customers` customers, through the in-process
+/// mock cluster or, when given, real brokers whose Herald topics are still empty.
+pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchResult> {
     let topology = Arc::new(Topology::embedded()?);
     let scenario = scenario::generate(customers, 7);
     let events: Vec<_> = scenario
@@ -68,20 +88,21 @@ pub fn run(customers: usize) -> Result<BenchResult> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator())?;
+    let cluster = demo::start_cluster_on(&rt, &topology, demo::demo_simulator(), brokers)?;
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
-    let settings = KafkaSettings::new(&cluster.bootstrap, true, "bench");
+    let settings = cluster.settings(true, "bench");
+    if brokers.is_some() {
+        refuse_used_topics(&settings, &topology)?;
+    }
     let producer = settings.producer(None)?;
     let items: Vec<FeedItem> = events.into_iter().map(FeedItem::Event).collect();
-    demo::feed(
-        &rt,
-        &producer,
-        &codec,
-        &items,
-        demo::FeedStamp::OccurredAt,
-        |_| {},
-    )?;
+    // A real broker deletes records dated beyond retention: those carry their produce time.
+    let stamp = match brokers {
+        Some(_) => demo::FeedStamp::ProduceTime,
+        None => demo::FeedStamp::OccurredAt,
+    };
+    demo::feed(&rt, &producer, &codec, &items, stamp, |_| {})?;
     let n = items.len() as u64;
 
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));

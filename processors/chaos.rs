@@ -34,6 +34,23 @@ pub struct ChaosOptions {
     /// Share of provider answers the simulator withholds (the message goes out, dispatch
     /// never hears so): those sends must be settled from status webhooks, not sent again.
     pub drop_answers: f64,
+    /// Real brokers to run on (bootstrap and security settings); the in-process mock cluster
+    /// when absent.
+    pub brokers: Option<KafkaSettings>,
+    /// Kills and restarts brokers during the run, when given (real brokers only).
+    pub broker_kills: Option<BrokerKills>,
+}
+
+/// How the harness kills and restarts a broker: shell commands in which `{node}` stands for the
+/// broker's id, e.g. `scripts/kafka kill-node --dir D --node {node}`.
+#[derive(Debug, Clone)]
+pub struct BrokerKills {
+    pub kill: String,
+    pub start: String,
+    /// Time between two broker kills; each victim is the leader of a decision-log partition.
+    pub every: Duration,
+    /// How long a killed broker stays down.
+    pub down_for: Duration,
 }
 
 /// The one line `herald chaos` prints (as JSON with `--json`).
@@ -48,6 +65,8 @@ pub struct ChaosReport {
     /// Times a process exited on its own (a fatal error after a kill) and was restarted.
     pub exits: u64,
     pub seconds: f64,
+    /// Brokers killed (SIGKILL of a partition leader) and restarted during the run.
+    pub broker_kills: u64,
     pub decisions: usize,
     pub sends: usize,
     pub events_lost: u64,
@@ -74,10 +93,11 @@ impl ChaosReport {
     /// The one line.
     pub fn line(&self) -> String {
         format!(
-            "chaos: {} events, {} kills ({} of dispatch), {} restarts after an exit, {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}, approvals unsettled {}",
+            "chaos: {} events, {} kills ({} of dispatch), {} broker kills, {} restarts after an exit, {} provider answers withheld, in {:.0} s: events lost {}, duplicate decisions {}, order violations {}, sends without consent {}, duplicate sends {}, approvals unsettled {}",
             self.events,
             self.kills,
             self.dispatch_kills,
+            self.broker_kills,
             self.exits,
             self.answers_withheld,
             self.seconds,
@@ -108,6 +128,8 @@ enum Role {
 struct Processes {
     herald: PathBuf,
     bootstrap: String,
+    /// Client settings beyond the bootstrap address (security), passed as `--kafka-config`.
+    kafka_extra: Vec<(String, String)>,
     registry: String,
     simulator: String,
     /// The gateway's scheme and host, where SMS statuses are asked for.
@@ -126,6 +148,11 @@ impl Processes {
             .args(["run", "--stage", stage, "--instance-id", instance])
             .env("HERALD_IDENTIFIER_KEY", crate::identity::DEMO_KEY)
             .args(["--bootstrap", &self.bootstrap, "--registry", &self.registry])
+            .args(
+                self.kafka_extra
+                    .iter()
+                    .flat_map(|(k, v)| ["--kafka-config".to_string(), format!("{k}={v}")]),
+            )
             .args(["--provider-url", &self.simulator])
             .args([
                 "--phone-number-id",
@@ -306,6 +333,81 @@ impl DispatchWatch {
     }
 }
 
+/// Kills the leader of one decision-log partition after another, every `every`, and starts it
+/// again after `down_for`, until the run calms down.
+struct BrokerKiller {
+    handle: std::thread::JoinHandle<Result<u64>>,
+}
+
+impl BrokerKiller {
+    fn start(plan: BrokerKills, cluster: KafkaSettings, calm: Arc<AtomicBool>) -> Self {
+        let handle = std::thread::spawn(move || -> Result<u64> {
+            let mut kills = 0u64;
+            let mut partition = 0;
+            let mut last = Instant::now();
+            while !calm.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.elapsed() < plan.every {
+                    continue;
+                }
+                let Some(leader) = leader_of(&cluster, DECISIONS, partition)? else {
+                    continue;
+                };
+                shell(&plan.kill, leader)?;
+                kills += 1;
+                tracing::warn!(broker = leader, partition, "chaos: broker killed");
+                let down = Instant::now();
+                while down.elapsed() < plan.down_for && !calm.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                shell(&plan.start, leader)?;
+                tracing::warn!(broker = leader, "chaos: broker restarted");
+                partition = (partition + 1) % 6;
+                last = Instant::now();
+            }
+            Ok(kills)
+        });
+        BrokerKiller { handle }
+    }
+
+    fn finish(self) -> Result<u64> {
+        self.handle
+            .join()
+            .map_err(|_| anyhow!("the broker killer panicked"))?
+    }
+}
+
+/// The broker that leads `topic`/`partition` now, if the cluster says.
+fn leader_of(cluster: &KafkaSettings, topic: &str, partition: i32) -> Result<Option<i32>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = cluster
+        .client_config()
+        .create()
+        .context("cannot create a metadata client")?;
+    let Ok(md) = client.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
+        return Ok(None);
+    };
+    Ok(md
+        .topics()
+        .first()
+        .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+        .map(|p| p.leader())
+        .filter(|l| *l >= 0))
+}
+
+/// Runs a broker control command with `{node}` replaced; fails naming it when it fails.
+fn shell(template: &str, node: i32) -> Result<()> {
+    let command = template.replace("{node}", &node.to_string());
+    let status = Command::new("sh")
+        .args(["-c", &command])
+        .status()
+        .with_context(|| format!("cannot run '{command}'"))?;
+    if !status.success() {
+        return Err(anyhow!("'{command}' failed: {status}"));
+    }
+    Ok(())
+}
+
 /// How far dispatch may fall behind the approvals before feeding waits for it: the mock
 /// cluster keeps only 5 MB of each partition, and dispatch must read an approval before it is
 /// trimmed.
@@ -323,7 +425,13 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         withhold_answer_for: Duration::from_secs(2),
         ..demo::demo_simulator()
     };
-    let cluster = demo::start_cluster(&rt, &topology, simulator)?;
+    let cluster = demo::start_cluster_on(&rt, &topology, simulator, opts.brokers.as_ref())?;
+    // A real broker keeps what retention allows: records stamped with the scenario's dates,
+    // weeks back, would be deleted, so they carry the time they were produced.
+    let stamp = match opts.brokers {
+        Some(_) => FeedStamp::ProduceTime,
+        None => FeedStamp::OccurredAt,
+    };
     let codec = Arc::new(Codec::new(&cluster.registry_url)?);
     rt.block_on(codec.register_all())?;
     let scenario = scenario::generate(opts.customers, opts.seed);
@@ -338,7 +446,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     // Reads the decision log as it is committed: the mock cluster trims old segments. Only
     // the scenario's own records count as decided, not the status webhooks that join them.
     let follower = Follower::counting(
-        &cluster.bootstrap,
+        &cluster.kafka,
         vec![DECISIONS],
         codec.clone(),
         topology.partitions(),
@@ -356,13 +464,14 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         events.len(),
         opts.kill_every.as_millis()
     ));
-    let producer = KafkaSettings::new(&cluster.bootstrap, true, "chaos-feeder").producer(None)?;
+    let producer = cluster.settings(true, "chaos-feeder").producer(None)?;
     demo::feed_stock(&rt, &producer, &codec, &scenario::stock_levels())?;
 
     let dir = demo::fresh_temp_dir("chaos")?;
     let mut procs = Processes {
         herald: opts.herald.clone(),
         bootstrap: cluster.bootstrap.clone(),
+        kafka_extra: cluster.kafka.extra.clone(),
         registry: cluster.registry_url.clone(),
         simulator: cluster.simulator_url.clone(),
         gateway: cluster.gateway_root.clone(),
@@ -455,12 +564,17 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         })
     };
 
+    let broker_killer = opts
+        .broker_kills
+        .clone()
+        .map(|b| BrokerKiller::start(b, cluster.kafka.clone(), calm.clone()));
+
     // Fed in chunks, each waited for, so that the processors (not the mock cluster's segment
     // trimming) are what the records race against.
     let result = (|| -> Result<()> {
         let mut fed_events = 0u64;
         for chunk in scenario.items.chunks(2_000) {
-            demo::feed(&rt, &producer, &codec, chunk, FeedStamp::OccurredAt, |_| {})?;
+            demo::feed(&rt, &producer, &codec, chunk, stamp, |_| {})?;
             fed_events += chunk
                 .iter()
                 .filter(|i| matches!(i, FeedItem::Event(_)))
@@ -485,6 +599,10 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     killer
         .join()
         .map_err(|_| anyhow!("the killer thread panicked"))??;
+    let broker_kills = match broker_killer {
+        Some(k) => k.finish()?,
+        None => 0,
+    };
     result?;
     // Dispatch catches up once the kills stop: every approval's dispatch ended, or nothing
     // new for 15 s (longer than an unknown send waits for its status before it is tried again).
@@ -559,6 +677,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         answers_withheld: cluster.simulator.answers_dropped.load(Ordering::SeqCst),
         exits: exits.load(Ordering::SeqCst),
         seconds,
+        broker_kills,
         decisions: decisions.len(),
         sends: sends.len(),
         events_lost,

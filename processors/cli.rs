@@ -15,7 +15,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -136,10 +135,17 @@ pub enum Command {
     Bench {
         #[arg(long, default_value_t = 5_000)]
         customers: usize,
+        /// Measure end to end and pass-through on these real brokers (their Herald topics
+        /// empty) instead of the in-process cluster.
+        #[arg(long)]
+        bootstrap: Option<String>,
+        #[command(flatten)]
+        security: KafkaSecurityArgs,
     },
     /// Proves crash safety: runs the processors and dispatch as separate processes on an
-    /// in-process cluster, SIGKILLs one every few seconds while the scenario is fed, and
-    /// prints one line of checks (all must be 0; exits 1 otherwise).
+    /// in-process cluster (or real brokers with --bootstrap), SIGKILLs one every few seconds
+    /// (and a broker now and then, when told how) while the scenario is fed, and prints one
+    /// line of checks (all must be 0; exits 1 otherwise).
     Chaos {
         /// Customers in the scenario (about 15 events each; 13,500 give over 200,000 events).
         #[arg(long, default_value_t = 13_500)]
@@ -158,6 +164,26 @@ pub enum Command {
         /// Print the result as one JSON line.
         #[arg(long)]
         json: bool,
+        /// Run on these real brokers instead of the in-process cluster (`host:port,...`); the
+        /// topics are created on them with `herald topics apply`'s admin path.
+        #[arg(long)]
+        bootstrap: Option<String>,
+        #[command(flatten)]
+        security: KafkaSecurityArgs,
+        /// A shell command that SIGKILLs broker `{node}`, e.g. `scripts/kafka kill-node --dir
+        /// DIR --node {node}`; with --start-broker-cmd, the leader of a decision-log partition
+        /// is killed and restarted during the run.
+        #[arg(long, requires_all = ["bootstrap", "start_broker_cmd"])]
+        kill_broker_cmd: Option<String>,
+        /// The shell command that starts broker `{node}` again and waits until it is up.
+        #[arg(long, requires = "kill_broker_cmd")]
+        start_broker_cmd: Option<String>,
+        /// Time between two broker kills.
+        #[arg(long, default_value_t = 60)]
+        broker_kill_every_secs: u64,
+        /// How long a killed broker stays down.
+        #[arg(long, default_value_t = 10)]
+        broker_down_secs: u64,
     },
     /// Runs the processors and/or dispatch against a Kafka cluster, a registry and a store.
     Run(Box<RunArgs>),
@@ -255,8 +281,8 @@ fn share(s: &str) -> Result<f64, String> {
 pub enum TopicsAction {
     /// Creates the topics of topology/topics.toml that are missing and reports what differs.
     Apply {
-        #[arg(long, env = "HERALD_BOOTSTRAP")]
-        bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaClientArgs,
         /// Topology directory; the embedded one when absent.
         #[arg(long, env = "HERALD_TOPOLOGY")]
         topology: Option<PathBuf>,
@@ -275,6 +301,8 @@ pub struct LogSource {
     /// A cluster whose `herald.decisions.v1` is read whole (read_committed).
     #[arg(long, env = "HERALD_BOOTSTRAP", requires = "registry")]
     pub bootstrap: Option<String>,
+    #[command(flatten)]
+    pub security: KafkaSecurityArgs,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     pub registry: Option<String>,
     /// Topology directory (for the partition count); the embedded one when absent.
@@ -293,8 +321,9 @@ impl LogSource {
                 let topo = topology(&self.topology)?;
                 let rt = tokio::runtime::Runtime::new()?;
                 let codec = Arc::new(Codec::new(registry)?);
+                let settings = connect(bootstrap, &self.security, true, "log-reader")?;
                 crate::dump::export(
-                    bootstrap,
+                    &settings,
                     vec![crate::stages::DECISIONS],
                     codec,
                     topo.partitions(),
@@ -364,8 +393,8 @@ fn parse_instant(flag: &str, text: &str) -> Result<crate::events::Millis> {
 /// The cluster a command reads: brokers, registry, and the topology for partition counts.
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
-    #[arg(long, env = "HERALD_BOOTSTRAP")]
-    bootstrap: String,
+    #[command(flatten)]
+    kafka: KafkaClientArgs,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     registry: String,
     /// Topology directory (for the partition count); the embedded one when absent.
@@ -378,9 +407,6 @@ pub struct ClusterArgs {
 pub struct DlqArgs {
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// librdkafka settings (security, timeouts), as for `herald run`.
-    #[arg(long = "kafka-config", value_parser = parse_kv)]
-    kafka_config: Vec<(String, String)>,
     /// A dead letter's id (`partition:offset`, as the list shows); repeat for several.
     #[arg(long = "id")]
     ids: Vec<String>,
@@ -437,8 +463,8 @@ pub enum StageName {
 /// Options of `herald run`; every one can come from the environment.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    #[arg(long, env = "HERALD_BOOTSTRAP")]
-    pub bootstrap: String,
+    #[command(flatten)]
+    pub kafka: KafkaClientArgs,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     pub registry: String,
     /// The state store: an embedded store file, or ScyllaDB as
@@ -458,6 +484,11 @@ pub struct RunArgs {
     /// Unique per process (transactional id); defaults to the host name.
     #[arg(long, env = "HERALD_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// What this deployment's consumer groups and transactional ids start with
+    /// (`PREFIX-processors`, `PREFIX-dispatch-INSTANCE`): a second deployment on the same
+    /// cluster (staging, a shadow policy) needs its own.
+    #[arg(long, env = "HERALD_GROUP_PREFIX", default_value = "herald")]
+    pub group_prefix: String,
     #[arg(long, env = "HERALD_TOPOLOGY")]
     pub topology: Option<PathBuf>,
     #[arg(
@@ -571,9 +602,64 @@ pub struct RunArgs {
     /// move on: shorter fails over faster, longer rides out pauses.
     #[arg(long, env = "HERALD_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
-    /// Extra librdkafka settings, `key=value`, repeatable (e.g. security.protocol=SASL_SSL).
+}
+
+/// How a command reaches the Kafka cluster: the same options for every command that talks to it.
+#[derive(Args, Debug, Clone)]
+pub struct KafkaClientArgs {
+    /// Brokers to start from, `host:port[,host:port]`.
+    #[arg(long, env = "HERALD_BOOTSTRAP")]
+    pub bootstrap: String,
+    #[command(flatten)]
+    pub security: KafkaSecurityArgs,
+}
+
+/// librdkafka client settings (security, timeouts) beyond the bootstrap address. They apply in
+/// this order, later ones winning: the properties file, `HERALD_KAFKA_*` environment variables
+/// (`HERALD_KAFKA_SASL_PASSWORD` is `sasl.password`), then `--kafka-config` flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KafkaSecurityArgs {
+    /// A librdkafka properties file of `key=value` lines (security.protocol, sasl.mechanism,
+    /// sasl.username, sasl.password, ssl.ca.location, ...); the place for secrets.
+    #[arg(long = "kafka-properties", env = "HERALD_KAFKA_PROPERTIES")]
+    pub kafka_properties: Option<PathBuf>,
+    /// One librdkafka setting, `key=value`; repeatable.
     #[arg(long = "kafka-config", value_parser = parse_kv)]
     pub kafka_config: Vec<(String, String)>,
+}
+
+impl KafkaSecurityArgs {
+    /// The settings from the file, the environment and the flags, in that order.
+    pub fn settings(&self) -> Result<Vec<(String, String)>> {
+        let mut out = match &self.kafka_properties {
+            Some(path) => kafka::read_properties(path)?,
+            None => Vec::new(),
+        };
+        out.extend(kafka::settings_from_env(std::env::vars()));
+        out.extend(self.kafka_config.iter().cloned());
+        Ok(out)
+    }
+}
+
+impl KafkaClientArgs {
+    /// Client settings for `instance_id`, once the cluster has answered with them.
+    pub fn connect(&self, exactly_once: bool, instance_id: &str) -> Result<KafkaSettings> {
+        connect(&self.bootstrap, &self.security, exactly_once, instance_id)
+    }
+}
+
+/// Client settings for the cluster at `bootstrap`, checked against it: a wrong address,
+/// certificate or password stops the command here with the settings to fix.
+fn connect(
+    bootstrap: &str,
+    security: &KafkaSecurityArgs,
+    exactly_once: bool,
+    instance_id: &str,
+) -> Result<KafkaSettings> {
+    let mut settings = KafkaSettings::new(bootstrap, exactly_once, instance_id);
+    settings.extra = security.settings()?;
+    kafka::check_connection(&settings)?;
+    Ok(settings)
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -626,9 +712,17 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { customers } => {
+        Command::Bench {
+            customers,
+            bootstrap,
+            security,
+        } => {
             telemetry::init_tracing("error");
-            let r = bench::run(customers)?;
+            let brokers = match &bootstrap {
+                Some(b) => Some(connect(b, &security, true, "bench")?),
+                None => None,
+            };
+            let r = bench::run(customers, brokers.as_ref())?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -639,14 +733,15 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Topics {
             action:
                 TopicsAction::Apply {
-                    bootstrap,
+                    kafka,
                     topology: dir,
                     replication,
                 },
         } => {
             telemetry::init_tracing("warn");
             let topo = topology(&dir)?;
-            let report = topics_apply(&bootstrap, &topo, replication)?;
+            let settings = kafka.connect(false, "topics-apply")?;
+            let report = topics_apply(&settings, &topo, replication)?;
             for line in &report {
                 println!("{line}");
             }
@@ -800,8 +895,27 @@ pub fn main(cli: Cli) -> Result<()> {
             kill,
             drop_answers,
             json,
+            bootstrap,
+            security,
+            kill_broker_cmd,
+            start_broker_cmd,
+            broker_kill_every_secs,
+            broker_down_secs,
         } => {
             telemetry::init_tracing("error");
+            let brokers = match &bootstrap {
+                Some(b) => Some(connect(b, &security, true, "chaos")?),
+                None => None,
+            };
+            let broker_kills = match (kill_broker_cmd, start_broker_cmd) {
+                (Some(kill), Some(start)) => Some(crate::chaos::BrokerKills {
+                    kill,
+                    start,
+                    every: Duration::from_secs(broker_kill_every_secs),
+                    down_for: Duration::from_secs(broker_down_secs),
+                }),
+                _ => None,
+            };
             let opts = crate::chaos::ChaosOptions {
                 customers,
                 seed,
@@ -809,6 +923,8 @@ pub fn main(cli: Cli) -> Result<()> {
                 victims: kill,
                 herald: crate::chaos::this_binary()?,
                 drop_answers,
+                brokers,
+                broker_kills,
             };
             let report = crate::chaos::run(&opts, |line| {
                 if !json {
@@ -912,7 +1028,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Export {
             cluster:
                 ClusterArgs {
-                    bootstrap,
+                    kafka,
                     registry,
                     topology: dir,
                 },
@@ -923,8 +1039,9 @@ pub fn main(cli: Cli) -> Result<()> {
             let topo = topology(&dir)?;
             let rt = tokio::runtime::Runtime::new()?;
             let codec = Arc::new(Codec::new(&registry)?);
+            let settings = kafka.connect(true, "export")?;
             let records = crate::dump::export(
-                &bootstrap,
+                &settings,
                 crate::dump::replay_topics(),
                 codec,
                 topo.partitions(),
@@ -964,8 +1081,8 @@ pub struct GatewayArgs {
     /// message's sender can be matched to a customer.
     #[arg(long, env = "HERALD_IDENTIFIER_KEY", hide_env_values = true)]
     pub identifier_key: String,
-    #[arg(long, env = "HERALD_BOOTSTRAP")]
-    pub bootstrap: String,
+    #[command(flatten)]
+    pub kafka: KafkaClientArgs,
     #[arg(long, env = "HERALD_REGISTRY")]
     pub registry: String,
     /// Topology directory (partition count of the provider topic); the embedded one when absent.
@@ -986,9 +1103,6 @@ pub struct GatewayArgs {
     /// `/webhooks/email` answers 404 without it.
     #[arg(long, env = "HERALD_EMAIL_WEBHOOK_AUTH", hide_env_values = true)]
     pub email_webhook_auth: Option<String>,
-    /// Extra librdkafka settings, as KEY=VALUE (repeatable).
-    #[arg(long = "kafka-config", value_parser = parse_kv)]
-    pub kafka_config: Vec<(String, String)>,
 }
 
 /// The providers dispatch sends through: the Cloud API always, SMS and e-mail when their
@@ -1074,8 +1188,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
     }
     let topo = topology(&args.topology)?;
     let (rt, codec) = runtime_with_registry(&args.registry)?;
-    let mut settings = KafkaSettings::new(&args.bootstrap, false, "gateway");
-    settings.extra = args.kafka_config.clone();
+    let settings = args.kafka.connect(false, "gateway")?;
     let stop = kafka::stop_on_signal(rt.handle());
     let running = crate::gateway::start(
         &rt,
@@ -1183,8 +1296,7 @@ fn dead_letters(action: DlqAction) -> Result<()> {
         .find(|t| t.name == crate::stages::DLQ)
         .map_or(topo.partitions(), |t| t.partitions);
     let (rt, codec) = runtime_with_registry(&args.cluster.registry)?;
-    let mut settings = KafkaSettings::new(&args.cluster.bootstrap, true, "herald-dlq");
-    settings.extra = args.kafka_config.clone();
+    let settings = args.cluster.kafka.connect(true, "herald-dlq")?;
     let entries: Vec<crate::dlq::Entry> = crate::dlq::read_all(&settings, &codec, &rt, partitions)?
         .into_iter()
         .filter(|e| selection.selects(e))
@@ -1285,12 +1397,12 @@ fn run(args: RunArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("pid{}", std::process::id()));
-    let mut settings = KafkaSettings::new(&args.bootstrap, !args.at_least_once, &instance);
+    let mut settings = args.kafka.connect(!args.at_least_once, &instance)?;
     settings.batch_size = args.batch_size;
     settings.assignment_strategy = args.assignment_strategy.clone();
     settings.max_task_idle_ms = args.max_task_idle_ms;
-    settings.extra = args.kafka_config.clone();
     settings.static_membership = args.static_membership;
+    settings.group_prefix = args.group_prefix.clone();
     settings.session_timeout_ms = args.session_timeout_ms;
     let stop = kafka::stop_on_signal(rt.handle());
     let metrics = Metrics::shared();
@@ -1365,19 +1477,20 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// Creates missing topics and reports differences; returns one line per topic.
 pub fn topics_apply(
-    bootstrap: &str,
+    settings: &KafkaSettings,
     topo: &Topology,
     replication: Option<i32>,
 ) -> Result<Vec<String>> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let admin: AdminClient<DefaultClientContext> = settings
+        .client_config()
         .create()
         .context("cannot create Kafka admin client")?;
     let rt = tokio::runtime::Runtime::new()?;
     let metadata = admin
         .inner()
         .fetch_metadata(None, Duration::from_secs(15))
-        .with_context(|| format!("cannot read cluster metadata from {bootstrap}"))?;
+        .with_context(|| format!("cannot read cluster metadata from {}", settings.bootstrap))?;
+    let brokers = metadata.brokers().len() as i32;
     let mut report = Vec::new();
     let mut missing = Vec::new();
     for spec in &topo.topics {
@@ -1430,6 +1543,16 @@ pub fn topics_apply(
                 }
             }
         }
+    }
+    if let Some(short) = missing
+        .iter()
+        .find(|s| replication.unwrap_or(s.replication) > brokers)
+    {
+        bail!(
+            "{} needs replication factor {} but the cluster has {brokers} broker(s): lower it with --replication",
+            short.name,
+            replication.unwrap_or(short.replication)
+        );
     }
     if !missing.is_empty() {
         let retention: Vec<String> = missing.iter().map(|s| s.retention_ms.to_string()).collect();

@@ -104,8 +104,12 @@ pub fn demo_providers(simulator_url: &str, gateway_url: &str) -> Result<provider
 
 /// The running pieces of a one-machine Herald.
 pub struct Cluster {
-    pub mock: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    /// The in-process cluster, when no brokers were given.
+    pub mock:
+        Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     pub bootstrap: String,
+    /// How clients reach it: the bootstrap address and any security settings.
+    pub kafka: KafkaSettings,
     pub registry_url: String,
     pub simulator_url: String,
     pub simulator: Arc<provider::SimulatorLog>,
@@ -115,6 +119,16 @@ pub struct Cluster {
     pub gateway_root: String,
     pub gateway: crate::gateway::RunningGateway,
     stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cluster {
+    /// Client settings for this cluster under `instance_id`.
+    pub fn settings(&self, exactly_once: bool, instance_id: &str) -> KafkaSettings {
+        let mut s = self.kafka.clone();
+        s.exactly_once = exactly_once;
+        s.instance_id = instance_id.to_string();
+        s
+    }
 }
 
 impl Drop for Cluster {
@@ -159,18 +173,55 @@ pub fn start_cluster(
     topology: &Topology,
     simulator: provider::SimulatorOptions,
 ) -> Result<Cluster> {
-    let mock = rdkafka::mocking::MockCluster::new(1)
-        .context("cannot start the in-process Kafka cluster")?;
-    kafka::create_topics_on_mock(&mock, topology)?;
-    mock.create_topic(crate::stages::PASSTHROUGH, topology.partitions(), 1)?;
-    let bootstrap = mock.bootstrap_servers();
+    start_cluster_on(rt, topology, simulator, None)
+}
+
+/// As [`start_cluster`], on the real brokers of `brokers` when given (their topics created by
+/// `herald topics apply`'s admin path, replicated as the cluster's brokers allow), on the
+/// in-process mock cluster otherwise.
+pub fn start_cluster_on(
+    rt: &tokio::runtime::Runtime,
+    topology: &Topology,
+    simulator: provider::SimulatorOptions,
+    brokers: Option<&KafkaSettings>,
+) -> Result<Cluster> {
+    let (mock, kafka) = match brokers {
+        None => {
+            let mock = rdkafka::mocking::MockCluster::new(1)
+                .context("cannot start the in-process Kafka cluster")?;
+            kafka::create_topics_on_mock(&mock, topology)?;
+            mock.create_topic(crate::stages::PASSTHROUGH, topology.partitions(), 1)?;
+            let bootstrap = mock.bootstrap_servers();
+            (Some(mock), KafkaSettings::new(&bootstrap, true, "demo"))
+        }
+        Some(settings) => {
+            let mut topics = topology.clone();
+            topics.topics.push(crate::topology::TopicSpec {
+                name: crate::stages::PASSTHROUGH.into(),
+                partitions: topology.partitions(),
+                replication: 3,
+                cleanup_policy: "delete".into(),
+                retention_ms: 86_400_000,
+                doc: "herald bench's pass-through figure".into(),
+            });
+            let brokers = kafka::cluster_size(settings)?;
+            crate::cli::topics_apply(settings, &topics, Some(brokers.min(3)))?;
+            (None, settings.clone())
+        }
+    };
+    let bootstrap = kafka.bootstrap.clone();
     let any = "127.0.0.1:0".parse().map_err(|e| anyhow!("{e}"))?;
     let reg = rt.block_on(registry::serve(any))?;
     let registry_url = format!("http://{reg}");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gateway = crate::gateway::start(
         rt,
-        &KafkaSettings::new(&bootstrap, false, "demo-gateway"),
+        &{
+            let mut s = kafka.clone();
+            s.exactly_once = false;
+            s.instance_id = "demo-gateway".into();
+            s
+        },
         Arc::new(Codec::new(&registry_url)?),
         crate::gateway::GatewayConfig {
             app_secret: simulator.app_secret.clone(),
@@ -205,6 +256,7 @@ pub fn start_cluster(
     Ok(Cluster {
         mock,
         bootstrap,
+        kafka,
         registry_url,
         simulator_url: format!("http://{sim}"),
         simulator: log,
@@ -304,9 +356,20 @@ pub fn read_topic(
     bootstrap: &str,
     topic: &str,
     partitions: i32,
-    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>,
+    f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>,
 ) -> Result<u64> {
     let settings = KafkaSettings::new(bootstrap, true, &format!("reader-{}", std::process::id()));
+    read_topic_with(&settings, topic, partitions, f)
+}
+
+/// As [`read_topic`], with these client settings (security, or `isolation.level` to see what
+/// aborted transactions left in the log).
+pub fn read_topic_with(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>,
+) -> Result<u64> {
     let consumer: BaseConsumer<kafka::EndOfLogIsExpected> = settings.log_reader()?;
     let mut tpl = TopicPartitionList::new();
     let mut highs = HashMap::new();
@@ -588,7 +651,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     // in-process cluster trims old segments.
     let recorder = match &opts.record {
         Some(_) => Some(crate::dump::Follower::start(
-            &cluster.bootstrap,
+            &cluster.kafka,
             crate::dump::replay_topics(),
             codec.clone(),
             topology.partitions(),

@@ -372,26 +372,27 @@ pub struct Follower {
 impl Follower {
     /// Starts reading `topics` (replay topics) from their beginning (read_committed).
     pub fn start(
-        bootstrap: &str,
+        cluster: &KafkaSettings,
         topics: Vec<&'static str>,
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
     ) -> Result<Self> {
-        Self::counting(bootstrap, topics, codec, partitions, rt, None)
+        Self::counting(cluster, topics, codec, partitions, rt, None)
     }
 
     /// As `start`, counting as decided only the input records whose event id is in `counted`
     /// (a feed's own records, not the status webhooks the gateway adds).
     pub fn counting(
-        bootstrap: &str,
+        cluster: &KafkaSettings,
         topics: Vec<&'static str>,
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
         counted: Option<std::collections::HashSet<String>>,
     ) -> Result<Self> {
-        let settings = KafkaSettings::new(bootstrap, true, &format!("dump-{}", std::process::id()));
+        let mut settings = cluster.clone();
+        settings.instance_id = format!("dump-{}", std::process::id());
         let consumer: BaseConsumer<EndOfLogIsExpected> = settings.log_reader()?;
         let mut tpl = TopicPartitionList::new();
         for topic in &topics {
@@ -502,13 +503,13 @@ impl Follower {
 /// through the registry. A registry outage fails the export; a record that cannot be decoded is
 /// kept with its reason.
 pub fn export(
-    bootstrap: &str,
+    cluster: &KafkaSettings,
     topics: Vec<&'static str>,
     codec: Arc<Codec>,
     partitions: i32,
     rt: tokio::runtime::Handle,
 ) -> Result<Vec<DumpedRecord>> {
-    Follower::start(bootstrap, topics, codec, partitions, rt)?.finish()
+    Follower::start(cluster, topics, codec, partitions, rt)?.finish()
 }
 
 /// The decisions of dump files, or of a cluster's decision log, in log order per partition.

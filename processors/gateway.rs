@@ -766,7 +766,11 @@ impl SenderFollower {
             stop,
         } = self;
         let consumer: BaseConsumer = settings
-            .consumer_config("herald-gateway", "herald-gateway-senders", &[])
+            .consumer_config(
+                &format!("{}-gateway", settings.group_prefix),
+                &format!("{}-gateway-senders", settings.group_prefix),
+                &[],
+            )
             .create()
             .context("cannot create the gateway's CRM reader")?;
         let mut tpl = TopicPartitionList::new();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const LANE_PAUSE_ABOVE: usize = 20_000;
 
 /// How the loop talks to the brokers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub bootstrap: String,
     /// Kafka transactions (exactly-once); false for at-least-once on brokers without them.
@@ -41,6 +41,10 @@ pub struct KafkaSettings {
     pub static_membership: bool,
     /// How long the group waits for a silent member before handing its partitions on.
     pub session_timeout_ms: u32,
+    /// What this deployment's consumer groups and transactional ids start with
+    /// (`{prefix}-{stage}`, `{prefix}-{stage}-{instance}`), so that two deployments on one
+    /// cluster never share a group or fence each other.
+    pub group_prefix: String,
 }
 
 impl KafkaSettings {
@@ -56,6 +60,7 @@ impl KafkaSettings {
             extra: vec![],
             static_membership: false,
             session_timeout_ms: 10_000,
+            group_prefix: "herald".into(),
         }
     }
 
@@ -66,6 +71,11 @@ impl KafkaSettings {
             c.set(k, v);
         }
         c
+    }
+
+    /// The connection and security settings alone, for admin and metadata clients.
+    pub fn client_config(&self) -> ClientConfig {
+        self.base()
     }
 
     /// A producer; transactional when `transactional_id` is given.
@@ -113,8 +123,8 @@ impl KafkaSettings {
     /// A reader with no group, for restoring state from a log partition.
     pub fn log_reader(&self) -> Result<BaseConsumer<EndOfLogIsExpected>> {
         self.consumer_config(
-            &format!("herald-restore-{}", self.instance_id),
-            &format!("herald-restore-{}", self.instance_id),
+            &format!("{}-restore-{}", self.group_prefix, self.instance_id),
+            &format!("{}-restore-{}", self.group_prefix, self.instance_id),
             // A reader reads to the end and stops; the fetch it leaves waiting at the end of
             // one partition holds up its next read (one fetch per broker at a time), so the
             // broker must answer an empty fetch at once, not after the default 500 ms.
@@ -123,6 +133,175 @@ impl KafkaSettings {
         .create_with_context(EndOfLogIsExpected)
         .context("cannot create Kafka restore reader")
     }
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<(String, String)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| (k.clone(), shown_value(k, v)))
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap", &self.bootstrap)
+            .field("exactly_once", &self.exactly_once)
+            .field("instance_id", &self.instance_id)
+            .field("group_prefix", &self.group_prefix)
+            .field("extra", &extra)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a librdkafka setting holds a secret (a password, a key, a token, a JAAS line).
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "token", ".key.pem", "ssl.key"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// A setting's value as logs and error messages may show it.
+pub fn shown_value(key: &str, value: &str) -> String {
+    if is_secret(key) {
+        "[hidden]".into()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Client settings from a librdkafka properties file: `key=value` lines, `#` comments.
+pub fn read_properties(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--kafka-properties {}: cannot read it", path.display()))?;
+    parse_properties(&text).map_err(|why| anyhow!("--kafka-properties {}: {why}", path.display()))
+}
+
+/// Parses `key=value` lines; blank lines and lines starting with `#` or `!` are skipped.
+pub fn parse_properties(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("line {} is not key=value", n + 1));
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(format!("line {} has no key", n + 1));
+        }
+        out.push((k.to_string(), v.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// Client settings from the environment in the usual container form: `HERALD_KAFKA_SASL_PASSWORD`
+/// is `sasl.password` (after the prefix, lower case, `_` for `.`). `HERALD_KAFKA_PROPERTIES`
+/// names the properties file and is not a setting.
+pub fn settings_from_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = vars
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("HERALD_KAFKA_")?;
+            if rest == "PROPERTIES" || rest.is_empty() {
+                return None;
+            }
+            Some((rest.to_ascii_lowercase().replace('_', "."), v))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// How many brokers the cluster has now.
+pub fn cluster_size(settings: &KafkaSettings) -> Result<i32> {
+    let client: BaseConsumer<ConnectionProbe> = settings
+        .base()
+        .create_with_context(ConnectionProbe::default())
+        .context("invalid Kafka client settings")?;
+    let metadata = client
+        .fetch_metadata(None, Duration::from_secs(15))
+        .with_context(|| format!("cannot read cluster metadata from {}", settings.bootstrap))?;
+    Ok(metadata.brokers().len() as i32)
+}
+
+/// Collects client errors while a connection is checked.
+#[derive(Default)]
+struct ConnectionProbe {
+    errors: Mutex<Vec<(KafkaError, String)>>,
+}
+
+impl ClientContext for ConnectionProbe {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut e) = self.errors.lock() {
+            e.push((error, reason.to_string()));
+        }
+    }
+}
+
+impl ConsumerContext for ConnectionProbe {}
+
+/// Asks the cluster for its metadata once, so that a wrong address, certificate or password is
+/// a clear error at start naming the settings to fix, not a client retrying forever.
+pub fn check_connection(settings: &KafkaSettings) -> Result<()> {
+    let client: BaseConsumer<ConnectionProbe> = settings
+        .base()
+        .create_with_context(ConnectionProbe::default())
+        .context("invalid Kafka client settings")?;
+    let answer = client.fetch_metadata(None, Duration::from_secs(15));
+    let seen: Vec<(KafkaError, String)> = client
+        .context()
+        .errors
+        .lock()
+        .map(|mut e| std::mem::take(&mut *e))
+        .unwrap_or_default();
+    match answer {
+        Ok(_) => Ok(()),
+        Err(e) => Err(explain_connection_failure(settings, &e, &seen)),
+    }
+}
+
+/// Names the settings behind a failed first contact with the cluster.
+fn explain_connection_failure(
+    settings: &KafkaSettings,
+    failure: &KafkaError,
+    seen: &[(KafkaError, String)],
+) -> anyhow::Error {
+    let reasons: Vec<&str> = seen.iter().map(|(_, r)| r.as_str()).collect();
+    let said = |needle: &str| {
+        reasons
+            .iter()
+            .any(|r| r.to_ascii_lowercase().contains(needle))
+    };
+    let get = |k: &str| {
+        settings
+            .extra
+            .iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let detail = reasons.last().copied().unwrap_or("no answer");
+    let what = if said("authentication") || said("sasl") {
+        format!(
+            "the brokers refused the credentials: check sasl.username ({}) and sasl.password, and sasl.mechanism ({})",
+            get("sasl.username").unwrap_or("unset"),
+            get("sasl.mechanism").unwrap_or("unset")
+        )
+    } else if said("ssl") || said("certificate") || said("handshake") {
+        format!(
+            "the TLS handshake failed: check security.protocol ({}) and ssl.ca.location ({})",
+            get("security.protocol").unwrap_or("plaintext"),
+            get("ssl.ca.location").unwrap_or("unset")
+        )
+    } else {
+        format!(
+            "no broker answered at {}: check the bootstrap address (--bootstrap, HERALD_BOOTSTRAP) and security.protocol ({})",
+            settings.bootstrap,
+            get("security.protocol").unwrap_or("plaintext")
+        )
+    };
+    anyhow!("cannot reach the Kafka cluster: {what} ({failure}; {detail})")
 }
 
 /// Client context for log readers: reaching the end of a partition is the signal they wait for,
@@ -373,8 +552,13 @@ pub fn run_stage<S: Stage>(
     metrics: &Metrics,
     rt: &tokio::runtime::Handle,
 ) -> Result<()> {
-    let group = format!("herald-{}", stage.name());
-    let client_id = format!("herald-{}-{}", stage.name(), settings.instance_id);
+    let group = format!("{}-{}", settings.group_prefix, stage.name());
+    let client_id = format!(
+        "{}-{}-{}",
+        settings.group_prefix,
+        stage.name(),
+        settings.instance_id
+    );
     let session = settings.session_timeout_ms.to_string();
     let heartbeat = (settings.session_timeout_ms / 3)
         .clamp(100, 1000)
@@ -424,7 +608,7 @@ pub fn run_stage<S: Stage>(
         lead: lead.to_string(),
         companion_topics: companions.iter().map(|t| t.to_string()).collect(),
     };
-    let txn_id = format!("herald-{}-{}", stage.name(), settings.instance_id);
+    let txn_id = client_id.clone();
     let producer = settings.producer(settings.exactly_once.then_some(txn_id.as_str()))?;
     if settings.exactly_once {
         producer
@@ -993,6 +1177,7 @@ fn run_batch<S: Stage>(
                 .map_err(|e| kafka_error(e, "commit_transaction"))?;
         }
     } else if settings.exactly_once {
+        pause_here_if_asked(metrics);
         let meta = consumer
             .group_metadata()
             .ok_or_else(|| BatchError::Abortable(anyhow!("no consumer group metadata yet")))?;
@@ -1035,6 +1220,34 @@ fn crash_here_if_asked(metrics: &Metrics) {
         if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n {
             eprintln!("herald: fault injection: aborting before commit of transaction {n}");
             std::process::abort();
+        }
+    }
+}
+
+/// Fault injection for the fencing test: `HERALD_FAULT_PAUSE_BEFORE_OFFSETS=N` stops the
+/// process (SIGSTOP, as a long GC pause or a frozen VM would) once, with the N-th transaction's
+/// records produced and its input offsets not yet sent; SIGCONT resumes it there, a zombie.
+fn pause_here_if_asked(metrics: &Metrics) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let at = AT.get_or_init(|| {
+        std::env::var("HERALD_FAULT_PAUSE_BEFORE_OFFSETS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = at {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n
+            && !DONE.swap(true, Ordering::SeqCst)
+        {
+            eprintln!("herald: fault injection: pausing inside transaction {n}");
+            extern "C" {
+                fn kill(pid: i32, sig: i32) -> i32;
+            }
+            const SIGSTOP: i32 = 19;
+            // SAFETY: signals this process itself; SIGSTOP only suspends it.
+            unsafe {
+                kill(std::process::id() as i32, SIGSTOP);
+            }
         }
     }
 }

@@ -73,7 +73,13 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         template_paused_rate: 1.0,
         ..demo::demo_simulator()
     };
-    let cluster = demo::start_cluster(&rt, &topology, simulator).unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        simulator,
+        Some(&common::broker().settings(true, "test")),
+    )
+    .unwrap();
     let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("channels").unwrap();

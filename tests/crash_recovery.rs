@@ -1,6 +1,9 @@
-//! Kills the processors in the middle of a Kafka transaction and restarts them, against the
-//! librdkafka mock cluster on TCP; then proves with a read_committed reader that no decision was
-//! lost or written twice, and that SIGTERM stops the process cleanly.
+//! Kills the processors in the middle of a Kafka transaction, again and again, and restarts
+//! them, against a real Apache Kafka broker (`scripts/kafka`); then proves that the aborted
+//! transactions' decisions are in the log yet invisible to a read_committed reader, which sees
+//! no decision lost or written twice, and that SIGTERM stops the process cleanly.
+
+mod common;
 
 use herald::demo;
 use herald::events::{Fact, Outcome};
@@ -35,6 +38,8 @@ fn herald(
         "127.0.0.1:0",
         "--batch-size",
         "300",
+        "--session-timeout-ms",
+        "6000",
     ])
     .arg("--store")
     .arg(store)
@@ -54,6 +59,19 @@ fn dedupe_step(o: &Outcome) -> bool {
             | Outcome::DuplicateIgnored(_)
             | Outcome::PreErasureFactIgnored(_)
     )
+}
+
+/// Where the decisions a reader at `isolation` sees are in the log.
+fn offsets_of(bootstrap: &str, partitions: i32, isolation: &str) -> HashSet<(i32, i64)> {
+    let mut settings = KafkaSettings::new(bootstrap, true, &format!("reader-{isolation}"));
+    settings.extra = vec![("isolation.level".into(), isolation.into())];
+    let mut at = HashSet::new();
+    demo::read_topic_with(&settings, "herald.decisions.v1", partitions, |m| {
+        at.insert((m.partition(), m.offset()));
+        Ok(())
+    })
+    .unwrap();
+    at
 }
 
 /// Dedupe decisions and dead letters a read_committed reader sees now.
@@ -156,7 +174,13 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         .build()
         .unwrap();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&common::broker().settings(true, "test")),
+    )
+    .unwrap();
     let codec = Codec::new(&cluster.registry_url).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(300, 11);
@@ -167,7 +191,7 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         &producer,
         &codec,
         &s.items,
-        demo::FeedStamp::OccurredAt,
+        demo::FeedStamp::ProduceTime,
         |_| {},
     )
     .unwrap();
@@ -187,14 +211,22 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("state.redb");
 
-    // First run: dies with its third transaction produced but not committed.
-    let mut first = herald(&cluster.bootstrap, &cluster.registry_url, &store, Some(3));
-    let status = first.wait().unwrap();
-    assert!(!status.success(), "the fault-injected run must die");
+    // Killed again and again inside a transaction: each run dies with its N-th transaction's
+    // decisions produced and its offsets sent, but not committed. Each restart uses the same
+    // transactional id, so the broker fences the dead run and aborts what it left open.
+    for crash_at in [3, 2, 4, 2] {
+        let mut crashed = herald(
+            &cluster.bootstrap,
+            &cluster.registry_url,
+            &store,
+            Some(crash_at),
+        );
+        let status = crashed.wait().unwrap();
+        assert!(!status.success(), "the fault-injected run must die");
+    }
 
     // Restarted at once, as a supervisor would: the dead process is still a member of the group
-    // until its session (10 s) expires, so the restart first sits through that rebalance.
-    // Second run: same transactional id, so the broker fences and aborts the dead transaction.
+    // until its session expires, so the restart first sits through that rebalance.
     let mut second = herald(&cluster.bootstrap, &cluster.registry_url, &store, None);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -223,6 +255,21 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         status.success(),
         "SIGTERM must stop herald cleanly, got {status:?}"
     );
+
+    // The aborted transactions' decisions are in the log (a read_uncommitted reader sees
+    // them), and a read_committed reader sees none of them.
+    let committed = offsets_of(&cluster.bootstrap, topology.partitions(), "read_committed");
+    let everything = offsets_of(
+        &cluster.bootstrap,
+        topology.partitions(),
+        "read_uncommitted",
+    );
+    let aborted: Vec<_> = everything.difference(&committed).collect();
+    assert!(
+        !aborted.is_empty(),
+        "the killed runs left no aborted decisions in the log: the test proved nothing"
+    );
+    assert!(committed.is_subset(&everything));
 
     // What a read_committed consumer sees.
     let mut ids = HashSet::new();

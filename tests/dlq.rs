@@ -36,7 +36,13 @@ fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
         .build()
         .unwrap();
     let topology = Arc::new(Topology::embedded().unwrap());
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&common::broker().settings(true, "test")),
+    )
+    .unwrap();
     let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("dlq").unwrap();

@@ -3,6 +3,8 @@
 //! answered with their status and the gateway goes on; the verification handshake; a repeated
 //! status becomes one event on provider.events.v1, keyed by the customer in its callback data.
 
+mod common;
+
 use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
 use herald::events::{Fact, MessageStatus};
 use herald::gateway::sign;
@@ -94,7 +96,15 @@ fn genuine_bodies() -> Vec<Vec<u8>> {
 fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    // Each test reads whole topics, so each has a cluster of its own.
+    let broker = common::start_broker(1, &[]);
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&broker.settings(true, "test")),
+    )
+    .unwrap();
     let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let url = cluster.gateway_url.clone();
@@ -269,7 +279,15 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
     use herald::provider::{Outgoing, SendOutcome};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    // Each test reads whole topics, so each has a cluster of its own.
+    let broker = common::start_broker(1, &[]);
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&broker.settings(true, "test")),
+    )
+    .unwrap();
     let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let providers = demo::demo_providers(&cluster.simulator_url, &cluster.gateway_root).unwrap();

@@ -2,6 +2,8 @@
 //! transactional approvals arrive; each of those must reach the provider (the simulator)
 //! within its budget, while the marketing backlog is still far from drained.
 
+mod common;
+
 use herald::demo;
 use herald::events::*;
 use herald::kafka::{self, KafkaSettings, SharedStore};
@@ -80,7 +82,13 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
         template_paused_rate: 0.0,
         ..demo::demo_simulator()
     };
-    let cluster = demo::start_cluster(&rt, &topology, simulator).unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        simulator,
+        Some(&common::broker().settings(true, "test")),
+    )
+    .unwrap();
     let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("lanes").unwrap();

@@ -128,7 +128,13 @@ fn a_step_due_on_a_quiet_partition_fires_by_the_wall_clock_tick_only() {
     let dir = tempfile::tempdir().unwrap();
     quick_topology(&dir.path().join("topology"));
     let topology = Topology::load(&dir.path().join("topology")).unwrap();
-    let cluster = demo::start_cluster(&rt, &topology, demo::demo_simulator()).unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&common::broker().settings(true, "test")),
+    )
+    .unwrap();
     let codec = Codec::new(&cluster.registry_url).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")

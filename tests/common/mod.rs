@@ -41,3 +41,77 @@ pub fn edited_topology(dir: &Path, edit: impl Fn(&str, String) -> String) {
         std::fs::write(dir.join(&f), edit(&f, text)).unwrap();
     }
 }
+
+/// A real Apache Kafka cluster started by `scripts/kafka` for this test binary, once, and
+/// stopped when the binary exits (the script watches this process).
+pub struct Broker {
+    /// The client address, `127.0.0.1:PORT[,...]`.
+    pub bootstrap: String,
+    /// The cluster's folder: node logs, and with SASL_SSL the CA and `client.properties`.
+    pub dir: std::path::PathBuf,
+}
+
+impl Broker {
+    /// Client settings for this cluster (plaintext).
+    pub fn settings(&self, exactly_once: bool, instance_id: &str) -> herald::kafka::KafkaSettings {
+        herald::kafka::KafkaSettings::new(&self.bootstrap, exactly_once, instance_id)
+    }
+}
+
+/// Starts a cluster of `nodes` (1 or 3) under `scripts/kafka`, with `extra` start options.
+pub fn start_broker(nodes: u32, extra: &[&str]) -> Broker {
+    let dir = std::env::temp_dir().join(format!(
+        "herald-kafka-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka");
+    let out = Command::new(&script)
+        .args(["start", "--nodes", &nodes.to_string(), "--owner"])
+        .arg(std::process::id().to_string())
+        .arg("--dir")
+        .arg(&dir)
+        .args(extra)
+        .output()
+        .expect("scripts/kafka runs");
+    assert!(
+        out.status.success(),
+        "scripts/kafka start failed:\n{}",
+        text(&out)
+    );
+    let bootstrap = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        !bootstrap.is_empty(),
+        "no bootstrap address:\n{}",
+        text(&out)
+    );
+    Broker { bootstrap, dir }
+}
+
+/// The single-node cluster this test binary shares between its tests.
+pub fn broker() -> &'static Broker {
+    static BROKER: std::sync::OnceLock<Broker> = std::sync::OnceLock::new();
+    BROKER.get_or_init(|| start_broker(1, &[]))
+}
+
+/// Runs `scripts/kafka` with `args` and asserts that it succeeded.
+pub fn kafka_script(args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka");
+    let out = Command::new(script)
+        .args(args)
+        .output()
+        .expect("scripts/kafka runs");
+    assert!(
+        out.status.success(),
+        "scripts/kafka {args:?}: {}",
+        text(&out)
+    );
+}

@@ -1,8 +1,10 @@
-//! Against Nisshi, an independent Kafka-compatible broker without transactions: `herald topics
-//! apply` creates the topics, and two processor processes share one consumer group in
-//! at-least-once mode. Every input record must get its decisions, and any repeat must be the
-//! same decision (same deterministic id), so idempotent consumers see each decision once.
-//! `scripts/install-nisshi` installs the broker; CI fails if it is missing.
+//! At-least-once mode, for brokers without transactions, on a real Apache Kafka broker
+//! (`scripts/kafka`): `herald topics apply` creates the topics through the admin API, and two
+//! processor processes share one consumer group without transactions. Every input record must
+//! get its decisions, and any repeat must be the same decision (same deterministic id), so
+//! idempotent consumers see each decision once.
+
+mod common;
 
 use herald::demo;
 use herald::events::Outcome;
@@ -13,26 +15,8 @@ use herald::topology::Topology;
 use rdkafka::message::Message;
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn nisshi_binary() -> Option<PathBuf> {
-    let home = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
-        });
-    let candidate = home.join("bin/nisshi");
-    if candidate.exists() {
-        return Some(candidate);
-    }
-    std::env::var("PATH")
-        .ok()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join("nisshi"))
-        .find(|p| p.exists())
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -60,51 +44,20 @@ fn sigterm(c: &Child) {
 }
 
 #[test]
-fn two_processes_share_a_group_at_least_once_on_nisshi() {
-    let Some(nisshi) = nisshi_binary() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "nisshi is not installed; scripts/install-nisshi installs it"
-        );
-        eprintln!("SKIPPED: nisshi not installed (run scripts/install-nisshi)");
-        return;
-    };
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let _broker = Killed(
-        Command::new(nisshi)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://nisshi/",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nisshi starts"),
-    );
-    let bootstrap = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&bootstrap).is_err() {
-        assert!(Instant::now() < deadline, "nisshi did not start listening");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn two_processes_share_a_group_at_least_once() {
+    let bootstrap = common::broker().bootstrap.clone();
+    let admin = common::broker().settings(false, "topics-apply");
 
     // Topics through the real admin path, twice: the second run finds everything in place.
     let topology = Topology::embedded().unwrap();
-    let first = herald::cli::topics_apply(&bootstrap, &topology, Some(1)).expect("topics apply");
+    let first = herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
     assert_eq!(
         first.iter().filter(|l| l.starts_with("CREATED")).count(),
         topology.topics.len(),
         "{first:?}"
     );
     std::thread::sleep(Duration::from_secs(1));
-    let second =
-        herald::cli::topics_apply(&bootstrap, &topology, Some(1)).expect("topics apply again");
+    let second = herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply again");
     assert!(
         second.iter().all(|l| !l.starts_with("CREATED")),
         "{second:?}"

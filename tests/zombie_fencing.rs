@@ -1,0 +1,246 @@
+//! A zombie is fenced, on a real Apache Kafka broker (`scripts/kafka`). Processor A stops
+//! (SIGSTOP, as a long GC pause or a frozen VM would) inside a transaction, with its decisions
+//! produced and its input offsets not yet sent. Processor B joins the group and A's partitions
+//! move to it once A's session expires. Then A resumes: the group no longer knows its
+//! generation, so its transaction cannot take the offsets and is aborted. None of A's writes in
+//! that transaction becomes visible to a read_committed reader, which sees every input record
+//! decided exactly once.
+
+mod common;
+
+use herald::demo;
+use herald::events::Outcome;
+use herald::kafka::KafkaSettings;
+use herald::registry::Codec;
+use herald::scenario::{self, FeedItem};
+use herald::topology::Topology;
+use rdkafka::message::Message;
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn signal(c: &Child, sig: i32) {
+    // SAFETY: signalling a child process this test owns.
+    unsafe {
+        libc_kill(c.id() as i32, sig);
+    }
+}
+
+/// Whether the process is stopped (state `T` in /proc).
+fn stopped(c: &Child) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+/// A counter from a process's `/metrics`; 0 when it does not answer.
+fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
+    let body = rt.block_on(async {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?;
+        r.text().await.ok()
+    });
+    body.unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visible() {
+    let broker = common::broker();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let topology = Topology::embedded().unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&broker.settings(true, "test")),
+    )
+    .unwrap();
+    let codec = Codec::new(&cluster.registry_url).unwrap();
+    rt.block_on(codec.register_all()).unwrap();
+    let s = scenario::generate(300, 23);
+    let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
+        .producer(None)
+        .unwrap();
+    demo::feed(
+        &rt,
+        &producer,
+        &codec,
+        &s.items,
+        demo::FeedStamp::ProduceTime,
+        |_| {},
+    )
+    .unwrap();
+    let records = s
+        .items
+        .iter()
+        .filter(|i| matches!(i, FeedItem::Event(_)))
+        .count();
+
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str, port: u16, pause_at: Option<u32>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
+        c.env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
+            .args(["run", "--stage", "processors", "--instance-id", name])
+            .args(["--bootstrap", &cluster.bootstrap])
+            .args(["--registry", &cluster.registry_url])
+            .args(["--batch-size", "100", "--session-timeout-ms", "6000"])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--store")
+            .arg(dir.path().join(format!("{name}.redb")))
+            .env(
+                "RUST_LOG",
+                std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            );
+        if let Some(n) = pause_at {
+            c.env("HERALD_FAULT_PAUSE_BEFORE_OFFSETS", n.to_string());
+        }
+        Killed(c.spawn().expect("herald starts"))
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+
+    // A alone: it owns every partition and stops itself inside its third transaction.
+    let a = spawn("zombie-a", port_a, Some(3));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stopped(&a.0) {
+        assert!(Instant::now() < deadline, "A never reached its pause");
+        assert!(a.0.id() > 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let aborted_before = metric(&rt, port_a, "herald_transactions_aborted_total");
+
+    // B joins; once A's session has expired, the group hands every partition to B. B cannot
+    // read past A's open transaction until it ends, so it waits for A.
+    let b = spawn("zombie-b", port_b, None);
+    std::thread::sleep(Duration::from_secs(15));
+    assert!(stopped(&a.0), "A must still be paused while B takes over");
+
+    // A resumes inside its transaction: its offsets are refused, and the transaction aborted.
+    signal(&a.0, 18); // SIGCONT
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&rt, port_a, "herald_transactions_aborted_total") <= aborted_before {
+        assert!(
+            Instant::now() < deadline,
+            "A resumed, yet no transaction of A was aborted: the zombie was not fenced"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // Everything is decided, once, by whichever process owns it now.
+    let count = || {
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        let mut accepted: HashMap<String, usize> = HashMap::new();
+        demo::read_topic(
+            &cluster.bootstrap,
+            "herald.decisions.v1",
+            topology.partitions(),
+            |m| {
+                let d = rt
+                    .block_on(codec.decode_decision(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                *ids.entry(d.decision_id.clone()).or_default() += 1;
+                if let Outcome::EventAccepted(e) = &d.outcome {
+                    *accepted.entry(e.envelope.event_id.clone()).or_default() += 1;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        (ids, accepted)
+    };
+    let distinct: HashSet<String> = s
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            FeedItem::Event(e) => Some(e.envelope.event_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let (ids, accepted) = loop {
+        let (ids, accepted) = count();
+        if accepted.len() >= distinct.len() {
+            break (ids, accepted);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} facts accepted ({records} records)",
+            accepted.len(),
+            distinct.len()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let twice: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "decisions visible twice: {twice:?}");
+    let accepted_twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        accepted_twice.is_empty(),
+        "facts accepted twice: {accepted_twice:?}"
+    );
+
+    // A's aborted writes are in the log, and only a read_uncommitted reader sees them.
+    let offsets = |isolation: &str| {
+        let mut settings = KafkaSettings::new(&cluster.bootstrap, true, isolation);
+        settings.extra = vec![("isolation.level".into(), isolation.into())];
+        let mut at = HashSet::new();
+        demo::read_topic_with(
+            &settings,
+            "herald.decisions.v1",
+            topology.partitions(),
+            |m| {
+                at.insert((m.partition(), m.offset()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        at
+    };
+    let committed = offsets("read_committed");
+    let everything = offsets("read_uncommitted");
+    assert!(
+        everything.difference(&committed).count() > 0,
+        "the paused transaction left nothing in the log: the test proved nothing"
+    );
+    assert!(
+        metric(&rt, port_b, "herald_records_in_total") > 0,
+        "B took over nothing"
+    );
+    drop(a);
+    drop(b);
+}
