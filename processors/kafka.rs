@@ -248,16 +248,31 @@ pub fn check_connection(settings: &KafkaSettings) -> Result<()> {
         .base()
         .create_with_context(ConnectionProbe::default())
         .context("invalid Kafka client settings")?;
-    let answer = client.fetch_metadata(None, Duration::from_secs(15));
-    let seen: Vec<(KafkaError, String)> = client
-        .context()
-        .errors
-        .lock()
-        .map(|mut e| std::mem::take(&mut *e))
-        .unwrap_or_default();
-    match answer {
-        Ok(_) => Ok(()),
-        Err(e) => Err(explain_connection_failure(settings, &e, &seen)),
+    // Errors reach the context only as the client is polled, so ask in short rounds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen: Vec<(KafkaError, String)> = Vec::new();
+    loop {
+        let answer = client.fetch_metadata(None, Duration::from_secs(2));
+        if answer.is_ok() {
+            return Ok(());
+        }
+        if let Some(Err(e)) = client.poll(Duration::from_millis(200)) {
+            let reason = e.to_string();
+            seen.push((e, reason));
+        }
+        if let Ok(mut e) = client.context().errors.lock() {
+            seen.append(&mut e);
+        }
+        let refused = seen
+            .iter()
+            .any(|(_, r)| r.to_ascii_lowercase().contains("authentication"));
+        if refused || Instant::now() > deadline {
+            let failure = match answer {
+                Err(e) => e,
+                Ok(_) => return Ok(()),
+            };
+            return Err(explain_connection_failure(settings, &failure, &seen));
+        }
     }
 }
 
