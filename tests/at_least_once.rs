@@ -62,6 +62,48 @@ fn two_processes_share_a_group_at_least_once() {
         second.iter().all(|l| !l.starts_with("CREATED")),
         "{second:?}"
     );
+    // What differs from the file is reported, through `herald topics apply` as a user runs
+    // it, and nothing is changed.
+    let edited = tempfile::tempdir().unwrap();
+    common::edited_topology(edited.path(), |file, text| {
+        if file != "topics.toml" {
+            return text;
+        }
+        text.replace("partitions = 6", "partitions = 8")
+            .replacen(
+                "cleanup_policy = \"delete\"",
+                "cleanup_policy = \"compact\"",
+                2,
+            )
+            .replacen("retention_ms = 1209600000", "retention_ms = 86400000", 3)
+    });
+    let o = common::herald(&[
+        "topics",
+        "apply",
+        "--bootstrap",
+        &bootstrap,
+        "--replication",
+        "1",
+        "--topology",
+        edited.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let report = common::text(&o);
+    for differs in [
+        "DIFFERS oms.events.v1: partitions 6, topics.toml says 8",
+        "DIFFERS billing.events.v1: cleanup.policy delete, topics.toml says compact",
+        "DIFFERS crm.events.v1: retention.ms 1209600000, topics.toml says 86400000",
+    ] {
+        assert!(
+            report.contains(differs),
+            "{differs} missing from:\n{report}"
+        );
+    }
+    let third = herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
+    assert!(
+        third.iter().all(|l| l.starts_with("OK")),
+        "a report changes nothing: {third:?}"
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
