@@ -130,6 +130,8 @@ struct Processes {
     bootstrap: String,
     /// Client settings beyond the bootstrap address (security), passed as `--kafka-config`.
     kafka_extra: Vec<(String, String)>,
+    /// How long the group waits for a killed member.
+    session_timeout_ms: u32,
     registry: String,
     simulator: String,
     /// The gateway's scheme and host, where SMS statuses are asked for.
@@ -175,9 +177,10 @@ impl Processes {
             // The simulator's number is an upgraded one, as in the demo.
             .args(["--sender-rate", "1000"])
             .args(["--metrics-addr", "127.0.0.1:0"])
-            // The mock cluster ignores static membership, so a killed member is dropped only
-            // when its session expires: keep that short, as for fast failover.
-            .args(["--session-timeout-ms", "3000"])
+            // A killed member is dropped only when its session expires (the mock cluster
+            // ignores static membership): keep that short, as for fast failover.
+            .arg("--session-timeout-ms")
+            .arg(self.session_timeout_ms.to_string())
             .arg("--store")
             .arg(self.dir.join(store))
             // The scenario is a month of event time; the wall clock must not overtake it.
@@ -472,6 +475,8 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         herald: opts.herald.clone(),
         bootstrap: cluster.bootstrap.clone(),
         kafka_extra: cluster.kafka.extra.clone(),
+        // Real brokers refuse sessions shorter than group.min.session.timeout.ms (6 s).
+        session_timeout_ms: if opts.brokers.is_some() { 6_000 } else { 3_000 },
         registry: cluster.registry_url.clone(),
         simulator: cluster.simulator_url.clone(),
         gateway: cluster.gateway_root.clone(),

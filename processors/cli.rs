@@ -1083,7 +1083,7 @@ pub struct GatewayArgs {
     pub identifier_key: String,
     #[command(flatten)]
     pub kafka: KafkaClientArgs,
-    #[arg(long, env = "HERALD_REGISTRY")]
+    #[arg(long, env = "HERALD_REGISTRY_URL")]
     pub registry: String,
     /// Topology directory (partition count of the provider topic); the embedded one when absent.
     #[arg(long, env = "HERALD_TOPOLOGY")]

@@ -374,7 +374,7 @@ pub fn read_topic_with(
     let mut tpl = TopicPartitionList::new();
     let mut highs = HashMap::new();
     for p in 0..partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+        let (_, high) = kafka::watermarks(&consumer, topic, p)?;
         if high > 0 {
             highs.insert(p, high);
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -409,6 +409,7 @@ pub fn read_topic_with(
                 done.insert(p);
             }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) if kafka::passes(&e) => {}
             Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
         }
     }

@@ -417,8 +417,7 @@ impl Follower {
                     let mut e = HashMap::new();
                     for topic in &topics {
                         for p in 0..partitions {
-                            let (_, high) =
-                                consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+                            let (_, high) = crate::kafka::watermarks(&consumer, topic, p)?;
                             e.insert((topic.to_string(), p), high);
                         }
                     }

@@ -777,7 +777,7 @@ impl SenderFollower {
         let mut ends = HashMap::new();
         for p in 0..partitions {
             tpl.add_partition_offset(CRM, p, rdkafka::Offset::Beginning)?;
-            let (_, high) = consumer.fetch_watermarks(CRM, p, Duration::from_secs(30))?;
+            let (_, high) = crate::kafka::watermarks(&consumer, CRM, p)?;
             ends.insert(p, high);
         }
         consumer.assign(&tpl)?;

@@ -413,9 +413,7 @@ impl LogReader {
     ) -> Result<i64> {
         // End of partition alone is not the end: a reader may see it before everything up to
         // the high watermark taken now was fetched. Done means the position reached it.
-        let (_, high) =
-            self.consumer
-                .fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+        let (_, high) = watermarks(&self.consumer, topic, partition)?;
         let mut next = from;
         if from >= high {
             return Ok(from.max(next));
@@ -445,6 +443,10 @@ impl LogReader {
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                // A broker that died or restarts: librdkafka reconnects, the deadline bounds it.
+                Some(Err(e)) if passes(&e) => {
+                    tracing::debug!(error = %e, topic, partition, "reader waits for the broker")
+                }
                 Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
             }
         }
@@ -457,10 +459,7 @@ impl LogReader {
 impl LogReader {
     /// The offset the next record of `topic`/`partition` will get.
     pub fn end(&self, topic: &str, partition: i32) -> Result<i64> {
-        Ok(self
-            .consumer
-            .fetch_watermarks(topic, partition, Duration::from_secs(30))?
-            .1)
+        Ok(watermarks(&self.consumer, topic, partition)?.1)
     }
 
     /// The record at `offset` of `topic`/`partition`, if the log holds one there.
@@ -471,9 +470,7 @@ impl LogReader {
         offset: i64,
     ) -> Result<Option<OwnedMessage>> {
         let mut found = None;
-        let (_, high) =
-            self.consumer
-                .fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+        let (_, high) = watermarks(&self.consumer, topic, partition)?;
         if offset >= high {
             return Ok(None);
         }
@@ -494,6 +491,9 @@ impl LogReader {
                         break;
                     }
                 }
+                Some(Err(e)) if passes(&e) => {
+                    tracing::debug!(error = %e, topic, partition, "reader waits for the broker")
+                }
                 Some(Err(e)) => {
                     self.consumer.unassign()?;
                     bail!("reading {topic}/{partition}@{offset}: {e}");
@@ -502,6 +502,64 @@ impl LogReader {
         }
         self.consumer.unassign()?;
         Ok(found)
+    }
+}
+
+/// Whether a consumer error is one librdkafka recovers from by itself (a lost connection, a
+/// leader moving), so that a reader goes on waiting rather than fail.
+pub fn passes(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::FencedLeaderEpoch
+                | RDKafkaErrorCode::UnknownLeaderEpoch
+                | RDKafkaErrorCode::OffsetNotAvailable
+                | RDKafkaErrorCode::DestroyBroker
+        )
+    )
+}
+
+/// The low and high watermarks of `topic`/`partition`. A partition whose leader is moving (a
+/// broker died or restarts) answers errors for a while: those are waited out, for up to a
+/// minute; an unknown topic or a refused permission is an error at once.
+pub fn watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) => {
+                let hopeless = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::TopicAuthorizationFailed
+                    )
+                );
+                if hopeless || Instant::now() > deadline {
+                    return Err(anyhow!(e))
+                        .with_context(|| format!("where {topic}/{partition} ends"));
+                }
+                tracing::debug!(error = %e, topic, partition, "watermarks not available yet; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 
@@ -626,9 +684,7 @@ pub fn run_stage<S: Stage>(
     let txn_id = client_id.clone();
     let producer = settings.producer(settings.exactly_once.then_some(txn_id.as_str()))?;
     if settings.exactly_once {
-        producer
-            .init_transactions(Duration::from_secs(30))
-            .context("init_transactions failed: does the broker support transactions? (use at-least-once mode if not)")?;
+        init_transactions(&producer, stop)?;
     }
     let reader = LogReader::new(settings)?;
     let mut owned: BTreeSet<i32> = BTreeSet::new();
@@ -652,7 +708,7 @@ pub fn run_stage<S: Stage>(
             } else {
                 Duration::from_millis(10)
             };
-            for m in inputs.poll(wait) {
+            for m in inputs.poll(wait, settings)? {
                 intake.push(m, now_ms());
             }
             apply_rebalances(
@@ -721,6 +777,28 @@ pub fn run_stage<S: Stage>(
     tracing::info!(stage = stage.name(), "stopping: no transaction in flight");
     inputs.group.unsubscribe();
     Ok(())
+}
+
+/// Registers the transactional id (fencing any earlier producer under it), waiting out a
+/// coordinator that is moving or a broker that is down, as long as the process is not asked
+/// to stop.
+fn init_transactions(producer: &FutureProducer, stop: &AtomicBool) -> Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match producer.init_transactions(Duration::from_secs(30)) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && !stop.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %e, "the transaction coordinator is not available yet; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                return Err(anyhow!(e)).context(
+                    "init_transactions failed: does the broker support transactions? (use at-least-once mode if not)",
+                )
+            }
+        }
+    }
 }
 
 /// Restores state for partitions of the lead topic just assigned, with their companion topics,
@@ -867,13 +945,18 @@ impl Inputs {
     }
 
     /// Records from both consumers; waits up to `wait` on the group member, which also serves
-    /// the rebalance callbacks.
-    fn poll(&self, wait: Duration) -> Vec<OwnedMessage> {
+    /// the rebalance callbacks. An error no retry can mend (a setting the broker refuses, a
+    /// missing permission) stops the stage naming what to change.
+    fn poll(&self, wait: Duration, settings: &KafkaSettings) -> Result<Vec<OwnedMessage>> {
         let mut got = Vec::new();
+        let mut fatal = None;
         let mut take = |r: Option<KafkaResult<OwnedMessage>>| match r {
             Some(Ok(m)) => got.push(m),
             Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            Some(Err(e)) => match needs_an_operator(&e, settings) {
+                Some(why) => fatal = Some(why),
+                None => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            },
         };
         take(self.group.poll(wait).map(|r| r.map(|m| m.detach())));
         for _ in 0..POLL_BURST {
@@ -890,7 +973,10 @@ impl Inputs {
                 }
             }
         }
-        got
+        match fatal {
+            Some(why) => Err(why),
+            None => Ok(got),
+        }
     }
 
     /// Assigns partition `p` of every companion topic, from the stage's resume position when
@@ -1076,6 +1162,31 @@ fn seek_to<C: ConsumerContext>(
     }
     consumer.seek_partitions(seek, Duration::from_secs(30))?;
     Ok(sought)
+}
+
+/// The consumer errors that retrying cannot mend, with the setting an operator must change.
+fn needs_an_operator(e: &KafkaError, settings: &KafkaSettings) -> Option<anyhow::Error> {
+    let code = e.rdkafka_error_code()?;
+    let why = match code {
+        RDKafkaErrorCode::InvalidSessionTimeout => format!(
+            "the brokers refuse a session timeout of {} ms: set --session-timeout-ms \
+             (HERALD_SESSION_TIMEOUT_MS) within their group.min.session.timeout.ms and \
+             group.max.session.timeout.ms (6,000 and 1,800,000 by default)",
+            settings.session_timeout_ms
+        ),
+        RDKafkaErrorCode::GroupAuthorizationFailed => format!(
+            "the brokers do not let this principal use the consumer groups {}-*: grant READ on \
+             them (or set --group-prefix to groups it may use)",
+            settings.group_prefix
+        ),
+        RDKafkaErrorCode::TopicAuthorizationFailed => {
+            "the brokers do not let this principal read Herald's topics: grant READ and WRITE \
+             on them"
+                .to_string()
+        }
+        _ => return None,
+    };
+    Some(anyhow!("{why} ({e})"))
 }
 
 enum BatchError {
