@@ -132,6 +132,9 @@ struct Processes {
     kafka_extra: Vec<(String, String)>,
     /// How long the group waits for a killed member.
     session_timeout_ms: u32,
+    /// Whether a restarted process rejoins under its old member id (KIP-345), taking its
+    /// partitions back at once instead of after the dead member's session.
+    static_membership: bool,
     registry: String,
     simulator: String,
     /// The gateway's scheme and host, where SMS statuses are asked for.
@@ -181,6 +184,7 @@ impl Processes {
             // ignores static membership): keep that short, as for fast failover.
             .arg("--session-timeout-ms")
             .arg(self.session_timeout_ms.to_string())
+            .args(self.static_membership.then_some("--static-membership"))
             .arg("--store")
             .arg(self.dir.join(store))
             // The scenario is a month of event time; the wall clock must not overtake it.
@@ -477,6 +481,8 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         kafka_extra: cluster.kafka.extra.clone(),
         // Real brokers refuse sessions shorter than group.min.session.timeout.ms (6 s).
         session_timeout_ms: if opts.brokers.is_some() { 6_000 } else { 3_000 },
+        // The mock cluster ignores it; real brokers honour it, as a StatefulSet would use it.
+        static_membership: opts.brokers.is_some(),
         registry: cluster.registry_url.clone(),
         simulator: cluster.simulator_url.clone(),
         gateway: cluster.gateway_root.clone(),
