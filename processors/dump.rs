@@ -462,6 +462,8 @@ impl Follower {
                         })
                     }
                     Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                    // A broker that died or restarts: librdkafka reconnects by itself.
+                    Some(Err(e)) if crate::kafka::passes(&e) => {}
                     Some(Err(e)) => bail!("reading the topics for the dump: {e}"),
                 }
             }

@@ -1166,6 +1166,14 @@ fn seek_to<C: ConsumerContext>(
 
 /// The consumer errors that retrying cannot mend, with the setting an operator must change.
 fn needs_an_operator(e: &KafkaError, settings: &KafkaSettings) -> Option<anyhow::Error> {
+    // A fatal error leaves the consumer unusable (e.g. a static member fenced by a rejoin under
+    // its own group.instance.id while the group coordinator moved): polling it on would stall
+    // the stage for ever, so it stops, and its supervisor starts it afresh.
+    if let KafkaError::MessageConsumptionFatal(code) = e {
+        return Some(anyhow!(
+            "the Kafka consumer failed fatally ({code}); stopping so that a restart rejoins the group"
+        ));
+    }
     let code = e.rdkafka_error_code()?;
     let why = match code {
         RDKafkaErrorCode::InvalidSessionTimeout => format!(

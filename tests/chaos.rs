@@ -1,9 +1,9 @@
 //! The short chaos run, on a three-node Apache Kafka cluster (`scripts/kafka`, replication 3,
 //! min.insync.replicas 2): the processors and dispatch run as separate processes (static
-//! members of their groups), and one of them (in turn) is SIGKILLed every 1.5 s (each at most
-//! every 3 s) while a scenario is fed; the provider simulator withholds 5 % of its answers
-//! although the message went out. Broker kills (`--kill-broker-cmd`) are not part of this run
-//! yet: after one, the processors stop fetching (see the README). A
+//! members of their groups), and one of
+//! them (in turn) is SIGKILLed every 1.5 s (each at most every 3 s) while a scenario is fed; the
+//! leader of a decision-log partition is SIGKILLed and restarted every 20 s; the provider
+//! simulator withholds 5 % of its answers although the message went out. A
 //! read_committed reader must then find no event lost, no decision twice, no customer's records
 //! decided out of order, no send without consent, no send twice, and no approval whose dispatch
 //! never ended. The long run (over 200,000
@@ -12,12 +12,29 @@
 mod common;
 
 #[test]
-fn repeated_sigkills_on_three_brokers_lose_nothing_and_repeat_nothing() {
+fn repeated_sigkills_of_processes_and_brokers_lose_nothing_and_repeat_nothing() {
     let cluster = common::start_broker(3, &[]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka");
+    let control = |verb: &str| {
+        format!(
+            "{} {verb} --dir {} --node {{node}}",
+            script.display(),
+            cluster.dir.display()
+        )
+    };
+    let (kill, start) = (control("kill-node"), control("start-node"));
     let o = common::herald(&[
         "chaos",
         "--bootstrap",
         &cluster.bootstrap,
+        "--kill-broker-cmd",
+        &kill,
+        "--start-broker-cmd",
+        &start,
+        "--broker-kill-every-secs",
+        "20",
+        "--broker-down-secs",
+        "5",
         "--customers",
         "300",
         "--kill-every-ms",
@@ -34,6 +51,10 @@ fn repeated_sigkills_on_three_brokers_lose_nothing_and_repeat_nothing() {
     assert!(
         r["kills"].as_u64().unwrap() >= 3 && r["dispatch_kills"].as_u64().unwrap() >= 1,
         "too few kills to prove anything: {r}"
+    );
+    assert!(
+        r["broker_kills"].as_u64().unwrap() >= 1,
+        "no broker was killed: {r}"
     );
     assert!(
         r["answers_withheld"].as_u64().unwrap() > 0,
