@@ -14,34 +14,8 @@ use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::message::Message;
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sigterm(c: &Child) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    unsafe {
-        kill(c.id() as i32, 15);
-    }
-}
 
 #[test]
 fn two_processes_share_a_group_at_least_once() {
@@ -136,7 +110,7 @@ fn two_processes_share_a_group_at_least_once() {
         .count();
 
     let dir = tempfile::tempdir().unwrap();
-    let metrics: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let metrics: Vec<u16> = (0..2).map(|_| common::free_port()).collect();
     let spawn = |name: &str, port: u16| {
         Command::new(env!("CARGO_BIN_EXE_herald"))
             .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
@@ -166,8 +140,8 @@ fn two_processes_share_a_group_at_least_once() {
             .spawn()
             .expect("herald starts")
     };
-    let mut a = Killed(spawn("a", metrics[0]));
-    let mut b = Killed(spawn("b", metrics[1]));
+    let mut a = common::Killed(spawn("a", metrics[0]));
+    let mut b = common::Killed(spawn("b", metrics[1]));
 
     let count = || {
         let mut ids: HashMap<String, usize> = HashMap::new();
@@ -263,8 +237,8 @@ fn two_processes_share_a_group_at_least_once() {
         "every undecodable record reaches the DLQ ({dlq} of {garbage})"
     );
 
-    sigterm(&a.0);
-    sigterm(&b.0);
+    common::signal(&a.0, 15);
+    common::signal(&b.0, 15);
     assert!(
         a.0.wait().unwrap().success() && b.0.wait().unwrap().success(),
         "SIGTERM must stop both cleanly"

@@ -16,16 +16,8 @@ use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::message::Message;
 use std::collections::HashSet;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `herald` with `args` and the environment `env`, waited for.
 fn herald_env(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -159,7 +151,7 @@ fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let spawn = |stage: &str| {
         let store = dir.path().join(format!("{stage}.redb"));
-        Killed(
+        common::Killed(
             Command::new(env!("CARGO_BIN_EXE_herald"))
                 .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
                 .env("HERALD_KAFKA_PROPERTIES", &props_s)

@@ -19,26 +19,6 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn signal(c: &Child, sig: i32) {
-    // SAFETY: signalling a child process this test owns.
-    unsafe {
-        libc_kill(c.id() as i32, sig);
-    }
-}
-
 /// Whether the process is stopped (state `T` in /proc).
 fn stopped(c: &Child) -> bool {
     std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
@@ -53,8 +33,15 @@ fn stopped(c: &Child) -> bool {
 
 /// A counter from a process's `/metrics`; 0 when it does not answer.
 fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
+    // A stopped process accepts the connection (the kernel does) but never answers.
     let body = rt.block_on(async {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?;
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
             .await
             .ok()?;
         r.text().await.ok()
@@ -65,14 +52,6 @@ fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -131,9 +110,9 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
         if let Some(n) = pause_at {
             c.env("HERALD_FAULT_PAUSE_BEFORE_OFFSETS", n.to_string());
         }
-        Killed(c.spawn().expect("herald starts"))
+        common::Killed(c.spawn().expect("herald starts"))
     };
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b) = (common::free_port(), common::free_port());
 
     // A alone: it owns every partition and stops itself inside its third transaction.
     let a = spawn("zombie-a", port_a, Some(3));
@@ -151,7 +130,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
     assert!(stopped(&a.0), "A must still be paused while B takes over");
 
     // A resumes inside its transaction: its offsets are refused, and the transaction aborted.
-    signal(&a.0, 18); // SIGCONT
+    common::signal(&a.0, 18); // SIGCONT
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(&rt, port_a, "herald_transactions_aborted_total") == 0 {
         assert!(

@@ -115,3 +115,34 @@ pub fn kafka_script(args: &[&str]) {
         text(&out)
     );
 }
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a failing test leaves
+/// no process behind.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `sig` to a child process this test owns.
+pub fn signal(c: &std::process::Child, sig: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: signalling a child process the test started, by its pid.
+    unsafe {
+        kill(c.id() as i32, sig);
+    }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
