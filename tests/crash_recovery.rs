@@ -61,19 +61,6 @@ fn dedupe_step(o: &Outcome) -> bool {
     )
 }
 
-/// Where the decisions a reader at `isolation` sees are in the log.
-fn offsets_of(bootstrap: &str, partitions: i32, isolation: &str) -> HashSet<(i32, i64)> {
-    let mut settings = KafkaSettings::new(bootstrap, true, &format!("reader-{isolation}"));
-    settings.extra = vec![("isolation.level".into(), isolation.into())];
-    let mut at = HashSet::new();
-    demo::read_topic_with(&settings, "herald.decisions.v1", partitions, |m| {
-        at.insert((m.partition(), m.offset()));
-        Ok(())
-    })
-    .unwrap();
-    at
-}
-
 /// Dedupe decisions and dead letters a read_committed reader sees now.
 fn visible(
     bootstrap: &str,
@@ -258,8 +245,9 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
 
     // The aborted transactions' decisions are in the log (a read_uncommitted reader sees
     // them), and a read_committed reader sees none of them.
-    let committed = offsets_of(&cluster.bootstrap, topology.partitions(), "read_committed");
-    let everything = offsets_of(
+    let committed =
+        common::decision_offsets(&cluster.bootstrap, topology.partitions(), "read_committed");
+    let everything = common::decision_offsets(
         &cluster.bootstrap,
         topology.partitions(),
         "read_uncommitted",

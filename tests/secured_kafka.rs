@@ -139,14 +139,7 @@ fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {
         |_| {},
     )
     .unwrap();
-    let distinct: HashSet<String> = s
-        .items
-        .iter()
-        .filter_map(|i| match i {
-            FeedItem::Event(e) => Some(e.envelope.event_id.clone()),
-            _ => None,
-        })
-        .collect();
+    let distinct = common::event_ids(&s.items);
 
     let dir = tempfile::tempdir().unwrap();
     let spawn = |stage: &str| {

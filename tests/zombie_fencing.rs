@@ -15,7 +15,7 @@ use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::message::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -162,14 +162,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
         .unwrap();
         (ids, accepted)
     };
-    let distinct: HashSet<String> = s
-        .items
-        .iter()
-        .filter_map(|i| match i {
-            FeedItem::Event(e) => Some(e.envelope.event_id.clone()),
-            _ => None,
-        })
-        .collect();
+    let distinct = common::event_ids(&s.items);
     let deadline = Instant::now() + Duration::from_secs(240);
     let (ids, accepted) = loop {
         let (ids, accepted) = count();
@@ -193,24 +186,13 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
     );
 
     // A's aborted writes are in the log, and only a read_uncommitted reader sees them.
-    let offsets = |isolation: &str| {
-        let mut settings = KafkaSettings::new(&cluster.bootstrap, true, isolation);
-        settings.extra = vec![("isolation.level".into(), isolation.into())];
-        let mut at = HashSet::new();
-        demo::read_topic_with(
-            &settings,
-            "herald.decisions.v1",
-            topology.partitions(),
-            |m| {
-                at.insert((m.partition(), m.offset()));
-                Ok(())
-            },
-        )
-        .unwrap();
-        at
-    };
-    let committed = offsets("read_committed");
-    let everything = offsets("read_uncommitted");
+    let committed =
+        common::decision_offsets(&cluster.bootstrap, topology.partitions(), "read_committed");
+    let everything = common::decision_offsets(
+        &cluster.bootstrap,
+        topology.partitions(),
+        "read_uncommitted",
+    );
     assert!(
         everything.difference(&committed).count() > 0,
         "the paused transaction left nothing in the log: the test proved nothing"

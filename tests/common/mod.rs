@@ -146,3 +146,34 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Where the decisions a reader at `isolation` (`read_committed` or `read_uncommitted`) sees
+/// are in the decision log: the difference between the two is what aborted transactions left.
+pub fn decision_offsets(
+    bootstrap: &str,
+    partitions: i32,
+    isolation: &str,
+) -> std::collections::HashSet<(i32, i64)> {
+    use rdkafka::message::Message;
+    let mut settings =
+        herald::kafka::KafkaSettings::new(bootstrap, true, &format!("reader-{isolation}"));
+    settings.extra = vec![("isolation.level".into(), isolation.into())];
+    let mut at = std::collections::HashSet::new();
+    herald::demo::read_topic_with(&settings, "herald.decisions.v1", partitions, |m| {
+        at.insert((m.partition(), m.offset()));
+        Ok(())
+    })
+    .unwrap();
+    at
+}
+
+/// The event ids of a scenario's input records (not its undecodable ones).
+pub fn event_ids(items: &[herald::scenario::FeedItem]) -> std::collections::HashSet<String> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            herald::scenario::FeedItem::Event(e) => Some(e.envelope.event_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
