@@ -7,6 +7,7 @@
 //! is always set and read explicitly, and matched by record name when writer and reader differ.
 
 use crate::events::*;
+use crate::topology::TopicRole;
 use anyhow::{anyhow, bail, Context, Result};
 use apache_avro::types::Value;
 use apache_avro::{from_value, to_value, Schema};
@@ -266,16 +267,16 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The value record of each topic, by topic name (subject = `<topic>-value`).
-pub const TOPIC_RECORDS: &[(&str, &str)] = &[
-    ("oms.events.v1", "herald.oms.OmsEvent"),
-    ("billing.events.v1", "herald.billing.BillingEvent"),
-    ("crm.events.v1", "herald.crm.CrmEvent"),
-    ("provider.events.v1", "herald.provider.ProviderEvent"),
-    ("catalog.inventory.v1", "herald.inventory.StockLevel"),
-    ("herald.decisions.v1", "herald.decisions.DecisionEvent"),
-    ("herald.dispatch.v1", "herald.dispatch.DispatchEvent"),
-    ("herald.dlq.v1", "herald.dlq.DeadLetter"),
+/// The value record of each topic role (its subject is `<topic name>-value`).
+pub const TOPIC_RECORDS: &[(TopicRole, &str)] = &[
+    (TopicRole::Oms, "herald.oms.OmsEvent"),
+    (TopicRole::Billing, "herald.billing.BillingEvent"),
+    (TopicRole::Crm, "herald.crm.CrmEvent"),
+    (TopicRole::Provider, "herald.provider.ProviderEvent"),
+    (TopicRole::Inventory, "herald.inventory.StockLevel"),
+    (TopicRole::Decisions, "herald.decisions.DecisionEvent"),
+    (TopicRole::Dispatch, "herald.dispatch.DispatchEvent"),
+    (TopicRole::Dlq, "herald.dlq.DeadLetter"),
 ];
 
 /// The named types defined by the schema files, by full name.
@@ -333,18 +334,18 @@ pub fn assembled_schema(full_name: &str) -> Result<String> {
     Ok(serde_json::to_string(&inline(root, &defs, &mut defined))?)
 }
 
-/// The record full name carried by a topic.
-pub fn record_of_topic(topic: &str) -> Result<&'static str> {
+/// The record full name carried by a topic role.
+pub fn record_of(role: TopicRole) -> Result<&'static str> {
     TOPIC_RECORDS
         .iter()
-        .find(|(t, _)| *t == topic)
+        .find(|(r, _)| *r == role)
         .map(|(_, r)| *r)
-        .ok_or_else(|| anyhow!("topic {topic} has no Herald value schema"))
+        .ok_or_else(|| anyhow!("topic role {} has no Herald value schema", role.as_str()))
 }
 
 /// Parsed reader schemas, one per topic, built once.
 pub struct Schemas {
-    by_topic: BTreeMap<&'static str, (String, Schema)>,
+    by_role: BTreeMap<TopicRole, (String, Schema)>,
     /// Every named type of every topic schema, for following references while conforming.
     names: std::collections::HashMap<apache_avro::schema::Name, Schema>,
 }
@@ -377,16 +378,16 @@ fn collect_names(
 
 impl Schemas {
     fn build() -> Result<Self> {
-        let mut by_topic = BTreeMap::new();
+        let mut by_role = BTreeMap::new();
         let mut names = std::collections::HashMap::new();
-        for (topic, record) in TOPIC_RECORDS {
+        for (role, record) in TOPIC_RECORDS {
             let text = assembled_schema(record)?;
             let schema = Schema::parse_str(&text)
                 .with_context(|| format!("schema {record} does not parse"))?;
             collect_names(&schema, &mut names);
-            by_topic.insert(*topic, (text, schema));
+            by_role.insert(*role, (text, schema));
         }
-        Ok(Schemas { by_topic, names })
+        Ok(Schemas { by_role, names })
     }
 
     /// The schemas of every Herald topic; a broken embedded schema is a build defect.
@@ -398,20 +399,20 @@ impl Schemas {
         })
     }
 
-    /// Schema text for a topic's values.
-    pub fn text(&self, topic: &str) -> Result<&str> {
-        self.by_topic
-            .get(topic)
+    /// Schema text for the values of a topic role.
+    pub fn text(&self, role: TopicRole) -> Result<&str> {
+        self.by_role
+            .get(&role)
             .map(|(t, _)| t.as_str())
-            .ok_or_else(|| anyhow!("topic {topic} has no Herald value schema"))
+            .ok_or_else(|| anyhow!("topic role {} has no Herald value schema", role.as_str()))
     }
 
-    /// Parsed schema for a topic's values.
-    pub fn schema(&self, topic: &str) -> Result<&Schema> {
-        self.by_topic
-            .get(topic)
+    /// Parsed schema for the values of a topic role.
+    pub fn schema(&self, role: TopicRole) -> Result<&Schema> {
+        self.by_role
+            .get(&role)
             .map(|(_, s)| s)
-            .ok_or_else(|| anyhow!("topic {topic} has no Herald value schema"))
+            .ok_or_else(|| anyhow!("topic role {} has no Herald value schema", role.as_str()))
     }
 }
 
@@ -508,10 +509,10 @@ fn conform(
     })
 }
 
-/// Converts a serde value into an Avro value that conforms to the topic's schema.
-fn conform_to_topic(value: Value, topic: &str) -> Result<Value> {
+/// Converts a serde value into an Avro value that conforms to the schema of a topic role.
+fn conform_to_topic(value: Value, role: TopicRole) -> Result<Value> {
     let schemas = Schemas::get();
-    conform(value, schemas.schema(topic)?, &schemas.names)
+    conform(value, schemas.schema(role)?, &schemas.names)
 }
 
 macro_rules! union_codec {
@@ -583,23 +584,6 @@ union_codec!(step_record, step_from, DispatchStep {
 /// `EventAccepted` with its `fact` union read by hand (see the module note on unions).
 type EventAcceptedAvro = EventAccepted;
 
-/// The topic an input family is read from.
-pub fn family_topic(family: Family) -> &'static str {
-    match family {
-        Family::Oms => "oms.events.v1",
-        Family::Billing => "billing.events.v1",
-        Family::Crm => "crm.events.v1",
-        Family::Provider => "provider.events.v1",
-    }
-}
-
-/// The input family carried by a topic.
-pub fn topic_family(topic: &str) -> Option<Family> {
-    [Family::Oms, Family::Billing, Family::Crm, Family::Provider]
-        .into_iter()
-        .find(|f| family_topic(*f) == topic)
-}
-
 fn fact_union(fact: &Fact, base: usize) -> Result<Value> {
     Ok(Value::Union(
         (fact.index() - base) as u32,
@@ -614,7 +598,7 @@ pub fn input_to_value(e: &InputEvent) -> Result<Value> {
         ("envelope".into(), to_value(&e.envelope)?),
         ("payload".into(), fact_union(&e.fact, base)?),
     ]);
-    conform_to_topic(v, family_topic(e.fact.family()))
+    conform_to_topic(v, TopicRole::of_family(e.fact.family()))
 }
 
 /// Input event from an Avro value read off a family topic (reader-shaped).
@@ -664,7 +648,7 @@ pub fn decision_to_value(d: &Decision) -> Result<Value> {
             },
         ),
     ]);
-    conform_to_topic(v, "herald.decisions.v1")
+    conform_to_topic(v, TopicRole::Decisions)
 }
 
 /// Decision from an Avro value read off `herald.decisions.v1` (reader-shaped).
@@ -698,7 +682,7 @@ pub fn decision_from_value(v: &Value) -> Result<Decision> {
 
 /// Avro value of a stock level.
 pub fn stock_to_value(s: &StockLevel) -> Result<Value> {
-    conform_to_topic(to_value(s)?, "catalog.inventory.v1")
+    conform_to_topic(to_value(s)?, TopicRole::Inventory)
 }
 
 /// Avro value of a dispatch step.
@@ -719,7 +703,7 @@ pub fn dispatch_to_value(r: &DispatchRecord) -> Result<Value> {
             Value::Union(r.step.index() as u32, Box::new(step_record(&r.step)?)),
         ),
     ]);
-    conform_to_topic(v, "herald.dispatch.v1")
+    conform_to_topic(v, TopicRole::Dispatch)
 }
 
 /// Dispatch step from an Avro value read off `herald.dispatch.v1`.
@@ -753,7 +737,7 @@ pub fn dead_letter_to_value(d: &DeadLetter) -> Result<Value> {
         ("error".into(), Value::String(d.error.clone())),
         ("failed_at".into(), Value::Long(d.failed_at)),
     ]);
-    conform_to_topic(v, "herald.dlq.v1")
+    conform_to_topic(v, TopicRole::Dlq)
 }
 
 /// Dead letter from an Avro value read off `herald.dlq.v1`.
@@ -804,18 +788,18 @@ fn branch_names(schema: &Schema, field_name: &str) -> Vec<String> {
 }
 
 /// Whether a writer schema is the reader's own, so values need no remapping.
-pub fn same_as_reader(topic: &str, writer: &Schema) -> Result<bool> {
-    Ok(writer.canonical_form() == Schemas::get().schema(topic)?.canonical_form())
+pub fn same_as_reader(role: TopicRole, writer: &Schema) -> Result<bool> {
+    Ok(writer.canonical_form() == Schemas::get().schema(role)?.canonical_form())
 }
 
 /// Maps a value written with another version of the topic's schema onto the reader's union
 /// order, by record name, so that a producer with an older or newer schema is read correctly.
-pub fn to_reader_shape(topic: &str, writer: &Schema, value: Value) -> Result<Value> {
-    let reader = Schemas::get().schema(topic)?;
+pub fn to_reader_shape(role: TopicRole, writer: &Schema, value: Value) -> Result<Value> {
+    let reader = Schemas::get().schema(role)?;
     let w = branch_names(writer, "payload");
     let r = branch_names(reader, "payload");
     let Value::Record(fields) = value else {
-        bail!("expected a record on {topic}");
+        bail!("expected a record on a {} topic", role.as_str());
     };
     let mut out = Vec::with_capacity(fields.len());
     for (name, v) in fields {
@@ -869,16 +853,17 @@ mod tests {
     }
 
     fn roundtrip_input(e: &InputEvent) -> InputEvent {
-        let topic = family_topic(e.fact.family());
-        let schema = Schemas::get().schema(topic).unwrap();
+        let schema = Schemas::get()
+            .schema(TopicRole::of_family(e.fact.family()))
+            .unwrap();
         let back = wire(schema, input_to_value(e).unwrap());
         input_from_value(e.fact.family(), &back).unwrap()
     }
 
     #[test]
     fn every_topic_schema_assembles_and_parses() {
-        for (topic, _) in TOPIC_RECORDS {
-            Schemas::get().schema(topic).unwrap();
+        for (role, _) in TOPIC_RECORDS {
+            Schemas::get().schema(*role).unwrap();
         }
     }
 
@@ -936,7 +921,7 @@ mod tests {
             }),
             consent_chain: Some("ab12".into()),
         };
-        let schema = Schemas::get().schema("herald.decisions.v1").unwrap();
+        let schema = Schemas::get().schema(TopicRole::Decisions).unwrap();
         let back = wire(schema, decision_to_value(&d).unwrap());
         assert_eq!(decision_from_value(&back).unwrap(), d);
     }

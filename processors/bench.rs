@@ -38,12 +38,13 @@ pub struct BenchResult {
 /// The figures mean something only when the stages read this run's events alone.
 fn refuse_used_topics(settings: &KafkaSettings, topology: &Topology) -> Result<()> {
     let reader = kafka::LogReader::new(settings)?;
-    for topic in crate::stages::INPUTS
-        .iter()
-        .chain([&crate::stages::DECISIONS, &crate::stages::PASSTHROUGH])
-    {
+    let names = &topology.names;
+    for topic in names.inputs().into_iter().chain([
+        names.decisions().to_string(),
+        names.passthrough().to_string(),
+    ]) {
         for p in 0..topology.partitions() {
-            if reader.end(topic, p)? > 0 {
+            if reader.end(&topic, p)? > 0 {
                 return Err(anyhow!(
                     "herald bench --bootstrap needs a cluster whose Herald topics are empty, and {topic} holds records: start a fresh one (scripts/kafka start --dir DIR)"
                 ));
@@ -89,7 +90,7 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
         .enable_all()
         .build()?;
     let cluster = demo::start_cluster_on(&rt, &topology, demo::demo_simulator(), brokers)?;
-    let codec = Arc::new(Codec::new(&cluster.registry_url)?);
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names)?);
     rt.block_on(codec.register_all())?;
     let settings = cluster.settings(true, "bench");
     if brokers.is_some() {
@@ -149,7 +150,7 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let passthrough = timed(&|stop, m| {
-        let mut stage = PassthroughStage::default();
+        let mut stage = PassthroughStage::new(topology.names.clone());
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let gateway = gateway_pass(&rt, &cluster, 5_000)?;
@@ -221,7 +222,7 @@ fn rebuild_pass(
     log: &[crate::events::Decision],
     live: &std::collections::HashMap<String, crate::state::CustomerState>,
 ) -> Result<(f64, f64)> {
-    let schema = crate::avro::Schemas::get().schema(crate::stages::DECISIONS)?;
+    let schema = crate::avro::Schemas::get().schema(crate::topology::TopicRole::Decisions)?;
     let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build()?;
     let mut encoded = Vec::with_capacity(log.len());
     for d in log {

@@ -10,7 +10,6 @@ use crate::events::{Decision, DispatchStep, Processor};
 use crate::kafka::KafkaSettings;
 use crate::registry::Codec;
 use crate::scenario::{self, FeedItem};
-use crate::stages::{DECISIONS, DISPATCH};
 use crate::topology::Topology;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
@@ -261,7 +260,7 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Resu
     Ok(())
 }
 
-/// Follows `herald.dispatch.v1` (read_committed) and keeps the messages whose dispatch ended:
+/// Follows the dispatch log (read_committed) and keeps the messages whose dispatch ended:
 /// accepted, failed, skipped as a repeat, or settled as sent from a status.
 struct DispatchWatch {
     ended: Arc<Mutex<HashSet<String>>>,
@@ -282,8 +281,9 @@ impl DispatchWatch {
         use rdkafka::{Offset, TopicPartitionList};
         let consumer = KafkaSettings::new(bootstrap, true, "chaos-dispatch-watch").log_reader()?;
         let mut tpl = TopicPartitionList::new();
+        let dispatch_log = codec.topics().dispatch().clone();
         for p in 0..partitions {
-            tpl.add_partition_offset(DISPATCH, p, Offset::Beginning)?;
+            tpl.add_partition_offset(&dispatch_log, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
         let ended = Arc::new(Mutex::new(HashSet::new()));
@@ -297,7 +297,7 @@ impl DispatchWatch {
                 };
                 let rec = rt
                     .block_on(codec.decode_dispatch(m.payload()))
-                    .map_err(|e| anyhow!("{DISPATCH}@{}: {e}", m.offset()))?;
+                    .map_err(|e| anyhow!("{dispatch_log}@{}: {e}", m.offset()))?;
                 let over = match &rec.step {
                     DispatchStep::Accepted(_)
                     | DispatchStep::Failed(_)
@@ -347,7 +347,12 @@ struct BrokerKiller {
 }
 
 impl BrokerKiller {
-    fn start(plan: BrokerKills, cluster: KafkaSettings, calm: Arc<AtomicBool>) -> Self {
+    fn start(
+        plan: BrokerKills,
+        cluster: KafkaSettings,
+        decisions: Arc<str>,
+        calm: Arc<AtomicBool>,
+    ) -> Self {
         let handle = std::thread::spawn(move || -> Result<u64> {
             let mut kills = 0u64;
             let mut partition = 0;
@@ -357,7 +362,7 @@ impl BrokerKiller {
                 if last.elapsed() < plan.every {
                     continue;
                 }
-                let Some(leader) = leader_of(&cluster, DECISIONS, partition)? else {
+                let Some(leader) = leader_of(&cluster, &decisions, partition)? else {
                     continue;
                 };
                 shell(&plan.kill, leader)?;
@@ -439,7 +444,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         Some(_) => FeedStamp::ProduceTime,
         None => FeedStamp::OccurredAt,
     };
-    let codec = Arc::new(Codec::new(&cluster.registry_url)?);
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names)?);
     rt.block_on(codec.register_all())?;
     let scenario = scenario::generate(opts.customers, opts.seed);
     let events: Vec<&crate::events::InputEvent> = scenario
@@ -454,7 +459,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     // the scenario's own records count as decided, not the status webhooks that join them.
     let follower = Follower::counting(
         &cluster.kafka,
-        vec![DECISIONS],
+        vec![topology.names.decisions().to_string()],
         codec.clone(),
         topology.partitions(),
         rt.handle().clone(),
@@ -575,10 +580,14 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         })
     };
 
-    let broker_killer = opts
-        .broker_kills
-        .clone()
-        .map(|b| BrokerKiller::start(b, cluster.kafka.clone(), calm.clone()));
+    let broker_killer = opts.broker_kills.clone().map(|b| {
+        BrokerKiller::start(
+            b,
+            cluster.kafka.clone(),
+            topology.names.decisions().clone(),
+            calm.clone(),
+        )
+    });
 
     // Fed in chunks, each waited for, so that the processors (not the mock cluster's segment
     // trimming) are what the records race against.
@@ -707,7 +716,7 @@ pub fn check_log(fed: &[&crate::events::InputEvent], log: &[Decision]) -> (u64, 
     let mut topic_of: HashMap<&str, &str> = HashMap::new();
     let mut fed_order: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     for e in fed {
-        let topic = crate::avro::family_topic(e.fact.family());
+        let topic = crate::topology::TopicRole::of_family(e.fact.family()).as_str();
         topic_of.insert(&e.envelope.event_id, topic);
         fed_order
             .entry((&e.envelope.customer_id, topic))

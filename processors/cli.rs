@@ -79,9 +79,8 @@ pub enum Command {
         /// The store: a `state.redb` file or a `scylla://HOST:PORT/KEYSPACE` address.
         #[arg(long, env = "HERALD_STORE")]
         store: StoreAddress,
-        /// Topology directory (for the session window); the embedded one when absent.
-        #[arg(long, env = "HERALD_TOPOLOGY")]
-        topology: Option<PathBuf>,
+        #[command(flatten)]
+        topology: TopologyArgs,
         #[arg(long)]
         json: bool,
     },
@@ -283,9 +282,8 @@ pub enum TopicsAction {
     Apply {
         #[command(flatten)]
         kafka: KafkaClientArgs,
-        /// Topology directory; the embedded one when absent.
-        #[arg(long, env = "HERALD_TOPOLOGY")]
-        topology: Option<PathBuf>,
+        #[command(flatten)]
+        topology: TopologyArgs,
         /// Replication factor override (the file's default is 3).
         #[arg(long)]
         replication: Option<i32>,
@@ -305,9 +303,8 @@ pub struct LogSource {
     pub security: KafkaSecurityArgs,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     pub registry: Option<String>,
-    /// Topology directory (for the partition count); the embedded one when absent.
-    #[arg(long, env = "HERALD_TOPOLOGY")]
-    pub topology: Option<PathBuf>,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
 }
 
 impl LogSource {
@@ -320,20 +317,21 @@ impl LogSource {
             (Some(bootstrap), Some(registry)) if self.events.is_empty() => {
                 let topo = topology(&self.topology)?;
                 let rt = tokio::runtime::Runtime::new()?;
-                let codec = Arc::new(Codec::new(registry)?);
+                let codec = Arc::new(Codec::new(registry, &topo.names)?);
                 let settings = connect(bootstrap, &self.security, true, "log-reader")?;
                 crate::dump::export(
                     &settings,
-                    vec![crate::stages::DECISIONS],
+                    vec![topo.names.decisions().to_string()],
                     codec,
                     topo.partitions(),
                     rt.handle().clone(),
                 )?
             }
             _ if !self.events.is_empty() => {
+                let names = topology(&self.topology)?.names;
                 let mut records = Vec::new();
                 for file in &self.events {
-                    records.extend(crate::dump::read(file)?);
+                    records.extend(crate::dump::read(file, &names)?);
                 }
                 records
             }
@@ -397,9 +395,8 @@ pub struct ClusterArgs {
     kafka: KafkaClientArgs,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     registry: String,
-    /// Topology directory (for the partition count); the embedded one when absent.
-    #[arg(long, env = "HERALD_TOPOLOGY")]
-    topology: Option<PathBuf>,
+    #[command(flatten)]
+    topology: TopologyArgs,
 }
 
 /// Where the dead-letter topic is, and which of its records a `herald dlq` command acts on.
@@ -450,6 +447,9 @@ pub enum SchemasAction {
     Register {
         #[arg(long, env = "HERALD_REGISTRY_URL")]
         registry: String,
+        /// The topology whose topic names give the subjects.
+        #[command(flatten)]
+        topology: TopologyArgs,
     },
 }
 
@@ -486,11 +486,12 @@ pub struct RunArgs {
     pub instance_id: Option<String>,
     /// What this deployment's consumer groups and transactional ids start with
     /// (`PREFIX-processors`, `PREFIX-dispatch-INSTANCE`): a second deployment on the same
-    /// cluster (staging, a shadow policy) needs its own.
-    #[arg(long, env = "HERALD_GROUP_PREFIX", default_value = "herald")]
-    pub group_prefix: String,
-    #[arg(long, env = "HERALD_TOPOLOGY")]
-    pub topology: Option<PathBuf>,
+    /// cluster (staging, a shadow policy) needs its own. Defaults to the topic prefix followed
+    /// by `herald` (`herald` with no topic prefix, `staging.herald` with `staging.`).
+    #[arg(long, env = "HERALD_GROUP_PREFIX")]
+    pub group_prefix: Option<String>,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
     #[arg(
         long,
         env = "HERALD_PROVIDER_URL",
@@ -668,11 +669,36 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got '{s}'"))
 }
 
-fn topology(dir: &Option<PathBuf>) -> Result<Topology> {
-    match dir {
-        Some(d) => Topology::load(d),
-        None => Topology::embedded(),
+/// Which topology a command uses, and the names of its topics.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TopologyArgs {
+    /// Topology directory (topics, templates, policy, journeys); the embedded one when absent.
+    #[arg(long, env = "HERALD_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+    /// Put before every topic name instead of topics.toml's `prefix`, so that deployments
+    /// (production, staging) share a cluster without touching each other's topics.
+    #[arg(long, env = "HERALD_TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
+}
+
+impl TopologyArgs {
+    /// Loads the topology, with the prefix applied.
+    pub fn load(&self) -> Result<Topology> {
+        let topo = match &self.topology {
+            Some(d) => Topology::load(d)?,
+            None => Topology::embedded()?,
+        };
+        match &self.topic_prefix {
+            Some(prefix) => topo
+                .with_topic_prefix(prefix)
+                .context("--topic-prefix (HERALD_TOPIC_PREFIX)"),
+            None => Ok(topo),
+        }
     }
+}
+
+fn topology(args: &TopologyArgs) -> Result<Topology> {
+    args.load()
 }
 
 /// Runs a parsed command line.
@@ -748,10 +774,10 @@ pub fn main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Schemas {
-            action: SchemasAction::Register { registry },
+            action: SchemasAction::Register { registry, topology },
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            let codec = Codec::new(&registry)?;
+            let codec = Codec::new(&registry, &topology.load()?.names)?;
             for (subject, id) in rt.block_on(codec.register_all())? {
                 println!("{subject}\tid {id}");
             }
@@ -771,7 +797,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let topo = Topology::load(&policy)?;
             let mut records = Vec::new();
             for file in &events {
-                records.extend(crate::dump::read(file)?);
+                records.extend(crate::dump::read(file, &topo.names)?);
             }
             let recorded = crate::dump::decisions(&records);
             let replayed = crate::replay::replay(&records, &topo, &key);
@@ -1038,11 +1064,11 @@ pub fn main(cli: Cli) -> Result<()> {
             crate::dump::Format::of(&out)?;
             let topo = topology(&dir)?;
             let rt = tokio::runtime::Runtime::new()?;
-            let codec = Arc::new(Codec::new(&registry)?);
+            let codec = Arc::new(Codec::new(&registry, &topo.names)?);
             let settings = kafka.connect(true, "export")?;
             let records = crate::dump::export(
                 &settings,
-                crate::dump::replay_topics(),
+                crate::dump::replay_topics(&topo.names),
                 codec,
                 topo.partitions(),
                 rt.handle().clone(),
@@ -1085,9 +1111,8 @@ pub struct GatewayArgs {
     pub kafka: KafkaClientArgs,
     #[arg(long, env = "HERALD_REGISTRY_URL")]
     pub registry: String,
-    /// Topology directory (partition count of the provider topic); the embedded one when absent.
-    #[arg(long, env = "HERALD_TOPOLOGY")]
-    pub topology: Option<PathBuf>,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
     /// How long Kafka may take to acknowledge a webhook's events before it is answered 503.
     #[arg(long, env = "HERALD_GATEWAY_ACK_TIMEOUT_MS", default_value_t = 10_000)]
     pub ack_timeout_ms: u64,
@@ -1187,8 +1212,9 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         }
     }
     let topo = topology(&args.topology)?;
-    let (rt, codec) = runtime_with_registry(&args.registry)?;
-    let settings = args.kafka.connect(false, "gateway")?;
+    let (rt, codec) = runtime_with_registry(&args.registry, &topo)?;
+    let mut settings = args.kafka.connect(false, "gateway")?;
+    settings.group_prefix = default_group_prefix(&topo);
     let stop = kafka::stop_on_signal(rt.handle());
     let running = crate::gateway::start(
         &rt,
@@ -1293,9 +1319,9 @@ fn dead_letters(action: DlqAction) -> Result<()> {
     let partitions = topo
         .topics
         .iter()
-        .find(|t| t.name == crate::stages::DLQ)
+        .find(|t| t.role == Some(crate::topology::TopicRole::Dlq))
         .map_or(topo.partitions(), |t| t.partitions);
-    let (rt, codec) = runtime_with_registry(&args.cluster.registry)?;
+    let (rt, codec) = runtime_with_registry(&args.cluster.registry, &topo)?;
     let settings = args.cluster.kafka.connect(true, "herald-dlq")?;
     let entries: Vec<crate::dlq::Entry> = crate::dlq::read_all(&settings, &codec, &rt, partitions)?
         .into_iter()
@@ -1323,7 +1349,7 @@ fn dead_letters(action: DlqAction) -> Result<()> {
         }
         return Ok(());
     };
-    let done = crate::dlq::replay(&settings, &rt, &entries, execute)?;
+    let done = crate::dlq::replay(&settings, topo.names.dlq(), &rt, &entries, execute)?;
     if args.json {
         for r in &done {
             println!("{}", serde_json::to_string(r)?);
@@ -1376,21 +1402,30 @@ fn send_limits(args: &RunArgs) -> Result<crate::pacing::Limits> {
     })
 }
 
+/// The consumer-group and transactional-id prefix of a deployment that names none: its topic
+/// prefix before `herald`, so that a staging deployment never joins production's groups.
+pub fn default_group_prefix(topology: &Topology) -> String {
+    format!("{}herald", topology.prefix)
+}
+
 /// The runtime a long-running command works on, and the codec of a registry it has reached.
-fn runtime_with_registry(registry: &str) -> Result<(tokio::runtime::Runtime, Arc<Codec>)> {
+fn runtime_with_registry(
+    registry: &str,
+    topology: &Topology,
+) -> Result<(tokio::runtime::Runtime, Arc<Codec>)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(crate::registry::ping(registry))?;
-    let codec = Arc::new(Codec::new(registry)?);
+    let codec = Arc::new(Codec::new(registry, &topology.names)?);
     Ok((rt, codec))
 }
 
 fn run(args: RunArgs) -> Result<()> {
     let identifiers = identifier_key_from(&args.identifier_key)?;
     let topo = Arc::new(topology(&args.topology)?);
-    let (rt, codec) = runtime_with_registry(&args.registry)?;
+    let (rt, codec) = runtime_with_registry(&args.registry, &topo)?;
     let store: kafka::SharedStore = args.store.open(rt.handle())?;
     let instance = args
         .instance_id
@@ -1402,7 +1437,10 @@ fn run(args: RunArgs) -> Result<()> {
     settings.assignment_strategy = args.assignment_strategy.clone();
     settings.max_task_idle_ms = args.max_task_idle_ms;
     settings.static_membership = args.static_membership;
-    settings.group_prefix = args.group_prefix.clone();
+    settings.group_prefix = args
+        .group_prefix
+        .clone()
+        .unwrap_or_else(|| default_group_prefix(&topo));
     settings.session_timeout_ms = args.session_timeout_ms;
     let stop = kafka::stop_on_signal(rt.handle());
     let metrics = Metrics::shared();

@@ -8,7 +8,7 @@ use crate::pipeline::deterministic_id;
 use crate::provider::{self, CloudApiClient, SimulatedSend};
 use crate::registry::{self, Codec};
 use crate::scenario::{self, FeedItem};
-use crate::stages::{DispatchStage, ProcessorStage, DLQ};
+use crate::stages::{DispatchStage, ProcessorStage};
 use crate::store::EmbeddedStore;
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
@@ -190,14 +190,15 @@ pub fn start_cluster_on(
             let mock = rdkafka::mocking::MockCluster::new(1)
                 .context("cannot start the in-process Kafka cluster")?;
             kafka::create_topics_on_mock(&mock, topology)?;
-            mock.create_topic(crate::stages::PASSTHROUGH, topology.partitions(), 1)?;
+            mock.create_topic(topology.names.passthrough(), topology.partitions(), 1)?;
             let bootstrap = mock.bootstrap_servers();
             (Some(mock), KafkaSettings::new(&bootstrap, true, "demo"))
         }
         Some(settings) => {
             let mut topics = topology.clone();
             topics.topics.push(crate::topology::TopicSpec {
-                name: crate::stages::PASSTHROUGH.into(),
+                name: topology.names.passthrough().to_string(),
+                role: None,
                 partitions: topology.partitions(),
                 replication: 3,
                 cleanup_policy: "delete".into(),
@@ -222,7 +223,7 @@ pub fn start_cluster_on(
             s.instance_id = "demo-gateway".into();
             s
         },
-        Arc::new(Codec::new(&registry_url)?),
+        Arc::new(Codec::new(&registry_url, &topology.names)?),
         crate::gateway::GatewayConfig {
             app_secret: simulator.app_secret.clone(),
             verify_token: DEMO_VERIFY_TOKEN.into(),
@@ -292,14 +293,18 @@ pub fn feed(
             FeedItem::Event(e) => {
                 stamp = Some(e.envelope.occurred_at);
                 (
-                    crate::avro::family_topic(e.fact.family()),
+                    codec.topics().of_family(e.fact.family()).clone(),
                     e.envelope.customer_id.clone(),
                     rt.block_on(codec.encode_input(e))?,
                 )
             }
-            FeedItem::Garbage { topic, key, bytes } => (*topic, key.clone(), bytes.clone()),
+            FeedItem::Garbage { topic, key, bytes } => (
+                codec.topics().of(*topic).clone(),
+                key.clone(),
+                bytes.clone(),
+            ),
         };
-        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(&bytes);
+        let mut record = FutureRecord::to(&topic).key(key.as_bytes()).payload(&bytes);
         // Source systems stamp a record when the fact happens; a replayed month keeps its
         // event time so the processors' intake can merge topics the way it would live.
         if let (Some(at), FeedStamp::OccurredAt) = (stamp, stamp_with) {
@@ -342,11 +347,11 @@ pub fn feed_stock(
 ) -> Result<()> {
     for level in levels {
         let bytes = rt.block_on(codec.encode_stock(level))?;
-        let record = FutureRecord::to(crate::stages::INVENTORY)
+        let record = FutureRecord::to(codec.topics().inventory())
             .key(level.sku.as_bytes())
             .payload(&bytes);
         rt.block_on(producer.send(record, Duration::from_secs(30)))
-            .map_err(|(e, _)| anyhow!("feeding {}: {e}", crate::stages::INVENTORY))?;
+            .map_err(|(e, _)| anyhow!("feeding {}: {e}", codec.topics().inventory()))?;
     }
     Ok(())
 }
@@ -645,7 +650,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         }
     };
     let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&state_dir.join("state.redb"))?);
-    let codec = Arc::new(Codec::new(&cluster.registry_url)?);
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names)?);
     rt.block_on(codec.register_all())?;
 
     // Started before anything is produced, so that it reads every record before the
@@ -653,7 +658,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let recorder = match &opts.record {
         Some(_) => Some(crate::dump::Follower::start(
             &cluster.kafka,
-            crate::dump::replay_topics(),
+            crate::dump::replay_topics(&topology.names),
             codec.clone(),
             topology.partitions(),
             rt.handle().clone(),
@@ -803,7 +808,12 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     let by_kind = pm.kinds();
     let by_reason = pm.reasons();
     let decisions = pm.decisions_out.load(Ordering::Relaxed);
-    let dlq = read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |_| Ok(()))?;
+    let dlq = read_topic(
+        &cluster.bootstrap,
+        topology.names.dlq(),
+        topology.partitions(),
+        |_| Ok(()),
+    )?;
     let sends = cluster.simulator.sent();
     let checks = independent_checks(&scenario.items, &topology, &sends);
     for w in &checks.without_consent {

@@ -6,14 +6,13 @@
 use crate::events::{DeadLetter, Millis};
 use crate::kafka::{KafkaSettings, LogReader};
 use crate::registry::Codec;
-use crate::stages::DLQ;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use std::time::Duration;
 
-/// A dead letter and where it sits in `herald.dlq.v1`; its id is `partition:offset`.
+/// A dead letter and where it sits in the dead-letter topic; its id is `partition:offset`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {
     pub id: String,
@@ -104,11 +103,12 @@ pub fn read_all(
 ) -> Result<Vec<Entry>> {
     let reader = LogReader::new(settings)?;
     let mut out = Vec::new();
+    let dlq = codec.topics().dlq();
     for p in 0..partitions {
-        reader.read(DLQ, p, 0, |m| {
+        reader.read(dlq, p, 0, |m| {
             let letter = rt
                 .block_on(codec.decode_dead_letter(m.payload()))
-                .map_err(|e| anyhow!("{DLQ}/{p}@{} is not a dead letter: {e}", m.offset()))?;
+                .map_err(|e| anyhow!("{dlq}/{p}@{} is not a dead letter: {e}", m.offset()))?;
             out.push(Entry::new(p, m.offset(), letter));
             Ok(())
         })?;
@@ -129,10 +129,11 @@ pub struct Replayed {
 }
 
 /// Writes each entry's original record back to its source topic and partition, with a header
-/// naming the dead letter, and waits for Kafka to acknowledge each; only reports when
-/// `execute` is false.
+/// naming the dead letter (in `dlq`), and waits for Kafka to acknowledge each; only reports
+/// when `execute` is false.
 pub fn replay(
     settings: &KafkaSettings,
+    dlq: &str,
     rt: &tokio::runtime::Runtime,
     entries: &[Entry],
     execute: bool,
@@ -162,7 +163,7 @@ pub fn replay(
             continue;
         }
         if let Some(producer) = &producer {
-            let from = format!("{DLQ}/{}@{}", e.partition, e.offset);
+            let from = format!("{dlq}/{}@{}", e.partition, e.offset);
             let headers = OwnedHeaders::new().insert(Header {
                 key: "herald.replayed-from",
                 value: Some(from.as_bytes()),

@@ -15,7 +15,7 @@ use crate::events::{Decision, InputEvent, StockLevel};
 use crate::kafka::{position_of, EndOfLogIsExpected, KafkaSettings};
 use crate::registry::{Codec, DecodeError};
 use crate::replay::{DumpedRecord, Payload};
-use crate::stages::{DECISIONS, INPUTS, INVENTORY};
+use crate::topology::{TopicNames, TopicRole};
 use anyhow::{anyhow, bail, Context, Result};
 use apache_avro::types::Value;
 use apache_avro::Schema;
@@ -32,9 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The topics a dump for `herald replay` holds: inputs, stock, decisions.
-pub fn replay_topics() -> Vec<&'static str> {
-    let mut t = INPUTS.to_vec();
-    t.extend([INVENTORY, DECISIONS]);
+pub fn replay_topics(names: &TopicNames) -> Vec<String> {
+    let mut t = names.inputs();
+    t.extend([names.inventory().to_string(), names.decisions().to_string()]);
     t
 }
 
@@ -132,28 +132,58 @@ fn union(present: Option<Value>) -> Value {
     }
 }
 
-fn datum(topic: &str, v: Value) -> Result<Vec<u8>> {
-    let schema = Schemas::get().schema(topic)?;
+fn datum(role: TopicRole, v: Value) -> Result<Vec<u8>> {
+    let schema = Schemas::get().schema(role)?;
     apache_avro::writer::datum::GenericDatumWriter::builder(schema)
         .build()?
         .write_value_to_vec(v)
-        .map_err(|e| anyhow!("encoding a {topic} record: {e}"))
+        .map_err(|e| anyhow!("encoding a {} record: {e}", role.as_str()))
+}
+
+/// The role of the topic a decoded payload came from.
+fn role_of(p: &Payload) -> Option<TopicRole> {
+    match p {
+        Payload::Input(e) => Some(TopicRole::of_family(e.fact.family())),
+        Payload::Decision(_) => Some(TopicRole::Decisions),
+        Payload::Stock(_) => Some(TopicRole::Inventory),
+        Payload::Undecodable(_) => None,
+    }
 }
 
 fn write_avro<W: Write>(out: W, records: &[DumpedRecord]) -> Result<()> {
     let schema = Schema::parse_str(RECORD_SCHEMA)?;
     let mut w = apache_avro::Writer::new(&schema, out)?;
-    for topic in replay_topics() {
+    // The writer schema of each topic the records came from, under the topic's own name, so a
+    // reader with another prefix or later schemas can still map the values.
+    let mut roles = std::collections::BTreeMap::new();
+    for r in records {
+        if let Some(role) = role_of(&r.payload) {
+            roles.entry(r.topic.clone()).or_insert(role);
+        }
+    }
+    for (topic, role) in &roles {
         w.add_user_metadata(
             format!("herald.schema.{topic}"),
-            Schemas::get().text(topic)?,
+            Schemas::get().text(*role)?,
         )?;
     }
     for r in records {
         let (value, error) = match &r.payload {
-            Payload::Input(e) => (Some(datum(&r.topic, avro::input_to_value(e)?)?), None),
-            Payload::Decision(d) => (Some(datum(&r.topic, avro::decision_to_value(d)?)?), None),
-            Payload::Stock(s) => (Some(datum(&r.topic, avro::stock_to_value(s)?)?), None),
+            Payload::Input(e) => (
+                Some(datum(
+                    TopicRole::of_family(e.fact.family()),
+                    avro::input_to_value(e)?,
+                )?),
+                None,
+            ),
+            Payload::Decision(d) => (
+                Some(datum(TopicRole::Decisions, avro::decision_to_value(d)?)?),
+                None,
+            ),
+            Payload::Stock(s) => (
+                Some(datum(TopicRole::Inventory, avro::stock_to_value(s)?)?),
+                None,
+            ),
             Payload::Undecodable(why) => (None, Some(why.clone())),
         };
         w.append_value(Value::Record(vec![
@@ -172,37 +202,45 @@ fn write_avro<W: Write>(out: W, records: &[DumpedRecord]) -> Result<()> {
 
 /// Reads a dump written by `write` (or by hand, for JSON lines). A line that is not JSON is an
 /// error naming the line; a value that is not a record of its topic becomes `Undecodable`, as
-/// the live processors would dead-letter it. Records of other topics are skipped.
-pub fn read(path: &Path) -> Result<Vec<DumpedRecord>> {
+/// the live processors would dead-letter it. Records of topics that play no replay role under
+/// `names` (another deployment's, say) are skipped.
+pub fn read(path: &Path, names: &TopicNames) -> Result<Vec<DumpedRecord>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     match Format::of(path)? {
-        Format::JsonLines => read_json_lines(path, std::io::BufReader::new(file)),
-        Format::Avro => read_avro(path, std::io::BufReader::new(file)),
+        Format::JsonLines => read_json_lines(path, std::io::BufReader::new(file), names),
+        Format::Avro => read_avro(path, std::io::BufReader::new(file), names),
     }
 }
 
 /// What a replay topic holds; `None` for topics a dump has no use for.
+#[derive(Clone, Copy)]
 enum Holds {
     Inputs(crate::events::Family),
     Decisions,
     Stock,
 }
 
-fn holds(topic: &str) -> Option<Holds> {
-    if let Some(family) = avro::topic_family(topic) {
-        Some(Holds::Inputs(family))
-    } else if topic == DECISIONS {
-        Some(Holds::Decisions)
-    } else if topic == INVENTORY {
-        Some(Holds::Stock)
-    } else {
-        None
+impl Holds {
+    fn role(self) -> TopicRole {
+        match self {
+            Holds::Inputs(family) => TopicRole::of_family(family),
+            Holds::Decisions => TopicRole::Decisions,
+            Holds::Stock => TopicRole::Inventory,
+        }
     }
 }
 
-fn from_json(topic: &str, v: serde_json::Value) -> Option<Payload> {
-    let decoded = match holds(topic)? {
+fn holds(names: &TopicNames, topic: &str) -> Option<Holds> {
+    match names.role_of(topic)? {
+        TopicRole::Decisions => Some(Holds::Decisions),
+        TopicRole::Inventory => Some(Holds::Stock),
+        role => role.family().map(Holds::Inputs),
+    }
+}
+
+fn from_json(names: &TopicNames, topic: &str, v: serde_json::Value) -> Option<Payload> {
+    let decoded = match holds(names, topic)? {
         Holds::Inputs(_) => serde_json::from_value::<InputEvent>(v).map(Payload::Input),
         Holds::Decisions => serde_json::from_value::<Decision>(v).map(Payload::Decision),
         Holds::Stock => serde_json::from_value::<StockLevel>(v).map(Payload::Stock),
@@ -210,7 +248,11 @@ fn from_json(topic: &str, v: serde_json::Value) -> Option<Payload> {
     Some(decoded.unwrap_or_else(|e| Payload::Undecodable(format!("not a {topic} record: {e}"))))
 }
 
-fn read_json_lines(path: &Path, input: impl BufRead) -> Result<Vec<DumpedRecord>> {
+fn read_json_lines(
+    path: &Path,
+    input: impl BufRead,
+    names: &TopicNames,
+) -> Result<Vec<DumpedRecord>> {
     let mut out = Vec::new();
     for (n, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
@@ -219,8 +261,11 @@ fn read_json_lines(path: &Path, input: impl BufRead) -> Result<Vec<DumpedRecord>
         }
         let l: JsonLine = serde_json::from_str(&line)
             .with_context(|| format!("{} line {}: not a dump record", path.display(), n + 1))?;
+        if holds(names, &l.topic).is_none() {
+            continue;
+        }
         let payload = match (l.value, l.error) {
-            (Some(v), _) => match from_json(&l.topic, v) {
+            (Some(v), _) => match from_json(names, &l.topic, v) {
                 Some(p) => p,
                 None => continue,
             },
@@ -252,27 +297,30 @@ fn field<'v>(fields: &'v [(String, Value)], name: &str) -> Option<&'v Value> {
 /// Decodes one value with the writer schema the file carries, mapped onto this Herald's shape
 /// when the schemas differ (`same`, checked once per topic).
 fn from_datum(
-    topic: &str,
+    holds: Holds,
     writer: &Schema,
     reader: &apache_avro::reader::datum::GenericDatumReader,
     same: bool,
     bytes: &[u8],
-) -> Result<Option<Payload>> {
+) -> Result<Payload> {
     let v = reader.read_value(&mut &bytes[..])?;
     let v = if same {
         v
     } else {
-        avro::to_reader_shape(topic, writer, v)?
+        avro::to_reader_shape(holds.role(), writer, v)?
     };
-    Ok(Some(match holds(topic) {
-        Some(Holds::Inputs(family)) => Payload::Input(avro::input_from_value(family, &v)?),
-        Some(Holds::Decisions) => Payload::Decision(avro::decision_from_value(&v)?),
-        Some(Holds::Stock) => Payload::Stock(apache_avro::from_value(&v)?),
-        None => return Ok(None),
-    }))
+    Ok(match holds {
+        Holds::Inputs(family) => Payload::Input(avro::input_from_value(family, &v)?),
+        Holds::Decisions => Payload::Decision(avro::decision_from_value(&v)?),
+        Holds::Stock => Payload::Stock(apache_avro::from_value(&v)?),
+    })
 }
 
-fn read_avro(path: &Path, input: impl std::io::Read) -> Result<Vec<DumpedRecord>> {
+fn read_avro(
+    path: &Path,
+    input: impl std::io::Read,
+    names: &TopicNames,
+) -> Result<Vec<DumpedRecord>> {
     let reader = apache_avro::Reader::new(input)
         .with_context(|| format!("{}: not an Avro container file", path.display()))?;
     let mut writers: HashMap<String, Schema> = HashMap::new();
@@ -285,9 +333,12 @@ fn read_avro(path: &Path, input: impl std::io::Read) -> Result<Vec<DumpedRecord>
     }
     let mut decoders = HashMap::new();
     for (topic, writer) in &writers {
+        let Some(holds) = holds(names, topic) else {
+            continue;
+        };
         let reader = apache_avro::reader::datum::GenericDatumReader::builder(writer).build()?;
-        let same = avro::same_as_reader(topic, writer).unwrap_or(false);
-        decoders.insert(topic.clone(), (writer, reader, same));
+        let same = avro::same_as_reader(holds.role(), writer).unwrap_or(false);
+        decoders.insert(topic.clone(), (holds, writer, reader, same));
     }
     let mut out = Vec::new();
     for (n, value) in reader.enumerate() {
@@ -301,14 +352,16 @@ fn read_avro(path: &Path, input: impl std::io::Read) -> Result<Vec<DumpedRecord>
         };
         let topic =
             text("topic").ok_or_else(|| anyhow!("{} record {n}: no topic", path.display()))?;
+        if holds(names, &topic).is_none() {
+            continue;
+        }
         let payload = match (field(&fields, "value"), text("error")) {
             (Some(Value::Bytes(b)), _) => {
-                let Some((writer, reader, same)) = decoders.get(&topic) else {
+                let Some((holds, writer, reader, same)) = decoders.get(&topic) else {
                     continue;
                 };
-                match from_datum(&topic, writer, reader, *same, b) {
-                    Ok(Some(p)) => p,
-                    Ok(None) => continue,
+                match from_datum(*holds, writer, reader, *same, b) {
+                    Ok(p) => p,
                     Err(e) => Payload::Undecodable(format!("not a {topic} record: {e:#}")),
                 }
             }
@@ -338,7 +391,7 @@ fn read_avro(path: &Path, input: impl std::io::Read) -> Result<Vec<DumpedRecord>
 
 fn decode(codec: &Codec, rt: &tokio::runtime::Handle, m: &BorrowedMessage) -> Result<Payload> {
     let topic = m.topic();
-    let decoded = match holds(topic) {
+    let decoded = match holds(codec.topics(), topic) {
         Some(Holds::Inputs(_)) => rt
             .block_on(codec.decode_input(topic, m.payload()))
             .map(Payload::Input),
@@ -373,7 +426,7 @@ impl Follower {
     /// Starts reading `topics` (replay topics) from their beginning (read_committed).
     pub fn start(
         cluster: &KafkaSettings,
-        topics: Vec<&'static str>,
+        topics: Vec<String>,
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
@@ -385,7 +438,7 @@ impl Follower {
     /// (a feed's own records, not the status webhooks the gateway adds).
     pub fn counting(
         cluster: &KafkaSettings,
-        topics: Vec<&'static str>,
+        topics: Vec<String>,
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
@@ -505,7 +558,7 @@ impl Follower {
 /// kept with its reason.
 pub fn export(
     cluster: &KafkaSettings,
-    topics: Vec<&'static str>,
+    topics: Vec<String>,
     codec: Arc<Codec>,
     partitions: i32,
     rt: tokio::runtime::Handle,
@@ -530,6 +583,10 @@ pub fn decisions(records: &[DumpedRecord]) -> Vec<Decision> {
 mod tests {
     use super::*;
     use crate::events::*;
+
+    fn names() -> TopicNames {
+        crate::topology::Topology::embedded().unwrap().names
+    }
 
     fn sample() -> Vec<DumpedRecord> {
         let input = InputEvent {
@@ -575,9 +632,9 @@ mod tests {
                 6,
                 Payload::Undecodable("magic byte 0x7b".into()),
             ),
-            at(DECISIONS, 0, Payload::Decision(decision)),
+            at("herald.decisions.v1", 0, Payload::Decision(decision)),
             at(
-                INVENTORY,
+                "catalog.inventory.v1",
                 1,
                 Payload::Stock(StockLevel {
                     sku: "S".into(),
@@ -595,7 +652,31 @@ mod tests {
         for name in ["d.jsonl", "d.avro"] {
             let path = dir.path().join(name);
             write(&path, &sample()).unwrap();
-            assert_eq!(read(&path).unwrap(), sample(), "{name}");
+            assert_eq!(read(&path, &names()).unwrap(), sample(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_dump_is_read_by_the_topic_names_of_the_deployment_it_is_read_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = crate::topology::Topology::embedded()
+            .unwrap()
+            .with_topic_prefix("staging.")
+            .unwrap()
+            .names;
+        let prefixed: Vec<DumpedRecord> = sample()
+            .into_iter()
+            .map(|mut r| {
+                r.topic = format!("staging.{}", r.topic);
+                r
+            })
+            .collect();
+        for name in ["d.jsonl", "d.avro"] {
+            let path = dir.path().join(name);
+            write(&path, &prefixed).unwrap();
+            assert_eq!(read(&path, &staging).unwrap(), prefixed, "{name}");
+            // Production's names match none of staging's topics: nothing is taken for its own.
+            assert_eq!(read(&path, &names()).unwrap(), vec![], "{name}");
         }
     }
 
@@ -608,14 +689,14 @@ mod tests {
             "{\"topic\": \"crm.events.v1\", \"value\": {\"nope\": 1}}\n{oops\n",
         )
         .unwrap();
-        let err = read(&path).unwrap_err();
+        let err = read(&path, &names()).unwrap_err();
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
         std::fs::write(
             &path,
             "{\"topic\": \"crm.events.v1\", \"value\": {\"nope\": 1}}\n",
         )
         .unwrap();
-        let r = read(&path).unwrap();
+        let r = read(&path, &names()).unwrap();
         assert!(
             matches!(&r[0].payload, Payload::Undecodable(why) if why.contains("crm.events.v1"))
         );

@@ -15,7 +15,7 @@ use crate::kafka::KafkaSettings;
 use crate::pipeline::deterministic_id;
 use crate::provider::parse_callback_data;
 use crate::registry::Codec;
-use crate::stages::{wall_clock_ms, CRM, DLQ, PROVIDER};
+use crate::stages::wall_clock_ms;
 use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -632,7 +632,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
                 match g.codec.encode_dead_letter(&letter).await {
                     Ok(v) => {
                         records.push(Outgoing {
-                            topic: DLQ,
+                            topic: g.codec.topics().dlq().clone(),
                             key: id.clone(),
                             partition: None,
                             error: Some(why.clone()),
@@ -647,7 +647,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
         };
         for (key, partition, value) in encoded {
             records.push(Outgoing {
-                topic: PROVIDER,
+                topic: g.codec.topics().provider().clone(),
                 key,
                 partition,
                 error: None,
@@ -661,7 +661,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
     };
     // Every event acknowledged by all in-sync replicas, or the provider must try again.
     let sends = records.iter().map(|o| {
-        let mut r = FutureRecord::to(o.topic)
+        let mut r = FutureRecord::to(&o.topic)
             .key(o.key.as_bytes())
             .payload(&o.value);
         if let Some(p) = o.partition {
@@ -696,7 +696,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
 
 /// One record a webhook turns into.
 struct Outgoing {
-    topic: &'static str,
+    topic: Arc<str>,
     key: String,
     /// Set for a template status, which goes to every partition.
     partition: Option<i32>,
@@ -775,9 +775,10 @@ impl SenderFollower {
             .context("cannot create the gateway's CRM reader")?;
         let mut tpl = TopicPartitionList::new();
         let mut ends = HashMap::new();
+        let crm = codec.topics().crm().clone();
         for p in 0..partitions {
-            tpl.add_partition_offset(CRM, p, rdkafka::Offset::Beginning)?;
-            let (_, high) = crate::kafka::watermarks(&consumer, CRM, p)?;
+            tpl.add_partition_offset(&crm, p, rdkafka::Offset::Beginning)?;
+            let (_, high) = crate::kafka::watermarks(&consumer, &crm, p)?;
             ends.insert(p, high);
         }
         consumer.assign(&tpl)?;
@@ -792,7 +793,7 @@ impl SenderFollower {
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
-                    if let Ok(input) = rt.block_on(codec.decode_input(CRM, m.payload())) {
+                    if let Ok(input) = rt.block_on(codec.decode_input(&crm, m.payload())) {
                         if let Ok(mut s) = senders.write() {
                             s.observe(&key, &input);
                         }

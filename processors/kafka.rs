@@ -339,7 +339,8 @@ impl ConsumerContext for EndOfLogIsExpected {}
 /// One record a stage wants written in the current transaction.
 #[derive(Debug, Clone)]
 pub struct OutRecord {
-    pub topic: &'static str,
+    /// The topic as this deployment names it; shared, since many records go to one topic.
+    pub topic: std::sync::Arc<str>,
     pub partition: i32,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
@@ -360,7 +361,7 @@ pub trait Stage {
     /// Name used in group ids, transactional ids and store namespaces.
     fn name(&self) -> &'static str;
     /// Topics it consumes.
-    fn input_topics(&self) -> Vec<&'static str>;
+    fn input_topics(&self) -> Vec<String>;
     /// Rebuilds the state of a partition it now owns.
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()>;
     /// Forgets the state of a partition it no longer owns.
@@ -662,7 +663,7 @@ pub fn run_stage<S: Stage>(
     // Only the lead topic is subscribed, so any assignor (cooperative-sticky included) hands
     // out whole partitions: the companion topics' same-numbered partitions follow by manual
     // assignment. That is what keeps one customer's whole history on one task.
-    consumer.subscribe(&[lead])?;
+    consumer.subscribe(&[lead.as_str()])?;
     let companion_config = settings.consumer_config(
         &group,
         &format!("{client_id}-companions"),
@@ -1262,7 +1263,7 @@ fn run_batch<S: Stage>(
                 value: Some(v),
             });
         }
-        let record = FutureRecord::to(r.topic)
+        let record = FutureRecord::to(&r.topic)
             .partition(r.partition)
             .key(&r.key)
             .payload(&r.value)

@@ -4,6 +4,7 @@
 
 use crate::avro::{self, Schemas};
 use crate::events::*;
+use crate::topology::{TopicNames, TopicRole};
 use anyhow::{anyhow, Context, Result};
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
@@ -281,9 +282,12 @@ pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
 pub struct Codec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
-    strategies: BTreeMap<&'static str, SubjectNameStrategy>,
+    /// The subject (`<topic>-value`, the topic as this deployment names it) of each role.
+    strategies: BTreeMap<TopicRole, (Arc<str>, SubjectNameStrategy)>,
+    /// Which role each of this deployment's topics plays.
+    topics: TopicNames,
     /// Writer schema id -> whether it is the reader's own schema (checked once per id).
-    same_shape: std::sync::Mutex<std::collections::HashMap<(String, u32), bool>>,
+    same_shape: std::sync::Mutex<std::collections::HashMap<(TopicRole, u32), bool>>,
 }
 
 /// A decode failure, split by who must act.
@@ -306,22 +310,26 @@ fn classify(e: SRCError) -> DecodeError {
 }
 
 impl Codec {
-    /// A codec for the registry at `url`.
-    pub fn new(url: &str) -> Result<Self> {
+    /// A codec for the registry at `url`, for the topics as this deployment names them.
+    pub fn new(url: &str, topics: &TopicNames) -> Result<Self> {
         let settings = SrSettings::new_builder(url.to_string())
             .set_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| anyhow!("schema registry settings: {e}"))?;
         let mut strategies = BTreeMap::new();
-        for (topic, record) in avro::TOPIC_RECORDS {
-            let text = Schemas::get().text(topic)?.to_string();
+        for (role, record) in avro::TOPIC_RECORDS {
+            let text = Schemas::get().text(*role)?.to_string();
             let supplied = SuppliedSchema::new(Some(record.to_string()), SchemaType::Avro, text);
+            let topic = topics.of(*role).clone();
             strategies.insert(
-                *topic,
-                SubjectNameStrategy::TopicNameStrategyWithSchema(
-                    topic.to_string(),
-                    false,
-                    supplied,
+                *role,
+                (
+                    topic.clone(),
+                    SubjectNameStrategy::TopicNameStrategyWithSchema(
+                        topic.to_string(),
+                        false,
+                        supplied,
+                    ),
                 ),
             );
         }
@@ -329,25 +337,31 @@ impl Codec {
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings),
             strategies,
+            topics: topics.clone(),
             same_shape: Default::default(),
         })
     }
 
-    async fn encode(&self, topic: &str, value: apache_avro::types::Value) -> Result<Vec<u8>> {
-        let strategy = self
+    async fn encode(&self, role: TopicRole, value: apache_avro::types::Value) -> Result<Vec<u8>> {
+        let (topic, strategy) = self
             .strategies
-            .get(topic)
-            .ok_or_else(|| anyhow!("topic {topic} has no Herald value schema"))?;
+            .get(&role)
+            .ok_or_else(|| anyhow!("topic role {} has no Herald value schema", role.as_str()))?;
         self.encoder
             .encode_value(value, strategy)
             .await
             .map_err(|e| anyhow!("encoding for {topic}: {e}"))
     }
 
+    /// The topics this codec reads and writes, by role.
+    pub fn topics(&self) -> &TopicNames {
+        &self.topics
+    }
+
     /// Registers every Herald schema under `<topic>-value` (idempotent).
     pub async fn register_all(&self) -> Result<Vec<(String, u32)>> {
         let mut out = Vec::new();
-        for (topic, strategy) in &self.strategies {
+        for (topic, strategy) in self.strategies.values() {
             let schema = self
                 .encoder
                 .get_schema_and_id(
@@ -364,7 +378,7 @@ impl Codec {
     /// Wire bytes of an input event for its family's topic.
     pub async fn encode_input(&self, e: &InputEvent) -> Result<Vec<u8>> {
         self.encode(
-            avro::family_topic(e.fact.family()),
+            TopicRole::of_family(e.fact.family()),
             avro::input_to_value(e)?,
         )
         .await
@@ -372,25 +386,25 @@ impl Codec {
 
     /// Wire bytes of a decision.
     pub async fn encode_decision(&self, d: &Decision) -> Result<Vec<u8>> {
-        self.encode("herald.decisions.v1", avro::decision_to_value(d)?)
+        self.encode(TopicRole::Decisions, avro::decision_to_value(d)?)
             .await
     }
 
     /// Wire bytes of a dispatch step.
     pub async fn encode_dispatch(&self, r: &DispatchRecord) -> Result<Vec<u8>> {
-        self.encode("herald.dispatch.v1", avro::dispatch_to_value(r)?)
+        self.encode(TopicRole::Dispatch, avro::dispatch_to_value(r)?)
             .await
     }
 
     /// Wire bytes of a dead letter.
     pub async fn encode_dead_letter(&self, d: &DeadLetter) -> Result<Vec<u8>> {
-        self.encode("herald.dlq.v1", avro::dead_letter_to_value(d)?)
+        self.encode(TopicRole::Dlq, avro::dead_letter_to_value(d)?)
             .await
     }
 
     async fn decode_value(
         &self,
-        topic: &str,
+        role: TopicRole,
         bytes: Option<&[u8]>,
     ) -> Result<apache_avro::types::Value, DecodeError> {
         let Some(bytes) = bytes else {
@@ -404,7 +418,7 @@ impl Codec {
             .await
             .map_err(classify)?
             .ok_or_else(|| DecodeError::Poison("record has no value".into()))?;
-        let key = (topic.to_string(), decoded.schema.id);
+        let key = (role, decoded.schema.id);
         let cached = self
             .same_shape
             .lock()
@@ -413,7 +427,7 @@ impl Codec {
         let same = match cached {
             Some(same) => same,
             None => {
-                let same = avro::same_as_reader(topic, &decoded.schema.parsed)
+                let same = avro::same_as_reader(role, &decoded.schema.parsed)
                     .map_err(|e| DecodeError::Poison(format!("{e:#}")))?;
                 if let Ok(mut m) = self.same_shape.lock() {
                     m.insert(key, same);
@@ -424,7 +438,7 @@ impl Codec {
         if same {
             return Ok(decoded.value);
         }
-        avro::to_reader_shape(topic, &decoded.schema.parsed, decoded.value)
+        avro::to_reader_shape(role, &decoded.schema.parsed, decoded.value)
             .map_err(|e| DecodeError::Poison(format!("{e:#}")))
     }
 
@@ -434,49 +448,53 @@ impl Codec {
         topic: &str,
         bytes: Option<&[u8]>,
     ) -> Result<InputEvent, DecodeError> {
-        let family = avro::topic_family(topic)
+        let family = self
+            .topics
+            .family_of(topic)
             .ok_or_else(|| DecodeError::Poison(format!("{topic} is not an input topic")))?;
-        let v = self.decode_value(topic, bytes).await?;
+        let v = self
+            .decode_value(TopicRole::of_family(family), bytes)
+            .await?;
         avro::input_from_value(family, &v)
             .map_err(|e| DecodeError::Poison(format!("not a {topic} record: {e:#}")))
     }
 
-    /// Reads a decision off `herald.decisions.v1`.
+    /// Reads a decision off the decision log.
     pub async fn decode_decision(&self, bytes: Option<&[u8]>) -> Result<Decision, DecodeError> {
-        let v = self.decode_value("herald.decisions.v1", bytes).await?;
+        let v = self.decode_value(TopicRole::Decisions, bytes).await?;
         avro::decision_from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a decision: {e:#}")))
     }
 
-    /// Reads a dispatch step off `herald.dispatch.v1`.
+    /// Reads a dispatch step off the dispatch log.
     pub async fn decode_dispatch(
         &self,
         bytes: Option<&[u8]>,
     ) -> Result<DispatchRecord, DecodeError> {
-        let v = self.decode_value("herald.dispatch.v1", bytes).await?;
+        let v = self.decode_value(TopicRole::Dispatch, bytes).await?;
         avro::dispatch_from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a dispatch step: {e:#}")))
     }
 
-    /// Reads a stock level off `catalog.inventory.v1`.
+    /// Reads a stock level off the inventory topic.
     pub async fn decode_stock(&self, bytes: Option<&[u8]>) -> Result<StockLevel, DecodeError> {
-        let v = self.decode_value("catalog.inventory.v1", bytes).await?;
+        let v = self.decode_value(TopicRole::Inventory, bytes).await?;
         apache_avro::from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a stock level: {e:#}")))
     }
 
-    /// Encodes a stock level for `catalog.inventory.v1`.
+    /// Encodes a stock level for the inventory topic.
     pub async fn encode_stock(&self, s: &StockLevel) -> Result<Vec<u8>> {
         let v = avro::stock_to_value(s)?;
-        self.encode("catalog.inventory.v1", v).await
+        self.encode(TopicRole::Inventory, v).await
     }
 
-    /// Reads a dead letter off `herald.dlq.v1`.
+    /// Reads a dead letter off the dead-letter topic.
     pub async fn decode_dead_letter(
         &self,
         bytes: Option<&[u8]>,
     ) -> Result<DeadLetter, DecodeError> {
-        let v = self.decode_value("herald.dlq.v1", bytes).await?;
+        let v = self.decode_value(TopicRole::Dlq, bytes).await?;
         avro::dead_letter_from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a dead letter: {e:#}")))
     }

@@ -101,7 +101,7 @@ pub fn replay(records: &[DumpedRecord], topology: &Topology, key: &IdentifierKey
                 })
             }
             Payload::Input(e) => inputs.push((r, e)),
-            Payload::Undecodable(why) if crate::avro::topic_family(&r.topic).is_some() => {
+            Payload::Undecodable(why) if topology.names.family_of(&r.topic).is_some() => {
                 out.dead_letters.push(DeadLetter {
                     at,
                     reason: why.clone(),

@@ -82,11 +82,14 @@ pub fn stock_levels() -> Vec<StockLevel> {
 const CARRIERS: &[&str] = &["DHL", "UPS", "Correos", "Loggi"];
 
 /// One record to feed: an event, or bytes that are not a Herald record at all.
+// Nearly every item is an event; boxing them to shrink the rare garbage would cost more.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum FeedItem {
     Event(InputEvent),
     Garbage {
-        topic: &'static str,
+        /// The input topic it lands on, whatever the deployment calls it.
+        topic: crate::topology::TopicRole,
         key: String,
         bytes: Vec<u8>,
     },
@@ -515,7 +518,7 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
             at,
             g.seq,
             FeedItem::Garbage {
-                topic: "oms.events.v1",
+                topic: crate::topology::TopicRole::Oms,
                 key: format!("cust-{:06}", i),
                 bytes,
             },

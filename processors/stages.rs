@@ -26,19 +26,6 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub const DECISIONS: &str = "herald.decisions.v1";
-pub const DISPATCH: &str = "herald.dispatch.v1";
-pub const DLQ: &str = "herald.dlq.v1";
-pub const INVENTORY: &str = "catalog.inventory.v1";
-/// The CRM input topic: profiles (and their addresses), consent, erasure requests.
-pub const CRM: &str = "crm.events.v1";
-pub const INPUTS: [&str; 4] = [
-    "oms.events.v1",
-    "billing.events.v1",
-    "crm.events.v1",
-    "provider.events.v1",
-];
-
 /// Wall-clock milliseconds, for shell-side timestamps only (never for decisions).
 pub fn wall_clock_ms() -> Millis {
     std::time::SystemTime::now()
@@ -146,7 +133,7 @@ fn dead_letter(
     dead_letter_record(codec, rt, letter, metrics)
 }
 
-/// The `herald.dlq.v1` record of a dead letter, on its source's partition and key, with the
+/// The dead-letter topic's record of a dead letter, on its source's partition and key, with the
 /// provenance and the error as headers; logged and counted.
 fn dead_letter_record(
     codec: &Codec,
@@ -163,7 +150,7 @@ fn dead_letter_record(
     );
     headers.push(("herald.error", letter.error.clone().into_bytes()));
     Ok(OutRecord {
-        topic: DLQ,
+        topic: codec.topics().dlq().clone(),
         partition: letter.source_partition,
         key: letter.key.clone().unwrap_or_default(),
         value: rt.block_on(codec.encode_dead_letter(&letter))?,
@@ -269,7 +256,7 @@ impl ProcessorStage {
                 self.metrics.count_reason(&format!("{:?}", m.reason));
             }
             out.records.push(OutRecord {
-                topic: DECISIONS,
+                topic: self.codec.topics().decisions().clone(),
                 partition: p,
                 key: d.customer_id.into_bytes(),
                 value,
@@ -285,8 +272,8 @@ impl Stage for ProcessorStage {
         "processors"
     }
 
-    fn input_topics(&self) -> Vec<&'static str> {
-        INPUTS.to_vec()
+    fn input_topics(&self) -> Vec<String> {
+        self.codec.topics().inputs()
     }
 
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
@@ -308,14 +295,15 @@ impl Stage for ProcessorStage {
             .filter(|(k, _)| *k != STREAM_TIME_KEY)
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        let next = reader.read(DECISIONS, partition, snap.next_offset, |m| {
+        let decisions = codec.topics().decisions().clone();
+        let next = reader.read(&decisions, partition, snap.next_offset, |m| {
             if let Some((topic, offset)) = source_position(m) {
                 let e = part.inputs.entry(topic).or_insert(0);
                 *e = (*e).max(offset + 1);
             }
             let d = rt
                 .block_on(codec.decode_decision(m.payload()))
-                .map_err(|e| anyhow!("decision log {DECISIONS}/{partition}@{}: {e}", m.offset()))?;
+                .map_err(|e| anyhow!("decision log {decisions}/{partition}@{}: {e}", m.offset()))?;
             if snap.holds(&d.customer_id, m.offset()) {
                 return Ok(());
             }
@@ -447,7 +435,7 @@ impl Stage for ProcessorStage {
         for p in 0..self.topology.partitions() {
             let from = self.inventory_next.get(&p).copied().unwrap_or(0);
             let (codec, rt, tables) = (&self.codec, &self.rt, &mut self.tables);
-            let next = reader.read(INVENTORY, p, from, |m| {
+            let next = reader.read(codec.topics().inventory(), p, from, |m| {
                 // A stock level that cannot be read is skipped, not fatal: the guard then
                 // sees no level for that SKU and holds rather than sends.
                 match rt.block_on(codec.decode_stock(m.payload())) {
@@ -465,7 +453,7 @@ impl Stage for ProcessorStage {
 
     fn committed(&mut self, produced: &Produced) -> Result<()> {
         for (p, part) in self.partitions.iter_mut() {
-            if let Some(next) = produced.get(&(DECISIONS.to_string(), *p)) {
+            if let Some(next) = produced.get(&(self.codec.topics().decisions().to_string(), *p)) {
                 part.next_decision_offset = part.next_decision_offset.max(*next);
             }
             // A batch of nothing but dead letters touches no customer, yet its input positions
@@ -590,9 +578,6 @@ pub struct DispatchStage {
     contacts_unread: Option<String>,
 }
 
-/// The provider topic, where the gateway writes status webhooks.
-pub const PROVIDER: &str = "provider.events.v1";
-
 impl DispatchStage {
     /// A dispatch stage sending through `providers`, composing text from `catalog`;
     /// recipients are keyed hashes under `identifiers`, resolved through the CRM topic.
@@ -650,9 +635,10 @@ impl DispatchStage {
             return Ok(());
         };
         let contacts = &mut part.contacts;
-        part.crm_next = reader.read(CRM, partition, part.crm_next, |m| {
+        let crm = codec.topics().crm();
+        part.crm_next = reader.read(crm, partition, part.crm_next, |m| {
             // An unreadable CRM record is the processors' to dead-letter; it has no address.
-            if let Ok(input) = rt.block_on(codec.decode_input(CRM, m.payload())) {
+            if let Ok(input) = rt.block_on(codec.decode_input(crm, m.payload())) {
                 contacts.observe(key, &input);
             }
             Ok(())
@@ -669,9 +655,10 @@ impl DispatchStage {
             return Ok(());
         };
         let mut seen = Vec::new();
-        part.provider_next = reader.read(PROVIDER, partition, part.provider_next, |m| {
+        let provider = codec.topics().provider();
+        part.provider_next = reader.read(provider, partition, part.provider_next, |m| {
             // An unreadable provider record is the processors' to dead-letter.
-            if let Ok(input) = rt.block_on(codec.decode_input(PROVIDER, m.payload())) {
+            if let Ok(input) = rt.block_on(codec.decode_input(provider, m.payload())) {
                 if let Fact::MessageStatusChanged(s) = input.fact {
                     if let Some(id) = s.message_id {
                         seen.push((
@@ -722,15 +709,16 @@ impl DispatchStage {
                 }
             }
         }
+        let decisions = self.codec.topics().decisions().clone();
         for (partition, customer_id, message_id, intent, settlement) in found {
             let approval = match settlement {
                 dispatch::Settlement::Sent(_) => None,
                 dispatch::Settlement::NotSent { .. } => {
                     let msg = reader
-                        .read_at(DECISIONS, partition, intent.approval_offset)?
+                        .read_at(&decisions, partition, intent.approval_offset)?
                         .ok_or_else(|| {
                             anyhow!(
-                                "the approval of {message_id} at {DECISIONS}/{partition}@{} is gone",
+                                "the approval of {message_id} at {decisions}/{partition}@{} is gone",
                                 intent.approval_offset
                             )
                         })?;
@@ -744,7 +732,7 @@ impl DispatchStage {
                             Some((d, a))
                         }
                         _ => bail!(
-                            "{DECISIONS}/{partition}@{} is not the approval of {message_id}",
+                            "{decisions}/{partition}@{} is not the approval of {message_id}",
                             intent.approval_offset
                         ),
                     }
@@ -774,7 +762,7 @@ impl DispatchStage {
             part.touched.insert(rec.customer_id.clone());
         }
         out.records.push(OutRecord {
-            topic: DISPATCH,
+            topic: self.codec.topics().dispatch().clone(),
             partition,
             key: rec.customer_id.clone().into_bytes(),
             value: self.rt.block_on(self.codec.encode_dispatch(&rec))?,
@@ -858,7 +846,7 @@ impl DispatchStage {
     }
 
     /// The approval of a send the provider refused with a code Herald does not know, for
-    /// `herald.dlq.v1`: `herald dlq replay` can send it again once someone knows what to do.
+    /// the dead-letter topic: `herald dlq replay` can send it again once someone knows what to do.
     fn dead_letter_approval(&self, s: &PendingSend, why: String) -> Result<OutRecord> {
         let offset = self
             .partitions
@@ -867,7 +855,7 @@ impl DispatchStage {
             .and_then(|c| c.open.get(&s.approved.message_id))
             .map_or(-1, |i| i.approval_offset);
         let letter = DeadLetter {
-            source_topic: DECISIONS.to_string(),
+            source_topic: self.codec.topics().decisions().to_string(),
             source_partition: s.partition,
             source_offset: offset,
             key: Some(s.decision.customer_id.clone().into_bytes()),
@@ -899,7 +887,7 @@ impl DispatchStage {
             }),
         );
         Ok(OutRecord {
-            topic: PROVIDER,
+            topic: self.codec.topics().provider().clone(),
             partition: s.partition,
             key: customer.clone().into_bytes(),
             value: self.rt.block_on(self.codec.encode_input(&event))?,
@@ -1182,8 +1170,8 @@ impl Stage for DispatchStage {
         "dispatch"
     }
 
-    fn input_topics(&self) -> Vec<&'static str> {
-        vec![DECISIONS]
+    fn input_topics(&self) -> Vec<String> {
+        vec![self.codec.topics().decisions().to_string()]
     }
 
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
@@ -1199,11 +1187,20 @@ impl Stage for DispatchStage {
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
-        part.decisions_next = snap.inputs.get(DECISIONS).copied().unwrap_or(0);
-        part.next_offset = reader.read(DISPATCH, partition, snap.next_offset, |m| {
+        let (decisions, dispatch_log) = (
+            codec.topics().decisions().clone(),
+            codec.topics().dispatch().clone(),
+        );
+        part.decisions_next = snap.inputs.get(&*decisions).copied().unwrap_or(0);
+        part.next_offset = reader.read(&dispatch_log, partition, snap.next_offset, |m| {
             let r = rt
                 .block_on(codec.decode_dispatch(m.payload()))
-                .map_err(|e| anyhow!("dispatch log {DISPATCH}/{partition}@{}: {e}", m.offset()))?;
+                .map_err(|e| {
+                    anyhow!(
+                        "dispatch log {dispatch_log}/{partition}@{}: {e}",
+                        m.offset()
+                    )
+                })?;
             // An intent is committed with the offset of the decision read before it.
             if let DispatchStep::Intended(i) = &r.step {
                 part.decisions_next = part.decisions_next.max(i.approval_offset + 1);
@@ -1228,7 +1225,7 @@ impl Stage for DispatchStage {
             .min()
         {
             Some(from) => from,
-            None => reader.end(PROVIDER, partition)?,
+            None => reader.end(codec.topics().provider(), partition)?,
         };
         self.partitions.insert(partition, part);
         self.learn_contacts(partition, reader)?;
@@ -1242,7 +1239,7 @@ impl Stage for DispatchStage {
         let mut unread = None;
         for p in &owned {
             if let Err(e) = self.learn_contacts(*p, reader) {
-                unread = Some(format!("{CRM}/{p}: {e}"));
+                unread = Some(format!("{}/{p}: {e}", self.codec.topics().crm()));
             }
         }
         self.contacts_unread = unread.clone();
@@ -1320,7 +1317,12 @@ impl Stage for DispatchStage {
         self.partitions
             .get(&partition)
             .filter(|p| p.decisions_next > 0)
-            .map(|p| vec![(DECISIONS.to_string(), p.decisions_next)])
+            .map(|p| {
+                vec![(
+                    self.codec.topics().decisions().to_string(),
+                    p.decisions_next,
+                )]
+            })
             .unwrap_or_default()
     }
 
@@ -1388,8 +1390,12 @@ impl Stage for DispatchStage {
             let (customer, channel) = (s.decision.customer_id.clone(), s.approved.channel);
             self.pacer.queue(lane, &customer, channel, s, now);
         }
+        let (decisions, dispatch_log) = (
+            self.codec.topics().decisions().to_string(),
+            self.codec.topics().dispatch().to_string(),
+        );
         for (p, part) in self.partitions.iter_mut() {
-            if let Some(next) = produced.get(&(DISPATCH.to_string(), *p)) {
+            if let Some(next) = produced.get(&(dispatch_log.clone(), *p)) {
                 part.next_offset = part.next_offset.max(*next);
             }
             if part.touched.is_empty() && !part.decisions_moved {
@@ -1398,7 +1404,7 @@ impl Stage for DispatchStage {
             let write = SnapshotWrite {
                 changed: encode_touched(&mut part.touched, &part.customers)?,
                 next_offset: part.next_offset,
-                inputs: [(DECISIONS.to_string(), part.decisions_next)].into(),
+                inputs: [(decisions.clone(), part.decisions_next)].into(),
                 ..SnapshotWrite::default()
             };
             self.store.save(store::DISPATCH, *p, &write)?;
@@ -1419,20 +1425,27 @@ impl Stage for DispatchStage {
 
 /// Consumes the input topics and produces the same bytes, with the same settings: the ceiling
 /// the benchmark compares the processors against.
-#[derive(Default)]
 pub struct PassthroughStage {
+    topics: crate::topology::TopicNames,
     owned: BTreeSet<i32>,
 }
 
-/// The topic the passthrough writes to.
-pub const PASSTHROUGH: &str = "herald.bench.passthrough";
+impl PassthroughStage {
+    /// A pass-through of these topics' inputs to their pass-through topic.
+    pub fn new(topics: crate::topology::TopicNames) -> Self {
+        PassthroughStage {
+            topics,
+            owned: BTreeSet::new(),
+        }
+    }
+}
 
 impl Stage for PassthroughStage {
     fn name(&self) -> &'static str {
         "passthrough"
     }
-    fn input_topics(&self) -> Vec<&'static str> {
-        INPUTS.to_vec()
+    fn input_topics(&self) -> Vec<String> {
+        self.topics.inputs()
     }
     fn restore(&mut self, partition: i32, _reader: &LogReader) -> Result<()> {
         self.owned.insert(partition);
@@ -1449,7 +1462,7 @@ impl Stage for PassthroughStage {
     }
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
         out.records.push(OutRecord {
-            topic: PASSTHROUGH,
+            topic: self.topics.passthrough().clone(),
             partition: msg.partition(),
             key: msg.key().map(|k| k.to_vec()).unwrap_or_default(),
             value: msg.payload().map(|v| v.to_vec()).unwrap_or_default(),

@@ -1,11 +1,12 @@
 //! Herald's configuration as data: topics, the template catalog and policy settings, read from
 //! `topology/` (or the copy embedded in the binary), validated, with errors that name the key.
 
-use crate::events::{Channel, Purpose, TemplateStatus};
+use crate::events::{Channel, Family, Purpose, TemplateStatus};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The embedded default topology, used by `herald demo` and when no directory is given.
 pub const EMBEDDED: &[(&str, &str)] = &[
@@ -34,11 +35,170 @@ pub const EMBEDDED_JOURNEYS: &[(&str, &str)] = &[
     ),
 ];
 
+/// What a topic carries for Herald, whatever it is called in a deployment: the code names
+/// topics by role, and topics.toml says which topic plays each one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicRole {
+    /// Order, shipment and cart facts.
+    Oms,
+    /// Payments, refunds and renewals.
+    Billing,
+    /// Consent, profile and erasure facts.
+    Crm,
+    /// Provider callbacks, written by the gateway.
+    Provider,
+    /// Stock per SKU, compacted.
+    Inventory,
+    /// The decision log of the processors.
+    Decisions,
+    /// The dispatch log.
+    Dispatch,
+    /// Dead letters.
+    Dlq,
+}
+
+impl TopicRole {
+    /// Every role, each of which topics.toml must give exactly one topic.
+    pub const ALL: [TopicRole; 8] = [
+        TopicRole::Oms,
+        TopicRole::Billing,
+        TopicRole::Crm,
+        TopicRole::Provider,
+        TopicRole::Inventory,
+        TopicRole::Decisions,
+        TopicRole::Dispatch,
+        TopicRole::Dlq,
+    ];
+
+    /// The role as written in topics.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicRole::Oms => "oms",
+            TopicRole::Billing => "billing",
+            TopicRole::Crm => "crm",
+            TopicRole::Provider => "provider",
+            TopicRole::Inventory => "inventory",
+            TopicRole::Decisions => "decisions",
+            TopicRole::Dispatch => "dispatch",
+            TopicRole::Dlq => "dlq",
+        }
+    }
+
+    /// The input topic of a family of facts.
+    pub fn of_family(family: Family) -> TopicRole {
+        match family {
+            Family::Oms => TopicRole::Oms,
+            Family::Billing => TopicRole::Billing,
+            Family::Crm => TopicRole::Crm,
+            Family::Provider => TopicRole::Provider,
+        }
+    }
+
+    /// The family of facts an input topic carries; `None` for the others.
+    pub fn family(self) -> Option<Family> {
+        match self {
+            TopicRole::Oms => Some(Family::Oms),
+            TopicRole::Billing => Some(Family::Billing),
+            TopicRole::Crm => Some(Family::Crm),
+            TopicRole::Provider => Some(Family::Provider),
+            _ => None,
+        }
+    }
+}
+
+/// The topic names of one deployment, by role: topics.toml's names behind its prefix. Names are
+/// shared (`Arc<str>`) because every produced record carries its topic's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicNames {
+    by_role: BTreeMap<TopicRole, Arc<str>>,
+    passthrough: Arc<str>,
+}
+
+impl TopicNames {
+    /// The topic playing `role`.
+    pub fn of(&self, role: TopicRole) -> &Arc<str> {
+        // Validation guarantees every role a topic; the index is total.
+        &self.by_role[&role]
+    }
+
+    /// The role a topic plays in this deployment; `None` for a topic that is not Herald's.
+    pub fn role_of(&self, topic: &str) -> Option<TopicRole> {
+        self.by_role
+            .iter()
+            .find(|(_, name)| name.as_ref() == topic)
+            .map(|(role, _)| *role)
+    }
+
+    /// The input topic of a family of facts.
+    pub fn of_family(&self, family: Family) -> &Arc<str> {
+        self.of(TopicRole::of_family(family))
+    }
+
+    /// The family of facts a topic carries, if it is one of the four input topics.
+    pub fn family_of(&self, topic: &str) -> Option<Family> {
+        self.role_of(topic).and_then(TopicRole::family)
+    }
+
+    /// The four input topics the processors consume.
+    pub fn inputs(&self) -> Vec<String> {
+        [
+            TopicRole::Oms,
+            TopicRole::Billing,
+            TopicRole::Crm,
+            TopicRole::Provider,
+        ]
+        .into_iter()
+        .map(|r| self.of(r).to_string())
+        .collect()
+    }
+
+    /// The decision log.
+    pub fn decisions(&self) -> &Arc<str> {
+        self.of(TopicRole::Decisions)
+    }
+
+    /// The dispatch log.
+    pub fn dispatch(&self) -> &Arc<str> {
+        self.of(TopicRole::Dispatch)
+    }
+
+    /// The dead-letter topic.
+    pub fn dlq(&self) -> &Arc<str> {
+        self.of(TopicRole::Dlq)
+    }
+
+    /// The stock table.
+    pub fn inventory(&self) -> &Arc<str> {
+        self.of(TopicRole::Inventory)
+    }
+
+    /// The CRM input topic: profiles (and their addresses), consent, erasure requests.
+    pub fn crm(&self) -> &Arc<str> {
+        self.of(TopicRole::Crm)
+    }
+
+    /// The provider topic, where the gateway writes status webhooks.
+    pub fn provider(&self) -> &Arc<str> {
+        self.of(TopicRole::Provider)
+    }
+
+    /// The topic `herald bench`'s pass-through stage writes, behind the same prefix.
+    pub fn passthrough(&self) -> &Arc<str> {
+        &self.passthrough
+    }
+}
+
 /// One topic as declared in topics.toml.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
+    /// The topic's name, with the deployment's prefix once loaded.
     pub name: String,
+    /// What the topic carries for Herald; a topic without a role is created by `herald topics
+    /// apply` and read by no stage.
+    #[serde(default)]
+    pub role: Option<TopicRole>,
     pub partitions: i32,
     #[serde(default = "default_replication")]
     pub replication: i32,
@@ -56,6 +216,9 @@ fn default_replication() -> i32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TopicsFile {
+    /// Put before every topic name, so that deployments (staging, a shadow) share a cluster.
+    #[serde(default)]
+    prefix: String,
     topic: Vec<TopicSpec>,
 }
 
@@ -369,7 +532,12 @@ impl Journey {
 /// Everything the pure core needs to decide, loaded once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
+    /// The topics with their full names (prefix included).
     pub topics: Vec<TopicSpec>,
+    /// The topic of each role, from `topics`.
+    pub names: TopicNames,
+    /// The prefix the names carry.
+    pub prefix: String,
     pub catalog: TemplateCatalog,
     pub policy: PolicySettings,
     /// Journeys by name order.
@@ -455,14 +623,50 @@ impl Topology {
             parsed.push(j);
         }
         parsed.sort_by(|a, b| a.name.cmp(&b.name));
-        let topo = Topology {
+        let mut topo = Topology {
             topics: topics.topic,
+            names: TopicNames {
+                by_role: BTreeMap::new(),
+                passthrough: Arc::from(""),
+            },
+            prefix: String::new(),
             catalog,
             policy,
             journeys: parsed,
         };
         topo.validate()?;
+        topo.set_topic_prefix(&topics.prefix)?;
         Ok(topo)
+    }
+
+    /// The same topology with every topic name behind `prefix` instead of topics.toml's own
+    /// (`--topic-prefix`): how a staging deployment shares a cluster with production.
+    pub fn with_topic_prefix(mut self, prefix: &str) -> Result<Self> {
+        self.set_topic_prefix(prefix)?;
+        Ok(self)
+    }
+
+    fn set_topic_prefix(&mut self, prefix: &str) -> Result<()> {
+        if let Some(bad) = prefix
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            bail!("topology/topics.toml: prefix '{prefix}' has '{bad}'; Kafka topic names take letters, digits, '.', '_' and '-'");
+        }
+        for t in &mut self.topics {
+            let declared = t.name.strip_prefix(self.prefix.as_str()).unwrap_or(&t.name);
+            t.name = format!("{prefix}{declared}");
+        }
+        self.prefix = prefix.to_string();
+        self.names = TopicNames {
+            by_role: self
+                .topics
+                .iter()
+                .filter_map(|t| Some((t.role?, Arc::from(t.name.as_str()))))
+                .collect(),
+            passthrough: Arc::from(format!("{prefix}herald.bench.passthrough")),
+        };
+        Ok(())
     }
 
     /// The journey of that name.
@@ -472,6 +676,33 @@ impl Topology {
 
     fn validate(&self) -> Result<()> {
         let partitions: Vec<i32> = self.topics.iter().map(|t| t.partitions).collect();
+        for role in TopicRole::ALL {
+            let playing: Vec<&str> = self
+                .topics
+                .iter()
+                .filter(|t| t.role == Some(role))
+                .map(|t| t.name.as_str())
+                .collect();
+            match playing.as_slice() {
+                [_] => {}
+                [] => bail!(
+                    "topology/topics.toml: no topic has role = \"{}\"",
+                    role.as_str()
+                ),
+                many => bail!(
+                    "topology/topics.toml: role = \"{}\" is given to {} topics ({}); each role has one",
+                    role.as_str(),
+                    many.len(),
+                    many.join(", ")
+                ),
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &self.topics {
+            if !seen.insert(t.name.as_str()) {
+                bail!("topology/topics.toml: topic {} is declared twice", t.name);
+            }
+        }
         for t in &self.topics {
             if t.partitions < 1 {
                 bail!(
@@ -658,6 +889,74 @@ mod tests {
         .to_string();
         assert!(err.contains("dedupe_window_hourz"), "{err}");
         assert!(!t.topics.is_empty());
+    }
+
+    fn topics_with(edit: impl Fn(&str) -> String) -> Result<Topology> {
+        Topology::from_texts(
+            &edit(include_str!("../topology/topics.toml")),
+            include_str!("../topology/templates.toml"),
+            include_str!("../topology/policy.toml"),
+        )
+    }
+
+    #[test]
+    fn the_prefix_goes_before_every_topic_name() {
+        let t = topics_with(|s| s.replace("prefix = \"\"", "prefix = \"staging.\"")).unwrap();
+        assert_eq!(t.names.decisions().as_ref(), "staging.herald.decisions.v1");
+        assert_eq!(
+            t.names.of_family(Family::Crm).as_ref(),
+            "staging.crm.events.v1"
+        );
+        assert!(t.topics.iter().all(|t| t.name.starts_with("staging.")));
+        assert_eq!(t.names.role_of("herald.decisions.v1"), None);
+        assert_eq!(
+            t.names.role_of("staging.herald.dlq.v1"),
+            Some(TopicRole::Dlq)
+        );
+        // --topic-prefix replaces topics.toml's prefix rather than adding to it.
+        let t = t.with_topic_prefix("shadow-").unwrap();
+        assert_eq!(t.names.dispatch().as_ref(), "shadow-herald.dispatch.v1");
+        assert_eq!(
+            t.names.passthrough().as_ref(),
+            "shadow-herald.bench.passthrough"
+        );
+        let err = t.with_topic_prefix("a b").unwrap_err().to_string();
+        assert!(err.contains("prefix 'a b'"), "{err}");
+    }
+
+    #[test]
+    fn a_shadow_renames_its_own_topics_and_reads_the_inputs() {
+        let t = topics_with(|s| {
+            s.replace("\"herald.decisions.v1\"", "\"shadow.decisions.v1\"")
+                .replace("\"herald.dispatch.v1\"", "\"shadow.dispatch.v1\"")
+        })
+        .unwrap();
+        assert_eq!(t.names.decisions().as_ref(), "shadow.decisions.v1");
+        assert_eq!(t.names.family_of("oms.events.v1"), Some(Family::Oms));
+        assert_eq!(t.names.inputs().len(), 4);
+    }
+
+    #[test]
+    fn every_role_has_exactly_one_topic() {
+        let err = topics_with(|s| s.replace("role = \"dlq\"", "role = \"dispatch\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("role = \"dispatch\" is given to 2 topics"),
+            "{err}"
+        );
+        let err = topics_with(|s| s.replace("role = \"dlq\"", "role = \"dispatch\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("herald.dlq.v1"), "{err}");
+        let err = topics_with(|s| s.replace("role = \"oms\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("role"), "{err}");
+        let err = topics_with(|s| s.replace("role = \"oms\"", "role = \"orders\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("orders"), "{err}");
     }
 
     #[test]

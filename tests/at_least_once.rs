@@ -88,7 +88,7 @@ fn two_processes_share_a_group_at_least_once() {
         .block_on(registry::serve("127.0.0.1:0".parse().unwrap()))
         .unwrap();
     let registry_url = format!("http://{reg}");
-    let codec = Codec::new(&registry_url).unwrap();
+    let codec = Codec::new(&registry_url, &topology.names).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(200, 5);
     let producer = KafkaSettings::new(&bootstrap, false, "feeder")

@@ -15,7 +15,7 @@ use herald::kafka::{self, KafkaSettings, SharedStore};
 use herald::provider::{CloudApiClient, Providers};
 use herald::registry::Codec;
 use herald::sms::SmsClient;
-use herald::stages::{DispatchStage, DECISIONS, DISPATCH, DLQ};
+use herald::stages::DispatchStage;
 use herald::store::EmbeddedStore;
 use herald::telemetry::Metrics;
 use herald::topology::Topology;
@@ -80,7 +80,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         Some(&common::broker().settings(true, "test")),
     )
     .unwrap();
-    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("channels").unwrap();
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("dispatch.redb")).unwrap());
@@ -151,7 +151,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
         approval("badnumber-1", Channel::Sms, Delivery::Template, "+12"),
     ] {
         let bytes = rt.block_on(codec.encode_decision(&d)).unwrap();
-        let record = FutureRecord::to(DECISIONS)
+        let record = FutureRecord::to("herald.decisions.v1")
             .key(d.customer_id.as_bytes())
             .payload(&bytes);
         rt.block_on(producer.send(record, Duration::from_secs(10)))
@@ -193,25 +193,35 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
             },
         )
         .unwrap();
-        demo::read_topic(&cluster.bootstrap, DLQ, topology.partitions(), |m| {
-            use rdkafka::message::Message;
-            letters.push(
-                rt.block_on(codec.decode_dead_letter(m.payload()))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
-            Ok(())
-        })
+        demo::read_topic(
+            &cluster.bootstrap,
+            "herald.dlq.v1",
+            topology.partitions(),
+            |m| {
+                use rdkafka::message::Message;
+                letters.push(
+                    rt.block_on(codec.decode_dead_letter(m.payload()))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                );
+                Ok(())
+            },
+        )
         .unwrap();
-        demo::read_topic(&cluster.bootstrap, DISPATCH, topology.partitions(), |m| {
-            use rdkafka::message::Message;
-            let r = rt
-                .block_on(codec.decode_dispatch(m.payload()))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            if let DispatchStep::Failed(f) = &r.step {
-                failures.push((r.message_id.clone(), f.detail.clone()));
-            }
-            Ok(())
-        })
+        demo::read_topic(
+            &cluster.bootstrap,
+            "herald.dispatch.v1",
+            topology.partitions(),
+            |m| {
+                use rdkafka::message::Message;
+                let r = rt
+                    .block_on(codec.decode_dispatch(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if let DispatchStep::Failed(f) = &r.step {
+                    failures.push((r.message_id.clone(), f.detail.clone()));
+                }
+                Ok(())
+            },
+        )
         .unwrap();
         if !letters.is_empty() && failures.len() >= 3 && refusals.len() >= 2 {
             break;

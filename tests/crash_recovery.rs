@@ -137,8 +137,8 @@ fn undecided(
         Ok(())
     });
     let mut missing = Vec::new();
-    for topic in herald::stages::INPUTS {
-        let _ = demo::read_topic(bootstrap, topic, partitions, |m| {
+    for topic in Topology::embedded().unwrap().names.inputs() {
+        let _ = demo::read_topic(bootstrap, &topic, partitions, |m| {
             if !seen.contains(&(topic.to_string(), m.partition(), m.offset())) {
                 missing.push(format!("{topic}/{}@{}", m.partition(), m.offset()));
             }
@@ -168,7 +168,7 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
         Some(&common::broker().settings(true, "test")),
     )
     .unwrap();
-    let codec = Codec::new(&cluster.registry_url).unwrap();
+    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(300, 11);
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "feeder");

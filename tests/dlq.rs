@@ -11,7 +11,7 @@ use herald::events::{DeadLetter, Outcome, Processor};
 use herald::kafka::{self, KafkaSettings, LogReader, SharedStore};
 use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
-use herald::stages::{ProcessorStage, DECISIONS, DLQ};
+use herald::stages::ProcessorStage;
 use herald::store::EmbeddedStore;
 use herald::telemetry::Metrics;
 use herald::topology::Topology;
@@ -43,7 +43,7 @@ fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
         Some(&common::broker().settings(true, "test")),
     )
     .unwrap();
-    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("dlq").unwrap();
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb")).unwrap());
@@ -169,7 +169,7 @@ fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
             _ => None,
         })
         .unwrap();
-    let topic = herald::avro::family_topic(event.fact.family());
+    let topic = topology.names.of_family(event.fact.family());
     let letter = DeadLetter {
         source_topic: topic.to_string(),
         source_partition: 0,
@@ -181,7 +181,7 @@ fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
         failed_at: 1_790_000_000_000,
     };
     send(
-        DLQ,
+        "herald.dlq.v1",
         0,
         &event.envelope.customer_id,
         &rt.block_on(codec.encode_dead_letter(&letter)).unwrap(),
@@ -195,7 +195,7 @@ fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
         let mut found = Vec::new();
         for p in 0..topology.partitions() {
             reader
-                .read(DECISIONS, p, 0, |m| {
+                .read("herald.decisions.v1", p, 0, |m| {
                     let d = rt.block_on(codec.decode_decision(m.payload())).unwrap();
                     if d.processor == Processor::Dedupe
                         && d.input_event_id == event.envelope.event_id

@@ -105,7 +105,7 @@ fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
         Some(&broker.settings(true, "test")),
     )
     .unwrap();
-    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let url = cluster.gateway_url.clone();
     let secret = DEMO_APP_SECRET.as_bytes();
@@ -288,7 +288,7 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
         Some(&broker.settings(true, "test")),
     )
     .unwrap();
-    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let providers = demo::demo_providers(&cluster.simulator_url, &cluster.gateway_root).unwrap();
     let message = |channel, recipient: &str, id: &str| Outgoing {

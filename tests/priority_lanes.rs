@@ -10,7 +10,7 @@ use herald::kafka::{self, KafkaSettings, SharedStore};
 use herald::pacing::Limits;
 use herald::provider::{CloudApiClient, Providers, SimulatorOptions};
 use herald::registry::Codec;
-use herald::stages::{DispatchStage, DECISIONS};
+use herald::stages::DispatchStage;
 use herald::store::EmbeddedStore;
 use herald::telemetry::Metrics;
 use herald::topology::Topology;
@@ -89,7 +89,7 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
         Some(&common::broker().settings(true, "test")),
     )
     .unwrap();
-    let codec = Arc::new(Codec::new(&cluster.registry_url).unwrap());
+    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names).unwrap());
     rt.block_on(codec.register_all()).unwrap();
     let dir = demo::fresh_temp_dir("lanes").unwrap();
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("dispatch.redb")).unwrap());
@@ -130,7 +130,7 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
     let producer = settings.producer(None).unwrap();
     let produce = |d: &Decision| {
         let bytes = rt.block_on(codec.encode_decision(d)).unwrap();
-        let record = FutureRecord::to(DECISIONS)
+        let record = FutureRecord::to("herald.decisions.v1")
             .key(d.customer_id.as_bytes())
             .payload(&bytes);
         rt.block_on(producer.send(record, Duration::from_secs(10)))
@@ -150,7 +150,7 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
             let bytes = rt.block_on(codec.encode_decision(d)).unwrap();
             producer
                 .send_result(
-                    FutureRecord::to(DECISIONS)
+                    FutureRecord::to("herald.decisions.v1")
                         .key(d.customer_id.as_bytes())
                         .payload(&bytes),
                 )

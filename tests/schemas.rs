@@ -6,6 +6,7 @@ use apache_avro::Schema;
 use herald::avro::{self, Schemas, TOPIC_RECORDS};
 use herald::events::*;
 use herald::registry::{self, Codec, DecodeError};
+use herald::topology::Topology;
 use std::path::PathBuf;
 
 fn history_dir(topic: &str) -> PathBuf {
@@ -41,8 +42,11 @@ fn versions(topic: &str) -> Vec<(u32, String)> {
 fn every_schema_is_backward_compatible_with_its_history() {
     let record = std::env::var("HERALD_RECORD_SCHEMAS").is_ok();
     let mut problems = Vec::new();
-    for (topic, _) in TOPIC_RECORDS {
-        let current = Schemas::get().schema(topic).unwrap();
+    // The history is kept under the subjects of the shipped topic names.
+    let names = Topology::embedded().unwrap().names;
+    for (role, _) in TOPIC_RECORDS {
+        let topic: &str = names.of(*role);
+        let current = Schemas::get().schema(*role).unwrap();
         let history = versions(topic);
         for (v, text) in &history {
             let old = Schema::parse_str(text).unwrap();
@@ -59,7 +63,7 @@ fn every_schema_is_backward_compatible_with_its_history() {
             if record {
                 let next = history.last().map(|(v, _)| v + 1).unwrap_or(1);
                 let pretty: serde_json::Value =
-                    serde_json::from_str(Schemas::get().text(topic).unwrap()).unwrap();
+                    serde_json::from_str(Schemas::get().text(*role).unwrap()).unwrap();
                 std::fs::create_dir_all(history_dir(topic)).unwrap();
                 std::fs::write(
                     history_dir(topic).join(format!("v{next}.avsc")),
@@ -136,7 +140,11 @@ fn records_roundtrip_in_the_confluent_wire_format_over_http() {
         let addr = registry::serve("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let codec = Codec::new(&format!("http://{addr}")).unwrap();
+        let codec = Codec::new(
+            &format!("http://{addr}"),
+            &Topology::embedded().unwrap().names,
+        )
+        .unwrap();
         let registered = codec.register_all().await.unwrap();
         assert_eq!(registered.len(), TOPIC_RECORDS.len());
         let e = InputEvent {
@@ -190,7 +198,7 @@ fn records_roundtrip_in_the_confluent_wire_format_over_http() {
             codec.decode_input("oms.events.v1", Some(&bytes)).await,
             Err(DecodeError::Poison(_))
         ));
-        let _ = avro::record_of_topic("herald.dlq.v1").unwrap();
+        let _ = avro::record_of(herald::topology::TopicRole::Dlq).unwrap();
     });
 }
 
@@ -198,7 +206,7 @@ fn records_roundtrip_in_the_confluent_wire_format_over_http() {
 fn an_unreachable_registry_is_a_retry_not_poison() {
     let rt = rt();
     rt.block_on(async {
-        let codec = Codec::new("http://127.0.0.1:9").unwrap();
+        let codec = Codec::new("http://127.0.0.1:9", &Topology::embedded().unwrap().names).unwrap();
         let r = codec
             .decode_input("oms.events.v1", Some(&[0, 0, 0, 0, 1, 2]))
             .await;

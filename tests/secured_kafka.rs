@@ -125,7 +125,7 @@ fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {
     // The gateway of the one-machine cluster produces over SASL_SSL too.
     let cluster =
         demo::start_cluster_on(&rt, &topology, demo::demo_simulator(), Some(&secured)).unwrap();
-    let codec = Codec::new(&cluster.registry_url).unwrap();
+    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(60, 3);
     let producer = cluster.settings(true, "feeder").producer(None).unwrap();

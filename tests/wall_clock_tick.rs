@@ -135,7 +135,7 @@ fn a_step_due_on_a_quiet_partition_fires_by_the_wall_clock_tick_only() {
         Some(&common::broker().settings(true, "test")),
     )
     .unwrap();
-    let codec = Codec::new(&cluster.registry_url).unwrap();
+    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
         .producer(None)

@@ -70,7 +70,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
         Some(&broker.settings(true, "test")),
     )
     .unwrap();
-    let codec = Codec::new(&cluster.registry_url).unwrap();
+    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(300, 23);
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
