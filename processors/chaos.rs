@@ -150,6 +150,11 @@ impl Processes {
         };
         Command::new(&self.herald)
             .args(["run", "--stage", stage, "--instance-id", instance])
+            // The children work on the topics this run created (the embedded topology's), not
+            // on those a deployment's environment would point them at.
+            .env_remove("HERALD_TOPOLOGY")
+            .env_remove("HERALD_TOPIC_PREFIX")
+            .env_remove("HERALD_GROUP_PREFIX")
             .env("HERALD_IDENTIFIER_KEY", crate::identity::DEMO_KEY)
             .args(["--bootstrap", &self.bootstrap, "--registry", &self.registry])
             .args(
