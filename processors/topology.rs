@@ -635,7 +635,8 @@ impl Topology {
             journeys: parsed,
         };
         topo.validate()?;
-        topo.set_topic_prefix(&topics.prefix)?;
+        topo.set_topic_prefix(&topics.prefix)
+            .context("topology/topics.toml")?;
         Ok(topo)
     }
 
@@ -651,7 +652,7 @@ impl Topology {
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
-            bail!("topology/topics.toml: prefix '{prefix}' has '{bad}'; Kafka topic names take letters, digits, '.', '_' and '-'");
+            bail!("prefix '{prefix}' has '{bad}'; Kafka topic names take letters, digits, '.', '_' and '-'");
         }
         for t in &mut self.topics {
             let declared = t.name.strip_prefix(self.prefix.as_str()).unwrap_or(&t.name);
