@@ -9,7 +9,7 @@ mod common;
 use herald::demo;
 use herald::events::Outcome;
 use herald::kafka::KafkaSettings;
-use herald::registry::{self, Codec};
+use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::message::Message;
@@ -79,15 +79,7 @@ fn two_processes_share_a_group_at_least_once() {
         "a report changes nothing: {third:?}"
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let reg = rt
-        .block_on(registry::serve("127.0.0.1:0".parse().unwrap()))
-        .unwrap();
-    let registry_url = format!("http://{reg}");
+    let (rt, registry_url) = common::runtime_with_registry();
     let codec = Codec::new(&registry_url, &topology.names).unwrap();
     rt.block_on(codec.register_all()).unwrap();
     let s = scenario::generate(200, 5);

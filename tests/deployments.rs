@@ -10,7 +10,7 @@ mod common;
 
 use herald::demo;
 use herald::events::{Decision, Processor};
-use herald::registry::{self, Codec};
+use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::message::Message;
@@ -112,15 +112,7 @@ fn garbage(items: &[FeedItem]) -> usize {
 #[test]
 fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_topics() {
     let bootstrap = common::broker().bootstrap.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let reg = rt
-        .block_on(registry::serve("127.0.0.1:0".parse().unwrap()))
-        .unwrap();
-    let registry_url = format!("http://{reg}");
+    let (rt, registry_url) = common::runtime_with_registry();
     let dir = tempfile::tempdir().unwrap();
 
     // The shadow: production's input names, its own decision, dispatch and dead-letter topics,
