@@ -276,7 +276,7 @@ struct DispatchWatch {
 
 impl DispatchWatch {
     fn start(
-        bootstrap: &str,
+        cluster: &KafkaSettings,
         codec: Arc<Codec>,
         partitions: i32,
         rt: tokio::runtime::Handle,
@@ -284,7 +284,10 @@ impl DispatchWatch {
         use rdkafka::consumer::Consumer;
         use rdkafka::message::Message;
         use rdkafka::{Offset, TopicPartitionList};
-        let consumer = KafkaSettings::new(bootstrap, true, "chaos-dispatch-watch").log_reader()?;
+        // The run's own client settings, security included.
+        let mut settings = cluster.clone();
+        settings.instance_id = "chaos-dispatch-watch".into();
+        let consumer = settings.log_reader()?;
         let mut tpl = TopicPartitionList::new();
         let dispatch_log = codec.topics().dispatch().clone();
         for p in 0..partitions {
@@ -471,7 +474,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         Some(events.iter().map(|e| e.envelope.event_id.clone()).collect()),
     )?;
     let dispatched = DispatchWatch::start(
-        &cluster.bootstrap,
+        &cluster.kafka,
         codec.clone(),
         topology.partitions(),
         rt.handle().clone(),
