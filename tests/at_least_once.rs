@@ -86,15 +86,7 @@ fn two_processes_share_a_group_at_least_once() {
     let producer = KafkaSettings::new(&bootstrap, false, "feeder")
         .producer(None)
         .unwrap();
-    demo::feed(
-        &rt,
-        &producer,
-        &codec,
-        &s.items,
-        demo::FeedStamp::ProduceTime,
-        |_| {},
-    )
-    .unwrap();
+    common::feed(&rt, &producer, &codec, &s.items);
     let records: usize = s
         .items
         .iter()

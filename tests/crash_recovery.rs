@@ -173,15 +173,7 @@ fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
     let s = scenario::generate(300, 11);
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "feeder");
     let producer = settings.producer(None).unwrap();
-    demo::feed(
-        &rt,
-        &producer,
-        &codec,
-        &s.items,
-        demo::FeedStamp::ProduceTime,
-        |_| {},
-    )
-    .unwrap();
+    common::feed(&rt, &producer, &codec, &s.items);
     let events: Vec<_> = s
         .items
         .iter()

@@ -202,15 +202,7 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
         (&staging_codec, &staging_feed),
     ] {
         demo::feed_stock(&rt, &producer, codec, &scenario::stock_levels()).unwrap();
-        demo::feed(
-            &rt,
-            &producer,
-            codec,
-            &feed.items,
-            demo::FeedStamp::ProduceTime,
-            |_| {},
-        )
-        .unwrap();
+        common::feed(&rt, &producer, codec, &feed.items);
     }
     let production_ids = common::event_ids(&production_feed.items);
     let staging_ids = common::event_ids(&staging_feed.items);

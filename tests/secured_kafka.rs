@@ -130,15 +130,7 @@ fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {
     let s = scenario::generate(60, 3);
     let producer = cluster.settings(true, "feeder").producer(None).unwrap();
     demo::feed_stock(&rt, &producer, &codec, &scenario::stock_levels()).unwrap();
-    demo::feed(
-        &rt,
-        &producer,
-        &codec,
-        &s.items,
-        demo::FeedStamp::ProduceTime,
-        |_| {},
-    )
-    .unwrap();
+    common::feed(&rt, &producer, &codec, &s.items);
     let distinct = common::event_ids(&s.items);
 
     let dir = tempfile::tempdir().unwrap();

@@ -76,15 +76,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
         .producer(None)
         .unwrap();
-    demo::feed(
-        &rt,
-        &producer,
-        &codec,
-        &s.items,
-        demo::FeedStamp::ProduceTime,
-        |_| {},
-    )
-    .unwrap();
+    common::feed(&rt, &producer, &codec, &s.items);
     let records = s
         .items
         .iter()

@@ -190,3 +190,22 @@ pub fn runtime_with_registry() -> (tokio::runtime::Runtime, String) {
         .unwrap();
     (rt, format!("http://{reg}"))
 }
+
+/// Feeds scenario items to a real broker, stamped with their produce time: a broker deletes
+/// records dated beyond retention, and the scenario's dates lie weeks back.
+pub fn feed(
+    rt: &tokio::runtime::Runtime,
+    producer: &rdkafka::producer::FutureProducer,
+    codec: &herald::registry::Codec,
+    items: &[herald::scenario::FeedItem],
+) {
+    herald::demo::feed(
+        rt,
+        producer,
+        codec,
+        items,
+        herald::demo::FeedStamp::ProduceTime,
+        |_| {},
+    )
+    .unwrap();
+}
