@@ -20,6 +20,16 @@ fn docs() -> Vec<(String, Value)> {
 
 use serde::Deserialize;
 
+/// A container's `args`, the command line after `herald`.
+fn container_args(c: &Value) -> Vec<&str> {
+    c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect()
+}
+
 #[test]
 fn every_deployment_has_probes_on_its_metrics_port_and_a_grace_period() {
     let docs = docs();
@@ -57,12 +67,7 @@ fn every_deployment_has_probes_on_its_metrics_port_and_a_grace_period() {
             d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"],
             "{file}: selector must match pod labels"
         );
-        let args: Vec<&str> = c["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .filter_map(|a| a.as_str())
-            .collect();
+        let args = container_args(c);
         let command = if d["metadata"]["name"] == "herald-gateway" {
             "gateway"
         } else {
@@ -162,12 +167,7 @@ fn every_deployment_starts_with_the_arguments_and_environment_its_manifest_gives
     let mut known_anywhere = std::collections::HashSet::new();
     for (file, d) in docs.iter().filter(|(_, d)| d["kind"] == "Deployment") {
         let c = &d["spec"]["template"]["spec"]["containers"][0];
-        let args: Vec<&str> = c["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .filter_map(|a| a.as_str())
-            .collect();
+        let args = container_args(c);
         let env = container_env(&docs, c);
         let known = env_names(args[0]);
         known_anywhere.extend(known.iter().cloned());
