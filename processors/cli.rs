@@ -315,7 +315,7 @@ impl LogSource {
     fn records(&self) -> Result<Vec<crate::replay::DumpedRecord>> {
         Ok(match (&self.bootstrap, &self.registry) {
             (Some(bootstrap), Some(registry)) if self.events.is_empty() => {
-                let topo = topology(&self.topology)?;
+                let topo = self.topology.load()?;
                 let rt = tokio::runtime::Runtime::new()?;
                 let codec = Arc::new(Codec::new(registry, &topo.names)?);
                 let settings = connect(bootstrap, &self.security, true, "log-reader")?;
@@ -328,7 +328,7 @@ impl LogSource {
                 )?
             }
             _ if !self.events.is_empty() => {
-                let names = topology(&self.topology)?.names;
+                let names = self.topology.load()?.names;
                 let mut records = Vec::new();
                 for file in &self.events {
                     records.extend(crate::dump::read(file, &names)?);
@@ -697,10 +697,6 @@ impl TopologyArgs {
     }
 }
 
-fn topology(args: &TopologyArgs) -> Result<Topology> {
-    args.load()
-}
-
 /// Runs a parsed command line.
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
@@ -765,7 +761,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 },
         } => {
             telemetry::init_tracing("warn");
-            let topo = topology(&dir)?;
+            let topo = dir.load()?;
             let settings = kafka.connect(false, "topics-apply")?;
             let report = topics_apply(&settings, &topo, replication)?;
             for line in &report {
@@ -824,7 +820,7 @@ pub fn main(cli: Cli) -> Result<()> {
             json,
         } => {
             telemetry::init_tracing("warn");
-            let topo = topology(&dir)?;
+            let topo = dir.load()?;
             let rt = store_runtime()?;
             store.ensure_exists("--store")?;
             let store = store.open(rt.handle())?;
@@ -978,7 +974,7 @@ pub fn main(cli: Cli) -> Result<()> {
             if let Some(live) = &verify {
                 live.ensure_exists("--verify")?;
             }
-            let topo = topology(&source.topology)?;
+            let topo = source.topology.load()?;
             let rt = store_runtime()?;
             let target = if into.starts_with("scylla://") {
                 StoreAddress::parse(&into)?
@@ -1062,7 +1058,7 @@ pub fn main(cli: Cli) -> Result<()> {
         } => {
             telemetry::init_tracing("warn");
             crate::dump::Format::of(&out)?;
-            let topo = topology(&dir)?;
+            let topo = dir.load()?;
             let rt = tokio::runtime::Runtime::new()?;
             let codec = Arc::new(Codec::new(&registry, &topo.names)?);
             let settings = kafka.connect(true, "export")?;
@@ -1211,7 +1207,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
             );
         }
     }
-    let topo = topology(&args.topology)?;
+    let topo = args.topology.load()?;
     let (rt, codec) = runtime_with_registry(&args.registry, &topo)?;
     let mut settings = args.kafka.connect(false, "gateway")?;
     settings.group_prefix = default_group_prefix(&topo);
@@ -1315,7 +1311,7 @@ fn dead_letters(action: DlqAction) -> Result<()> {
             bail!("herald dlq replay needs --id, --reason, --since or --until (or --all for every dead letter)");
         }
     }
-    let topo = topology(&args.cluster.topology)?;
+    let topo = args.cluster.topology.load()?;
     let partitions = topo
         .topics
         .iter()
@@ -1424,7 +1420,7 @@ fn runtime_with_registry(
 
 fn run(args: RunArgs) -> Result<()> {
     let identifiers = identifier_key_from(&args.identifier_key)?;
-    let topo = Arc::new(topology(&args.topology)?);
+    let topo = Arc::new(args.topology.load()?);
     let (rt, codec) = runtime_with_registry(&args.registry, &topo)?;
     let store: kafka::SharedStore = args.store.open(rt.handle())?;
     let instance = args

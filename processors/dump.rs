@@ -132,12 +132,23 @@ fn union(present: Option<Value>) -> Value {
     }
 }
 
-fn datum(role: TopicRole, v: Value) -> Result<Vec<u8>> {
+/// The Avro binary of a decoded payload in its topic's schema; `None` for an undecodable one.
+fn datum(p: &Payload) -> Result<Option<Vec<u8>>> {
+    let Some(role) = role_of(p) else {
+        return Ok(None);
+    };
+    let v = match p {
+        Payload::Input(e) => avro::input_to_value(e)?,
+        Payload::Decision(d) => avro::decision_to_value(d)?,
+        Payload::Stock(s) => avro::stock_to_value(s)?,
+        Payload::Undecodable(_) => return Ok(None),
+    };
     let schema = Schemas::get().schema(role)?;
-    apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+    let bytes = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
         .build()?
         .write_value_to_vec(v)
-        .map_err(|e| anyhow!("encoding a {} record: {e}", role.as_str()))
+        .map_err(|e| anyhow!("encoding a {} record: {e}", role.as_str()))?;
+    Ok(Some(bytes))
 }
 
 /// The role of the topic a decoded payload came from.
@@ -169,22 +180,8 @@ fn write_avro<W: Write>(out: W, records: &[DumpedRecord]) -> Result<()> {
     }
     for r in records {
         let (value, error) = match &r.payload {
-            Payload::Input(e) => (
-                Some(datum(
-                    TopicRole::of_family(e.fact.family()),
-                    avro::input_to_value(e)?,
-                )?),
-                None,
-            ),
-            Payload::Decision(d) => (
-                Some(datum(TopicRole::Decisions, avro::decision_to_value(d)?)?),
-                None,
-            ),
-            Payload::Stock(s) => (
-                Some(datum(TopicRole::Inventory, avro::stock_to_value(s)?)?),
-                None,
-            ),
             Payload::Undecodable(why) => (None, Some(why.clone())),
+            p => (datum(p)?, None),
         };
         w.append_value(Value::Record(vec![
             ("topic".into(), Value::String(r.topic.clone())),
