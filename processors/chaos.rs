@@ -134,6 +134,8 @@ struct Processes {
     /// Whether a restarted process rejoins under its old member id (KIP-345), taking its
     /// partitions back at once instead of after the dead member's session.
     static_membership: bool,
+    /// How long a send whose answer was lost waits for its status before it is tried again.
+    settle_wait: Duration,
     registry: String,
     simulator: String,
     /// The gateway's scheme and host, where SMS statuses are asked for.
@@ -180,7 +182,8 @@ impl Processes {
             .args(["--email-from", crate::demo::DEMO_EMAIL_FROM])
             // A withheld answer is given up on after a second; a send whose outcome is
             // unknown waits 10 s for its status webhook (they arrive within a second).
-            .args(["--provider-timeout-ms", "1000", "--settle-wait-ms", "10000"])
+            .args(["--provider-timeout-ms", "1000", "--settle-wait-ms"])
+            .arg(self.settle_wait.as_millis().to_string())
             // The simulator's number is an upgraded one, as in the demo.
             .args(["--sender-rate", "1000"])
             .args(["--metrics-addr", "127.0.0.1:0"])
@@ -433,6 +436,14 @@ fn shell(template: &str, node: i32) -> Result<()> {
 /// trimmed.
 const DISPATCH_LAG: u64 = 1_500;
 
+/// How long dispatch waits for the status of a send whose answer was lost before it sends again.
+/// It must outlast the slowest status: on real brokers a killed broker is noticed only after
+/// broker.session.timeout.ms (9 s) and its partitions' leaders move after that, so a status
+/// webhook written then reaches dispatch well past the mock cluster's 10 s.
+fn settle_wait(real_brokers: bool) -> Duration {
+    Duration::from_secs(if real_brokers { 30 } else { 10 })
+}
+
 /// Runs the scenario under repeated SIGKILLs and checks the outcome.
 pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -496,6 +507,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         session_timeout_ms: if opts.brokers.is_some() { 6_000 } else { 3_000 },
         // The mock cluster ignores it; real brokers honour it, as a StatefulSet would use it.
         static_membership: opts.brokers.is_some(),
+        settle_wait: settle_wait(opts.brokers.is_some()),
         registry: cluster.registry_url.clone(),
         simulator: cluster.simulator_url.clone(),
         gateway: cluster.gateway_root.clone(),
@@ -633,7 +645,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     };
     result?;
     // Dispatch catches up once the kills stop: every approval's dispatch ended, or nothing
-    // new for 15 s (longer than an unknown send waits for its status before it is tried again).
+    // new for longer than an unknown send waits for its status before it is tried again.
     let mut last = (0, Instant::now());
     let mut told = Instant::now();
     wait_for("dispatch catching up", Duration::from_secs(600), || {
@@ -653,7 +665,8 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
             ));
             told = Instant::now();
         }
-        ended >= follower.approved() || last.1.elapsed() > Duration::from_secs(15)
+        ended >= follower.approved()
+            || last.1.elapsed() > settle_wait(opts.brokers.is_some()) + Duration::from_secs(5)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     procs
