@@ -14,6 +14,7 @@ use herald::kafka::KafkaSettings;
 use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use std::collections::HashMap;
 use std::process::{Child, Command};
@@ -52,6 +53,30 @@ fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The state of consumer group `group` and its members' client ids, as its coordinator says.
+fn group_members(bootstrap: &str, group: &str) -> (String, Vec<String>) {
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("a client");
+    match consumer.fetch_group_list(Some(group), Duration::from_secs(5)) {
+        Ok(list) => list
+            .groups()
+            .iter()
+            .find(|g| g.name() == group)
+            .map(|g| {
+                let members = g
+                    .members()
+                    .iter()
+                    .map(|m| m.client_id().to_string())
+                    .collect();
+                (g.state().to_string(), members)
+            })
+            .unwrap_or_default(),
+        Err(e) => (format!("unknown ({e})"), Vec::new()),
+    }
 }
 
 #[test]
@@ -116,9 +141,25 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
     }
 
     // B joins; once A's session has expired, the group hands every partition to B. B cannot
-    // read past A's open transaction until it ends, so it waits for A.
+    // restore past A's open transaction until it ends, so it waits for A. A resumes only once
+    // the group has really moved on: a B that joins while A is still a member starts a
+    // rebalance that waits for A, and A resuming then would still own its partitions.
     let b = spawn("zombie-b", port_b, None);
-    std::thread::sleep(Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (state, members) = group_members(&cluster.bootstrap, "herald-processors");
+        if state == "Stable"
+            && !members.is_empty()
+            && members.iter().all(|m| m.ends_with("-zombie-b"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never moved to B alone: {state} {members:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(stopped(&a.0), "A must still be paused while B takes over");
 
     // A resumes inside its transaction: its offsets are refused, and the transaction aborted.
