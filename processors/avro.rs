@@ -620,6 +620,13 @@ pub fn decision_to_value(d: &Decision) -> Result<Value> {
             ("envelope".into(), to_value(&a.envelope)?),
             ("fact".into(), fact_union(&a.fact, 0)?),
             ("forget_before".into(), Value::Long(a.forget_before)),
+            (
+                "identity_key".into(),
+                match &a.identity_key {
+                    Some(k) => Value::Union(1, Box::new(Value::String(k.clone()))),
+                    None => Value::Union(0, Box::new(Value::Null)),
+                },
+            ),
         ]),
         other => outcome_record(other)?,
     };
@@ -660,6 +667,11 @@ pub fn decision_from_value(v: &Value) -> Result<Decision> {
             envelope: from_value(field(inner, "envelope")?)?,
             fact: fact_from(fi, fv)?,
             forget_before: from_value(field(inner, "forget_before")?)?,
+            // Written before schema v7: no identity.
+            identity_key: match field(inner, "identity_key") {
+                Ok(k) => from_value(k)?,
+                Err(_) => None,
+            },
         })
     } else {
         outcome_from(i, inner)?
@@ -918,6 +930,7 @@ mod tests {
                     artifact_id: "a".into(),
                 }),
                 forget_before: 1,
+                identity_key: Some("k".into()),
             }),
             consent_chain: Some("ab12".into()),
         };

@@ -1,33 +1,51 @@
 //! Dedupe: the same fact delivered twice yields one accepted event; the repeat is recorded.
 
+use crate::business_identity;
 use crate::events::*;
 use crate::pipeline::Ctx;
 use crate::state::CustomerState;
 
-/// Accepts a fact whose event id is not in the customer's window, or records the duplicate.
+/// Accepts a fact whose event id and business identity are both new to the customer's window,
+/// or records the duplicate: the same id delivered again, or the same fact under a new id.
 pub fn decide(state: &CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<Outcome> {
     let id = &input.envelope.event_id;
-    match state.seen.get(id) {
-        Some(first_seen_at) => vec![Outcome::DuplicateIgnored(DuplicateIgnored {
+    if let Some(first_seen_at) = state.seen.get(id) {
+        return vec![Outcome::DuplicateIgnored(DuplicateIgnored {
             event_id: id.clone(),
             first_seen_at: *first_seen_at,
-        })],
-        // A replay of the inputs, or a late delivery, must not bring back what was erased.
-        None if state
-            .erased_at
-            .is_some_and(|erased_at| input.envelope.occurred_at <= erased_at) =>
-        {
-            vec![Outcome::PreErasureFactIgnored(PreErasureFactIgnored {
-                event_id: id.clone(),
-                erased_at: state.erased_at.unwrap_or_default(),
-            })]
-        }
-        None => vec![Outcome::EventAccepted(EventAccepted {
-            envelope: input.envelope.clone(),
-            fact: input.fact.clone(),
-            forget_before: forget_before(state, ctx),
-        })],
+            repeats_event_id: None,
+            identity: None,
+        })];
     }
+    // A replay of the inputs, or a late delivery, must not bring back what was erased.
+    if let Some(erased_at) = state
+        .erased_at
+        .filter(|erased_at| input.envelope.occurred_at <= *erased_at)
+    {
+        return vec![Outcome::PreErasureFactIgnored(PreErasureFactIgnored {
+            event_id: id.clone(),
+            erased_at,
+        })];
+    }
+    let identity = business_identity::of(&input.fact, input.envelope.occurred_at);
+    let identity_key = identity.as_ref().map(|i| i.key());
+    if let (Some(identity), Some(earlier)) = (
+        &identity,
+        identity_key.as_ref().and_then(|k| state.identities.get(k)),
+    ) {
+        return vec![Outcome::DuplicateIgnored(DuplicateIgnored {
+            event_id: id.clone(),
+            first_seen_at: earlier.first_seen_at,
+            repeats_event_id: Some(earlier.event_id.clone()),
+            identity: Some(identity.subject.clone()),
+        })];
+    }
+    vec![Outcome::EventAccepted(EventAccepted {
+        envelope: input.envelope.clone(),
+        fact: input.fact.clone(),
+        forget_before: forget_before(state, ctx),
+        identity_key,
+    })]
 }
 
 /// The oldest first-seen time still remembered once a fact is accepted: the window's start in
@@ -71,7 +89,8 @@ mod tests {
             },
             fact: Fact::RefundIssued(RefundIssued {
                 order_id: "o-1".into(),
-                refund_id: "r-1".into(),
+                // One refund per event id: these tests are about ids, not business identity.
+                refund_id: format!("r-{id}"),
                 amount: Money {
                     minor_units: 100,
                     currency: "EUR".into(),
@@ -115,7 +134,9 @@ mod tests {
             again,
             vec![Outcome::DuplicateIgnored(DuplicateIgnored {
                 event_id: "e-1".into(),
-                first_seen_at: 1_000
+                first_seen_at: 1_000,
+                repeats_event_id: None,
+                identity: None,
             })]
         );
         // Stream time moving past the window alone does not forget e-1: the customer's latest

@@ -58,6 +58,13 @@ pub struct Summary {
     pub sends_by_channel: BTreeMap<String, u64>,
     pub sends_without_consent: u64,
     pub duplicate_sends: u64,
+    /// Facts the scenario fed again under a new event id.
+    #[serde(default)]
+    pub re_emitted_in: u64,
+    /// Facts dedupe recognised as repeats under a new event id (the re-emitted ones, and any
+    /// status webhook the provider simulator sent twice).
+    #[serde(default)]
+    pub repeats_recognised: u64,
     pub dlq: u64,
     pub seconds: f64,
     pub events_per_s: f64,
@@ -848,6 +855,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             by
         }),
         sends_without_consent: checks.without_consent.len() as u64,
+        re_emitted_in: scenario.re_emitted as u64,
+        repeats_recognised: pm.repeats_recognised.load(Ordering::Relaxed),
         duplicate_sends: checks.duplicates,
         dlq,
         seconds,
@@ -902,6 +911,10 @@ pub fn print_summary(s: &Summary, json: bool) {
     for (k, v) in &s.sends_by_channel {
         println!("    {k:<22}{v}");
     }
+    println!(
+        "  re-emitted under new ids {} (recognised as repeats: {})",
+        s.re_emitted_in, s.repeats_recognised
+    );
     println!("  dead letters            {}", s.dlq);
     println!(
         "  throughput              {:.0} events/s ({:.1} s)",

@@ -611,6 +611,8 @@ mod tests {
             outcome: Outcome::DuplicateIgnored(DuplicateIgnored {
                 event_id: "e-1".into(),
                 first_seen_at: 1,
+                repeats_event_id: None,
+                identity: None,
             }),
             consent_chain: None,
         };

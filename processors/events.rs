@@ -516,6 +516,9 @@ pub enum SuppressionReason {
     /// The provider said marketing to this customer stopped: they turned marketing off
     /// (131050), or it is paused (131048, 131049) past the message's time to live.
     MarketingStopped,
+    /// A message of this journey about the same subject and news (one shipment, delay,
+    /// delivery or refund) was already approved.
+    AlreadyAnnounced,
 }
 
 /// Why a message waits instead of going out now.
@@ -557,6 +560,10 @@ pub struct EventAccepted {
     pub envelope: Envelope,
     pub fact: Fact,
     pub forget_before: Millis,
+    /// The fact's business identity key (`business_identity`), which later repeats under new
+    /// event ids are recognised by; none for a kind known by its event id alone.
+    #[serde(default)]
+    pub identity_key: Option<String>,
 }
 /// The provider refused a marketing message because marketing to the customer must stop: they
 /// turned marketing messages off (131050, until they grant marketing consent again), or the
@@ -583,11 +590,18 @@ pub struct PreErasureFactIgnored {
     pub erased_at: Millis,
 }
 
-/// Dedupe saw an event id already accepted inside its window.
+/// Dedupe saw an event id, or a fact with the same business identity, already accepted
+/// inside its window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DuplicateIgnored {
     pub event_id: String,
     pub first_seen_at: Millis,
+    /// The earlier fact this one repeats under a new event id; none when the id itself repeated.
+    #[serde(default)]
+    pub repeats_event_id: Option<String>,
+    /// What the repeated fact is about (`ShipmentDelayed order=o-1 shipment=s-1`).
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShipmentHeld {
@@ -797,6 +811,10 @@ impl Outcome {
             Outcome::MessageSuppressed(s) => format!("{kind}:{:?}", s.reason),
             Outcome::MessageDeferred(d) => format!("{kind}:{:?}", d.reason),
             Outcome::JourneyExited(j) => format!("{kind}:{}", j.reason),
+            // The same fact under a new event id, told apart from a redelivered record.
+            Outcome::DuplicateIgnored(d) if d.repeats_event_id.is_some() => {
+                format!("{kind}:Repeat")
+            }
             _ => kind.to_string(),
         }
     }
@@ -832,6 +850,10 @@ impl Outcome {
                 s
             }
             Outcome::EventAccepted(a) => format!("EventAccepted:{}", a.fact.kind()),
+            Outcome::DuplicateIgnored(DuplicateIgnored {
+                repeats_event_id: Some(earlier),
+                ..
+            }) => format!("DuplicateIgnored:repeats:{earlier}"),
             Outcome::JourneyEntered(j) => format!("JourneyEntered:{}", j.journey),
             Outcome::JourneyAdvanced(j) => format!("JourneyAdvanced:{}", j.journey),
             Outcome::JourneyExited(j) => format!("JourneyExited:{}:{}", j.journey, j.reason),

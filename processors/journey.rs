@@ -4,6 +4,7 @@
 //! instance; exit facts end it, and with it every message it still had waiting. Each message a
 //! journey asks for is decided by policy. Pure: state, fact, context in; decisions out.
 
+use crate::business_identity;
 use crate::events::*;
 use crate::pipeline::{deterministic_id, Ctx};
 use crate::policy::{self, Request, Trigger};
@@ -298,6 +299,10 @@ pub fn on_fact(
             (Some(p), true) => p.as_str(),
             _ => reaction.template.as_str(),
         };
+        // Whichever reaction asks (the full or the partial template), one journey tells of one
+        // piece of news once.
+        let announces = business_identity::of(trigger.fact, trigger.occurred_at)
+            .map(|i| deterministic_id(&["announces", &journey.name, &i.key()]));
         let req = Request {
             message_id: deterministic_id(&[customer_id, trigger.event_id, template]),
             template,
@@ -305,6 +310,7 @@ pub fn on_fact(
             fact: Some(trigger.fact),
             since: trigger.occurred_at,
             journey: (&journey.name, &key),
+            announces,
         };
         out.extend(policy::decide_message(state, &req, ctx));
         if kind == "ShipmentDelivered" && !partial && running(&key) {
@@ -368,6 +374,7 @@ pub fn take_step(state: &CustomerState, customer_id: &str, slot: &str, ctx: &Ctx
         fact: fact.as_ref(),
         since: due,
         journey: (&journey.name, &inst.key),
+        announces: None,
     };
     let mut out = policy::decide_message(state, &req, ctx);
     if out.iter().any(|o| matches!(o, Outcome::JourneyExited(_))) {

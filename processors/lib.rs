@@ -1,6 +1,6 @@
 //! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
 //!
-//! The pure core (`dedupe`, `ordering`, `policy`, `journey`, `quiet_hours`, `dispatch`, `state`,
+//! The pure core (`business_identity`, `dedupe`, `ordering`, `policy`, `journey`, `quiet_hours`, `dispatch`, `state`,
 //! `tables`, `pipeline`, `task`, `replay`, `audit`, `identity`, `projection`) decides; the
 //! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `scylla_store`, `provider`, `sms`,
 //! `email`, `dump`, `telemetry`, `cli`) move bytes.
@@ -11,6 +11,7 @@ pub mod topology;
 
 // The pure core: no I/O, no clock, no randomness.
 pub mod audit;
+pub mod business_identity;
 pub mod dedupe;
 pub mod dispatch;
 pub mod identity;

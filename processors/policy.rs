@@ -9,7 +9,7 @@ use crate::events::*;
 use crate::journey::{self, Check};
 use crate::pipeline::{deterministic_id, Ctx};
 use crate::quiet_hours::SendWindow;
-use crate::state::{ConsentEntry, CustomerState, HOUR_MS as HOUR};
+use crate::state::{ConsentEntry, CustomerState, ANNOUNCES, HOUR_MS as HOUR};
 use crate::topology::{Template, VariableType};
 use std::collections::BTreeMap;
 
@@ -53,6 +53,9 @@ pub struct Request<'a> {
     pub since: Millis,
     /// Journey name and instance key.
     pub journey: (&'a str, &'a str),
+    /// The subject a reaction's message announces (journey, fact identity and news), which
+    /// no second message may announce again; none for a journey step.
+    pub announces: Option<String>,
 }
 
 fn suppress(
@@ -346,6 +349,20 @@ pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Ou
         return vec![];
     }
     let head = &variants[0];
+    if let Some(subject) = req
+        .announces
+        .as_ref()
+        .filter(|s| state.announced.contains(*s))
+    {
+        return vec![suppress(
+            Some(&req.message_id),
+            req.trigger_event_id,
+            req.template,
+            head.purpose,
+            SuppressionReason::AlreadyAnnounced,
+            format!("{} already announced this news ({subject})", req.journey.0),
+        )];
+    }
     let refuse = |reason, detail| {
         vec![suppress(
             Some(&req.message_id),
@@ -363,6 +380,9 @@ pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Ou
         };
     let mut relied_on = BTreeMap::new();
     relied_on.insert("journey_key".to_string(), req.journey.1.to_string());
+    if let Some(subject) = &req.announces {
+        relied_on.insert(ANNOUNCES.to_string(), subject.clone());
+    }
     let mut planned = MessageApproved {
         message_id: req.message_id.clone(),
         trigger_event_id: req.trigger_event_id.to_string(),
@@ -483,6 +503,18 @@ pub fn decide_deferred(
     ctx: &Ctx,
 ) -> Vec<Outcome> {
     let p = &deferral.planned;
+    // Another message about the same news may have gone out while this one waited.
+    if let Some(subject) = p
+        .relied_on
+        .get(ANNOUNCES)
+        .filter(|s| state.announced.contains(*s))
+    {
+        return suppressed_planned(
+            p,
+            SuppressionReason::AlreadyAnnounced,
+            format!("already announced this news ({subject}) while it waited"),
+        );
+    }
     let (channel, consent, recipient) =
         match choose_channel(state, p.purpose, &ctx.topology.policy.channels) {
             Ok(c) => c,
@@ -1072,6 +1104,7 @@ mod tests {
             fact: Some(fact),
             since: T0,
             journey: (journey, fact.order_id().unwrap_or("k-1")),
+            announces: None,
         };
         at_t0(|ctx| decide_message(state, &req, ctx))
     }
@@ -1095,6 +1128,52 @@ mod tests {
         assert_eq!(
             m.variables.get("total").map(String::as_str),
             Some("EUR 129.90")
+        );
+    }
+
+    #[test]
+    fn news_already_announced_is_suppressed_whichever_message_asks_again() {
+        let fact = order(Some(12_990));
+        let mut req = Request {
+            message_id: deterministic_id(&["c-1", "e-1", "order_confirmation"]),
+            template: "order_confirmation",
+            trigger_event_id: "e-1",
+            fact: Some(&fact),
+            since: T0,
+            journey: ("order_updates", "o-1"),
+            announces: Some("subject-1".into()),
+        };
+        let mut state = customer("en_US");
+        let first = at_t0(|ctx| decide_message(&state, &req, ctx));
+        let [Outcome::MessageApproved(m)] = first.as_slice() else {
+            panic!("{first:?}")
+        };
+        assert_eq!(
+            m.relied_on.get(ANNOUNCES).map(String::as_str),
+            Some("subject-1")
+        );
+        let decision = Decision {
+            decision_id: "d".into(),
+            customer_id: "c-1".into(),
+            input_event_id: "e-1".into(),
+            processor: Processor::Policy,
+            decided_at: T0,
+            policy_version: "v".into(),
+            outcome: first[0].clone(),
+            consent_chain: None,
+        };
+        crate::state::evolve(&mut state, &decision);
+        // The same news asked for again by another trigger (a new message id).
+        req.message_id = deterministic_id(&["c-1", "e-2", "order_confirmation"]);
+        req.trigger_event_id = "e-2";
+        let again = at_t0(|ctx| decide_message(&state, &req, ctx));
+        assert_eq!(reason(&again), Some(SuppressionReason::AlreadyAnnounced));
+        // Other news about the same order is not held back.
+        req.announces = Some("subject-2".into());
+        let other = at_t0(|ctx| decide_message(&state, &req, ctx));
+        assert!(
+            matches!(other.as_slice(), [Outcome::MessageApproved(_)]),
+            "{other:?}"
         );
     }
 

@@ -1,8 +1,10 @@
 //! A realistic, seeded scenario for a direct-to-consumer home-goods brand: profiles, consent,
 //! orders, payments (some late, some failing), shipments (some before payment, some split),
 //! delays, cancellations, abandoned carts (some without a price), opt-outs, renewals, inbound
-//! messages, a few erasure requests, redelivered duplicates and a few undecodable records.
+//! messages, a few erasure requests, redelivered duplicates, facts re-emitted under new event
+//! ids, and a few undecodable records.
 
+use crate::business_identity;
 use crate::events::*;
 
 /// SplitMix64: a tiny, well-known PRNG; the scenario must be reproducible from its seed.
@@ -100,12 +102,15 @@ pub enum FeedItem {
 pub struct Scenario {
     pub items: Vec<FeedItem>,
     pub customers: usize,
+    /// Facts fed a second time under a new event id, which only business identity recognises.
+    pub re_emitted: usize,
 }
 
 struct Gen {
     rng: Rng,
     events: Vec<(Millis, u64, FeedItem)>,
     seq: u64,
+    re_emitted: usize,
 }
 
 impl Gen {
@@ -130,6 +135,17 @@ impl Gen {
             self.seq += 1;
             self.events
                 .push((later, self.seq, FeedItem::Event(e.clone())));
+        }
+        // Re-emission: the same fact under a new event id and with its original time, as a
+        // carrier re-scan, an OMS retry or a CDC backfill sends it.
+        if business_identity::of(&e.fact, at).is_some() && self.rng.chance(0.03) {
+            let later = at + 1 + self.rng.below(6 * HOUR as u64) as i64;
+            self.seq += 1;
+            let mut copy = e.clone();
+            copy.envelope.event_id = format!("{source}-{:08}", self.seq);
+            copy.envelope.source_sequence = Some(self.seq as i64);
+            self.events.push((later, self.seq, FeedItem::Event(copy)));
+            self.re_emitted += 1;
         }
         e
     }
@@ -177,6 +193,7 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
         rng: Rng::new(seed),
         events: Vec::new(),
         seq: 0,
+        re_emitted: 0,
     };
     for c in 0..customers {
         let customer = format!("cust-{c:06}");
@@ -528,6 +545,7 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
     Scenario {
         items: g.events.into_iter().map(|(_, _, e)| e).collect(),
         customers,
+        re_emitted: g.re_emitted,
     }
 }
 

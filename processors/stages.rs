@@ -252,8 +252,14 @@ impl ProcessorStage {
             let value = self.rt.block_on(self.codec.encode_decision(&d))?;
             Metrics::inc(&self.metrics.decisions_out, 1);
             self.metrics.count_kind(d.outcome.kind());
-            if let Outcome::MessageSuppressed(m) = &d.outcome {
-                self.metrics.count_reason(&format!("{:?}", m.reason));
+            match &d.outcome {
+                Outcome::MessageSuppressed(m) => {
+                    self.metrics.count_reason(&format!("{:?}", m.reason));
+                }
+                Outcome::DuplicateIgnored(dup) if dup.repeats_event_id.is_some() => {
+                    Metrics::inc(&self.metrics.repeats_recognised, 1);
+                }
+                _ => {}
             }
             out.records.push(OutRecord {
                 topic: self.codec.topics().decisions().clone(),

@@ -111,6 +111,17 @@ fn status_rank(s: MessageStatus) -> u8 {
     }
 }
 
+/// The first fact accepted with a business identity: what a later repeat is named after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedFact {
+    pub event_id: String,
+    /// Stream time when it was accepted; it leaves the window with the ids seen then.
+    pub first_seen_at: Millis,
+}
+
+/// The `relied_on` entry of an approved message naming the subject it announces.
+pub const ANNOUNCES: &str = "announces";
+
 /// One running journey instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JourneyInstance {
@@ -142,6 +153,10 @@ pub struct CustomerState {
     /// from when Herald saw the id, not from when the fact occurred: a late fact is still
     /// remembered for the whole window.
     pub seen: BTreeMap<String, Millis>,
+    /// The business identities (`business_identity`) of the facts accepted in the dedupe
+    /// window, by key: a fact with the same subject and news under a new event id repeats one.
+    #[serde(default)]
+    pub identities: BTreeMap<String, AcceptedFact>,
     /// Latest consent per purpose and channel, kept sorted by (purpose, channel).
     pub consent: Vec<ConsentEntry>,
     pub profile: Profile,
@@ -150,6 +165,10 @@ pub struct CustomerState {
     pub held: BTreeMap<String, HeldShipment>,
     /// Messages approved so far (deterministic ids).
     pub approved: BTreeSet<String>,
+    /// The subjects (journey, fact identity and news) approved messages were about: one
+    /// shipment, delay, delivery or refund is announced once per distinct news.
+    #[serde(default)]
+    pub announced: BTreeSet<String>,
     /// Messages deferred by policy and not yet decided again, by message id.
     #[serde(default)]
     pub deferred: BTreeMap<String, MessageDeferred>,
@@ -337,6 +356,20 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
                 .insert(a.envelope.event_id.clone(), decision.decided_at);
             state.seen.retain(|_, at| *at >= a.forget_before);
             state.apply_fact(&a.fact, a.envelope.occurred_at);
+            // After the fact: an erasure keeps its own identity (it names no one), so that
+            // the same request re-emitted later is recognised.
+            if let Some(key) = &a.identity_key {
+                state.identities.insert(
+                    key.clone(),
+                    AcceptedFact {
+                        event_id: a.envelope.event_id.clone(),
+                        first_seen_at: decision.decided_at,
+                    },
+                );
+            }
+            state
+                .identities
+                .retain(|_, f| f.first_seen_at >= a.forget_before);
         }
         Outcome::ShipmentHeld(h) => {
             state.held.insert(
@@ -354,6 +387,9 @@ pub fn evolve(state: &mut CustomerState, decision: &Decision) {
         }
         Outcome::MessageApproved(m) => {
             state.approved.insert(m.message_id.clone());
+            if let Some(subject) = m.relied_on.get(ANNOUNCES) {
+                state.announced.insert(subject.clone());
+            }
             state.deferred.remove(&m.message_id);
             let horizon = decision.decided_at - RECENT_SENDS_KEPT_MS;
             state.recent.retain(|_, r| r.approved_at >= horizon);

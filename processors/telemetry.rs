@@ -74,6 +74,8 @@ pub struct Metrics {
     /// 1 once a provider blocked the account or number and its lane stopped (a gauge).
     pub lanes_halted: AtomicU64,
     pub restored_partitions: AtomicU64,
+    /// Facts recognised as repeats of an earlier fact under a new event id.
+    pub repeats_recognised: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
     by_reason: Mutex<BTreeMap<String, u64>>,
 }
@@ -132,6 +134,11 @@ impl Metrics {
             "herald_dead_letters_total",
             "Records sent to herald.dlq.v1.",
             g(&self.dead_letters),
+        );
+        line(
+            "herald_repeats_recognised_total",
+            "Facts recognised as repeats of an earlier fact under a new event id.",
+            g(&self.repeats_recognised),
         );
         line(
             "herald_transactions_total",
