@@ -855,7 +855,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             by
         }),
         sends_without_consent: checks.without_consent.len() as u64,
-        re_emitted_in: scenario.re_emitted as u64,
+        re_emitted_in: scenario.re_emitted.len() as u64,
         repeats_recognised: pm.repeats_recognised.load(Ordering::Relaxed),
         duplicate_sends: checks.duplicates,
         dlq,

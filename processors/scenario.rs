@@ -102,15 +102,16 @@ pub enum FeedItem {
 pub struct Scenario {
     pub items: Vec<FeedItem>,
     pub customers: usize,
-    /// Facts fed a second time under a new event id, which only business identity recognises.
-    pub re_emitted: usize,
+    /// Event ids of facts fed a second time under a new id, which only business identity
+    /// recognises: they are decided as repeats, never accepted.
+    pub re_emitted: std::collections::BTreeSet<String>,
 }
 
 struct Gen {
     rng: Rng,
     events: Vec<(Millis, u64, FeedItem)>,
     seq: u64,
-    re_emitted: usize,
+    re_emitted: std::collections::BTreeSet<String>,
 }
 
 impl Gen {
@@ -144,8 +145,8 @@ impl Gen {
             let mut copy = e.clone();
             copy.envelope.event_id = format!("{source}-{:08}", self.seq);
             copy.envelope.source_sequence = Some(self.seq as i64);
+            self.re_emitted.insert(copy.envelope.event_id.clone());
             self.events.push((later, self.seq, FeedItem::Event(copy)));
-            self.re_emitted += 1;
         }
         e
     }
@@ -193,7 +194,7 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
         rng: Rng::new(seed),
         events: Vec::new(),
         seq: 0,
-        re_emitted: 0,
+        re_emitted: Default::default(),
     };
     for c in 0..customers {
         let customer = format!("cust-{c:06}");
@@ -550,6 +551,19 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
 }
 
 impl Scenario {
+    /// The event ids Herald must accept: every input record's, except the re-emitted copies.
+    pub fn facts_to_accept(&self) -> std::collections::HashSet<String> {
+        self.items
+            .iter()
+            .filter_map(|i| match i {
+                FeedItem::Event(e) if !self.re_emitted.contains(&e.envelope.event_id) => {
+                    Some(e.envelope.event_id.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Number of records to feed.
     pub fn len(&self) -> usize {
         self.items.len()

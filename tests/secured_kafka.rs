@@ -131,7 +131,7 @@ fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {
     let producer = cluster.settings(true, "feeder").producer(None).unwrap();
     demo::feed_stock(&rt, &producer, &codec, &scenario::stock_levels()).unwrap();
     common::feed(&rt, &producer, &codec, &s.items);
-    let distinct = common::event_ids(&s.items);
+    let distinct = s.facts_to_accept();
 
     let dir = tempfile::tempdir().unwrap();
     let spawn = |stage: &str| {

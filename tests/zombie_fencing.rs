@@ -195,7 +195,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
         .unwrap();
         (ids, accepted)
     };
-    let distinct = common::event_ids(&s.items);
+    let distinct = s.facts_to_accept();
     let deadline = Instant::now() + Duration::from_secs(240);
     let (ids, accepted) = loop {
         let (ids, accepted) = count();
