@@ -4,7 +4,7 @@
 
 use crate::intake::{FlowChange, Intake, Lag};
 use crate::store::StateStore;
-use crate::telemetry::Metrics;
+use crate::telemetry::{GroupReport, Metrics, StagePhase};
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -590,9 +590,41 @@ enum RebalanceEvent {
 #[derive(Default)]
 struct RebalanceLog {
     events: Mutex<Vec<RebalanceEvent>>,
+    /// The consumer group state from the client's latest statistics, for `/readyz`.
+    group: Mutex<Option<GroupReport>>,
 }
 
-impl ClientContext for RebalanceLog {}
+/// The part of librdkafka's statistics readiness needs.
+#[derive(serde::Deserialize)]
+struct GroupStatistics {
+    cgrp: Option<GroupStatisticsEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct GroupStatisticsEntry {
+    state: String,
+    join_state: String,
+}
+
+impl ClientContext for RebalanceLog {
+    fn stats_raw(&self, statistics: &[u8]) {
+        if let Ok(GroupStatistics { cgrp: Some(g) }) = serde_json::from_slice(statistics) {
+            if let Ok(mut slot) = self.group.lock() {
+                *slot = Some(GroupReport {
+                    state: g.state,
+                    join_state: g.join_state,
+                    at: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+impl RebalanceLog {
+    fn take_group_report(&self) -> Option<GroupReport> {
+        self.group.lock().ok().and_then(|mut g| g.take())
+    }
+}
 
 fn tpl_list(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
@@ -626,6 +658,20 @@ pub fn run_stage<S: Stage>(
     metrics: &Metrics,
     rt: &tokio::runtime::Handle,
 ) -> Result<()> {
+    metrics.readiness.phase(stage.name(), StagePhase::Starting);
+    let result = consume(settings, stage, stop, metrics, rt);
+    metrics.readiness.phase(stage.name(), StagePhase::Stopped);
+    result
+}
+
+/// The body of `run_stage`: clients, then the consume loop.
+fn consume<S: Stage>(
+    settings: &KafkaSettings,
+    stage: &mut S,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<()> {
     let group = format!("{}-{}", settings.group_prefix, stage.name());
     let client_id = format!(
         "{}-{}-{}",
@@ -648,6 +694,8 @@ pub fn run_stage<S: Stage>(
         // a broker that parks an empty fetch for its whole wait (as librdkafka's mock cluster
         // does) would stall it that long. `--kafka-config` can raise it.
         ("fetch.wait.max.ms", FETCH_WAIT_MS),
+        // Group state for `/readyz`, reported by the client every second.
+        ("statistics.interval.ms", "1000"),
     ];
     if settings.static_membership {
         specific.push(("group.instance.id", client_id.as_str()));
@@ -722,6 +770,10 @@ pub fn run_stage<S: Stage>(
                 &reader,
                 metrics,
             )?;
+            if let Some(report) = inputs.group.context().take_group_report() {
+                metrics.readiness.group(stage.name(), report);
+            }
+            metrics.readiness.phase(stage.name(), StagePhase::Consuming);
             check_lanes(&inputs, &mut intake, &now_ms);
             while batch.len() < settings.batch_size {
                 match intake.next(now_ms()) {
@@ -842,6 +894,9 @@ fn apply_rebalances<S: Stage>(
                     }
                     if !stage.owns(p) {
                         let t = Instant::now();
+                        metrics
+                            .readiness
+                            .phase(stage.name(), StagePhase::Restoring { partition: p });
                         stage.restore(p, reader)?;
                         Metrics::inc(&metrics.restored_partitions, 1);
                         tracing::info!(
@@ -1244,9 +1299,16 @@ fn run_batch<S: Stage>(
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for msg in batch {
         if !stage.owns(msg.partition()) {
+            metrics.readiness.phase(
+                stage.name(),
+                StagePhase::Restoring {
+                    partition: msg.partition(),
+                },
+            );
             stage
                 .restore(msg.partition(), reader)
                 .map_err(BatchError::Abortable)?;
+            metrics.readiness.phase(stage.name(), StagePhase::Consuming);
         }
         stage.handle(msg, &mut out).map_err(BatchError::Fatal)?;
         offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);

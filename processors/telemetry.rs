@@ -2,12 +2,14 @@
 //! server (registry, simulator, metrics) uses.
 
 use anyhow::{Context, Result};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Starts logging to stderr; `RUST_LOG` overrides the level.
 pub fn init_tracing(default_level: &str) {
@@ -78,6 +80,8 @@ pub struct Metrics {
     pub repeats_recognised: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
     by_reason: Mutex<BTreeMap<String, u64>>,
+    /// What `/readyz` answers from.
+    pub readiness: Readiness,
 }
 
 impl Metrics {
@@ -232,8 +236,127 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` for a running process.
+/// Where a stage stands on its way to consuming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagePhase {
+    /// Creating its clients and registering its transactional id.
+    Starting,
+    /// Rebuilding a newly assigned partition's state from the decision log.
+    Restoring { partition: i32 },
+    /// In its consume loop.
+    Consuming,
+    /// Left its consume loop (asked to stop, or failed).
+    Stopped,
+}
+
+/// What a stage's Kafka client last reported of its consumer group (librdkafka statistics):
+/// `state` is `up` while the coordinator is connected, `join_state` is `steady` once the member
+/// has joined and holds its assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReport {
+    pub state: String,
+    pub join_state: String,
+    pub at: Instant,
+}
+
+/// How long a group report stays good: the client reports every second, so silence this long
+/// means the stage's loop is stuck (a restore or a commit waiting on the brokers).
+pub const GROUP_REPORT_GOOD_FOR: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+struct StageReadiness {
+    phase: StagePhase,
+    group: Option<GroupReport>,
+}
+
+/// Readiness of every stage a process runs, for `/readyz`: ready when each has joined its
+/// group, restored its partitions and is consuming, with its group coordinator connected.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    stages: Mutex<BTreeMap<String, StageReadiness>>,
+}
+
+impl Readiness {
+    /// Records where `stage` stands.
+    pub fn phase(&self, stage: &str, phase: StagePhase) {
+        if let Ok(mut m) = self.stages.lock() {
+            m.entry(stage.to_string())
+                .or_insert(StageReadiness { phase, group: None })
+                .phase = phase;
+        }
+    }
+
+    /// Records what `stage`'s client last said of its group.
+    pub fn group(&self, stage: &str, report: GroupReport) {
+        if let Ok(mut m) = self.stages.lock() {
+            m.entry(stage.to_string())
+                .or_insert(StageReadiness {
+                    phase: StagePhase::Starting,
+                    group: None,
+                })
+                .group = Some(report);
+        }
+    }
+
+    /// `Ok` when every stage is ready at `now`, else each stage's reason for not being so.
+    pub fn verdict(&self, now: Instant) -> std::result::Result<(), Vec<String>> {
+        let stages = match self.stages.lock() {
+            Ok(m) => m.clone(),
+            Err(_) => return Err(vec!["readiness state poisoned".into()]),
+        };
+        if stages.is_empty() {
+            return Err(vec!["no stage has started yet".into()]);
+        }
+        let reasons: Vec<String> = stages
+            .iter()
+            .filter_map(|(name, s)| not_ready(s, now).map(|why| format!("{name}: {why}")))
+            .collect();
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
+    }
+}
+
+/// Why one stage is not ready, if it is not.
+fn not_ready(s: &StageReadiness, now: Instant) -> Option<String> {
+    match s.phase {
+        StagePhase::Starting => return Some("starting".into()),
+        StagePhase::Restoring { partition } => {
+            return Some(format!("restoring partition {partition}"))
+        }
+        StagePhase::Stopped => return Some("stopped".into()),
+        StagePhase::Consuming => {}
+    }
+    let Some(g) = &s.group else {
+        return Some("joining its consumer group (no report from the Kafka client yet)".into());
+    };
+    let age = now.saturating_duration_since(g.at);
+    if age > GROUP_REPORT_GOOD_FOR {
+        return Some(format!(
+            "no report from its Kafka client for {} s",
+            age.as_secs()
+        ));
+    }
+    if g.state != "up" {
+        return Some(format!(
+            "lost its group coordinator (group state {})",
+            g.state
+        ));
+    }
+    if g.join_state != "steady" {
+        return Some(format!("joining its consumer group ({})", g.join_state));
+    }
+    None
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` for a running process. `/healthz` says the
+/// process lives; `/readyz` answers 503, naming what each stage waits for, until every stage
+/// has joined its group, restored its partitions and is consuming, and again once it lost its
+/// group coordinator (the brokers).
 pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+    let ready = metrics.clone();
     let router = Router::new()
         .route(
             "/metrics",
@@ -243,6 +366,67 @@ pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<So
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }));
+        .route(
+            "/readyz",
+            get(move || {
+                let m = ready.clone();
+                async move {
+                    match m.readiness.verdict(Instant::now()) {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready\n{}\n", why.join("\n")),
+                        ),
+                    }
+                }
+            }),
+        );
     serve_router(addr, router, "metrics").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(state: &str, join_state: &str, at: Instant) -> GroupReport {
+        GroupReport {
+            state: state.into(),
+            join_state: join_state.into(),
+            at,
+        }
+    }
+
+    #[test]
+    fn ready_only_when_every_stage_consumes_in_a_steady_group_with_its_coordinator() {
+        let r = Readiness::default();
+        let t0 = Instant::now();
+        assert!(r.verdict(t0).is_err(), "nothing started");
+        r.phase("processors", StagePhase::Starting);
+        r.phase("dispatch", StagePhase::Consuming);
+        r.group("dispatch", report("up", "steady", t0));
+        assert_eq!(r.verdict(t0), Err(vec!["processors: starting".into()]));
+        r.phase("processors", StagePhase::Consuming);
+        r.group("processors", report("up", "wait-join", t0));
+        let why = r.verdict(t0).unwrap_err();
+        assert!(why[0].contains("joining"), "{why:?}");
+        r.phase("processors", StagePhase::Restoring { partition: 3 });
+        r.group("processors", report("up", "steady", t0));
+        assert_eq!(
+            r.verdict(t0),
+            Err(vec!["processors: restoring partition 3".into()])
+        );
+        r.phase("processors", StagePhase::Consuming);
+        assert_eq!(r.verdict(t0), Ok(()));
+        // The brokers went away: the client goes back to looking for its coordinator.
+        r.group("dispatch", report("query-coord", "steady", t0));
+        let why = r.verdict(t0).unwrap_err();
+        assert!(
+            why[0].starts_with("dispatch: lost its group coordinator"),
+            "{why:?}"
+        );
+        r.group("dispatch", report("up", "steady", t0));
+        // A loop stuck long enough that its client has not reported is not ready either.
+        let later = t0 + GROUP_REPORT_GOOD_FOR + Duration::from_secs(1);
+        assert_eq!(r.verdict(later).unwrap_err().len(), 2);
+    }
 }
