@@ -295,7 +295,18 @@ pub struct MessageStatusChanged {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundMessageReceived {
     pub provider_message_id: String,
+    /// What the customer said: the text, a button's or an interactive reply's title, or the
+    /// caption under an image, video or document; empty for media without one.
     pub text: String,
+    /// The provider's message type (`text`, `button`, `interactive`, `image`...).
+    #[serde(default)]
+    pub message_type: Option<String>,
+    /// A quick-reply button's payload, as the template defined it.
+    #[serde(default)]
+    pub button_payload: Option<String>,
+    /// The id of the interactive reply chosen (a reply button or a list row).
+    #[serde(default)]
+    pub reply_id: Option<String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateStatusChanged {

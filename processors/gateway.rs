@@ -112,11 +112,15 @@ pub enum Callback {
         callback_data: Option<String>,
         at: Millis,
     },
-    /// A customer wrote to the brand: text, or the reply of a button.
+    /// A customer wrote to the brand: text, a button or interactive reply, or media.
     Inbound {
         provider_message_id: String,
         from: String,
+        /// The text, a reply's title, or a media caption.
         text: String,
+        message_type: String,
+        button_payload: Option<String>,
+        reply_id: Option<String>,
         at: Millis,
     },
     /// A template's review status changed.
@@ -215,23 +219,40 @@ fn inbound(m: &Value, received_at: Millis) -> Result<Option<Callback>, BodyError
     let from = m["from"]
         .as_str()
         .ok_or_else(|| BodyError(format!("inbound message {id} has no sender")))?;
-    let text = match m["type"].as_str() {
-        Some("text") => m["text"]["body"].as_str().unwrap_or_default().to_string(),
-        Some("button") => m["button"]["text"].as_str().unwrap_or_default().to_string(),
-        Some("interactive") => m["interactive"]["button_reply"]["title"]
+    let Some(message_type) = m["type"].as_str() else {
+        return Ok(None);
+    };
+    let field = |path: &[&str]| {
+        path.iter()
+            .fold(&m[message_type], |v, k| &v[*k])
             .as_str()
-            .or_else(|| m["interactive"]["list_reply"]["title"].as_str())
-            .unwrap_or_default()
-            .to_string(),
-        // Media, reactions and the like still open the service window; their content is
-        // not Herald's to keep.
-        Some(_) => String::new(),
-        None => return Ok(None),
+            .map(str::to_string)
+    };
+    let (text, button_payload, reply_id) = match message_type {
+        "text" => (m["text"]["body"].as_str().map(str::to_string), None, None),
+        // A quick-reply button of a template, such as the marketing opt-out button: its text
+        // and the payload the template gave it.
+        "button" => (field(&["text"]), field(&["payload"]), None),
+        "interactive" => {
+            let reply = ["button_reply", "list_reply"]
+                .into_iter()
+                .find(|k| m["interactive"][*k].is_object())
+                .unwrap_or("button_reply");
+            (field(&[reply, "title"]), None, field(&[reply, "id"]))
+        }
+        // A caption is what the customer said under the photo ("it arrived broken").
+        "image" | "video" | "document" => (field(&["caption"]), None, None),
+        // Audio, stickers, reactions, locations and the like still open the service window;
+        // their content is not Herald's to keep.
+        _ => (None, None, None),
     };
     Ok(Some(Callback::Inbound {
         provider_message_id: id.to_string(),
         from: from.to_string(),
-        text,
+        text: text.unwrap_or_default(),
+        message_type: message_type.to_string(),
+        button_payload,
+        reply_id,
         at: unix_seconds(&m["timestamp"], received_at),
     }))
 }
@@ -349,6 +370,9 @@ pub fn provider_event(c: &Callback, customer_id: &str) -> InputEvent {
         Callback::Inbound {
             provider_message_id,
             text,
+            message_type,
+            button_payload,
+            reply_id,
             at,
             ..
         } => (
@@ -356,6 +380,9 @@ pub fn provider_event(c: &Callback, customer_id: &str) -> InputEvent {
             Fact::InboundMessageReceived(InboundMessageReceived {
                 provider_message_id: provider_message_id.clone(),
                 text: text.clone(),
+                message_type: Some(message_type.clone()),
+                button_payload: button_payload.clone(),
+                reply_id: reply_id.clone(),
             }),
         ),
         Callback::TemplateStatus {
@@ -1084,6 +1111,99 @@ mod tests {
         );
         assert!(matches!(route(&cs[0], |_| None), Route::Unroutable(_)));
         assert_eq!(route(&cs[2], |_| None), Route::Everyone);
+    }
+
+    /// One inbound message of the Cloud API's documented shapes, read as the customer's fact.
+    fn inbound_fact(message: serde_json::Value) -> InboundMessageReceived {
+        let body = serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+                "messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550000000", "phone_number_id": "1055501234567890"},
+                "contacts": [{"profile": {"name": "Ana"}, "wa_id": "15550100001"}],
+                "messages": [message]}}]}]
+        });
+        let cs = normalise(&serde_json::to_vec(&body).unwrap(), 5).unwrap();
+        assert_eq!(cs.len(), 1);
+        match provider_event(&cs[0], "cust-1").fact {
+            Fact::InboundMessageReceived(m) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn buttons_interactive_replies_and_captions_keep_their_meaning() {
+        let base = |kind: &str, content: serde_json::Value| {
+            let mut m = serde_json::json!({"from": "15550100001", "id": "wamid.X", "timestamp": "1750000001", "type": kind});
+            m[kind] = content;
+            m
+        };
+        // A quick-reply button of a template: the marketing opt-out button among them.
+        let b = inbound_fact(base(
+            "button",
+            serde_json::json!({"payload": "Stop promotions", "text": "Stop promotions"}),
+        ));
+        assert_eq!(
+            (b.text.as_str(), b.button_payload.as_deref()),
+            ("Stop promotions", Some("Stop promotions"))
+        );
+        assert_eq!(b.message_type.as_deref(), Some("button"));
+        // Interactive replies keep the id of what was chosen as well as its title.
+        let r = inbound_fact(base(
+            "interactive",
+            serde_json::json!({"type": "button_reply", "button_reply": {"id": "track-1", "title": "Track my order"}}),
+        ));
+        assert_eq!(
+            (r.text.as_str(), r.reply_id.as_deref()),
+            ("Track my order", Some("track-1"))
+        );
+        let l = inbound_fact(base(
+            "interactive",
+            serde_json::json!({"type": "list_reply", "list_reply": {"id": "row-2", "title": "Stop promotions", "description": "No more offers"}}),
+        ));
+        assert_eq!(
+            (l.text.as_str(), l.reply_id.as_deref()),
+            ("Stop promotions", Some("row-2"))
+        );
+        // A caption is the text of an image, a video or a document.
+        for kind in ["image", "video", "document"] {
+            let m = inbound_fact(base(
+                kind,
+                serde_json::json!({"caption": "it arrived broken", "mime_type": "image/jpeg", "sha256": "abc", "id": "media-1"}),
+            ));
+            assert_eq!(m.text, "it arrived broken", "{kind}");
+            assert_eq!(m.message_type.as_deref(), Some(kind));
+        }
+        // Media without a caption, and content Herald does not keep, carry no text.
+        let bare = inbound_fact(base(
+            "image",
+            serde_json::json!({"mime_type": "image/jpeg", "sha256": "abc", "id": "media-1"}),
+        ));
+        assert_eq!(bare.text, "");
+        for (kind, content) in [
+            (
+                "audio",
+                serde_json::json!({"id": "a-1", "mime_type": "audio/ogg"}),
+            ),
+            (
+                "sticker",
+                serde_json::json!({"id": "s-1", "mime_type": "image/webp"}),
+            ),
+            (
+                "reaction",
+                serde_json::json!({"message_id": "wamid.OUT", "emoji": "👍"}),
+            ),
+            (
+                "location",
+                serde_json::json!({"latitude": 38.7, "longitude": -9.1}),
+            ),
+        ] {
+            let m = inbound_fact(base(kind, content));
+            assert_eq!(
+                (m.text.as_str(), m.message_type.as_deref()),
+                ("", Some(kind))
+            );
+        }
     }
 
     #[test]

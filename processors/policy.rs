@@ -754,21 +754,28 @@ fn normalise(text: &str) -> String {
 
 /// What an inbound customer message decides: an opt-out when it is a configured keyword,
 /// else an escalation when it carries a risk or complaint term.
-pub fn decide_inbound(
+pub fn decide_inbound<'a>(
     state: &CustomerState,
     event_id: &str,
     inbound: &InboundMessageReceived,
     received_at: Millis,
-    ctx: &Ctx,
+    ctx: &Ctx<'a>,
 ) -> Vec<Outcome> {
     let policy = &ctx.topology.policy;
     let said = normalise(&inbound.text);
-    let keyword = policy
-        .opt_out
-        .keywords
-        .values()
-        .flatten()
-        .find(|k| normalise(k) == said);
+    let among = |lists: &'a BTreeMap<String, Vec<String>>, what: &str| {
+        lists.values().flatten().find(move |k| normalise(k) == what)
+    };
+    // An opt-out by a keyword, by an opt-out button's text (tapped, or typed: withdrawing on
+    // a typed "Stop promotions" errs on the side of consent), or by a button's payload.
+    let payload = inbound
+        .button_payload
+        .as_deref()
+        .map(normalise)
+        .filter(|p| !p.is_empty());
+    let keyword = among(&policy.opt_out.keywords, &said)
+        .or_else(|| among(&policy.opt_out.button_texts, &said))
+        .or_else(|| among(&policy.opt_out.button_payloads, payload.as_deref()?));
     if let Some(keyword) = keyword {
         if policy.opt_out.purposes.is_empty() {
             return vec![];

@@ -503,6 +503,9 @@ pub fn generate(customers: usize, seed: u64) -> Scenario {
                 Fact::InboundMessageReceived(InboundMessageReceived {
                     provider_message_id: format!("wamid.in-{c}"),
                     text: text.into(),
+                    message_type: Some("text".into()),
+                    button_payload: None,
+                    reply_id: None,
                 }),
             );
         }

@@ -363,7 +363,7 @@ pub struct FrequencyCap {
     pub window_hours: i64,
 }
 
-/// Inbound keywords that withdraw consent (`[opt_out]`).
+/// Inbound keywords and buttons that withdraw consent (`[opt_out]`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OptOut {
@@ -371,6 +371,14 @@ pub struct OptOut {
     pub purposes: Vec<Purpose>,
     /// Keywords by language (`en`, `es`, `pt`); matched on the whole message, ignoring case.
     pub keywords: BTreeMap<String, Vec<String>>,
+    /// Texts of quick-reply buttons that mean opt-out, by language (the marketing opt-out
+    /// button's "Stop promotions"); matched on a message's whole text, ignoring case.
+    #[serde(default)]
+    pub button_texts: BTreeMap<String, Vec<String>>,
+    /// Payloads of template buttons that mean opt-out, by language; matched on a button
+    /// reply's payload, ignoring case.
+    #[serde(default)]
+    pub button_payloads: BTreeMap<String, Vec<String>>,
 }
 
 /// Inbound terms that raise an escalation for the agent desk (`[[escalation]]`).

@@ -1,15 +1,18 @@
 //! The webhook gateway against the in-process Kafka cluster: a corpus of genuine and tampered
 //! webhooks must give 0 false accepts and 0 false rejects; oversize and malformed bodies are
 //! answered with their status and the gateway goes on; the verification handshake; a repeated
-//! status becomes one event on provider.events.v1, keyed by the customer in its callback data.
+//! status becomes one event on provider.events.v1, keyed by the customer in its callback data;
+//! a template button, an interactive list reply and a captioned photo from a customer the CRM
+//! knows reach that customer's provider events with their payload, reply id and caption.
 
 mod common;
 
 use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
-use herald::events::{Fact, MessageStatus};
+use herald::events::{Envelope, Fact, InputEvent, MessageStatus, ProfileChanged};
 use herald::gateway::sign;
 use herald::provider::{callback_data, status_webhook};
 use herald::registry::Codec;
+use herald::scenario::FeedItem;
 use herald::topology::Topology;
 use rdkafka::message::Message;
 use std::sync::Arc;
@@ -268,6 +271,113 @@ fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
     )
     .unwrap();
     assert_eq!(unroutable, 1);
+
+    // Inbound messages in the shapes the Cloud API documents, from a customer the CRM knows:
+    // each keeps its meaning on its way to the customer's provider events.
+    let producer = herald::kafka::KafkaSettings::new(&cluster.bootstrap, true, "crm-feeder")
+        .producer(None)
+        .unwrap();
+    let profile = InputEvent {
+        envelope: Envelope {
+            event_id: "crm-p-77".into(),
+            source_system: "crm".into(),
+            source_sequence: None,
+            occurred_at: 1_795_400_000_000,
+            customer_id: "cust-000077".into(),
+            trace_parent: None,
+            schema_version: 1,
+        },
+        fact: Fact::ProfileChanged(ProfileChanged {
+            first_name: Some("Ana".into()),
+            locale: Some("en_US".into()),
+            time_zone: None,
+            phone_e164: Some("+15550100077".into()),
+            email: None,
+        }),
+    };
+    common::feed(&rt, &producer, &codec, &[FeedItem::Event(profile)]);
+    let shape = |id: &str, kind: &str, content: serde_json::Value| {
+        let mut m = serde_json::json!({"from": "15550100077", "id": id, "timestamp": "1795500200", "type": kind});
+        m[kind] = content;
+        serde_json::to_vec(&serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+                "messaging_product": "whatsapp",
+                "contacts": [{"profile": {"name": "Ana"}, "wa_id": "15550100077"}],
+                "messages": [m]}}]}]
+        }))
+        .unwrap()
+    };
+    let shapes = [
+        shape(
+            "wamid.BTN",
+            "button",
+            serde_json::json!({"payload": "Stop promotions", "text": "Stop promotions"}),
+        ),
+        shape(
+            "wamid.LIST",
+            "interactive",
+            serde_json::json!({"type": "list_reply", "list_reply": {"id": "row-2", "title": "Track my order"}}),
+        ),
+        shape(
+            "wamid.IMG",
+            "image",
+            serde_json::json!({"caption": "it arrived broken", "mime_type": "image/jpeg", "sha256": "abc", "id": "media-1"}),
+        ),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let inbound = loop {
+        // Posted again until the sender directory has read the profile (the same message has
+        // one event id, so a repeat is one fact).
+        for body in &shapes {
+            assert_eq!(post(&rt, &url, &[sig(body)], body.clone()).status, 200);
+        }
+        let mut found = std::collections::BTreeMap::new();
+        demo::read_topic(
+            &cluster.bootstrap,
+            "provider.events.v1",
+            topology.partitions(),
+            |m| {
+                let e = rt
+                    .block_on(codec.decode_input("provider.events.v1", m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if let Fact::InboundMessageReceived(i) = e.fact {
+                    if e.envelope.customer_id == "cust-000077" {
+                        found.insert(i.provider_message_id.clone(), i);
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        if found.len() == shapes.len() {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {found:?} reached the customer"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    let button = &inbound["wamid.BTN"];
+    assert_eq!(
+        (
+            button.message_type.as_deref(),
+            button.text.as_str(),
+            button.button_payload.as_deref()
+        ),
+        (Some("button"), "Stop promotions", Some("Stop promotions"))
+    );
+    let list = &inbound["wamid.LIST"];
+    assert_eq!(
+        (list.text.as_str(), list.reply_id.as_deref()),
+        ("Track my order", Some("row-2"))
+    );
+    let image = &inbound["wamid.IMG"];
+    assert_eq!(
+        (image.message_type.as_deref(), image.text.as_str()),
+        (Some("image"), "it arrived broken")
+    );
 }
 
 /// SMS and e-mail sent through their adapters to the simulator come back as signed status
