@@ -265,6 +265,10 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         "dlq/dead_letter.avsc",
         include_str!("../schemas/dlq/dead_letter.avsc"),
     ),
+    (
+        "contacts/contact_card.avsc",
+        include_str!("../schemas/contacts/contact_card.avsc"),
+    ),
 ];
 
 /// The value record of each topic role (its subject is `<topic name>-value`).
@@ -277,6 +281,7 @@ pub const TOPIC_RECORDS: &[(TopicRole, &str)] = &[
     (TopicRole::Decisions, "herald.decisions.DecisionEvent"),
     (TopicRole::Dispatch, "herald.dispatch.DispatchEvent"),
     (TopicRole::Dlq, "herald.dlq.DeadLetter"),
+    (TopicRole::Contacts, "herald.contacts.ContactCard"),
 ];
 
 /// The named types defined by the schema files, by full name.
@@ -731,6 +736,16 @@ pub fn dispatch_from_value(v: &Value) -> Result<DispatchRecord> {
         recorded_at: from_value(field(v, "recorded_at")?)?,
         step: step_from(i, inner)?,
     })
+}
+
+/// Avro value of a contact card.
+pub fn contact_card_to_value(c: &ContactCard) -> Result<Value> {
+    conform_to_topic(to_value(c)?, TopicRole::Contacts)
+}
+
+/// A contact card from an Avro value read off the contact changelog.
+pub fn contact_card_from_value(v: &Value) -> Result<ContactCard> {
+    Ok(from_value(v)?)
 }
 
 /// Avro value of a dead letter.

@@ -993,6 +993,15 @@ pub struct StockLevel {
     pub source_system: String,
 }
 
+/// One record of the contact changelog (`herald.contacts.v1`): every address Herald learnt
+/// for a customer, clear by keyed hash. Erasure writes a tombstone instead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactCard {
+    pub customer_id: String,
+    pub addresses: BTreeMap<String, String>,
+    pub updated_at: Millis,
+}
+
 /// One record of `herald.dlq.v1`: the original bytes and why they could not be processed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -800,36 +800,74 @@ impl SenderFollower {
             )
             .create()
             .context("cannot create the gateway's CRM reader")?;
+        // The CRM topic for profiles just written, the contact changelog for those the CRM
+        // topic's retention has already deleted.
         let mut tpl = TopicPartitionList::new();
         let mut ends = HashMap::new();
         let crm = codec.topics().crm().clone();
-        for p in 0..partitions {
-            tpl.add_partition_offset(&crm, p, rdkafka::Offset::Beginning)?;
-            let (_, high) = crate::kafka::watermarks(&consumer, &crm, p)?;
-            ends.insert(p, high);
+        let changelog = codec.topics().contacts().clone();
+        for topic in [&crm, &changelog] {
+            for p in 0..partitions {
+                tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+                let (low, high) = crate::kafka::watermarks(&consumer, topic, p)?;
+                // Empty, or emptied by retention: nothing to read there.
+                ends.insert((topic.to_string(), p), if high <= low { 0 } else { high });
+            }
         }
         consumer.assign(&tpl)?;
-        let mut caught_up: HashSet<i32> = ends
+        let mut caught_up: HashSet<(String, i32)> = ends
             .iter()
             .filter(|(_, high)| **high == 0)
-            .map(|(p, _)| *p)
+            .map(|(tp, _)| tp.clone())
             .collect();
         while !stop.load(Ordering::Relaxed) {
-            if caught_up.len() == partitions as usize {
+            if caught_up.len() < ends.len() {
+                // A transactional topic (the contact changelog) ends in a commit marker, which
+                // no message shows: the position tells when the reader is past it.
+                if let Ok(positions) = consumer.position() {
+                    for e in positions.elements() {
+                        let key = (e.topic().to_string(), e.partition());
+                        if let (rdkafka::Offset::Offset(at), Some(end)) =
+                            (e.offset(), ends.get(&key))
+                        {
+                            if at >= *end {
+                                caught_up.insert(key);
+                            }
+                        }
+                    }
+                }
+            }
+            if caught_up.len() == ends.len() {
                 ready.store(true, Ordering::Relaxed);
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
-                    if let Ok(input) = rt.block_on(codec.decode_input(&crm, m.payload())) {
+                    if m.topic() == &*changelog {
+                        let customer =
+                            String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                        match rt.block_on(codec.decode_contact_card(m.payload())) {
+                            Ok(Some(card)) => {
+                                if let Ok(mut s) = senders.write() {
+                                    s.learn(&customer, card.addresses.into_keys());
+                                }
+                            }
+                            Ok(None) => {
+                                if let Ok(mut s) = senders.write() {
+                                    s.forget(&customer);
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "unreadable contact card"),
+                        }
+                    } else if let Ok(input) = rt.block_on(codec.decode_input(&crm, m.payload())) {
                         if let Ok(mut s) = senders.write() {
                             s.observe(&key, &input);
                         }
                     }
                     if ends
-                        .get(&m.partition())
+                        .get(&(m.topic().to_string(), m.partition()))
                         .is_some_and(|end| m.offset() + 1 >= *end)
                     {
-                        caught_up.insert(m.partition());
+                        caught_up.insert((m.topic().to_string(), m.partition()));
                     }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "gateway CRM reader"),

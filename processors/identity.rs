@@ -129,6 +129,25 @@ impl SenderDirectory {
         }
     }
 
+    /// Learns a customer's numbers from their contact card (keyed hashes of phones and
+    /// e-mails alike: an e-mail's hash never matches a number's).
+    pub fn learn(&mut self, customer: &str, addresses: impl IntoIterator<Item = String>) {
+        for hashed in addresses {
+            self.by_phone.insert(hashed.clone(), customer.to_string());
+            self.phones_of
+                .entry(customer.to_string())
+                .or_default()
+                .push(hashed);
+        }
+    }
+
+    /// Forgets an erased customer's numbers.
+    pub fn forget(&mut self, customer: &str) {
+        for phone in self.phones_of.remove(customer).unwrap_or_default() {
+            self.by_phone.remove(&phone);
+        }
+    }
+
     /// The customer whose profile holds this WhatsApp id (the number without its `+`).
     pub fn customer_of(&self, key: &IdentifierKey, wa_id: &str) -> Option<&str> {
         let e164 = format!("+{}", wa_id.trim_start_matches('+'));
@@ -179,6 +198,21 @@ impl ContactDirectory {
                 .or_default()
                 .extend(learnt);
         }
+    }
+
+    /// Learns addresses (clear by keyed hash) of a customer, from their contact card.
+    pub fn learn(&mut self, customer: &str, addresses: BTreeMap<String, String>) {
+        if !addresses.is_empty() {
+            self.by_customer
+                .entry(customer.to_string())
+                .or_default()
+                .extend(addresses);
+        }
+    }
+
+    /// Forgets every address of an erased customer.
+    pub fn forget(&mut self, customer: &str) {
+        self.by_customer.remove(customer);
     }
 
     /// The address of `recipient` (a keyed hash; a clear address, from before hashing, is

@@ -343,6 +343,7 @@ pub struct OutRecord {
     pub topic: std::sync::Arc<str>,
     pub partition: i32,
     pub key: Vec<u8>,
+    /// Wire bytes; empty for a tombstone (no Avro record encodes to nothing).
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
 }
@@ -414,7 +415,9 @@ impl LogReader {
     ) -> Result<i64> {
         // End of partition alone is not the end: a reader may see it before everything up to
         // the high watermark taken now was fetched. Done means the position reached it.
-        let (_, high) = watermarks(&self.consumer, topic, partition)?;
+        let (low, high) = watermarks(&self.consumer, topic, partition)?;
+        // Retention may have deleted where the reader stopped: what is left starts at `low`.
+        let from = from.max(low);
         let mut next = from;
         if from >= high {
             return Ok(from.max(next));
@@ -1328,9 +1331,12 @@ fn run_batch<S: Stage>(
         let record = FutureRecord::to(&r.topic)
             .partition(r.partition)
             .key(&r.key)
-            .payload(&r.value)
             .headers(headers);
-        let mut record = record;
+        let mut record = if r.value.is_empty() {
+            record
+        } else {
+            record.payload(&r.value)
+        };
         loop {
             match producer.send_result(record) {
                 Ok(f) => {

@@ -396,6 +396,27 @@ impl Codec {
             .await
     }
 
+    /// Wire bytes of a contact card.
+    pub async fn encode_contact_card(&self, c: &ContactCard) -> Result<Vec<u8>> {
+        self.encode(TopicRole::Contacts, avro::contact_card_to_value(c)?)
+            .await
+    }
+
+    /// Reads a contact card off the contact changelog; `Ok(None)` for a tombstone (the
+    /// customer was erased).
+    pub async fn decode_contact_card(
+        &self,
+        bytes: Option<&[u8]>,
+    ) -> Result<Option<ContactCard>, DecodeError> {
+        if bytes.is_none() {
+            return Ok(None);
+        }
+        let v = self.decode_value(TopicRole::Contacts, bytes).await?;
+        avro::contact_card_from_value(&v)
+            .map(Some)
+            .map_err(|e| DecodeError::Poison(format!("not a contact card: {e:#}")))
+    }
+
     /// Wire bytes of a dead letter.
     pub async fn encode_dead_letter(&self, d: &DeadLetter) -> Result<Vec<u8>> {
         self.encode(TopicRole::Dlq, avro::dead_letter_to_value(d)?)

@@ -170,6 +170,8 @@ struct ProcessorPartition {
     touched: BTreeSet<String>,
     /// Consent-history changes decided since the last save.
     consent: ConsentProjection,
+    /// Each customer's card in the contact changelog, as last written.
+    contacts: HashMap<String, ContactCard>,
 }
 
 impl ProcessorPartition {
@@ -200,6 +202,46 @@ pub struct ProcessorStage {
     /// leaves timers to event time alone (a replay of the past, the demo).
     wall_clock_tick: Option<Duration>,
     last_tick: Option<std::time::Instant>,
+}
+
+/// What an input changes in the contact changelog once decided: a customer's new card when an
+/// accepted profile brought addresses the card lacks, a tombstone (`None`) when an erasure was
+/// accepted, nothing otherwise. Keeps `cards` as written.
+fn contact_change(
+    cards: &mut HashMap<String, ContactCard>,
+    input: &InputEvent,
+    learnt: std::collections::BTreeMap<String, String>,
+    decisions: &[Decision],
+) -> Option<(String, Option<ContactCard>)> {
+    let customer = &input.envelope.customer_id;
+    let accepted = decisions.iter().any(|d| {
+        matches!(&d.outcome, Outcome::EventAccepted(a) if a.envelope.event_id == input.envelope.event_id)
+    });
+    if !accepted {
+        return None;
+    }
+    match &input.fact {
+        Fact::ErasureRequested(_) => {
+            cards.remove(customer);
+            Some((customer.clone(), None))
+        }
+        Fact::ProfileChanged(_) => {
+            let card = cards
+                .entry(customer.clone())
+                .or_insert_with(|| ContactCard {
+                    customer_id: customer.clone(),
+                    ..ContactCard::default()
+                });
+            let before = card.addresses.len();
+            card.addresses.extend(learnt);
+            if card.addresses.len() == before {
+                return None;
+            }
+            card.updated_at = card.updated_at.max(input.envelope.occurred_at);
+            Some((customer.clone(), Some(card.clone())))
+        }
+        _ => None,
+    }
 }
 
 impl ProcessorStage {
@@ -319,6 +361,24 @@ impl Stage for ProcessorStage {
             Ok(())
         })?;
         part.next_decision_offset = next;
+        // The contact changelog is compacted: one card (or tombstone) per customer.
+        let contacts = codec.topics().contacts().clone();
+        reader.read(&contacts, partition, 0, |m| {
+            let customer = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            match rt.block_on(codec.decode_contact_card(m.payload())) {
+                Ok(Some(card)) => {
+                    part.contacts.insert(customer, card);
+                }
+                Ok(None) => {
+                    part.contacts.remove(&customer);
+                }
+                Err(e) => bail!(
+                    "contact changelog {contacts}/{partition}@{}: {e}",
+                    m.offset()
+                ),
+            }
+            Ok(())
+        })?;
         self.partitions.insert(partition, part);
         // Persist what the replay folded so the next restore starts further on.
         self.committed(&Produced::new())?;
@@ -381,6 +441,8 @@ impl Stage for ProcessorStage {
             )?);
             return Ok(());
         }
+        // The addresses in clear go only to the contact changelog, once the fact is accepted.
+        let learnt = identity::identifiers(&self.identifiers, &input);
         // From here on no phone number or e-mail address is in clear: not in state, not in
         // the decision log.
         let input = pseudonymise(&self.identifiers, input);
@@ -394,7 +456,22 @@ impl Stage for ProcessorStage {
             .task
             .decide(&input, &input_ref, &self.topology, &self.tables);
         part.note(&decisions);
-        self.emit(p, decisions, provenance(msg), out)
+        let card = contact_change(&mut part.contacts, &input, learnt, &decisions);
+        self.emit(p, decisions, provenance(msg), out)?;
+        if let Some((customer, card)) = card {
+            let value = match card {
+                Some(card) => self.rt.block_on(self.codec.encode_contact_card(&card))?,
+                None => Vec::new(),
+            };
+            out.records.push(OutRecord {
+                topic: self.codec.topics().contacts().clone(),
+                partition: p,
+                key: customer.into_bytes(),
+                value,
+                headers: Vec::new(),
+            });
+        }
+        Ok(())
     }
 
     fn tick_due(&self) -> bool {
@@ -486,9 +563,11 @@ impl Stage for ProcessorStage {
 #[derive(Default)]
 struct DispatchPartition {
     customers: HashMap<String, DispatchState>,
-    /// Addresses by keyed hash, from this partition of the CRM topic, and where to read on.
+    /// Addresses by keyed hash, from this partition of the CRM topic and of the contact
+    /// changelog (which outlives the CRM topic's retention), and where to read each on.
     contacts: ContactDirectory,
     crm_next: i64,
+    contacts_next: i64,
     /// Statuses the provider reported for messages with an open intent, by message id.
     statuses: HashMap<String, dispatch::ObservedStatus>,
     /// Where to read this partition of the provider topic on.
@@ -646,6 +725,19 @@ impl DispatchStage {
             // An unreadable CRM record is the processors' to dead-letter; it has no address.
             if let Ok(input) = rt.block_on(codec.decode_input(crm, m.payload())) {
                 contacts.observe(key, &input);
+            }
+            Ok(())
+        })?;
+        let changelog = codec.topics().contacts();
+        part.contacts_next = reader.read(changelog, partition, part.contacts_next, |m| {
+            let customer = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            match rt.block_on(codec.decode_contact_card(m.payload())) {
+                Ok(Some(card)) => contacts.learn(&customer, card.addresses),
+                Ok(None) => contacts.forget(&customer),
+                Err(e) => bail!(
+                    "contact changelog {changelog}/{partition}@{}: {e}",
+                    m.offset()
+                ),
             }
             Ok(())
         })?;

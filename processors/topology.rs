@@ -56,11 +56,13 @@ pub enum TopicRole {
     Dispatch,
     /// Dead letters.
     Dlq,
+    /// Every customer's addresses, compacted: what outlives the CRM topic's retention.
+    Contacts,
 }
 
 impl TopicRole {
     /// Every role, each of which topics.toml must give exactly one topic.
-    pub const ALL: [TopicRole; 8] = [
+    pub const ALL: [TopicRole; 9] = [
         TopicRole::Oms,
         TopicRole::Billing,
         TopicRole::Crm,
@@ -69,6 +71,7 @@ impl TopicRole {
         TopicRole::Decisions,
         TopicRole::Dispatch,
         TopicRole::Dlq,
+        TopicRole::Contacts,
     ];
 
     /// The role as written in topics.toml.
@@ -82,6 +85,7 @@ impl TopicRole {
             TopicRole::Decisions => "decisions",
             TopicRole::Dispatch => "dispatch",
             TopicRole::Dlq => "dlq",
+            TopicRole::Contacts => "contacts",
         }
     }
 
@@ -166,6 +170,11 @@ impl TopicNames {
     /// The dead-letter topic.
     pub fn dlq(&self) -> &Arc<str> {
         self.of(TopicRole::Dlq)
+    }
+
+    /// The contact changelog.
+    pub fn contacts(&self) -> &Arc<str> {
+        self.of(TopicRole::Contacts)
     }
 
     /// The stock table.

@@ -115,14 +115,15 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
     let (rt, registry_url) = common::runtime_with_registry();
     let dir = tempfile::tempdir().unwrap();
 
-    // The shadow: production's input names, its own decision, dispatch and dead-letter topics,
-    // and a new policy version to tell its decisions apart.
+    // The shadow: production's input names, its own decision, dispatch, dead-letter and
+    // contact topics, and a new policy version to tell its decisions apart.
     let shadow_dir = dir.path().join("shadow-topology");
     common::edited_topology(&shadow_dir, |file, text| match file {
         "topics.toml" => text
             .replace("\"herald.decisions.v1\"", "\"shadow.decisions.v1\"")
             .replace("\"herald.dispatch.v1\"", "\"shadow.dispatch.v1\"")
-            .replace("\"herald.dlq.v1\"", "\"shadow.dlq.v1\""),
+            .replace("\"herald.dlq.v1\"", "\"shadow.dlq.v1\"")
+            .replace("\"herald.contacts.v1\"", "\"shadow.contacts.v1\""),
         "policy.toml" => text.replacen(
             "version = \"2026-11-24.1\"",
             &format!("version = \"{SHADOW_POLICY}\""),
@@ -159,7 +160,7 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
     let staging_report = apply(&["--topic-prefix", "staging."]);
     assert_eq!(
         staging_report.matches("CREATED staging.").count(),
-        8,
+        Topology::embedded().unwrap().topics.len(),
         "{staging_report}"
     );
 
@@ -219,6 +220,8 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
     drop(prod);
     let production_log = decisions(&rt, &production_codec, "herald.decisions.v1");
     let production_dead = records_in("herald.dlq.v1");
+    let production_cards = records_in("herald.contacts.v1");
+    assert!(production_cards > 0, "production wrote no contact card");
     // Every undecodable record the feed holds is dead-lettered (the scenario has some).
     assert!(production_dead >= garbage(&production_feed.items) && production_dead > 0);
 
@@ -268,6 +271,7 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
         "a shadow decision under another policy"
     );
     assert_eq!(records_in("shadow.dlq.v1"), production_dead);
+    assert_eq!(records_in("shadow.contacts.v1"), production_cards);
     // Staging read and wrote only staging's topics.
     let staging_log = decisions(&rt, &staging_codec, "staging.herald.decisions.v1");
     assert_eq!(decided_inputs(&staging_log), staging_ids);
@@ -285,6 +289,7 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
     );
     assert_eq!(decided_inputs(&production_log), production_ids);
     assert_eq!(records_in("herald.dlq.v1"), production_dead);
+    assert_eq!(records_in("herald.contacts.v1"), production_cards);
     assert!(production_log
         .iter()
         .all(|d| d.policy_version != SHADOW_POLICY));

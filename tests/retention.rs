@@ -1,0 +1,359 @@
+//! What Herald must not forget when an input topic's retention deletes a customer's profile,
+//! on a real Apache Kafka broker (`scripts/kafka`). The processors write every address they
+//! learn to the compacted contact changelog (`herald.contacts.v1`); once the CRM topic's
+//! records are gone (deleted as retention would), a fresh dispatch still sends to the address
+//! the customer gave, a fresh gateway still routes the customer's STOP to them, and an erasure
+//! leaves a tombstone as the customer's last card.
+
+mod common;
+
+use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
+use herald::events::*;
+use herald::gateway::sign;
+use herald::registry::Codec;
+use herald::scenario::FeedItem;
+use herald::topology::Topology;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::Message;
+use rdkafka::TopicPartitionList;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CUSTOMER: &str = "cust-000042";
+const PHONE: &str = "+15550100042";
+
+fn fact(id: &str, at: Millis, fact: Fact) -> FeedItem {
+    FeedItem::Event(InputEvent {
+        envelope: Envelope {
+            event_id: id.into(),
+            source_system: "retention-test".into(),
+            source_sequence: None,
+            occurred_at: at,
+            customer_id: CUSTOMER.into(),
+            trace_parent: None,
+            schema_version: 1,
+        },
+        fact,
+    })
+}
+
+fn order(id: &str, order_id: &str, at: Millis) -> FeedItem {
+    fact(
+        id,
+        at,
+        Fact::OrderPlaced(OrderPlaced {
+            order_id: order_id.into(),
+            items: vec![],
+            total: Some(Money {
+                minor_units: 4_500,
+                currency: "EUR".into(),
+            }),
+        }),
+    )
+}
+
+#[test]
+fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
+    let broker = common::start_broker(1, &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let topology = Topology::embedded().unwrap();
+    let cluster = demo::start_cluster_on(
+        &rt,
+        &topology,
+        demo::demo_simulator(),
+        Some(&broker.settings(true, "test")),
+    )
+    .unwrap();
+    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
+    rt.block_on(codec.register_all()).unwrap();
+    let producer = cluster.settings(true, "feeder").producer(None).unwrap();
+    // Two months ago: the profile and consent, then an order.
+    let t0 = 1_790_000_000_000;
+    let consent = |id: &str, purpose| {
+        fact(
+            id,
+            t0 + 60_000,
+            Fact::ConsentGranted(ConsentChange {
+                purpose,
+                channel: Channel::Whatsapp,
+                source: "checkout".into(),
+                artifact_id: format!("form-{id}"),
+            }),
+        )
+    };
+    common::feed(
+        &rt,
+        &producer,
+        &codec,
+        &[
+            fact(
+                "p1",
+                t0,
+                Fact::ProfileChanged(ProfileChanged {
+                    first_name: Some("Ana".into()),
+                    locale: Some("en_US".into()),
+                    time_zone: Some("UTC".into()),
+                    phone_e164: Some(PHONE.into()),
+                    email: None,
+                }),
+            ),
+            consent("ct", Purpose::Transactional),
+            consent("cm", Purpose::Marketing),
+            order("o1", "o-1", t0 + 3_600_000),
+        ],
+    );
+
+    let run = |stage: &str, store: &std::path::Path| {
+        common::Killed(
+            Command::new(env!("CARGO_BIN_EXE_herald"))
+                .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
+                .args(["run", "--stage", stage, "--instance-id", "retention"])
+                .args(["--bootstrap", &cluster.bootstrap])
+                .args(["--registry", &cluster.registry_url])
+                .args(["--provider-url", &cluster.simulator_url])
+                .args(["--phone-number-id", "1055501234567890"])
+                .args(["--provider-token", "retention"])
+                .args(["--metrics-addr", "127.0.0.1:0"])
+                .arg("--store")
+                .arg(store)
+                .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),
+                )
+                .spawn()
+                .expect("herald starts"),
+        )
+    };
+    let sent_to_customer = || {
+        cluster
+            .simulator
+            .sent()
+            .into_iter()
+            .filter(|s| s.to.trim_start_matches('+') == PHONE.trim_start_matches('+'))
+            .count()
+    };
+    // The customer's decisions, for a failure to show what was decided instead.
+    let decided = || {
+        let mut out = Vec::new();
+        demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.decisions(),
+            topology.partitions(),
+            |m| {
+                let d = rt
+                    .block_on(codec.decode_decision(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if d.customer_id == CUSTOMER {
+                    out.push(d.outcome.summary());
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.dispatch(),
+            topology.partitions(),
+            |m| {
+                let r = rt
+                    .block_on(codec.decode_dispatch(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if r.customer_id == CUSTOMER {
+                    out.push(format!("{:?}", r.step));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        out
+    };
+    let wait_sends = |n: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while sent_to_customer() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} sends; decided {:?}",
+                sent_to_customer(),
+                decided()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let first = tempfile::tempdir().unwrap();
+    {
+        let _p = run("processors", &first.path().join("processors.redb"));
+        let _d = run("dispatch", &first.path().join("dispatch.redb"));
+        wait_sends(1, "the first order's confirmation");
+    }
+
+    // The processors wrote the customer's card to the contact changelog.
+    let mut cards = 0;
+    demo::read_topic(
+        &cluster.bootstrap,
+        topology.names.contacts(),
+        topology.partitions(),
+        |m| {
+            cards += usize::from(m.key() == Some(CUSTOMER.as_bytes()));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(cards, 1, "one contact card for the customer");
+
+    // Retention deletes the CRM topic's records: the profile fact is gone from the inputs.
+    let admin: AdminClient<DefaultClientContext> = cluster
+        .settings(false, "admin")
+        .consumer_config("unused", "retention-admin", &[])
+        .create()
+        .unwrap();
+    let crm = topology.names.crm().to_string();
+    let reader: rdkafka::consumer::BaseConsumer = cluster
+        .settings(false, "reader")
+        .consumer_config("unused", "retention-reader", &[])
+        .create()
+        .unwrap();
+    let mut upto = TopicPartitionList::new();
+    for p in 0..topology.partitions() {
+        let (_, high) = herald::kafka::watermarks(&reader, &crm, p).unwrap();
+        upto.add_partition_offset(&crm, p, rdkafka::Offset::Offset(high))
+            .unwrap();
+    }
+    rt.block_on(admin.delete_records(&upto, &AdminOptions::new()))
+        .expect("records deleted");
+    for p in 0..topology.partitions() {
+        let (low, high) = herald::kafka::watermarks(&reader, &crm, p).unwrap();
+        assert_eq!(low, high, "the CRM topic still holds records");
+    }
+
+    // Weeks later, with fresh stores (a new node): a second order is confirmed to the address
+    // the customer gave, which only the contact changelog still holds.
+    common::feed(
+        &rt,
+        &producer,
+        &codec,
+        &[order("o2", "o-2", t0 + 30 * 86_400_000)],
+    );
+    let second = tempfile::tempdir().unwrap();
+    let _p = run("processors", &second.path().join("processors.redb"));
+    let _d = run("dispatch", &second.path().join("dispatch.redb"));
+    wait_sends(
+        2,
+        "the second order's confirmation after the CRM records were deleted",
+    );
+
+    // A gateway started now routes the customer's STOP to them: an opt-out, not a dead letter.
+    let (listen, health) = (common::free_port(), common::free_port());
+    let _gateway = common::Killed(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--health-listen", &format!("127.0.0.1:{health}")])
+            .args(["--app-secret", DEMO_APP_SECRET])
+            .args(["--verify-token", DEMO_VERIFY_TOKEN])
+            .args(["--identifier-key", herald::identity::DEMO_KEY])
+            .args(["--bootstrap", &cluster.bootstrap])
+            .args(["--registry", &cluster.registry_url])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("the gateway starts"),
+    );
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rt
+        .block_on(http.get(format!("http://127.0.0.1:{health}/readyz")).send())
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "the gateway never became ready");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let stop = serde_json::to_vec(&serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messages": [
+            {"from": PHONE.trim_start_matches('+'), "id": "wamid.STOP42", "timestamp": "1795500000",
+             "type": "text", "text": {"body": "STOP"}}]}}]}]
+    }))
+    .unwrap();
+    let answer = rt
+        .block_on(
+            http.post(format!("http://127.0.0.1:{listen}/webhook"))
+                .header(
+                    "x-hub-signature-256",
+                    sign(DEMO_APP_SECRET.as_bytes(), &stop),
+                )
+                .header("content-type", "application/json")
+                .body(stop.clone())
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut opted_out = false;
+        demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.decisions(),
+            topology.partitions(),
+            |m| {
+                let d = rt
+                    .block_on(codec.decode_decision(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                opted_out |= d.customer_id == CUSTOMER && matches!(d.outcome, Outcome::OptedOut(_));
+                Ok(())
+            },
+        )
+        .unwrap();
+        if opted_out {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the customer's STOP was not recorded as an opt-out"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // Erasure: the customer's last card is a tombstone, and no later card holds the number.
+    common::feed(
+        &rt,
+        &producer,
+        &codec,
+        &[fact(
+            "er1",
+            t0 + 31 * 86_400_000,
+            Fact::ErasureRequested(ErasureRequested {
+                request_id: "req-42".into(),
+            }),
+        )],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut last: Option<Option<Vec<u8>>> = None;
+        demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.contacts(),
+            topology.partitions(),
+            |m| {
+                if m.key() == Some(CUSTOMER.as_bytes()) {
+                    last = Some(m.payload().map(<[u8]>::to_vec));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        match last {
+            Some(None) => break,
+            Some(Some(card)) => {
+                let card = rt.block_on(codec.decode_contact_card(Some(&card))).unwrap();
+                assert!(card.is_some_and(|c| c.addresses.values().any(|a| a == PHONE)));
+            }
+            None => panic!("the customer never had a contact card"),
+        }
+        assert!(Instant::now() < deadline, "no tombstone after the erasure");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
