@@ -106,11 +106,7 @@ impl SenderDirectory {
     pub fn observe(&mut self, key: &IdentifierKey, input: &InputEvent) {
         let customer = &input.envelope.customer_id;
         match &input.fact {
-            Fact::ErasureRequested(_) => {
-                for phone in self.phones_of.remove(customer).unwrap_or_default() {
-                    self.by_phone.remove(&phone);
-                }
-            }
+            Fact::ErasureRequested(_) => self.forget(customer),
             Fact::ProfileChanged(p) => {
                 if let Some(phone) = p.phone_e164.as_deref() {
                     let hashed = if is_pseudonym(phone) {
@@ -118,11 +114,7 @@ impl SenderDirectory {
                     } else {
                         key.pseudonym("phone", phone)
                     };
-                    self.by_phone.insert(hashed.clone(), customer.clone());
-                    self.phones_of
-                        .entry(customer.clone())
-                        .or_default()
-                        .push(hashed);
+                    self.learn(customer, [hashed]);
                 }
             }
             _ => {}
@@ -188,16 +180,10 @@ impl ContactDirectory {
     pub fn observe(&mut self, key: &IdentifierKey, input: &InputEvent) {
         let customer = &input.envelope.customer_id;
         if matches!(input.fact, Fact::ErasureRequested(_)) {
-            self.by_customer.remove(customer);
+            self.forget(customer);
             return;
         }
-        let learnt = identifiers(key, input);
-        if !learnt.is_empty() {
-            self.by_customer
-                .entry(customer.clone())
-                .or_default()
-                .extend(learnt);
-        }
+        self.learn(customer, identifiers(key, input));
     }
 
     /// Learns addresses (clear by keyed hash) of a customer, from their contact card.

@@ -279,22 +279,24 @@ pub struct Readiness {
 impl Readiness {
     /// Records where `stage` stands.
     pub fn phase(&self, stage: &str, phase: StagePhase) {
-        if let Ok(mut m) = self.stages.lock() {
-            m.entry(stage.to_string())
-                .or_insert(StageReadiness { phase, group: None })
-                .phase = phase;
-        }
+        self.update(stage, |s| s.phase = phase);
     }
 
     /// Records what `stage`'s client last said of its group.
     pub fn group(&self, stage: &str, report: GroupReport) {
+        self.update(stage, |s| s.group = Some(report));
+    }
+
+    // The consume loop reports on every poll: the stage's name is allocated only once.
+    fn update(&self, stage: &str, f: impl FnOnce(&mut StageReadiness)) {
         if let Ok(mut m) = self.stages.lock() {
-            m.entry(stage.to_string())
-                .or_insert(StageReadiness {
+            match m.get_mut(stage) {
+                Some(s) => f(s),
+                None => f(m.entry(stage.to_string()).or_insert(StageReadiness {
                     phase: StagePhase::Starting,
                     group: None,
-                })
-                .group = Some(report);
+                })),
+            }
         }
     }
 

@@ -101,10 +101,16 @@ fn readyz_waits_for_the_restore_and_falls_when_the_broker_goes() {
                     pending.push(f);
                     break;
                 }
-                Err((_, back)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
                     record = back;
                     producer.poll(Duration::from_millis(10));
                 }
+                Err((e, _)) => panic!("producing the decision log: {e}"),
             }
         }
     }
