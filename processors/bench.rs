@@ -78,7 +78,7 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
     let mut log = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let input_ref = i.to_string();
-        tables.observe(&e.fact);
+        tables.observe(&e.fact, e.envelope.occurred_at);
         log.extend(task.decide(e, &input_ref, &topology, &tables));
     }
     let core = events.len() as f64 / t.elapsed().as_secs_f64();

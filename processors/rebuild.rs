@@ -4,11 +4,12 @@
 //! store: no send, no record, no side effect.
 
 use crate::audit::ConsentProjection;
-use crate::events::{Decision, Millis};
+use crate::events::{Decision, Millis, Outcome};
 use crate::replay::{DumpedRecord, Payload};
 use crate::stages::STREAM_TIME_KEY;
 use crate::state::{evolve, CustomerState};
 use crate::store::{EmbeddedStore, SnapshotWrite, StateStore, PROCESSORS};
+use crate::tables::Tables;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -24,6 +25,9 @@ pub struct FoldedPartition {
     pub decisions: u64,
     /// Consent history in log order, an erased customer's history dropped.
     pub consent: ConsentProjection,
+    /// Template statuses the partition accepted, saved beside its positions as the live
+    /// processors save them.
+    pub tables: Tables,
 }
 
 /// Folds each partition's decisions in offset order, `parallelism` partitions at a time;
@@ -55,6 +59,9 @@ pub fn fold(
                         let mut f = FoldedPartition::default();
                         for (offset, d) in log {
                             evolve(f.customers.entry(d.customer_id.clone()).or_default(), d);
+                            if let Outcome::EventAccepted(a) = &d.outcome {
+                                f.tables.observe(&a.fact, a.envelope.occurred_at);
+                            }
                             f.consent.apply(d);
                             f.stream_time = f.stream_time.max(d.decided_at);
                             f.next_offset = f.next_offset.max(offset + 1);
@@ -112,10 +119,12 @@ pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) ->
         for (c, s) in &f.customers {
             changed.push((c.clone(), serde_json::to_vec(s)?));
         }
+        let mut inputs = BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]);
+        inputs.extend(f.tables.saved_positions());
         let write = SnapshotWrite {
             changed,
             next_offset: f.next_offset,
-            inputs: BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]),
+            inputs,
             consent: f.consent.records.clone(),
             // The store is fresh: nothing saved earlier to remove.
             erased: Vec::new(),

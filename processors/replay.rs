@@ -181,7 +181,7 @@ pub fn replay(records: &[DumpedRecord], topology: &Topology, key: &IdentifierKey
         match step {
             Step::Input(i) => {
                 let (r, e) = inputs[i];
-                tables.observe(&e.fact);
+                tables.observe(&e.fact, e.envelope.occurred_at);
                 let input_ref = format!("{}/{}/{}", r.topic, r.partition, r.offset);
                 let e = pseudonymise(key, e.clone());
                 out.decisions

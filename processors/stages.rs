@@ -172,6 +172,8 @@ struct ProcessorPartition {
     consent: ConsentProjection,
     /// Each customer's card in the contact changelog, as last written.
     contacts: HashMap<String, ContactCard>,
+    /// A template status change arrived since the last save: the next one saves the table.
+    templates_moved: bool,
 }
 
 impl ProcessorPartition {
@@ -337,12 +339,12 @@ impl Stage for ProcessorStage {
         let rt = self.rt.clone();
         let stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
         part.task = Task::restored(customers, stream_time);
-        part.inputs = snap
-            .inputs
-            .iter()
-            .filter(|(k, _)| *k != STREAM_TIME_KEY)
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        for (k, v) in &snap.inputs {
+            if k != STREAM_TIME_KEY && !self.tables.restore_saved(k, *v) {
+                part.inputs.insert(k.clone(), *v);
+            }
+        }
+        let tables = &mut self.tables;
         let decisions = codec.topics().decisions().clone();
         let next = reader.read(&decisions, partition, snap.next_offset, |m| {
             if let Some((topic, offset)) = source_position(m) {
@@ -352,6 +354,9 @@ impl Stage for ProcessorStage {
             let d = rt
                 .block_on(codec.decode_decision(m.payload()))
                 .map_err(|e| anyhow!("decision log {decisions}/{partition}@{}: {e}", m.offset()))?;
+            if let Outcome::EventAccepted(a) = &d.outcome {
+                part.templates_moved |= tables.observe(&a.fact, a.envelope.occurred_at);
+            }
             if snap.holds(&d.customer_id, m.offset()) {
                 return Ok(());
             }
@@ -450,7 +455,8 @@ impl Stage for ProcessorStage {
             .partitions
             .get_mut(&p)
             .ok_or_else(|| anyhow!("partition {p} not restored"))?;
-        self.tables.observe(&input.fact);
+        self.tables.observe(&input.fact, input.envelope.occurred_at);
+        part.templates_moved |= matches!(input.fact, Fact::TemplateStatusChanged(_));
         let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
         let decisions = part
             .task
@@ -541,11 +547,14 @@ impl Stage for ProcessorStage {
             }
             // A batch of nothing but dead letters touches no customer, yet its input positions
             // must be kept, or a broker that lost the group offsets would dead-letter it again.
-            if part.touched.is_empty() && !part.inputs_moved {
+            if part.touched.is_empty() && !part.inputs_moved && !part.templates_moved {
                 continue;
             }
             let mut inputs = part.inputs.clone();
             inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
+            if std::mem::take(&mut part.templates_moved) {
+                inputs.extend(self.tables.saved_positions());
+            }
             let write = SnapshotWrite {
                 changed: encode_touched(&mut part.touched, part.task.customers())?,
                 next_offset: part.next_decision_offset,

@@ -61,7 +61,7 @@ fn run_observed(
             .iter()
             .for_each(&mut after);
         before(e);
-        tables.observe(&e.fact);
+        tables.observe(&e.fact, e.envelope.occurred_at);
         task.decide(e, input_ref, topology, &tables)
             .iter()
             .for_each(&mut after);

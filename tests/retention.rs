@@ -3,7 +3,8 @@
 //! learn to the compacted contact changelog (`herald.contacts.v1`); once the CRM topic's
 //! records are gone (deleted as retention would), a fresh dispatch still sends to the address
 //! the customer gave, a fresh gateway still routes the customer's STOP to them, and an erasure
-//! leaves a tombstone as the customer's last card.
+//! leaves a tombstone as the customer's last card. A template the provider paused stays
+//! paused across a restart once the provider topic's records are gone too.
 
 mod common;
 
@@ -22,15 +23,21 @@ use std::time::{Duration, Instant};
 
 const CUSTOMER: &str = "cust-000042";
 const PHONE: &str = "+15550100042";
+/// A second customer, who only ever orders after the provider paused the template.
+const OTHER: &str = "cust-000043";
 
 fn fact(id: &str, at: Millis, fact: Fact) -> FeedItem {
+    fact_of(CUSTOMER, id, at, fact)
+}
+
+fn fact_of(customer: &str, id: &str, at: Millis, fact: Fact) -> FeedItem {
     FeedItem::Event(InputEvent {
         envelope: Envelope {
             event_id: id.into(),
             source_system: "retention-test".into(),
             source_sequence: None,
             occurred_at: at,
-            customer_id: CUSTOMER.into(),
+            customer_id: customer.into(),
             trace_parent: None,
             schema_version: 1,
         },
@@ -39,7 +46,12 @@ fn fact(id: &str, at: Millis, fact: Fact) -> FeedItem {
 }
 
 fn order(id: &str, order_id: &str, at: Millis) -> FeedItem {
-    fact(
+    order_of(CUSTOMER, id, order_id, at)
+}
+
+fn order_of(customer: &str, id: &str, order_id: &str, at: Millis) -> FeedItem {
+    fact_of(
+        customer,
         id,
         at,
         Fact::OrderPlaced(OrderPlaced {
@@ -105,6 +117,29 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
             consent("ct", Purpose::Transactional),
             consent("cm", Purpose::Marketing),
             order("o1", "o-1", t0 + 3_600_000),
+            fact_of(
+                OTHER,
+                "p43",
+                t0,
+                Fact::ProfileChanged(ProfileChanged {
+                    first_name: Some("Bea".into()),
+                    locale: Some("en_US".into()),
+                    time_zone: Some("UTC".into()),
+                    phone_e164: Some("+15550100043".into()),
+                    email: None,
+                }),
+            ),
+            fact_of(
+                OTHER,
+                "ct43",
+                t0 + 60_000,
+                Fact::ConsentGranted(ConsentChange {
+                    purpose: Purpose::Transactional,
+                    channel: Channel::Whatsapp,
+                    source: "checkout".into(),
+                    artifact_id: "form-ct43".into(),
+                }),
+            ),
         ],
     );
 
@@ -139,7 +174,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
             .count()
     };
     // The customer's decisions, for a failure to show what was decided instead.
-    let decided = || {
+    let decided_for = |customer: &str| {
         let mut out = Vec::new();
         demo::read_topic(
             &cluster.bootstrap,
@@ -149,7 +184,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
                 let d = rt
                     .block_on(codec.decode_decision(m.payload()))
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if d.customer_id == CUSTOMER {
+                if d.customer_id == customer {
                     out.push(d.outcome.summary());
                 }
                 Ok(())
@@ -164,7 +199,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
                 let r = rt
                     .block_on(codec.decode_dispatch(m.payload()))
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if r.customer_id == CUSTOMER {
+                if r.customer_id == customer {
                     out.push(format!("{:?}", r.step));
                 }
                 Ok(())
@@ -173,6 +208,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
         .unwrap();
         out
     };
+    let decided = || decided_for(CUSTOMER);
     let wait_sends = |n: usize, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(120);
         while sent_to_customer() < n {
@@ -240,7 +276,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
         &[order("o2", "o-2", t0 + 30 * 86_400_000)],
     );
     let second = tempfile::tempdir().unwrap();
-    let _p = run("processors", &second.path().join("processors.redb"));
+    let processors = run("processors", &second.path().join("processors.redb"));
     let _d = run("dispatch", &second.path().join("dispatch.redb"));
     wait_sends(
         2,
@@ -271,6 +307,20 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
         assert!(Instant::now() < deadline, "the gateway never became ready");
         std::thread::sleep(Duration::from_millis(250));
     }
+    let post = |body: &[u8]| {
+        rt.block_on(
+            http.post(format!("http://127.0.0.1:{listen}/webhook"))
+                .header(
+                    "x-hub-signature-256",
+                    sign(DEMO_APP_SECRET.as_bytes(), body),
+                )
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .send(),
+        )
+        .unwrap()
+        .status()
+    };
     let stop = serde_json::to_vec(&serde_json::json!({
         "object": "whatsapp_business_account",
         "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messages": [
@@ -278,19 +328,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
              "type": "text", "text": {"body": "STOP"}}]}}]}]
     }))
     .unwrap();
-    let answer = rt
-        .block_on(
-            http.post(format!("http://127.0.0.1:{listen}/webhook"))
-                .header(
-                    "x-hub-signature-256",
-                    sign(DEMO_APP_SECRET.as_bytes(), &stop),
-                )
-                .header("content-type", "application/json")
-                .body(stop.clone())
-                .send(),
-        )
-        .unwrap();
-    assert_eq!(answer.status(), 200);
+    assert_eq!(post(&stop), 200);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !decided().iter().any(|d| d.starts_with("OptedOut:")) {
         assert!(
@@ -340,4 +378,80 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
         assert!(Instant::now() < deadline, "no tombstone after the erasure");
         std::thread::sleep(Duration::from_secs(1));
     }
+
+    // The provider pauses the order confirmation. The processors restart on their store after
+    // the provider topic's records are gone (it keeps a week): the next order for the second
+    // customer is suppressed for the paused template, not sent with it.
+    let paused = serde_json::to_vec(&serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "time": 1795500100, "changes": [{"field": "message_template_status_update", "value": {
+            "event": "PAUSED", "message_template_id": 3, "message_template_name": "order_confirmation",
+            "message_template_language": "en_US", "reason": "LOW_QUALITY"}}]}]
+    }))
+    .unwrap();
+    assert_eq!(post(&paused), 200);
+    let paused_decided = || {
+        let mut n = 0;
+        demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.decisions(),
+            topology.partitions(),
+            |m| {
+                let d = rt
+                    .block_on(codec.decode_decision(m.payload()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                n += usize::from(matches!(&d.outcome, Outcome::EventAccepted(a)
+                    if matches!(a.fact, Fact::TemplateStatusChanged(_))));
+                Ok(())
+            },
+        )
+        .unwrap();
+        n
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while paused_decided() < topology.partitions() as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the pause was not decided on every partition"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(processors);
+    let provider = topology.names.provider().to_string();
+    let mut upto = TopicPartitionList::new();
+    for p in 0..topology.partitions() {
+        let (_, high) = herald::kafka::watermarks(&reader, &provider, p).unwrap();
+        upto.add_partition_offset(&provider, p, rdkafka::Offset::Offset(high))
+            .unwrap();
+    }
+    rt.block_on(admin.delete_records(&upto, &AdminOptions::new()))
+        .expect("provider records deleted");
+    let _p = run("processors", &second.path().join("processors.redb"));
+    common::feed(
+        &rt,
+        &producer,
+        &codec,
+        &[order_of(OTHER, "o43", "o-43", t0 + 32 * 86_400_000)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let about_the_order = loop {
+        let found: Vec<String> = decided_for(OTHER)
+            .into_iter()
+            .filter(|d| d.starts_with("MessageApproved") || d.starts_with("MessageSuppressed"))
+            .collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no decision on the order: {:?}",
+            decided_for(OTHER)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        about_the_order,
+        ["MessageSuppressed:order_confirmation:TemplateUnavailable"],
+        "the paused template was forgotten across the restart"
+    );
 }

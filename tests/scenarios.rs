@@ -75,7 +75,7 @@ fn run(
             });
         }
         if let Some(f) = &step.fact {
-            tables.observe(f);
+            tables.observe(f, at);
         }
         let ctx = Ctx {
             now,
