@@ -210,6 +210,20 @@ pub fn read(path: &Path, names: &TopicNames) -> Result<Vec<DumpedRecord>> {
     }
 }
 
+/// Reads a dump held in memory, `label` standing for its file name in errors: what `read` does
+/// once the file is open (and what the fuzzer drives).
+pub fn read_bytes(
+    label: &Path,
+    format: Format,
+    bytes: &[u8],
+    names: &TopicNames,
+) -> Result<Vec<DumpedRecord>> {
+    match format {
+        Format::JsonLines => read_json_lines(label, bytes, names),
+        Format::Avro => read_avro(label, bytes, names),
+    }
+}
+
 /// What a replay topic holds; `None` for topics a dump has no use for.
 #[derive(Clone, Copy)]
 enum Holds {

@@ -505,25 +505,79 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
-    let inc = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = verify_signature(
-        &g.config.app_secret,
-        headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes()),
-        &body,
-    ) {
-        inc(&g.metrics.unauthorized);
-        return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+/// Why a webhook was turned away, which decides the status it is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The signature or credentials are missing or wrong: 401, nothing in the body is read.
+    Unauthorized(String),
+    /// Authenticated, but the body is not what the provider sends: 400.
+    BadRequest(BodyError),
+}
+
+/// A WhatsApp Cloud API webhook as the gateway reads it: the signature over the raw body
+/// first, then the body. The door `POST /webhook` opens onto.
+pub fn read_whatsapp(
+    app_secret: &[u8],
+    signature: Option<&[u8]>,
+    body: &[u8],
+    received_at: Millis,
+) -> Result<Vec<Callback>, Refusal> {
+    verify_signature(app_secret, signature, body)
+        .map_err(|e| Refusal::Unauthorized(e.to_string()))?;
+    normalise(body, received_at).map_err(Refusal::BadRequest)
+}
+
+/// An SMS status callback as the gateway reads it: the signature over the URL the provider
+/// called and the form fields, then the fields. The door `POST /webhooks/sms` opens onto.
+pub fn read_sms(
+    auth_token: &[u8],
+    signature: Option<&[u8]>,
+    url: &str,
+    body: &[u8],
+    received_at: Millis,
+) -> Result<Vec<Callback>, Refusal> {
+    let fields: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+    crate::sms::verify_signature(auth_token, signature, url, &fields)
+        .map_err(|e| Refusal::Unauthorized(e.to_string()))?;
+    let data = crate::sms::url_param(url, crate::sms::CALLBACK_PARAM);
+    crate::sms::normalise(&fields, data.as_deref(), received_at).map_err(Refusal::BadRequest)
+}
+
+/// E-mail delivery events as the gateway reads them: basic auth, then the body. The door
+/// `POST /webhooks/email` opens onto.
+pub fn read_email(
+    (user, password): (&str, &str),
+    authorization: Option<&[u8]>,
+    body: &[u8],
+    received_at: Millis,
+) -> Result<Vec<Callback>, Refusal> {
+    if !crate::email::authorized(authorization, user, password) {
+        return Err(Refusal::Unauthorized(
+            "missing or wrong basic-auth credentials".into(),
+        ));
     }
-    match normalise(&body, wall_clock_ms()) {
+    crate::email::normalise(body, received_at).map_err(Refusal::BadRequest)
+}
+
+async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
+    match read_whatsapp(&g.config.app_secret, signature, &body, wall_clock_ms()) {
         Ok(callbacks) => accept(&g, &callbacks, &body).await,
-        Err(e) => bad_request(&g, e),
+        Err(r) => refused(&g, r),
     }
 }
 
-fn bad_request(g: &Gateway, e: BodyError) -> Response {
-    g.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-    (StatusCode::BAD_REQUEST, e.0).into_response()
+fn refused(g: &Gateway, r: Refusal) -> Response {
+    match r {
+        Refusal::Unauthorized(why) => {
+            g.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::UNAUTHORIZED, why).into_response()
+        }
+        Refusal::BadRequest(e) => {
+            g.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::BAD_REQUEST, e.0).into_response()
+        }
+    }
 }
 
 /// `POST /webhooks/sms`: an SMS status callback, its signature checked over the URL the
@@ -541,7 +595,6 @@ async fn receive_sms(
         )
             .into_response();
     };
-    let fields: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     let base = match &g.config.public_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => format!(
@@ -554,21 +607,12 @@ async fn receive_sms(
     };
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{base}{path}");
-    if let Err(e) = crate::sms::verify_signature(
-        token,
-        headers
-            .get(crate::sms::SIGNATURE_HEADER)
-            .map(|v| v.as_bytes()),
-        &url,
-        &fields,
-    ) {
-        g.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
-    }
-    let data = crate::sms::url_param(&url, crate::sms::CALLBACK_PARAM);
-    match crate::sms::normalise(&fields, data.as_deref(), wall_clock_ms()) {
+    let signature = headers
+        .get(crate::sms::SIGNATURE_HEADER)
+        .map(|v| v.as_bytes());
+    match read_sms(token, signature, &url, &body, wall_clock_ms()) {
         Ok(callbacks) => accept(&g, &callbacks, &body).await,
-        Err(e) => bad_request(&g, e),
+        Err(r) => refused(&g, r),
     }
 }
 
@@ -581,21 +625,10 @@ async fn receive_email(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: 
         )
             .into_response();
     };
-    if !crate::email::authorized(
-        headers.get("authorization").map(|v| v.as_bytes()),
-        user,
-        password,
-    ) {
-        g.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong basic-auth credentials",
-        )
-            .into_response();
-    }
-    match crate::email::normalise(&body, wall_clock_ms()) {
+    let authorization = headers.get("authorization").map(|v| v.as_bytes());
+    match read_email((user, password), authorization, &body, wall_clock_ms()) {
         Ok(callbacks) => accept(&g, &callbacks, &body).await,
-        Err(e) => bad_request(&g, e),
+        Err(r) => refused(&g, r),
     }
 }
 

@@ -33,6 +33,7 @@ pub mod chaos;
 pub mod cli;
 pub mod demo;
 pub mod dlq;
+pub mod doors;
 pub mod dump;
 pub mod email;
 pub mod gateway;
