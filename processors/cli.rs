@@ -1575,6 +1575,15 @@ pub fn topics_apply(
                         spec.retention_ms
                     ));
                 }
+                if let Some(lag) = spec.max_compaction_lag_ms {
+                    if get("max.compaction.lag.ms") != lag.to_string() {
+                        report.push(format!(
+                            "DIFFERS {}: max.compaction.lag.ms {}, topics.toml says {lag}",
+                            spec.name,
+                            get("max.compaction.lag.ms"),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -1590,17 +1599,25 @@ pub fn topics_apply(
     }
     if !missing.is_empty() {
         let retention: Vec<String> = missing.iter().map(|s| s.retention_ms.to_string()).collect();
+        let lag: Vec<Option<String>> = missing
+            .iter()
+            .map(|s| s.max_compaction_lag_ms.map(|l| l.to_string()))
+            .collect();
         let new: Vec<NewTopic> = missing
             .iter()
-            .zip(&retention)
-            .map(|(s, r)| {
-                NewTopic::new(
+            .zip(retention.iter().zip(&lag))
+            .map(|(s, (r, lag))| {
+                let topic = NewTopic::new(
                     &s.name,
                     s.partitions,
                     TopicReplication::Fixed(replication.unwrap_or(s.replication)),
                 )
                 .set("cleanup.policy", &s.cleanup_policy)
-                .set("retention.ms", r)
+                .set("retention.ms", r);
+                match lag {
+                    Some(lag) => topic.set("max.compaction.lag.ms", lag),
+                    None => topic,
+                }
             })
             .collect();
         let results = rt.block_on(admin.create_topics(new.iter(), &opts))?;

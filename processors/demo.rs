@@ -210,6 +210,7 @@ pub fn start_cluster_on(
                 replication: 3,
                 cleanup_policy: "delete".into(),
                 retention_ms: 86_400_000,
+                max_compaction_lag_ms: None,
                 doc: "herald bench's pass-through figure".into(),
             });
             let brokers = kafka::cluster_size(settings)?;
@@ -386,8 +387,10 @@ pub fn read_topic_with(
     let mut tpl = TopicPartitionList::new();
     let mut highs = HashMap::new();
     for p in 0..partitions {
-        let (_, high) = kafka::watermarks(&consumer, topic, p)?;
-        if high > 0 {
+        // A partition whose records retention deleted (low = high) has nothing to read, and
+        // its end would never be seen: no record comes to set the position.
+        let (low, high) = kafka::watermarks(&consumer, topic, p)?;
+        if high > low {
             highs.insert(p, high);
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }

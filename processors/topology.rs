@@ -215,6 +215,10 @@ pub struct TopicSpec {
     pub cleanup_policy: String,
     /// Retention in milliseconds; -1 keeps forever.
     pub retention_ms: i64,
+    /// For a compacted topic, the longest a superseded record (an erased customer's card) may
+    /// wait before the cleaner removes it; absent, the broker's default (no bound).
+    #[serde(default)]
+    pub max_compaction_lag_ms: Option<i64>,
     pub doc: String,
 }
 
