@@ -13,9 +13,8 @@
 
 mod common;
 
-use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
+use herald::demo;
 use herald::events::*;
-use herald::gateway::sign;
 use herald::registry::Codec;
 use herald::scenario::FeedItem;
 use herald::topology::Topology;
@@ -24,7 +23,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const DAY: Millis = 86_400_000;
@@ -198,106 +196,43 @@ fn sixty_days_with_the_inputs_deleted_behind_herald_and_every_process_restarted(
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let ready = |what: &str, port: u16| {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while rt
-            .block_on(http.get(format!("http://127.0.0.1:{port}/readyz")).send())
-            .map_or(true, |r| r.status() != 200)
-        {
-            assert!(Instant::now() < deadline, "{what} never became ready");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
     // A stage started and ready (joined, restored, consuming): facts fed before that could
     // outlive their 12 s on the broker unread.
     let stage = |stage: &str| {
         let metrics = common::free_port();
         let child = common::Killed(
-            Command::new(env!("CARGO_BIN_EXE_herald"))
-                .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
-                .args(["run", "--stage", stage, "--instance-id", "long-horizon"])
-                .args(["--bootstrap", &cluster.bootstrap])
-                .args(["--registry", &cluster.registry_url])
-                .args(["--provider-url", &cluster.simulator_url])
-                .args(["--phone-number-id", "1055501234567890"])
-                .args(["--provider-token", "long-horizon"])
-                .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-                .arg("--store")
-                .arg(dir.path().join(format!("{stage}.redb")))
-                // The facts are weeks old: the wall clock would overtake them.
-                .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
-                .env(
-                    "RUST_LOG",
-                    std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),
-                )
-                .spawn()
-                .expect("herald starts"),
+            common::stage_command(
+                &cluster,
+                stage,
+                "long-horizon",
+                &dir.path().join(format!("{stage}.redb")),
+            )
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+            .spawn()
+            .expect("herald starts"),
         );
-        ready(stage, metrics);
+        common::wait_ready(&rt, stage, metrics, 90);
         child
     };
-    let gateway = || {
-        let (listen, health) = (common::free_port(), common::free_port());
-        let child = common::Killed(
-            Command::new(env!("CARGO_BIN_EXE_herald"))
-                .args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
-                .args(["--health-listen", &format!("127.0.0.1:{health}")])
-                .args(["--app-secret", DEMO_APP_SECRET])
-                .args(["--verify-token", DEMO_VERIFY_TOKEN])
-                .args(["--identifier-key", herald::identity::DEMO_KEY])
-                .args(["--bootstrap", &cluster.bootstrap])
-                .args(["--registry", &cluster.registry_url])
-                .env("RUST_LOG", "error")
-                .spawn()
-                .expect("the gateway starts"),
-        );
-        ready("the gateway", health);
-        (child, listen)
-    };
+    let gateway = || common::start_gateway(&rt, &cluster);
     let stop_from = |listen: u16, number: &str, id: &str, at: Millis| {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "object": "whatsapp_business_account",
-            "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messages": [
-                {"from": number.trim_start_matches('+'), "id": id, "timestamp": (at / 1000).to_string(),
-                 "type": "text", "text": {"body": "STOP"}}]}}]}]
-        }))
-        .unwrap();
-        let status = rt
-            .block_on(
-                http.post(format!("http://127.0.0.1:{listen}/webhook"))
-                    .header(
-                        "x-hub-signature-256",
-                        sign(DEMO_APP_SECRET.as_bytes(), &body),
-                    )
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send(),
-            )
-            .unwrap()
-            .status();
-        assert_eq!(status, 200, "STOP from {number}");
+        let body = common::inbound_text(number, id, at / 1000, "STOP");
+        assert_eq!(
+            common::post_signed(&rt, listen, &body),
+            200,
+            "STOP from {number}"
+        );
     };
     // Every decision so far, by customer, as summaries.
     let decided = || {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        demo::read_topic(
-            &cluster.bootstrap,
-            topology.names.decisions(),
-            topology.partitions(),
-            |m| {
-                let d = rt
-                    .block_on(codec.decode_decision(m.payload()))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let summary = match &d.outcome {
-                    Outcome::EventAccepted(a) => format!("accepted:{}", a.envelope.event_id),
-                    other => other.summary(),
-                };
-                out.entry(d.customer_id.clone()).or_default().push(summary);
-                Ok(())
-            },
-        )
-        .unwrap();
+        for d in common::read_decisions(&rt, &cluster, &codec, &topology) {
+            let summary = match &d.outcome {
+                Outcome::EventAccepted(a) => format!("accepted:{}", a.envelope.event_id),
+                other => other.summary(),
+            };
+            out.entry(d.customer_id).or_default().push(summary);
+        }
         out
     };
     let sends_to = |number: &str| {

@@ -8,9 +8,8 @@
 
 mod common;
 
-use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
+use herald::demo;
 use herald::events::*;
-use herald::gateway::sign;
 use herald::registry::Codec;
 use herald::scenario::FeedItem;
 use herald::topology::Topology;
@@ -18,7 +17,6 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::Message;
 use rdkafka::TopicPartitionList;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CUSTOMER: &str = "cust-000042";
@@ -145,22 +143,8 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
 
     let run = |stage: &str, store: &std::path::Path| {
         common::Killed(
-            Command::new(env!("CARGO_BIN_EXE_herald"))
-                .env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
-                .args(["run", "--stage", stage, "--instance-id", "retention"])
-                .args(["--bootstrap", &cluster.bootstrap])
-                .args(["--registry", &cluster.registry_url])
-                .args(["--provider-url", &cluster.simulator_url])
-                .args(["--phone-number-id", "1055501234567890"])
-                .args(["--provider-token", "retention"])
+            common::stage_command(&cluster, stage, "retention", store)
                 .args(["--metrics-addr", "127.0.0.1:0"])
-                .arg("--store")
-                .arg(store)
-                .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
-                .env(
-                    "RUST_LOG",
-                    std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),
-                )
                 .spawn()
                 .expect("herald starts"),
         )
@@ -175,22 +159,11 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
     };
     // The customer's decisions, for a failure to show what was decided instead.
     let decided_for = |customer: &str| {
-        let mut out = Vec::new();
-        demo::read_topic(
-            &cluster.bootstrap,
-            topology.names.decisions(),
-            topology.partitions(),
-            |m| {
-                let d = rt
-                    .block_on(codec.decode_decision(m.payload()))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if d.customer_id == customer {
-                    out.push(d.outcome.summary());
-                }
-                Ok(())
-            },
-        )
-        .unwrap();
+        let mut out: Vec<String> = common::read_decisions(&rt, &cluster, &codec, &topology)
+            .into_iter()
+            .filter(|d| d.customer_id == customer)
+            .map(|d| d.outcome.summary())
+            .collect();
         demo::read_topic(
             &cluster.bootstrap,
             topology.names.dispatch(),
@@ -284,50 +257,9 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
     );
 
     // A gateway started now routes the customer's STOP to them: an opt-out, not a dead letter.
-    let (listen, health) = (common::free_port(), common::free_port());
-    let _gateway = common::Killed(
-        Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--health-listen", &format!("127.0.0.1:{health}")])
-            .args(["--app-secret", DEMO_APP_SECRET])
-            .args(["--verify-token", DEMO_VERIFY_TOKEN])
-            .args(["--identifier-key", herald::identity::DEMO_KEY])
-            .args(["--bootstrap", &cluster.bootstrap])
-            .args(["--registry", &cluster.registry_url])
-            .env("RUST_LOG", "error")
-            .spawn()
-            .expect("the gateway starts"),
-    );
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while rt
-        .block_on(http.get(format!("http://127.0.0.1:{health}/readyz")).send())
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "the gateway never became ready");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let post = |body: &[u8]| {
-        rt.block_on(
-            http.post(format!("http://127.0.0.1:{listen}/webhook"))
-                .header(
-                    "x-hub-signature-256",
-                    sign(DEMO_APP_SECRET.as_bytes(), body),
-                )
-                .header("content-type", "application/json")
-                .body(body.to_vec())
-                .send(),
-        )
-        .unwrap()
-        .status()
-    };
-    let stop = serde_json::to_vec(&serde_json::json!({
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messages": [
-            {"from": PHONE.trim_start_matches('+'), "id": "wamid.STOP42", "timestamp": "1795500000",
-             "type": "text", "text": {"body": "STOP"}}]}}]}]
-    }))
-    .unwrap();
+    let (_gateway, listen) = common::start_gateway(&rt, &cluster);
+    let post = |body: &[u8]| common::post_signed(&rt, listen, body);
+    let stop = common::inbound_text(PHONE, "wamid.STOP42", 1_795_500_000, "STOP");
     assert_eq!(post(&stop), 200);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !decided().iter().any(|d| d.starts_with("OptedOut:")) {
@@ -391,22 +323,13 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
     .unwrap();
     assert_eq!(post(&paused), 200);
     let paused_decided = || {
-        let mut n = 0;
-        demo::read_topic(
-            &cluster.bootstrap,
-            topology.names.decisions(),
-            topology.partitions(),
-            |m| {
-                let d = rt
-                    .block_on(codec.decode_decision(m.payload()))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                n += usize::from(matches!(&d.outcome, Outcome::EventAccepted(a)
-                    if matches!(a.fact, Fact::TemplateStatusChanged(_))));
-                Ok(())
-            },
-        )
-        .unwrap();
-        n
+        common::read_decisions(&rt, &cluster, &codec, &topology)
+            .iter()
+            .filter(|d| {
+                matches!(&d.outcome, Outcome::EventAccepted(a)
+                    if matches!(a.fact, Fact::TemplateStatusChanged(_)))
+            })
+            .count()
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while paused_decided() < topology.partitions() as usize {

@@ -209,3 +209,121 @@ pub fn feed(
     )
     .unwrap();
 }
+
+/// `herald run --stage STAGE` against a demo cluster's broker, registry and provider simulator,
+/// with the demo's identifier key, its store at `store` and the wall-clock tick off (the tests'
+/// facts are dated away from now); the caller adds `--metrics-addr` and anything else.
+pub fn stage_command(
+    cluster: &herald::demo::Cluster,
+    stage: &str,
+    instance_id: &str,
+    store: &Path,
+) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
+    c.env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
+        .args(["run", "--stage", stage, "--instance-id", instance_id])
+        .args(["--bootstrap", &cluster.bootstrap])
+        .args(["--registry", &cluster.registry_url])
+        .args(["--provider-url", &cluster.simulator_url])
+        .args(["--phone-number-id", "1055501234567890"])
+        .args(["--provider-token", instance_id])
+        .arg("--store")
+        .arg(store)
+        .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
+        .env(
+            "RUST_LOG",
+            std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),
+        );
+    c
+}
+
+/// Waits until `GET /readyz` on `port` answers 200, for at most `secs`.
+pub fn wait_ready(rt: &tokio::runtime::Runtime, what: &str, port: u16, secs: u64) {
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while rt
+        .block_on(http.get(format!("http://127.0.0.1:{port}/readyz")).send())
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// A `herald gateway` process on a demo cluster, started and ready; its webhook port.
+pub fn start_gateway(
+    rt: &tokio::runtime::Runtime,
+    cluster: &herald::demo::Cluster,
+) -> (Killed, u16) {
+    let (listen, health) = (free_port(), free_port());
+    let child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--health-listen", &format!("127.0.0.1:{health}")])
+            .args(["--app-secret", herald::demo::DEMO_APP_SECRET])
+            .args(["--verify-token", herald::demo::DEMO_VERIFY_TOKEN])
+            .args(["--identifier-key", herald::identity::DEMO_KEY])
+            .args(["--bootstrap", &cluster.bootstrap])
+            .args(["--registry", &cluster.registry_url])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("the gateway starts"),
+    );
+    wait_ready(rt, "the gateway", health, 60);
+    (child, listen)
+}
+
+/// Posts a webhook body to the gateway on `port`, signed with the demo's app secret; the status.
+pub fn post_signed(rt: &tokio::runtime::Runtime, port: u16, body: &[u8]) -> u16 {
+    let secret = herald::demo::DEMO_APP_SECRET.as_bytes();
+    rt.block_on(
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/webhook"))
+            .header("x-hub-signature-256", herald::gateway::sign(secret, body))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send(),
+    )
+    .expect("the gateway answers")
+    .status()
+    .as_u16()
+}
+
+/// A WhatsApp text message from `number` as the Cloud API posts it.
+pub fn inbound_text(number: &str, id: &str, unix_seconds: i64, text: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messages": [
+            {"from": number.trim_start_matches('+'), "id": id, "timestamp": unix_seconds.to_string(),
+             "type": "text", "text": {"body": text}}]}}]}]
+    }))
+    .expect("JSON")
+}
+
+/// Every decision in a cluster's decision log, partition by partition.
+pub fn read_decisions(
+    rt: &tokio::runtime::Runtime,
+    cluster: &herald::demo::Cluster,
+    codec: &herald::registry::Codec,
+    topology: &herald::topology::Topology,
+) -> Vec<herald::events::Decision> {
+    use rdkafka::message::Message;
+    let mut out = Vec::new();
+    herald::demo::read_topic(
+        &cluster.bootstrap,
+        topology.names.decisions(),
+        topology.partitions(),
+        |m| {
+            let d = rt
+                .block_on(codec.decode_decision(m.payload()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            out.push(d);
+            Ok(())
+        },
+    )
+    .expect("the decision log reads");
+    out
+}
