@@ -3,8 +3,9 @@
 //! settings) and over deterministic mutations of those: no panic, no hang, every refusal with
 //! its reason, nothing let in that breaks what a valid input keeps. The short run of what
 //! `scripts/fuzz` runs for millions of inputs under libFuzzer; `HERALD_DOOR_CASES` sets how
-//! many mutations each door gets here (default 20,000). An input that breaks a door is written
-//! to `target/doors-failures/`, ready for `cargo fuzz run <door> <file>`.
+//! many mutations each door gets here (default 20,000). Inputs that once broke a door are kept
+//! under `tests/fuzz/regressions/<door>/` and run before the mutations. An input that breaks a door is written
+//! to `target/doors-failures/`.
 
 use herald::doors::{Door, Verdict, KNOWN_SENDER};
 use herald::events::{Fact, Family, InputEvent};
@@ -379,6 +380,14 @@ fn run(door: Door) {
             "{} seed {i} refused: {v:?}",
             door.name()
         );
+    }
+    // Inputs that once broke the door (found by the fuzzer) must pass it now.
+    let regressions = std::path::Path::new("tests/fuzz/regressions").join(door.name());
+    if let Ok(found) = std::fs::read_dir(&regressions) {
+        for (i, f) in found.enumerate() {
+            let input = std::fs::read(f.unwrap().path()).unwrap();
+            pass(door, &input, seeds.len() + i);
+        }
     }
     let n: usize = std::env::var("HERALD_DOOR_CASES")
         .ok()
