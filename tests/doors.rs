@@ -4,8 +4,9 @@
 //! its reason, nothing let in that breaks what a valid input keeps. The short run of what
 //! `scripts/fuzz` runs for millions of inputs under libFuzzer; `HERALD_DOOR_CASES` sets how
 //! many mutations each door gets here (default 20,000). Inputs that once broke a door are kept
-//! under `tests/fuzz/regressions/<door>/` and run before the mutations. An input that breaks a door is written
-//! to `target/doors-failures/`.
+//! under `tests/fuzz/regressions/<door>/` and run before the mutations. An input that breaks a
+//! door is written to `target/doors-failures/`; the seeds are written to `target/fuzz-seeds/`
+//! for `scripts/fuzz`.
 
 use herald::doors::{Door, Verdict, KNOWN_SENDER};
 use herald::events::{Fact, Family, InputEvent};
@@ -370,6 +371,15 @@ fn pass(door: Door, input: &[u8], n: usize) -> Verdict {
 
 fn run(door: Door) {
     let seeds = seeds(door);
+    // The fuzzer starts from the same seeds: `scripts/fuzz` takes them from here.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("../fuzz-seeds")
+        .join(door.name());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, s) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i:03}")), s).unwrap();
+    }
     // Every seed is what the real source sends: the door must let it in, or the mutations
     // below would only ever test the first refusal.
     for (i, s) in seeds.iter().enumerate() {
@@ -449,19 +459,4 @@ fn topology() {
 #[test]
 fn settings() {
     run(Door::Settings);
-}
-
-/// Writes every door's seeds to `$HERALD_FUZZ_SEEDS/<door>/`, for `scripts/fuzz`.
-#[test]
-#[ignore = "a tool for scripts/fuzz, not a check"]
-fn write_seeds() {
-    let root =
-        std::path::PathBuf::from(std::env::var("HERALD_FUZZ_SEEDS").expect("HERALD_FUZZ_SEEDS"));
-    for door in Door::ALL {
-        let dir = root.join(door.name());
-        std::fs::create_dir_all(&dir).unwrap();
-        for (i, s) in seeds(door).iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i:03}")), s).unwrap();
-        }
-    }
 }
