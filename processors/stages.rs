@@ -81,7 +81,8 @@ fn decode_with_retry<T>(
             Err(DecodeError::Poison(why)) => return Ok(Err(why)),
             Err(DecodeError::Retryable(why)) => {
                 tracing::warn!(error = %why, "registry unavailable; retrying");
-                rt.block_on(tokio::time::sleep(delay));
+                // The timer is made inside the runtime: this thread is not one of its workers.
+                rt.block_on(async { tokio::time::sleep(delay).await });
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
@@ -1582,5 +1583,39 @@ impl Stage for PassthroughStage {
     }
     fn committed(&mut self, _produced: &Produced) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_outage_is_retried_from_a_stage_thread_and_poison_is_not() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt.handle().clone();
+        // Stages decode on plain threads that hold only a handle to the runtime.
+        std::thread::spawn(move || {
+            let mut calls = 0;
+            let decoded = decode_with_retry(&handle, || {
+                calls += 1;
+                if calls < 3 {
+                    Err(DecodeError::Retryable("registry down".into()))
+                } else {
+                    Ok(calls)
+                }
+            })
+            .unwrap();
+            assert_eq!(decoded, Ok(3));
+            let poison: Result<Result<u32, String>> =
+                decode_with_retry(&handle, || Err(DecodeError::Poison("not avro".into())));
+            assert_eq!(poison.unwrap(), Err("not avro".to_string()));
+        })
+        .join()
+        .unwrap();
     }
 }
