@@ -297,12 +297,12 @@ pub struct LogSource {
     #[arg(long = "events", conflicts_with = "bootstrap")]
     pub events: Vec<PathBuf>,
     /// A cluster whose `herald.decisions.v1` is read whole (read_committed).
-    #[arg(long, env = "HERALD_BOOTSTRAP", requires = "registry")]
+    #[arg(long, env = "HERALD_BOOTSTRAP")]
     pub bootstrap: Option<String>,
     #[command(flatten)]
     pub security: KafkaSecurityArgs,
-    #[arg(long, env = "HERALD_REGISTRY_URL")]
-    pub registry: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(flatten)]
     pub topology: TopologyArgs,
 }
@@ -313,11 +313,12 @@ impl LogSource {
     }
 
     fn records(&self) -> Result<Vec<crate::replay::DumpedRecord>> {
-        Ok(match (&self.bootstrap, &self.registry) {
-            (Some(bootstrap), Some(registry)) if self.events.is_empty() => {
+        Ok(match &self.bootstrap {
+            Some(bootstrap) if self.events.is_empty() && self.registry.given(&self.security) => {
                 let topo = self.topology.load()?;
                 let rt = tokio::runtime::Runtime::new()?;
-                let codec = Arc::new(Codec::new(registry, &topo.names)?);
+                let registry = self.registry.settings(&self.security)?;
+                let codec = Arc::new(Codec::with_settings(&registry, &topo.names)?);
                 let settings = connect(bootstrap, &self.security, true, "log-reader")?;
                 crate::dump::export(
                     &settings,
@@ -393,8 +394,8 @@ fn parse_instant(flag: &str, text: &str) -> Result<crate::events::Millis> {
 pub struct ClusterArgs {
     #[command(flatten)]
     kafka: KafkaClientArgs,
-    #[arg(long, env = "HERALD_REGISTRY_URL")]
-    registry: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -445,8 +446,11 @@ pub enum DlqAction {
 pub enum SchemasAction {
     /// Registers every Herald schema under `<topic>-value` (idempotent).
     Register {
-        #[arg(long, env = "HERALD_REGISTRY_URL")]
-        registry: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// The Kafka properties file may hold the registry's settings.
+        #[command(flatten)]
+        security: KafkaSecurityArgs,
         /// The topology whose topic names give the subjects.
         #[command(flatten)]
         topology: TopologyArgs,
@@ -465,8 +469,8 @@ pub enum StageName {
 pub struct RunArgs {
     #[command(flatten)]
     pub kafka: KafkaClientArgs,
-    #[arg(long, env = "HERALD_REGISTRY_URL")]
-    pub registry: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// The state store: an embedded store file, or ScyllaDB as
     /// `scylla://HOST:PORT[,HOST:PORT]/KEYSPACE[?replication_factor=3&local_dc=DC&consistency=local_quorum&timeout_ms=5000]`.
     #[arg(long, env = "HERALD_STORE", default_value = ".herald/state.redb")]
@@ -630,8 +634,8 @@ pub struct KafkaSecurityArgs {
 }
 
 impl KafkaSecurityArgs {
-    /// The settings from the file, the environment and the flags, in that order.
-    pub fn settings(&self) -> Result<Vec<(String, String)>> {
+    /// Every `key=value` from the file, the environment and the flags, in that order.
+    fn all_settings(&self) -> Result<Vec<(String, String)>> {
         let mut out = match &self.kafka_properties {
             Some(path) => kafka::read_properties(path)?,
             None => Vec::new(),
@@ -639,6 +643,70 @@ impl KafkaSecurityArgs {
         out.extend(kafka::settings_from_env(std::env::vars()));
         out.extend(self.kafka_config.iter().cloned());
         Ok(out)
+    }
+
+    /// The librdkafka settings: all but the schema registry's.
+    pub fn settings(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .all_settings()?
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(crate::registry::PROPERTY_PREFIX))
+            .collect())
+    }
+
+    /// The `schema.registry.*` settings, which the same file may hold, as Confluent's clients
+    /// read them.
+    pub fn registry_properties(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .all_settings()?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(crate::registry::PROPERTY_PREFIX))
+            .collect())
+    }
+}
+
+/// How a command reaches the schema registry (Confluent's API, or Apicurio's
+/// `/apis/ccompat/v7`). Each setting may also come from the Kafka properties file as
+/// `schema.registry.url`, `schema.registry.basic.auth.user.info` and
+/// `schema.registry.ssl.ca.location`; a flag or variable wins over the file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// The registry's URL.
+    #[arg(long = "registry", env = "HERALD_REGISTRY_URL")]
+    pub registry: Option<String>,
+    /// USER:PASSWORD for a registry behind HTTP basic auth (Confluent Cloud: key and secret).
+    #[arg(
+        long = "registry-user-info",
+        env = "HERALD_REGISTRY_USER_INFO",
+        hide_env_values = true
+    )]
+    pub registry_user_info: Option<String>,
+    /// PEM file of the CA that signed the registry's certificate.
+    #[arg(long = "registry-ca-file", env = "HERALD_REGISTRY_CA_FILE")]
+    pub registry_ca_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// The registry settings, from these options over the properties file's.
+    pub fn settings(
+        &self,
+        security: &KafkaSecurityArgs,
+    ) -> Result<crate::registry::RegistrySettings> {
+        crate::registry::RegistrySettings::resolve(
+            &security.registry_properties()?,
+            self.registry.as_deref(),
+            self.registry_user_info.as_deref(),
+            self.registry_ca_file.as_deref(),
+        )
+    }
+
+    /// Whether a registry is named here or in the properties file.
+    fn given(&self, security: &KafkaSecurityArgs) -> bool {
+        self.registry.is_some()
+            || security
+                .registry_properties()
+                .map(|p| p.iter().any(|(k, _)| k == "schema.registry.url"))
+                .unwrap_or(false)
     }
 }
 
@@ -770,10 +838,18 @@ pub fn main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Schemas {
-            action: SchemasAction::Register { registry, topology },
+            action:
+                SchemasAction::Register {
+                    registry,
+                    security,
+                    topology,
+                },
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            let codec = Codec::new(&registry, &topology.load()?.names)?;
+            let registry = registry.settings(&security)?;
+            rt.block_on(crate::registry::ping(&registry))?;
+            let codec = Codec::with_settings(&registry, &topology.load()?.names)?;
+            rt.block_on(codec.require_backward_compatibility(&registry))?;
             for (subject, id) in rt.block_on(codec.register_all())? {
                 println!("{subject}\tid {id}");
             }
@@ -1060,7 +1136,10 @@ pub fn main(cli: Cli) -> Result<()> {
             crate::dump::Format::of(&out)?;
             let topo = dir.load()?;
             let rt = tokio::runtime::Runtime::new()?;
-            let codec = Arc::new(Codec::new(&registry, &topo.names)?);
+            let codec = Arc::new(Codec::with_settings(
+                &registry.settings(&kafka.security)?,
+                &topo.names,
+            )?);
             let settings = kafka.connect(true, "export")?;
             let records = crate::dump::export(
                 &settings,
@@ -1105,8 +1184,8 @@ pub struct GatewayArgs {
     pub identifier_key: String,
     #[command(flatten)]
     pub kafka: KafkaClientArgs,
-    #[arg(long, env = "HERALD_REGISTRY_URL")]
-    pub registry: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(flatten)]
     pub topology: TopologyArgs,
     /// How long Kafka may take to acknowledge a webhook's events before it is answered 503.
@@ -1208,7 +1287,7 @@ fn gateway(args: GatewayArgs) -> Result<()> {
         }
     }
     let topo = args.topology.load()?;
-    let (rt, codec) = runtime_with_registry(&args.registry, &topo)?;
+    let (rt, codec) = runtime_with_registry(&args.registry.settings(&args.kafka.security)?, &topo)?;
     let mut settings = args.kafka.connect(false, "gateway")?;
     settings.group_prefix = default_group_prefix(&topo);
     let stop = kafka::stop_on_signal(rt.handle());
@@ -1317,7 +1396,13 @@ fn dead_letters(action: DlqAction) -> Result<()> {
         .iter()
         .find(|t| t.role == Some(crate::topology::TopicRole::Dlq))
         .map_or(topo.partitions(), |t| t.partitions);
-    let (rt, codec) = runtime_with_registry(&args.cluster.registry, &topo)?;
+    let (rt, codec) = runtime_with_registry(
+        &args
+            .cluster
+            .registry
+            .settings(&args.cluster.kafka.security)?,
+        &topo,
+    )?;
     let settings = args.cluster.kafka.connect(true, "herald-dlq")?;
     let entries: Vec<crate::dlq::Entry> = crate::dlq::read_all(&settings, &codec, &rt, partitions)?
         .into_iter()
@@ -1406,7 +1491,7 @@ pub fn default_group_prefix(topology: &Topology) -> String {
 
 /// The runtime a long-running command works on, and the codec of a registry it has reached.
 fn runtime_with_registry(
-    registry: &str,
+    registry: &crate::registry::RegistrySettings,
     topology: &Topology,
 ) -> Result<(tokio::runtime::Runtime, Arc<Codec>)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1414,14 +1499,18 @@ fn runtime_with_registry(
         .enable_all()
         .build()?;
     rt.block_on(crate::registry::ping(registry))?;
-    let codec = Arc::new(Codec::new(registry, &topology.names)?);
+    let codec = Arc::new(Codec::with_settings(registry, &topology.names)?);
+    // Every schema this process writes is resolved now, so a registry outage later holds up
+    // only records of a schema it has not seen, never its own writes.
+    rt.block_on(codec.register_all())
+        .context("resolving Herald's schemas in the registry")?;
     Ok((rt, codec))
 }
 
 fn run(args: RunArgs) -> Result<()> {
     let identifiers = identifier_key_from(&args.identifier_key)?;
     let topo = Arc::new(args.topology.load()?);
-    let (rt, codec) = runtime_with_registry(&args.registry, &topo)?;
+    let (rt, codec) = runtime_with_registry(&args.registry.settings(&args.kafka.security)?, &topo)?;
     let store: kafka::SharedStore = args.store.open(rt.handle())?;
     let instance = args
         .instance_id

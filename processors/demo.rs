@@ -118,6 +118,9 @@ pub struct Cluster {
     /// How clients reach it: the bootstrap address and any security settings.
     pub kafka: KafkaSettings,
     pub registry_url: String,
+    /// The registry with whatever credentials and CA it needs (`registry_url` alone for Herald's
+    /// own).
+    pub registry: crate::registry::RegistrySettings,
     pub simulator_url: String,
     pub simulator: Arc<provider::SimulatorLog>,
     /// The webhook gateway the simulator posts status webhooks to.
@@ -192,6 +195,18 @@ pub fn start_cluster_on(
     simulator: provider::SimulatorOptions,
     brokers: Option<&KafkaSettings>,
 ) -> Result<Cluster> {
+    start_cluster_with(rt, topology, simulator, brokers, None)
+}
+
+/// As `start_cluster_on`, against an existing schema registry (`None`: Herald's own, served
+/// in-process).
+pub fn start_cluster_with(
+    rt: &tokio::runtime::Runtime,
+    topology: &Topology,
+    simulator: provider::SimulatorOptions,
+    brokers: Option<&KafkaSettings>,
+    registry: Option<&crate::registry::RegistrySettings>,
+) -> Result<Cluster> {
     let (mock, kafka) = match brokers {
         None => {
             let mock = rdkafka::mocking::MockCluster::new(1)
@@ -220,8 +235,14 @@ pub fn start_cluster_on(
     };
     let bootstrap = kafka.bootstrap.clone();
     let any = "127.0.0.1:0".parse().map_err(|e| anyhow!("{e}"))?;
-    let reg = rt.block_on(registry::serve(any))?;
-    let registry_url = format!("http://{reg}");
+    let registry = match registry {
+        Some(settings) => settings.clone(),
+        None => {
+            let reg = rt.block_on(registry::serve(any))?;
+            crate::registry::RegistrySettings::new(&format!("http://{reg}"))
+        }
+    };
+    let registry_url = registry.url.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gateway = crate::gateway::start(
         rt,
@@ -231,7 +252,7 @@ pub fn start_cluster_on(
             s.instance_id = "demo-gateway".into();
             s
         },
-        Arc::new(Codec::new(&registry_url, &topology.names)?),
+        Arc::new(Codec::with_settings(&registry, &topology.names)?),
         crate::gateway::GatewayConfig {
             app_secret: simulator.app_secret.clone(),
             verify_token: DEMO_VERIFY_TOKEN.into(),
@@ -267,6 +288,7 @@ pub fn start_cluster_on(
         bootstrap,
         kafka,
         registry_url,
+        registry,
         simulator_url: format!("http://{sim}"),
         simulator: log,
         gateway_url,

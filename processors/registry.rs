@@ -253,6 +253,22 @@ async fn compatibility(
     }
 }
 
+/// Herald's registry checks BACKWARD compatibility always; it accepts that level and refuses
+/// any other, as a registry that cannot honour a level must.
+async fn set_compatibility(
+    Path(_subject): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    match body.get("compatibility").and_then(|c| c.as_str()) {
+        Some("BACKWARD") => Json(json!({"compatibility": "BACKWARD"})).into_response(),
+        other => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            format!("compatibility {other:?}: this registry checks BACKWARD only"),
+        ),
+    }
+}
+
 /// The router of Herald's registry subset.
 pub fn router() -> Router {
     Router::new()
@@ -266,6 +282,7 @@ pub fn router() -> Router {
             get(subject_version),
         )
         .route("/schemas/ids/{id}", get(schema_by_id))
+        .route("/config/{subject}", axum::routing::put(set_compatibility))
         .route(
             "/compatibility/subjects/{subject}/versions/{version}",
             post(compatibility),
@@ -276,6 +293,136 @@ pub fn router() -> Router {
 /// Serves the registry subset on `addr` (port 0 picks one); returns the bound address.
 pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
     crate::telemetry::serve_router(addr, router(), "schema registry").await
+}
+
+/// The Kafka properties-file keys a registry's settings may come from, as Confluent's clients
+/// name them; librdkafka never sees them.
+pub const PROPERTY_PREFIX: &str = "schema.registry.";
+const URL_KEY: &str = "schema.registry.url";
+const USER_INFO_KEY: &str = "schema.registry.basic.auth.user.info";
+const CA_KEY: &str = "schema.registry.ssl.ca.location";
+
+/// How to reach a schema registry: its Confluent-compatible URL, and what a secured one asks
+/// for (HTTP basic auth, a private CA).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RegistrySettings {
+    pub url: String,
+    /// `USER:PASSWORD` for HTTP basic auth (Confluent Cloud: API key and secret).
+    pub user_info: Option<String>,
+    /// PEM file of the CA that signed the registry's certificate, beside the system's CAs.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password never reaches a log line.
+        let user = self
+            .user_info
+            .as_deref()
+            .map(|u| format!("{}:***", u.split(':').next().unwrap_or_default()));
+        f.debug_struct("RegistrySettings")
+            .field("url", &self.url)
+            .field("user_info", &user)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl RegistrySettings {
+    /// A registry at `url` that asks for nothing more.
+    pub fn new(url: &str) -> RegistrySettings {
+        RegistrySettings {
+            url: url.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Settings from the `schema.registry.*` keys of a Kafka properties file, overridden by
+    /// what flags or the environment give (`url`, `user_info`, `ca_file`). An error names the
+    /// setting to fix.
+    pub fn resolve(
+        properties: &[(String, String)],
+        url: Option<&str>,
+        user_info: Option<&str>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<RegistrySettings> {
+        let property = |key: &str| {
+            properties
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        for (k, _) in properties {
+            if k.starts_with(PROPERTY_PREFIX)
+                && ![URL_KEY, USER_INFO_KEY, CA_KEY].contains(&k.as_str())
+            {
+                anyhow::bail!("{k}: not a registry setting Herald knows ({URL_KEY}, {USER_INFO_KEY}, {CA_KEY})");
+            }
+        }
+        let url = url.map(str::to_string).or_else(|| property(URL_KEY)).ok_or_else(|| {
+            anyhow!("no schema registry: give --registry (HERALD_REGISTRY_URL) or {URL_KEY} in the Kafka properties file")
+        })?;
+        let url = url.trim_end_matches('/').to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            anyhow::bail!(
+                "--registry (HERALD_REGISTRY_URL): '{url}' must start with http:// or https://"
+            );
+        }
+        let user_info = user_info
+            .map(str::to_string)
+            .or_else(|| property(USER_INFO_KEY))
+            .filter(|u| !u.is_empty());
+        if let Some(u) = &user_info {
+            if !u.contains(':') {
+                anyhow::bail!("--registry-user-info (HERALD_REGISTRY_USER_INFO, {USER_INFO_KEY}) is USER:PASSWORD");
+            }
+        }
+        let ca_file = ca_file
+            .map(std::path::Path::to_path_buf)
+            .or_else(|| property(CA_KEY).map(std::path::PathBuf::from));
+        Ok(RegistrySettings {
+            url,
+            user_info,
+            ca_file,
+        })
+    }
+
+    /// An HTTP client that trusts the configured CA.
+    fn client_builder(&self) -> Result<reqwest::ClientBuilder> {
+        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path).with_context(|| {
+                format!(
+                    "--registry-ca-file (HERALD_REGISTRY_CA_FILE): cannot read {}",
+                    path.display()
+                )
+            })?;
+            let ca = reqwest::Certificate::from_pem(&pem).with_context(|| {
+                format!(
+                    "--registry-ca-file (HERALD_REGISTRY_CA_FILE): {} is not a PEM certificate",
+                    path.display()
+                )
+            })?;
+            builder = builder.add_root_certificate(ca);
+        }
+        Ok(builder)
+    }
+
+    fn basic_auth(&self) -> Option<(&str, &str)> {
+        self.user_info.as_deref().and_then(|u| u.split_once(':'))
+    }
+
+    fn converter_settings(&self) -> Result<SrSettings> {
+        let mut builder = SrSettings::new_builder(self.url.clone());
+        builder.set_timeout(std::time::Duration::from_secs(10));
+        if let Some((user, password)) = self.basic_auth() {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        builder
+            .build_with(self.client_builder()?)
+            .map_err(|e| anyhow!("schema registry settings: {e}"))
+    }
 }
 
 /// Encodes and decodes Herald's records in the Confluent wire format against a registry.
@@ -301,21 +448,42 @@ pub enum DecodeError {
     Poison(String),
 }
 
-fn classify(e: SRCError) -> DecodeError {
-    if e.retriable {
+/// Who must act on a registry error. The converter retries only 502 and 503; a real registry
+/// also answers 401/403 while credentials rotate, 429 when rate-limiting (Confluent Cloud) and
+/// 500 or 504 while it restarts. Those are the registry's trouble, not the record's: retried,
+/// never dead-lettered. What remains poison is what the record itself causes: an id the
+/// registry does not know (404), a schema or payload that does not parse.
+pub fn classify(e: SRCError) -> DecodeError {
+    if e.retriable || registry_trouble(&e.error) {
         DecodeError::Retryable(e.to_string())
     } else {
         DecodeError::Poison(e.to_string())
     }
 }
 
+/// Whether the converter's error text names an HTTP status that is the registry's trouble.
+fn registry_trouble(error: &str) -> bool {
+    let Some(rest) = error.split("failed with status ").nth(1) else {
+        return false;
+    };
+    let code: u16 = rest
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or(0);
+    matches!(code, 401 | 403 | 408 | 429) || (500..600).contains(&code)
+}
+
 impl Codec {
     /// A codec for the registry at `url`, for the topics as this deployment names them.
     pub fn new(url: &str, topics: &TopicNames) -> Result<Self> {
-        let settings = SrSettings::new_builder(url.to_string())
-            .set_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| anyhow!("schema registry settings: {e}"))?;
+        Codec::with_settings(&RegistrySettings::new(url), topics)
+    }
+
+    /// A codec for a registry that may ask for credentials and a private CA.
+    pub fn with_settings(registry: &RegistrySettings, topics: &TopicNames) -> Result<Self> {
+        let settings = registry.converter_settings()?;
         let mut strategies = BTreeMap::new();
         for (role, record) in avro::TOPIC_RECORDS {
             let text = Schemas::get().text(*role)?.to_string();
@@ -350,12 +518,43 @@ impl Codec {
         self.encoder
             .encode_value(value, strategy)
             .await
-            .map_err(|e| anyhow!("encoding for {topic}: {e}"))
+            .map_err(|e| {
+                self.encoder.remove_errors_from_cache();
+                anyhow!("encoding for {topic}: {e}")
+            })
     }
 
     /// The topics this codec reads and writes, by role.
     pub fn topics(&self) -> &TopicNames {
         &self.topics
+    }
+
+    /// Sets every Herald subject's compatibility to BACKWARD, as Herald's schemas evolve (a
+    /// reader of the newest version reads every older record), so the registry refuses a
+    /// producer's incompatible schema. Confluent's registry defaults to it; Apicurio's
+    /// Confluent-compatible API to NONE.
+    pub async fn require_backward_compatibility(&self, registry: &RegistrySettings) -> Result<()> {
+        let client = registry.client_builder()?.build()?;
+        for (topic, _) in self.strategies.values() {
+            let subject = format!("{topic}-value");
+            let mut request = client
+                .put(format!("{}/config/{subject}", registry.url))
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(r#"{"compatibility":"BACKWARD"}"#);
+            if let Some((user, password)) = registry.basic_auth() {
+                request = request.basic_auth(user, Some(password));
+            }
+            let resp = request
+                .send()
+                .await
+                .with_context(|| format!("setting {subject}'s compatibility"))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                anyhow::bail!("setting {subject}'s compatibility to BACKWARD: {status} {body}");
+            }
+        }
+        Ok(())
     }
 
     /// Registers every Herald schema under `<topic>-value` (idempotent).
@@ -437,7 +636,14 @@ impl Codec {
             .decoder
             .decode_with_schema(Some(bytes))
             .await
-            .map_err(classify)?
+            .map_err(|e| {
+                let why = classify(e);
+                if matches!(why, DecodeError::Retryable(_)) {
+                    // The converter keeps failures it thinks final; the next try must ask again.
+                    self.decoder.remove_errors_from_cache();
+                }
+                why
+            })?
             .ok_or_else(|| DecodeError::Poison("record has no value".into()))?;
         let key = (role, decoded.schema.id);
         let cached = self
@@ -521,16 +727,133 @@ impl Codec {
     }
 }
 
-/// Checks that a registry answers at `url`.
-pub async fn ping(url: &str) -> Result<()> {
-    let resp = reqwest::get(format!("{url}/subjects"))
-        .await
-        .context("schema registry unreachable")?;
-    if !resp.status().is_success() {
-        return Err(anyhow!(
-            "schema registry at {url} answered {}",
+/// Checks that a registry answers at its URL and takes the credentials given; an error says
+/// which setting to fix.
+pub async fn ping(registry: &RegistrySettings) -> Result<()> {
+    let url = &registry.url;
+    let client = registry.client_builder()?.build()?;
+    let mut request = client.get(format!("{url}/subjects"));
+    if let Some((user, password)) = registry.basic_auth() {
+        request = request.basic_auth(user, Some(password));
+    }
+    let resp = request.send().await.map_err(|e| {
+        let mut why = format!("{e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
+        let hint = if url.starts_with("https://") && why.contains("certificate") {
+            " (is --registry-ca-file the CA that signed it?)"
+        } else {
+            ""
+        };
+        anyhow!("schema registry at {url} unreachable: {why}{hint}")
+    })?;
+    match resp.status().as_u16() {
+        200..=299 => Ok(()),
+        401 | 403 => Err(anyhow!(
+            "schema registry at {url} refused the credentials ({}): check --registry-user-info (HERALD_REGISTRY_USER_INFO, {USER_INFO_KEY})",
             resp.status()
+        )),
+        _ => Err(anyhow!("schema registry at {url} answered {}", resp.status())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn registry_settings_come_from_the_properties_file_and_flags_win() {
+        let file = props(&[
+            ("schema.registry.url", "https://sr.example.com/"),
+            ("schema.registry.basic.auth.user.info", "key:secret"),
+            ("schema.registry.ssl.ca.location", "/etc/ca.pem"),
+        ]);
+        let s = RegistrySettings::resolve(&file, None, None, None).unwrap();
+        assert_eq!(s.url, "https://sr.example.com");
+        assert_eq!(s.user_info.as_deref(), Some("key:secret"));
+        assert_eq!(
+            s.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert!(!format!("{s:?}").contains("secret"), "{s:?}");
+        let s = RegistrySettings::resolve(
+            &file,
+            Some("http://other:8081"),
+            Some("me:pw"),
+            Some(std::path::Path::new("/ca2.pem")),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.user_info.as_deref()),
+            ("http://other:8081", Some("me:pw"))
+        );
+        for (file, flag, named) in [
+            (props(&[]), None, "--registry"),
+            (props(&[]), Some("sr:8081"), "http://"),
+            (
+                props(&[("schema.registry.user.info", "x:y")]),
+                Some("http://sr"),
+                "schema.registry.user.info",
+            ),
+            (
+                props(&[("schema.registry.basic.auth.user.info", "no-colon")]),
+                Some("http://sr"),
+                "USER:PASSWORD",
+            ),
+        ] {
+            let e = RegistrySettings::resolve(&file, flag, None, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_registrys_own_trouble_is_retried_and_a_bad_record_is_dead_lettered() {
+        let status = |code: &str| {
+            SRCError::non_retryable_without_cause(&format!(
+                "HTTP request to schema registry failed with status {code}"
+            ))
+        };
+        for code in [
+            "401 Unauthorized",
+            "403 Forbidden",
+            "429 Too Many Requests",
+            "500 Internal Server Error",
+            "504 Gateway Timeout",
+        ] {
+            assert!(
+                matches!(classify(status(code)), DecodeError::Retryable(_)),
+                "{code} is the registry's trouble"
+            );
+        }
+        assert!(matches!(
+            classify(status("404 Not Found")),
+            DecodeError::Poison(_)
+        ));
+        assert!(matches!(
+            classify(SRCError::non_retryable_without_cause(
+                "Invalid bytes: first byte is 0x7b, expected magic byte 0x00"
+            )),
+            DecodeError::Poison(_)
+        ));
+        assert!(matches!(
+            classify(SRCError::new(
+                "http call to schema registry failed",
+                None,
+                true
+            )),
+            DecodeError::Retryable(_)
         ));
     }
-    Ok(())
 }
