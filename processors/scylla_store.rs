@@ -148,7 +148,19 @@ pub struct ScyllaConfig {
     pub local_dc: Option<String>,
     pub consistency: Consistency,
     pub request_timeout: Duration,
+    /// The role Herald logs in as (PasswordAuthenticator); its password is never part of the
+    /// address: it comes from `password_file` or `HERALD_STORE_PASSWORD` when connecting.
+    pub user: Option<String>,
+    /// A file holding the password (a mounted Kubernetes secret, say), trailing newline ignored.
+    pub password_file: Option<std::path::PathBuf>,
+    /// Connect over TLS.
+    pub tls: bool,
+    /// The CA that signed the nodes' certificates (PEM); the system's CAs when absent.
+    pub ca_file: Option<std::path::PathBuf>,
 }
+
+/// The environment variable a CQL password may come from when the address names no file.
+pub const PASSWORD_ENV: &str = "HERALD_STORE_PASSWORD";
 
 impl ScyllaConfig {
     /// Parses what follows `scylla://`.
@@ -188,6 +200,10 @@ impl ScyllaConfig {
             local_dc: None,
             consistency: Consistency::LocalQuorum,
             request_timeout: Duration::from_secs(5),
+            user: None,
+            password_file: None,
+            tls: false,
+            ca_file: None,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair
@@ -221,10 +237,78 @@ impl ScyllaConfig {
                             .ok_or_else(|| anyhow!("--store: timeout_ms '{v}' is not a positive number"))?,
                     )
                 }
-                other => bail!("--store: unknown scylla option '{other}' (known: replication_factor, local_dc, consistency, timeout_ms)"),
+                "user" if !v.is_empty() => config.user = Some(v.to_string()),
+                "password_file" if !v.is_empty() => {
+                    config.password_file = Some(std::path::PathBuf::from(v))
+                }
+                "password" => bail!("--store: a password does not go in the address (it would be logged); use password_file=PATH or {PASSWORD_ENV}"),
+                "tls" => {
+                    config.tls = match v {
+                        "true" => true,
+                        "false" => false,
+                        _ => bail!("--store: tls '{v}' is not true or false"),
+                    }
+                }
+                "ca_file" if !v.is_empty() => {
+                    config.ca_file = Some(std::path::PathBuf::from(v));
+                    config.tls = true;
+                }
+                "user" | "password_file" | "ca_file" => bail!("--store: option '{k}' is empty"),
+                other => bail!("--store: unknown scylla option '{other}' (known: replication_factor, local_dc, consistency, timeout_ms, user, password_file, tls, ca_file)"),
             }
         }
         Ok(config)
+    }
+
+    /// The password for `user`: from `password_file`, else from `env` (the process's
+    /// `HERALD_STORE_PASSWORD`). A password without a user, or a user without one, is an error
+    /// naming what to set.
+    pub fn credentials(&self, env: Option<String>) -> Result<Option<(String, String)>> {
+        let from_file = match &self.password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!("--store: password_file {} cannot be read", path.display())
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let password = from_file.or(env.filter(|p| !p.is_empty()));
+        match (&self.user, password) {
+            (Some(user), Some(password)) => Ok(Some((user.clone(), password))),
+            (Some(user), None) => bail!(
+                "--store: user={user} needs a password: password_file=PATH in the address, or {PASSWORD_ENV}"
+            ),
+            (None, Some(_)) => bail!(
+                "--store: a password is given ({PASSWORD_ENV} or password_file) but the address names no user=ROLE"
+            ),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The TLS context for the connections, when TLS is on.
+    fn tls_context(&self) -> Result<Option<openssl::ssl::SslContext>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let mut builder =
+            openssl::ssl::SslContextBuilder::new(openssl::ssl::SslMethod::tls_client())
+                .context("--store: TLS is not available")?;
+        match &self.ca_file {
+            Some(path) => builder.set_ca_file(path).with_context(|| {
+                format!(
+                    "--store: ca_file {} is not a readable PEM CA",
+                    path.display()
+                )
+            })?,
+            None => builder
+                .set_default_verify_paths()
+                .context("--store: the system's CA certificates cannot be loaded")?,
+        }
+        builder.set_verify(openssl::ssl::SslVerifyMode::PEER);
+        Ok(Some(builder.build()))
     }
 
     /// The `WITH replication = ...` map for a new keyspace.
@@ -294,6 +378,8 @@ impl ScyllaStore {
                 bail!("scylla.cql statement {}: {}", s.name, why.join("; "));
             }
         }
+        let credentials = config.credentials(std::env::var(PASSWORD_ENV).ok())?;
+        let tls = config.tls_context()?;
         let handle = rt.clone();
         rt.block_on(async move {
             let profile = ExecutionProfile::builder()
@@ -308,6 +394,12 @@ impl ScyllaStore {
                 .default_execution_profile_handle(profile.into_handle());
             if let Some(dc) = &config.local_dc {
                 builder = builder.prefer_datacenter(dc.clone());
+            }
+            if let Some((user, password)) = credentials {
+                builder = builder.user(user, password);
+            }
+            if let Some(tls) = tls {
+                builder = builder.tls_context(Some(tls));
             }
             let session = builder.build().await.with_context(|| {
                 format!(
@@ -676,6 +768,53 @@ mod tests {
                 source.contains(&format!("take(\"{name}\")")),
                 "{name} unused"
             );
+        }
+    }
+
+    #[test]
+    fn credentials_and_tls_come_from_the_address_and_a_password_never_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let c = ScyllaConfig::parse(&format!(
+            "db:9142/herald?user=herald&password_file={}&ca_file=/etc/ca.pem",
+            file.display()
+        ))
+        .unwrap();
+        assert!(c.tls, "a CA file means TLS");
+        assert_eq!(
+            c.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        // The file's password wins over the environment's; its newline is not part of it.
+        assert_eq!(
+            c.credentials(Some("from-env".into())).unwrap(),
+            Some(("herald".into(), "s3cret".into()))
+        );
+        let from_env = ScyllaConfig::parse("db/herald?user=herald&tls=true").unwrap();
+        assert!(from_env.tls && from_env.ca_file.is_none());
+        assert_eq!(
+            from_env.credentials(Some("pw".into())).unwrap(),
+            Some(("herald".into(), "pw".into()))
+        );
+        let e = from_env.credentials(None).unwrap_err().to_string();
+        assert!(
+            e.contains(PASSWORD_ENV) && e.contains("password_file"),
+            "{e}"
+        );
+        let no_user = ScyllaConfig::parse("db/herald").unwrap();
+        assert_eq!(no_user.credentials(None).unwrap(), None);
+        let e = no_user
+            .credentials(Some("pw".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("user="), "{e}");
+        let e = ScyllaConfig::parse("db/herald?user=herald&password=pw")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("password_file") && !e.contains("pw&"), "{e}");
+        for bad in ["db/herald?tls=yes", "db/herald?user=", "db/herald?ca_file="] {
+            assert!(ScyllaConfig::parse(bad).is_err(), "{bad}");
         }
     }
 

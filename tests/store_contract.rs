@@ -1,6 +1,9 @@
 //! The state-store contract: what the processors, `herald rebuild` and `herald state` rely on,
-//! checked against every backend. The embedded store is checked always; ScyllaDB whenever
-//! `HERALD_TEST_SCYLLA` names a node (`HOST:PORT`), each test in a fresh keyspace.
+//! checked against every backend: the embedded store, an Apache Cassandra 5.0 node that
+//! `scripts/cassandra` starts for this binary (password and TLS on), and ScyllaDB whenever
+//! `HERALD_TEST_SCYLLA` names a node (`HOST:PORT`). Each test gets a fresh keyspace.
+
+mod common;
 
 use herald::audit::ConsentEvent;
 use herald::events::{Channel, Purpose};
@@ -35,11 +38,22 @@ fn backends() -> Vec<Backend> {
     let embedded = StoreAddress::Embedded(dir.path().join("state.redb"))
         .open(runtime().handle())
         .unwrap();
-    let mut out = vec![Backend {
-        name: "embedded".into(),
-        store: embedded,
-        _dir: Some(dir),
-    }];
+    let cassandra = common::cassandra_store(&common::fresh_keyspace("contract"));
+    let mut out = vec![
+        Backend {
+            name: "embedded".into(),
+            store: embedded,
+            _dir: Some(dir),
+        },
+        Backend {
+            store: StoreAddress::parse(&cassandra)
+                .unwrap()
+                .open(runtime().handle())
+                .unwrap_or_else(|e| panic!("Cassandra at {cassandra}: {e:#}")),
+            name: cassandra,
+            _dir: None,
+        },
+    ];
     match std::env::var("HERALD_TEST_SCYLLA") {
         Ok(node) if !node.is_empty() => {
             static N: AtomicU32 = AtomicU32::new(0);

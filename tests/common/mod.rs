@@ -60,40 +60,103 @@ impl Broker {
 
 /// Starts a cluster of `nodes` (1 or 3) under `scripts/kafka`, with `extra` start options.
 pub fn start_broker(nodes: u32, extra: &[&str]) -> Broker {
+    let nodes = nodes.to_string();
+    let mut args = vec!["--nodes", nodes.as_str()];
+    args.extend_from_slice(extra);
+    let service = start_service("kafka", &args);
+    Broker {
+        bootstrap: service.address,
+        dir: service.dir,
+    }
+}
+
+/// A server one of the project's scripts (`scripts/kafka`, `scripts/registry`,
+/// `scripts/cassandra`) started for this test binary; it stops when the binary exits.
+pub struct Service {
+    /// What the script printed last: the address clients use.
+    pub address: String,
+    /// The server's folder: its logs, and the CA and secrets it was started with.
+    pub dir: std::path::PathBuf,
+}
+
+/// Runs `scripts/<script> start --dir <fresh dir> --owner <this process> <extra>`.
+pub fn start_service(script: &str, extra: &[&str]) -> Service {
     let dir = std::env::temp_dir().join(format!(
-        "herald-kafka-{}-{}",
+        "herald-{script}-{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
     ));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka");
-    let out = Command::new(&script)
-        .args(["start", "--nodes", &nodes.to_string(), "--owner"])
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let out = Command::new(&path)
+        .args(["start", "--owner"])
         .arg(std::process::id().to_string())
         .arg("--dir")
         .arg(&dir)
         .args(extra)
         .output()
-        .expect("scripts/kafka runs");
+        .unwrap_or_else(|e| panic!("scripts/{script} runs: {e}"));
     assert!(
         out.status.success(),
-        "scripts/kafka start failed:\n{}",
+        "scripts/{script} start failed:\n{}",
         text(&out)
     );
-    let bootstrap = String::from_utf8_lossy(&out.stdout)
+    let address = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
         .unwrap_or_default()
         .trim()
         .to_string();
     assert!(
-        !bootstrap.is_empty(),
-        "no bootstrap address:\n{}",
+        !address.is_empty(),
+        "scripts/{script} printed no address:\n{}",
         text(&out)
     );
-    Broker { bootstrap, dir }
+    Service { address, dir }
+}
+
+/// The Apache Cassandra node this test binary shares between its tests: passwords on
+/// (PasswordAuthenticator) and TLS only, as a production cluster runs.
+pub fn cassandra() -> &'static Service {
+    static NODE: std::sync::OnceLock<Service> = std::sync::OnceLock::new();
+    NODE.get_or_init(|| start_service("cassandra", &["--auth", "--tls"]))
+}
+
+/// A `--store` address for a fresh keyspace on the shared Cassandra node, with its
+/// credentials (password from a file) and CA.
+pub fn cassandra_store(keyspace: &str) -> String {
+    let node = cassandra();
+    format!(
+        "scylla://{}/{keyspace}?replication_factor=1&user=cassandra&password_file={}&ca_file={}",
+        node.address,
+        node.dir.join("password").display(),
+        node.dir.join("ca.pem").display()
+    )
+}
+
+/// A keyspace name no other test of this run uses.
+pub fn fresh_keyspace(label: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "herald_{label}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    )
+}
+
+/// The user and password of the registry `registry()` starts.
+pub const REGISTRY_USER_INFO: &str = "herald:registry-test-secret";
+
+/// The Apicurio Registry this test binary shares between its tests: HTTPS with a test CA, and
+/// HTTP basic auth, as a company registry or Confluent Cloud's asks.
+pub fn registry() -> &'static Service {
+    static REGISTRY: std::sync::OnceLock<Service> = std::sync::OnceLock::new();
+    REGISTRY
+        .get_or_init(|| start_service("registry", &["--tls", "--basic-auth", REGISTRY_USER_INFO]))
 }
 
 /// The single-node cluster this test binary shares between its tests.
