@@ -6,15 +6,14 @@
 
 mod common;
 
-use common::{text, Killed};
+use common::{herald_env, text, Killed};
 use herald::events::{Decision, DispatchRecord, Outcome};
 use herald::registry::{Codec, RegistrySettings};
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
-use rdkafka::message::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The shared registry's settings: URL, user and CA.
@@ -55,16 +54,6 @@ fn post_schema(rt: &tokio::runtime::Runtime, subject: &str, schema: &str) -> (u1
         .unwrap();
     let status = resp.status().as_u16();
     (status, rt.block_on(resp.text()).unwrap_or_default())
-}
-
-/// `herald ARGS` with the environment `env`, waited for.
-fn herald_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
-    c.args(args).env("RUST_LOG", "error");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("herald runs")
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -305,21 +294,12 @@ fn decisions(
     codec: &Codec,
     topology: &Topology,
 ) -> BTreeMap<(i32, i64), Decision> {
-    let mut out = BTreeMap::new();
-    herald::demo::read_topic(
+    common::read_log(
         &cluster.bootstrap,
         topology.names.decisions(),
-        topology.partitions(),
-        |m| {
-            let d = rt
-                .block_on(codec.decode_decision(m.payload()))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            out.insert((m.partition(), m.offset()), d);
-            Ok(())
-        },
+        topology,
+        |b| rt.block_on(codec.decode_decision(b)),
     )
-    .expect("the decision log reads");
-    out
 }
 
 /// How many times each fact was accepted.
@@ -578,12 +558,12 @@ fn a_run_on_apicurio_and_cassandra_survives_a_restart_and_a_registry_outage_and_
 }
 
 /// Fails naming the offsets one reader saw and the other did not.
-fn same_offsets(python: BTreeSet<(i32, i64)>, herald: BTreeSet<(i32, i64)>, log: &str) {
+fn same_offsets(python: BTreeSet<(i32, i64)>, herald: BTreeSet<(i32, i64)>, topic: &str) {
     let only_python: Vec<_> = python.difference(&herald).take(10).collect();
     let only_herald: Vec<_> = herald.difference(&python).take(10).collect();
     assert!(
         only_python.is_empty() && only_herald.is_empty() && python.len() == herald.len(),
-        "the Python consumer read other offsets of the {log} log: only it read {only_python:?}, \
+        "the Python consumer read other offsets of {topic}: only it read {only_python:?}, \
          only Herald read {only_herald:?}"
     );
 }
@@ -624,20 +604,12 @@ fn warehouse_client_reads_what_herald_wrote(
         .collect();
 
     let mine = decisions(rt, cluster, codec, topology);
-    let mut steps: BTreeMap<(i32, i64), DispatchRecord> = BTreeMap::new();
-    herald::demo::read_topic(
+    let steps: BTreeMap<(i32, i64), DispatchRecord> = common::read_log(
         &cluster.bootstrap,
         topology.names.dispatch(),
-        topology.partitions(),
-        |m| {
-            let r = rt
-                .block_on(codec.decode_dispatch(m.payload()))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            steps.insert((m.partition(), m.offset()), r);
-            Ok(())
-        },
-    )
-    .unwrap();
+        topology,
+        |b| rt.block_on(codec.decode_dispatch(b)),
+    );
     assert!(!mine.is_empty() && !steps.is_empty());
 
     let at = |r: &serde_json::Value| {
@@ -655,16 +627,13 @@ fn warehouse_client_reads_what_herald_wrote(
             .unwrap_or_default()
             .to_string()
     };
-    let python_decisions: Vec<_> = read
-        .iter()
-        .filter(|r| r["topic"] == topology.names.decisions().as_ref())
-        .collect();
-    same_offsets(
-        python_decisions.iter().map(|r| at(r)).collect(),
-        mine.keys().copied().collect(),
-        "decision",
-    );
-    for r in &python_decisions {
+    // The records the Python consumer read of `topic`, at the very offsets Herald read.
+    let of_topic = |topic: &str, herald: BTreeSet<(i32, i64)>| -> Vec<&serde_json::Value> {
+        let records: Vec<_> = read.iter().filter(|r| r["topic"] == topic).collect();
+        same_offsets(records.iter().map(|r| at(r)).collect(), herald, topic);
+        records
+    };
+    for r in of_topic(topology.names.decisions(), mine.keys().copied().collect()) {
         let d = &mine[&at(r)];
         let v = &r["value"];
         assert_eq!(
@@ -679,16 +648,7 @@ fn warehouse_client_reads_what_herald_wrote(
         assert_eq!(v["policy_version"], d.policy_version.as_str());
         assert_eq!(branch(&v["payload"]), d.outcome.kind(), "{v}");
     }
-    let python_steps: Vec<_> = read
-        .iter()
-        .filter(|r| r["topic"] == topology.names.dispatch().as_ref())
-        .collect();
-    same_offsets(
-        python_steps.iter().map(|r| at(r)).collect(),
-        steps.keys().copied().collect(),
-        "dispatch",
-    );
-    for r in &python_steps {
+    for r in of_topic(topology.names.dispatch(), steps.keys().copied().collect()) {
         let step = &steps[&at(r)];
         let v = &r["value"];
         assert_eq!(v["dispatch_id"], step.dispatch_id.as_str());

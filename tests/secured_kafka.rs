@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{herald, text};
+use common::{herald, herald_env, text};
 use herald::demo;
 use herald::events::Outcome;
 use herald::kafka::KafkaSettings;
@@ -16,18 +16,8 @@ use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::message::Message;
 use std::collections::HashSet;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// `herald` with `args` and the environment `env`, waited for.
-fn herald_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
-    c.args(args).env("RUST_LOG", "error");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("herald runs")
-}
 
 #[test]
 fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {

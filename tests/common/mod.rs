@@ -373,20 +373,40 @@ pub fn read_decisions(
     codec: &herald::registry::Codec,
     topology: &herald::topology::Topology,
 ) -> Vec<herald::events::Decision> {
-    use rdkafka::message::Message;
-    let mut out = Vec::new();
-    herald::demo::read_topic(
+    read_log(
         &cluster.bootstrap,
         topology.names.decisions(),
-        topology.partitions(),
-        |m| {
-            let d = rt
-                .block_on(codec.decode_decision(m.payload()))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            out.push(d);
-            Ok(())
-        },
+        topology,
+        |bytes| rt.block_on(codec.decode_decision(bytes)),
     )
-    .expect("the decision log reads");
+    .into_values()
+    .collect()
+}
+
+/// Every record of `topic` (read_committed), decoded, by (partition, offset).
+pub fn read_log<T>(
+    bootstrap: &str,
+    topic: &str,
+    topology: &herald::topology::Topology,
+    decode: impl Fn(Option<&[u8]>) -> Result<T, herald::registry::DecodeError>,
+) -> std::collections::BTreeMap<(i32, i64), T> {
+    use rdkafka::message::Message;
+    let mut out = std::collections::BTreeMap::new();
+    herald::demo::read_topic(bootstrap, topic, topology.partitions(), |m| {
+        let v = decode(m.payload()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        out.insert((m.partition(), m.offset()), v);
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{topic} reads: {e:#}"));
     out
+}
+
+/// `herald ARGS` with the environment `env`, waited for.
+pub fn herald_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
+    c.args(args).env("RUST_LOG", "error");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("herald runs")
 }
