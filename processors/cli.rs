@@ -1498,7 +1498,11 @@ fn runtime_with_registry(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(crate::registry::ping(registry))?;
+    // A registry that is away (restarting, say) is waited for; wrong settings stop at once.
+    rt.block_on(crate::registry::wait_for(
+        registry,
+        crate::registry::OUTAGE_BUDGET,
+    ))?;
     let codec = Arc::new(Codec::with_settings(registry, &topology.names)?);
     // Every schema this process writes is resolved now, so a registry outage later holds up
     // only records of a schema it has not seen, never its own writes.

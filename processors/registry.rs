@@ -295,6 +295,12 @@ pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
     crate::telemetry::serve_router(addr, router(), "schema registry").await
 }
 
+/// How long a process waits out a registry that does not answer (at start, or for a record
+/// of a schema it has not resolved) before it stops to be restarted: long enough for a
+/// registry's rolling restart, and below the consumer's max.poll.interval.ms (300 s), so a
+/// stage waiting keeps its partitions.
+pub const OUTAGE_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The Kafka properties-file keys a registry's settings may come from, as Confluent's clients
 /// name them; librdkafka never sees them.
 pub const PROPERTY_PREFIX: &str = "schema.registry.";
@@ -727,36 +733,89 @@ impl Codec {
     }
 }
 
+/// Why a registry check failed: the registry is away (wait for it), or the settings are wrong
+/// (stop and say which).
+#[derive(Debug)]
+pub enum RegistryCheck {
+    Away(anyhow::Error),
+    Misconfigured(anyhow::Error),
+}
+
 /// Checks that a registry answers at its URL and takes the credentials given; an error says
 /// which setting to fix.
 pub async fn ping(registry: &RegistrySettings) -> Result<()> {
+    check(registry).await.map_err(|e| match e {
+        RegistryCheck::Away(e) | RegistryCheck::Misconfigured(e) => e,
+    })
+}
+
+/// As `ping`, waiting up to `budget` for a registry that is away (unreachable, 408, 429, 5xx);
+/// wrong credentials or an untrusted certificate stop at once.
+pub async fn wait_for(registry: &RegistrySettings, budget: std::time::Duration) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(250);
+    loop {
+        match check(registry).await {
+            Ok(()) => return Ok(()),
+            Err(RegistryCheck::Misconfigured(e)) => return Err(e),
+            Err(RegistryCheck::Away(e)) => {
+                if started.elapsed() >= budget {
+                    return Err(e.context(format!(
+                        "waited {} s for the schema registry",
+                        started.elapsed().as_secs()
+                    )));
+                }
+                tracing::warn!(error = %format!("{e:#}"), "schema registry away; waiting for it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn check(registry: &RegistrySettings) -> Result<(), RegistryCheck> {
     let url = &registry.url;
-    let client = registry.client_builder()?.build()?;
+    let client = registry
+        .client_builder()
+        .and_then(|b| Ok(b.build()?))
+        .map_err(RegistryCheck::Misconfigured)?;
     let mut request = client.get(format!("{url}/subjects"));
     if let Some((user, password)) = registry.basic_auth() {
         request = request.basic_auth(user, Some(password));
     }
-    let resp = request.send().await.map_err(|e| {
-        let mut why = format!("{e}");
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            why = format!("{why}: {s}");
-            source = s.source();
+    let resp = match request.send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let mut why = format!("{e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            if url.starts_with("https://") && why.contains("certificate") {
+                return Err(RegistryCheck::Misconfigured(anyhow!(
+                    "schema registry at {url} unreachable: {why} (is --registry-ca-file the CA that signed it?)"
+                )));
+            }
+            return Err(RegistryCheck::Away(anyhow!(
+                "schema registry at {url} unreachable: {why}"
+            )));
         }
-        let hint = if url.starts_with("https://") && why.contains("certificate") {
-            " (is --registry-ca-file the CA that signed it?)"
-        } else {
-            ""
-        };
-        anyhow!("schema registry at {url} unreachable: {why}{hint}")
-    })?;
+    };
     match resp.status().as_u16() {
         200..=299 => Ok(()),
-        401 | 403 => Err(anyhow!(
+        401 | 403 => Err(RegistryCheck::Misconfigured(anyhow!(
             "schema registry at {url} refused the credentials ({}): check --registry-user-info (HERALD_REGISTRY_USER_INFO, {USER_INFO_KEY})",
             resp.status()
-        )),
-        _ => Err(anyhow!("schema registry at {url} answered {}", resp.status())),
+        ))),
+        code if code == 408 || code == 429 || code >= 500 => Err(RegistryCheck::Away(anyhow!(
+            "schema registry at {url} answered {}",
+            resp.status()
+        ))),
+        _ => Err(RegistryCheck::Misconfigured(anyhow!(
+            "schema registry at {url} answered {}: is --registry the Confluent-compatible API's root?",
+            resp.status()
+        ))),
     }
 }
 
@@ -855,5 +914,51 @@ mod tests {
             )),
             DecodeError::Retryable(_)
         ));
+    }
+
+    /// A registry that answers `status` to its first `times` calls and 200 after.
+    async fn flaky(status: u16, times: usize) -> RegistrySettings {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = Router::new().route(
+            "/subjects",
+            get(move || {
+                let calls = calls.clone();
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < times {
+                        StatusCode::from_u16(status).unwrap().into_response()
+                    } else {
+                        Json(json!([])).into_response()
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        RegistrySettings::new(&format!("http://{addr}"))
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_is_away_is_waited_for_and_wrong_settings_stop_at_once() {
+        let budget = std::time::Duration::from_secs(10);
+        // Restarting: 503 twice, then up.
+        wait_for(&flaky(503, 2).await, budget).await.unwrap();
+        // Wrong credentials: no waiting.
+        let started = std::time::Instant::now();
+        let e = wait_for(&flaky(401, 100).await, budget).await.unwrap_err();
+        assert!(format!("{e:#}").contains("--registry-user-info"), "{e:#}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // Nobody listening: waited for up to the budget, then an error saying so.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let started = std::time::Instant::now();
+        let short = std::time::Duration::from_millis(700);
+        let e = wait_for(&RegistrySettings::new(&format!("http://{closed}")), short)
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= short, "gave up before the budget");
+        assert!(format!("{e:#}").contains("waited"), "{e:#}");
     }
 }

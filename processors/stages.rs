@@ -72,22 +72,40 @@ pub fn source_position(m: &impl Message) -> Option<(String, i64)> {
 /// Decodes with retries for registry outages; poison is returned for the dead-letter topic.
 fn decode_with_retry<T>(
     rt: &tokio::runtime::Handle,
+    f: impl FnMut() -> Result<T, DecodeError>,
+) -> Result<Result<T, String>> {
+    decode_with_retry_for(rt, crate::registry::OUTAGE_BUDGET, f)
+}
+
+/// As `decode_with_retry`, waiting out an outage for at most `budget`: a registry refusing
+/// connections fails each try at once, so a count of tries would give up within seconds.
+fn decode_with_retry_for<T>(
+    rt: &tokio::runtime::Handle,
+    budget: Duration,
     mut f: impl FnMut() -> Result<T, DecodeError>,
 ) -> Result<Result<T, String>> {
+    let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
-    for _ in 0..10 {
+    loop {
         match f() {
             Ok(v) => return Ok(Ok(v)),
             Err(DecodeError::Poison(why)) => return Ok(Err(why)),
             Err(DecodeError::Retryable(why)) => {
+                let waited = started.elapsed();
+                if waited >= budget {
+                    bail!(
+                        "schema registry unavailable for {} s, stopping so the process is restarted: {why}",
+                        waited.as_secs()
+                    );
+                }
                 tracing::warn!(error = %why, "registry unavailable; retrying");
+                let pause = delay.min(budget - waited);
                 // The timer is made inside the runtime: this thread is not one of its workers.
-                rt.block_on(async { tokio::time::sleep(delay).await });
+                rt.block_on(async { tokio::time::sleep(pause).await });
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    bail!("schema registry unavailable after 10 attempts")
 }
 
 /// Decodes a record, retrying registry outages; poison goes to the dead-letter topic in the
@@ -1614,6 +1632,16 @@ mod tests {
             let poison: Result<Result<u32, String>> =
                 decode_with_retry(&handle, || Err(DecodeError::Poison("not avro".into())));
             assert_eq!(poison.unwrap(), Err("not avro".to_string()));
+            // An outage longer than the budget stops the stage, saying why.
+            let started = std::time::Instant::now();
+            let gave_up: Result<Result<u32, String>> =
+                decode_with_retry_for(&handle, Duration::from_millis(400), || {
+                    Err(DecodeError::Retryable("connection refused".into()))
+                });
+            let why = gave_up.unwrap_err().to_string();
+            assert!(why.contains("connection refused"), "{why}");
+            assert!(started.elapsed() >= Duration::from_millis(400));
+            assert!(started.elapsed() < Duration::from_secs(3));
         })
         .join()
         .unwrap();
