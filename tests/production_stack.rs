@@ -36,6 +36,21 @@ fn registry_http(rt: &tokio::runtime::Runtime) -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET` a path of the registry's API, as its user; the JSON answer.
+fn registry_get(rt: &tokio::runtime::Runtime, path: &str) -> serde_json::Value {
+    let (user, password) = common::REGISTRY_USER_INFO.split_once(':').unwrap();
+    let http = registry_http(rt);
+    rt.block_on(async {
+        http.get(format!("{}{path}", common::registry().address))
+            .basic_auth(user, Some(password))
+            .send()
+            .await?
+            .json()
+            .await
+    })
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
 /// Posts a schema to a subject the way any producer's serializer would; the HTTP status.
 fn post_schema(rt: &tokio::runtime::Runtime, subject: &str, schema: &str) -> (u16, String) {
     let (user, password) = common::REGISTRY_USER_INFO.split_once(':').unwrap();
@@ -118,18 +133,7 @@ fn schemas_register_on_apicurio_with_credentials_and_an_incompatible_schema_is_r
         String::from_utf8_lossy(&again.stdout)
     );
     // Every subject is there, and set to BACKWARD (Apicurio's default would be NONE).
-    let (user, password) = common::REGISTRY_USER_INFO.split_once(':').unwrap();
-    let http = registry_http(&rt);
-    let listed: Vec<String> = rt
-        .block_on(async {
-            http.get(format!("{}/subjects", registry.address))
-                .basic_auth(user, Some(password))
-                .send()
-                .await?
-                .json()
-                .await
-        })
-        .unwrap();
+    let listed: Vec<String> = serde_json::from_value(registry_get(&rt, "/subjects")).unwrap();
     let topology = Topology::embedded()
         .unwrap()
         .with_topic_prefix("one.")
@@ -138,19 +142,7 @@ fn schemas_register_on_apicurio_with_credentials_and_an_incompatible_schema_is_r
         let subject = format!("{}-value", topology.names.of(*role));
         assert!(listed.contains(&subject), "{subject} not in {listed:?}");
     }
-    let config: serde_json::Value = rt
-        .block_on(async {
-            http.get(format!(
-                "{}/config/one.herald.decisions.v1-value",
-                registry.address
-            ))
-            .basic_auth(user, Some(password))
-            .send()
-            .await?
-            .json()
-            .await
-        })
-        .unwrap();
+    let config = registry_get(&rt, "/config/one.herald.decisions.v1-value");
     assert_eq!(
         config["compatibilityLevel"], "BACKWARD",
         "herald schemas register sets the subject's compatibility: {config}"
@@ -189,6 +181,7 @@ fn schemas_register_on_apicurio_with_credentials_and_an_incompatible_schema_is_r
         "the error names the setting: {}",
         text(&wrong)
     );
+    let (_, password) = common::REGISTRY_USER_INFO.split_once(':').unwrap();
     assert!(!text(&wrong).contains("not-the-password") && !text(&wrong).contains(password));
     write_props(false);
     let untrusted = register("one.", &[]);
@@ -207,8 +200,6 @@ fn register_newer_versions(
     codec: &Codec,
     items: &[FeedItem],
 ) -> HashMap<String, u32> {
-    let (user, password) = common::REGISTRY_USER_INFO.split_once(':').unwrap();
-    let http = registry_http(rt);
     let topics: HashSet<String> = items
         .iter()
         .filter_map(|i| match i {
@@ -218,19 +209,7 @@ fn register_newer_versions(
         .collect();
     let mut out = HashMap::new();
     for topic in topics {
-        let latest: serde_json::Value = rt
-            .block_on(async {
-                http.get(format!(
-                    "{}/subjects/{topic}-value/versions/latest",
-                    common::registry().address
-                ))
-                .basic_auth(user, Some(password))
-                .send()
-                .await?
-                .json()
-                .await
-            })
-            .unwrap();
+        let latest = registry_get(rt, &format!("/subjects/{topic}-value/versions/latest"));
         let mut schema: serde_json::Value =
             serde_json::from_str(latest["schema"].as_str().unwrap()).unwrap();
         schema["fields"]
@@ -494,22 +473,7 @@ fn a_run_on_apicurio_and_cassandra_survives_a_restart_and_a_registry_outage_and_
     assert!(text(&o).contains("equal"), "{}", text(&o));
 
     // The `herald gateway` command on the same registry takes a signed webhook.
-    let (listen, health) = (common::free_port(), common::free_port());
-    let mut gateway = Command::new(env!("CARGO_BIN_EXE_herald"));
-    gateway
-        .args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
-        .args(["--health-listen", &format!("127.0.0.1:{health}")])
-        .args(["--app-secret", herald::demo::DEMO_APP_SECRET])
-        .args(["--verify-token", herald::demo::DEMO_VERIFY_TOKEN])
-        .args(["--identifier-key", herald::identity::DEMO_KEY])
-        .args(["--bootstrap", &cluster.bootstrap])
-        .args(["--registry", &registry.url])
-        .env("RUST_LOG", "error");
-    for (k, v) in secrets {
-        gateway.env(k, v);
-    }
-    let _gateway = Killed(gateway.spawn().unwrap());
-    common::wait_ready(&rt, "the gateway", health, 60);
+    let (_gateway, listen) = common::start_gateway_with(&rt, &cluster, &secrets);
     let body = common::inbound_text("+15550001111", "wamid.stack-1", 1_790_000_000, "hello");
     assert_eq!(common::post_signed(&rt, listen, &body), 200);
 
@@ -583,7 +547,7 @@ fn warehouse_client_reads_what_herald_wrote(
         .unwrap();
     assert!(o.status.success(), "scripts/python-client: {}", text(&o));
     let python = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let o = Command::new(&python)
+    let reader = Command::new(&python)
         .arg(root.join("tests/warehouse/read_topics.py"))
         .args(["--bootstrap", &cluster.bootstrap])
         .args(["--registry", &registry.url])
@@ -591,8 +555,21 @@ fn warehouse_client_reads_what_herald_wrote(
         .arg("--ca-file")
         .arg(registry.ca_file.as_ref().unwrap())
         .args([&**topology.names.decisions(), &**topology.names.dispatch()])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A consumer that hangs fails the test instead of holding up the suite.
+    let pid = reader.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(reader.wait_with_output()));
+    let o = match finished.recv_timeout(Duration::from_secs(180)) {
+        Ok(o) => o.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the Python consumer did not finish within 180 s");
+        }
+    };
     assert!(
         o.status.success(),
         "the Python consumer failed: {}",

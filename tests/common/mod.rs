@@ -321,20 +321,29 @@ pub fn start_gateway(
     rt: &tokio::runtime::Runtime,
     cluster: &herald::demo::Cluster,
 ) -> (Killed, u16) {
+    start_gateway_with(rt, cluster, &[])
+}
+
+/// As `start_gateway`, with `env` set (a secured registry's settings, say).
+pub fn start_gateway_with(
+    rt: &tokio::runtime::Runtime,
+    cluster: &herald::demo::Cluster,
+    env: &[(&str, &str)],
+) -> (Killed, u16) {
     let (listen, health) = (free_port(), free_port());
-    let child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--health-listen", &format!("127.0.0.1:{health}")])
-            .args(["--app-secret", herald::demo::DEMO_APP_SECRET])
-            .args(["--verify-token", herald::demo::DEMO_VERIFY_TOKEN])
-            .args(["--identifier-key", herald::identity::DEMO_KEY])
-            .args(["--bootstrap", &cluster.bootstrap])
-            .args(["--registry", &cluster.registry_url])
-            .env("RUST_LOG", "error")
-            .spawn()
-            .expect("the gateway starts"),
-    );
+    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
+    c.args(["gateway", "--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--health-listen", &format!("127.0.0.1:{health}")])
+        .args(["--app-secret", herald::demo::DEMO_APP_SECRET])
+        .args(["--verify-token", herald::demo::DEMO_VERIFY_TOKEN])
+        .args(["--identifier-key", herald::identity::DEMO_KEY])
+        .args(["--bootstrap", &cluster.bootstrap])
+        .args(["--registry", &cluster.registry_url])
+        .env("RUST_LOG", "error");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = Killed(c.spawn().expect("the gateway starts"));
     wait_ready(rt, "the gateway", health, 60);
     (child, listen)
 }

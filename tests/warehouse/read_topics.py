@@ -47,7 +47,9 @@ def main():
     args.add_argument("topics", nargs="+")
     a = args.parse_args()
 
-    registry_conf = {"url": a.registry}
+    # Without a timeout the client waits for ever on a request the registry never answers;
+    # with one, it retries (max.retries) like any other transport error.
+    registry_conf = {"url": a.registry, "timeout": 10, "max.retries": 5}
     if a.user_info:
         registry_conf["basic.auth.user.info"] = a.user_info
     if a.ca_file:
