@@ -62,11 +62,7 @@ fn approval(id: &str, channel: Channel, delivery: Delivery, recipient: &str) -> 
 
 #[test]
 fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_lettered() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     // Every WhatsApp template send is refused as paused (session messages are not).
     let simulator = herald::provider::SimulatorOptions {

@@ -155,11 +155,7 @@ fn undecided(
 
 #[test]
 fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let cluster = demo::start_cluster_on(
         &rt,

@@ -30,11 +30,7 @@ fn lines(o: &std::process::Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Arc::new(Topology::embedded().unwrap());
     let cluster = demo::start_cluster_on(
         &rt,

@@ -131,11 +131,7 @@ fn sixty_days_with_the_inputs_deleted_behind_herald_and_every_process_restarted(
             "log.cleaner.backoff.ms=1000",
         ],
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let simulator = herald::provider::SimulatorOptions {
         duplicate_webhook_rate: 0.0,

@@ -70,11 +70,7 @@ fn approval(customer: usize, n: usize, purpose: Purpose) -> Decision {
 
 #[test]
 fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let simulator = SimulatorOptions {
         sender_per_s: SENDER_PER_S,

@@ -71,17 +71,9 @@ fn post_schema(rt: &tokio::runtime::Runtime, subject: &str, schema: &str) -> (u1
     (status, rt.block_on(resp.text()).unwrap_or_default())
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn schemas_register_on_apicurio_with_credentials_and_an_incompatible_schema_is_refused() {
-    let rt = runtime();
+    let rt = common::runtime();
     let registry = common::registry();
     let dir = tempfile::tempdir().unwrap();
     // The registry's settings in the same properties file as the Kafka client's, under the
@@ -294,7 +286,7 @@ fn accepted(log: &BTreeMap<(i32, i64), Decision>) -> HashMap<String, usize> {
 
 #[test]
 fn a_run_on_apicurio_and_cassandra_survives_a_restart_and_a_registry_outage_and_rebuilds_equal() {
-    let rt = runtime();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let registry = registry_settings();
     let registry_dir = common::registry().dir.clone();

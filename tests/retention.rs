@@ -66,11 +66,7 @@ fn order_of(customer: &str, id: &str, order_id: &str, at: Millis) -> FeedItem {
 #[test]
 fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
     let broker = common::start_broker(1, &[]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let cluster = demo::start_cluster_on(
         &rt,

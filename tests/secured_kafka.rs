@@ -105,11 +105,7 @@ fn every_kafka_command_works_over_sasl_ssl_and_a_wrong_password_is_named() {
         text(&o)
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let mut secured = KafkaSettings::new(&broker.bootstrap, true, "test");
     secured.extra = secrets.clone();
     // The gateway of the one-machine cluster produces over SASL_SSL too.

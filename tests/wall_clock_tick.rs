@@ -120,11 +120,7 @@ fn stop(mut child: Child) {
 
 #[test]
 fn a_step_due_on_a_quiet_partition_fires_by_the_wall_clock_tick_only() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     quick_topology(&dir.path().join("topology"));
     let topology = Topology::load(&dir.path().join("topology")).unwrap();

@@ -82,11 +82,7 @@ fn group_members(bootstrap: &str, group: &str) -> (String, Vec<String>) {
 #[test]
 fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visible() {
     let broker = common::broker();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let cluster = demo::start_cluster_on(
         &rt,

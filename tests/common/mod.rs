@@ -241,13 +241,19 @@ pub fn event_ids(items: &[herald::scenario::FeedItem]) -> std::collections::Hash
         .collect()
 }
 
-/// A runtime with Herald's own schema registry served on it, and the registry's URL.
-pub fn runtime_with_registry() -> (tokio::runtime::Runtime, String) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The runtime a test drives clients and in-process servers on: two workers, as on the
+/// two-core machines the suite runs on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// A runtime with Herald's own schema registry served on it, and the registry's URL.
+pub fn runtime_with_registry() -> (tokio::runtime::Runtime, String) {
+    let rt = runtime();
     let reg = rt
         .block_on(herald::registry::serve("127.0.0.1:0".parse().unwrap()))
         .unwrap();
