@@ -753,7 +753,7 @@ impl TopologyArgs {
     /// Loads the topology, with the prefix applied.
     pub fn load(&self) -> Result<Topology> {
         let topo = match &self.topology {
-            Some(d) => Topology::load(d)?,
+            Some(d) => crate::topology_files::load(d)?,
             None => Topology::embedded()?,
         };
         match &self.topic_prefix {
@@ -866,7 +866,7 @@ pub fn main(cli: Cli) -> Result<()> {
         } => {
             telemetry::init_tracing("warn");
             let key = identifier_key_from(&identifier_key)?;
-            let topo = Topology::load(&policy)?;
+            let topo = crate::topology_files::load(&policy)?;
             let mut records = Vec::new();
             for file in &events {
                 records.extend(crate::dump::read(file, &topo.names)?);

@@ -2,9 +2,9 @@
 //! mock cluster, the registry subset, the provider simulator and the processors, feeds the
 //! scenario, and checks the outcome with checks that do not use the policy code.
 
+use crate::context::deterministic_id;
 use crate::events::*;
 use crate::kafka::{self, KafkaSettings};
-use crate::pipeline::deterministic_id;
 use crate::provider::{self, CloudApiClient, SimulatedSend};
 use crate::registry::{self, Codec};
 use crate::scenario::{self, FeedItem};

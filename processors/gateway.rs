@@ -9,10 +9,10 @@
 //! the shell around them. Health and readiness are served on a listener of their own, so a
 //! storm of webhooks cannot starve the probes.
 
+use crate::context::deterministic_id;
 use crate::events::*;
 use crate::identity::{IdentifierKey, SenderDirectory};
 use crate::kafka::KafkaSettings;
-use crate::pipeline::deterministic_id;
 use crate::provider::parse_callback_data;
 use crate::registry::Codec;
 use crate::stages::wall_clock_ms;

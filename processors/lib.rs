@@ -6,26 +6,13 @@
 //! `email`, `dump`, `telemetry`, `cli`) move bytes.
 
 pub mod avro;
-pub mod events;
-pub mod topology;
 
-// The pure core: no I/O, no clock, no randomness.
-pub mod audit;
-pub mod business_identity;
-pub mod dedupe;
-pub mod dispatch;
-pub mod identity;
-pub mod journey;
-pub mod ordering;
-pub mod pacing;
-pub mod pipeline;
-pub mod policy;
-pub mod projection;
-pub mod quiet_hours;
-pub mod replay;
-pub mod state;
-pub mod tables;
-pub mod task;
+// The pure core, its own crate: no I/O, no clock, no randomness.
+pub use herald_core::{
+    audit, business_identity, context, dedupe, dispatch, events, identity, journey, journey_guard,
+    ordering, pacing, pipeline, policy, projection, quiet_hours, replay, state, tables, task,
+    topology,
+};
 
 // Shells.
 pub mod bench;
@@ -48,3 +35,4 @@ pub mod sms;
 pub mod stages;
 pub mod store;
 pub mod telemetry;
+pub mod topology_files;

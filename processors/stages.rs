@@ -1003,7 +1003,7 @@ impl DispatchStage {
         let event = InputEvent::new(
             "dispatch",
             customer,
-            &crate::pipeline::deterministic_id(&[message_id, "refused", &code.to_string()]),
+            &crate::context::deterministic_id(&[message_id, "refused", &code.to_string()]),
             now,
             Fact::MessageStatusChanged(MessageStatusChanged {
                 provider_message_id: String::new(),

@@ -244,8 +244,11 @@ fn production_shadow_and_staging_share_a_cluster_without_touching_each_others_to
         dir.path(),
         &["--topic-prefix", "staging."],
     );
-    let shadow_codec =
-        Codec::new(&registry_url, &Topology::load(&shadow_dir).unwrap().names).unwrap();
+    let shadow_codec = Codec::new(
+        &registry_url,
+        &herald::topology_files::load(&shadow_dir).unwrap().names,
+    )
+    .unwrap();
     wait_until_decided(
         &rt,
         &shadow_codec,

@@ -2,8 +2,9 @@
 //! Herald must take, in order. `EventAccepted` is implied for every new event and not listed.
 //! Every scenario also checks that folding its decisions rebuilds the live state exactly.
 
+use herald::context::Ctx;
 use herald::events::*;
-use herald::pipeline::{self, Ctx};
+use herald::pipeline;
 use herald::state::CustomerState;
 use herald::tables::Tables;
 use herald::topology::Topology;
@@ -110,7 +111,7 @@ fn run(
 
 #[test]
 fn every_scenario_file_decides_as_expected() {
-    let topology = Topology::load(std::path::Path::new(concat!(
+    let topology = herald::topology_files::load(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/topology"
     )))

@@ -10,7 +10,6 @@ use herald::events::*;
 use herald::kafka::KafkaSettings;
 use herald::registry::Codec;
 use herald::scenario::FeedItem;
-use herald::topology::Topology;
 use rdkafka::message::Message;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -123,7 +122,7 @@ fn a_step_due_on_a_quiet_partition_fires_by_the_wall_clock_tick_only() {
     let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     quick_topology(&dir.path().join("topology"));
-    let topology = Topology::load(&dir.path().join("topology")).unwrap();
+    let topology = herald::topology_files::load(&dir.path().join("topology")).unwrap();
     let cluster = demo::start_cluster_on(
         &rt,
         &topology,

@@ -5,33 +5,50 @@ use crate::events::{Channel, Family, Purpose, TemplateStatus};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
+
+/// Where a template variable may take its value from.
+pub const VARIABLE_SOURCES: &[&str] = &[
+    "customer.first_name",
+    "order.id",
+    "order.total",
+    "shipment.carrier",
+    "shipment.tracking_url",
+    "shipment.new_estimated_delivery",
+    "cart.total",
+    "cart.first_item",
+    "subscription.amount",
+    "subscription.due_date",
+    "refund.amount",
+];
 
 /// The embedded default topology, used by `herald demo` and when no directory is given.
 pub const EMBEDDED: &[(&str, &str)] = &[
-    ("topics.toml", include_str!("../topology/topics.toml")),
-    ("templates.toml", include_str!("../topology/templates.toml")),
-    ("policy.toml", include_str!("../topology/policy.toml")),
+    ("topics.toml", include_str!("../../../topology/topics.toml")),
+    (
+        "templates.toml",
+        include_str!("../../../topology/templates.toml"),
+    ),
+    ("policy.toml", include_str!("../../../topology/policy.toml")),
 ];
 
 /// The embedded journeys (`topology/journeys/*.toml`).
 pub const EMBEDDED_JOURNEYS: &[(&str, &str)] = &[
     (
         "abandoned_cart.toml",
-        include_str!("../topology/journeys/abandoned_cart.toml"),
+        include_str!("../../../topology/journeys/abandoned_cart.toml"),
     ),
     (
         "order_updates.toml",
-        include_str!("../topology/journeys/order_updates.toml"),
+        include_str!("../../../topology/journeys/order_updates.toml"),
     ),
     (
         "re_engagement.toml",
-        include_str!("../topology/journeys/re_engagement.toml"),
+        include_str!("../../../topology/journeys/re_engagement.toml"),
     ),
     (
         "subscription_renewal.toml",
-        include_str!("../topology/journeys/subscription_renewal.toml"),
+        include_str!("../../../topology/journeys/subscription_renewal.toml"),
     ),
 ];
 
@@ -586,35 +603,6 @@ impl Topology {
         )
     }
 
-    /// Reads `topics.toml`, `templates.toml`, `policy.toml` and `journeys/*.toml` from a directory.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let read = |f: &Path| {
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))
-        };
-        let journeys_dir = dir.join("journeys");
-        let mut journeys = Vec::new();
-        if journeys_dir.is_dir() {
-            let entries = std::fs::read_dir(&journeys_dir)
-                .with_context(|| format!("cannot list {}", journeys_dir.display()))?;
-            for entry in entries {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "toml") {
-                    let name = path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    journeys.push((name, read(&path)?));
-                }
-            }
-        }
-        Self::from_parts(
-            &read(&dir.join("topics.toml"))?,
-            &read(&dir.join("templates.toml"))?,
-            &read(&dir.join("policy.toml"))?,
-            &journeys,
-        )
-    }
-
     /// Parses and validates the three files, with the embedded journeys.
     pub fn from_texts(topics: &str, templates: &str, policy: &str) -> Result<Self> {
         let journeys: Vec<(String, String)> = EMBEDDED_JOURNEYS
@@ -749,7 +737,7 @@ impl Topology {
         for (name, variants) in &self.catalog.templates {
             for t in variants {
                 for v in &t.variables {
-                    if !crate::policy::VARIABLE_SOURCES.contains(&v.source.as_str()) {
+                    if !VARIABLE_SOURCES.contains(&v.source.as_str()) {
                         bail!(
                             "topology/templates.toml: template {name} ({}): variable {}: unknown source '{}'",
                             t.locale,
@@ -900,11 +888,11 @@ mod tests {
     #[test]
     fn a_bad_key_is_named() {
         let t = Topology::embedded().unwrap();
-        let policy = include_str!("../topology/policy.toml")
+        let policy = include_str!("../../../topology/policy.toml")
             .replace("dedupe_window_hours", "dedupe_window_hourz");
         let err = Topology::from_texts(
-            include_str!("../topology/topics.toml"),
-            include_str!("../topology/templates.toml"),
+            include_str!("../../../topology/topics.toml"),
+            include_str!("../../../topology/templates.toml"),
             &policy,
         )
         .unwrap_err()
@@ -915,9 +903,9 @@ mod tests {
 
     fn topics_with(edit: impl Fn(&str) -> String) -> Result<Topology> {
         Topology::from_texts(
-            &edit(include_str!("../topology/topics.toml")),
-            include_str!("../topology/templates.toml"),
-            include_str!("../topology/policy.toml"),
+            &edit(include_str!("../../../topology/topics.toml")),
+            include_str!("../../../topology/templates.toml"),
+            include_str!("../../../topology/policy.toml"),
         )
     }
 
@@ -983,12 +971,15 @@ mod tests {
 
     #[test]
     fn topics_must_be_co_partitioned() {
-        let topics =
-            include_str!("../topology/topics.toml").replacen("partitions = 6", "partitions = 5", 1);
+        let topics = include_str!("../../../topology/topics.toml").replacen(
+            "partitions = 6",
+            "partitions = 5",
+            1,
+        );
         let err = Topology::from_texts(
             &topics,
-            include_str!("../topology/templates.toml"),
-            include_str!("../topology/policy.toml"),
+            include_str!("../../../topology/templates.toml"),
+            include_str!("../../../topology/policy.toml"),
         )
         .unwrap_err()
         .to_string();

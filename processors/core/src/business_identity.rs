@@ -32,8 +32,8 @@
 //! same instant is a re-emission, but the same content later is a change back (a phone number
 //! restored), so when it occurred is part of the news.
 
+use crate::context::deterministic_id;
 use crate::events::{rfc3339, wire_name, Fact, Millis};
-use crate::pipeline::deterministic_id;
 
 /// What a fact is about, and what in it would be news.
 #[derive(Debug, Clone, PartialEq, Eq)]

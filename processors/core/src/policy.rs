@@ -5,31 +5,13 @@
 //! quiet hours, and holds for ambiguous signals. It also reads inbound messages for opt-out
 //! keywords and escalation terms. Which messages are asked for is the journeys' business.
 
+use crate::context::{deterministic_id, Ctx};
 use crate::events::*;
-use crate::journey::{self, Check};
-use crate::pipeline::{deterministic_id, Ctx};
+use crate::journey_guard::{self, Check, SUBJECT_FACT};
 use crate::quiet_hours::SendWindow;
 use crate::state::{ConsentEntry, CustomerState, ANNOUNCES, HOUR_MS as HOUR};
 use crate::topology::{Template, VariableType};
 use std::collections::BTreeMap;
-
-/// Where a template variable may take its value from.
-pub const VARIABLE_SOURCES: &[&str] = &[
-    "customer.first_name",
-    "order.id",
-    "order.total",
-    "shipment.carrier",
-    "shipment.tracking_url",
-    "shipment.new_estimated_delivery",
-    "cart.total",
-    "cart.first_item",
-    "subscription.amount",
-    "subscription.due_date",
-    "refund.amount",
-];
-
-/// `relied_on` key of a held message's subject fact (JSON), rendered once its locale is known.
-pub const SUBJECT_FACT: &str = "subject_fact";
 
 /// A fact that reached policy: an accepted input, or a shipment the guard released.
 #[derive(Debug, Clone, Copy)]
@@ -425,7 +407,7 @@ pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Ou
     if let Some(note) = chosen.note {
         planned.relied_on.insert("template".into(), note);
     }
-    match journey::check(state, req.journey.0, req.journey.1, ctx) {
+    match journey_guard::check(state, req.journey.0, req.journey.1, ctx) {
         Check::Clear(facts) => planned.relied_on.extend(facts),
         Check::Hold(reason) => return hold(planned, reason, expires_at, ctx),
         Check::End(outcomes) => return end_planned(&planned, outcomes),
@@ -546,7 +528,7 @@ pub fn decide_deferred(
             Ok(c) => c,
             Err((reason, detail)) => return suppressed_planned(p, reason, detail),
         };
-        let fact = journey::subject_fact(state, p, ctx);
+        let fact = journey_guard::subject_fact(state, p, ctx);
         match render(chosen.template, state, fact.as_ref()) {
             Ok(v) => planned.variables = v,
             Err(detail) => {
@@ -599,7 +581,7 @@ pub fn decide_deferred(
             .get("journey_key")
             .map(String::as_str)
             .unwrap_or("");
-        match journey::check(state, name, key, ctx) {
+        match journey_guard::check(state, name, key, ctx) {
             Check::Clear(facts) => planned.relied_on.extend(facts),
             Check::Hold(reason) => return hold(planned, reason, deferral.expires_at, ctx),
             Check::End(outcomes) => return end_planned(&planned, outcomes),

@@ -1,8 +1,8 @@
 //! Dedupe: the same fact delivered twice yields one accepted event; the repeat is recorded.
 
 use crate::business_identity;
+use crate::context::Ctx;
 use crate::events::*;
-use crate::pipeline::Ctx;
 use crate::state::CustomerState;
 
 /// Accepts a fact whose event id and business identity are both new to the customer's window,

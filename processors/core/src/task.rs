@@ -3,8 +3,9 @@
 //! so the decisions depend only on the order of the inputs and never on how they were batched.
 //! The live processors, the offline replay and the property tests all decide through this.
 
+use crate::context::Ctx;
 use crate::events::{Decision, InputEvent, Millis};
-use crate::pipeline::{self, Ctx};
+use crate::pipeline;
 use crate::state::{evolve, CustomerState};
 use crate::tables::Tables;
 use crate::topology::Topology;

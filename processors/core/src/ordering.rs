@@ -1,8 +1,8 @@
 //! Ordering guard: facts about one order are applied in causal order. A shipment that arrives
 //! before its order's payment is held, released when the payment arrives, or expires.
 
+use crate::context::Ctx;
 use crate::events::*;
-use crate::pipeline::Ctx;
 use crate::state::CustomerState;
 
 /// Decides what the guard does with an accepted fact: hold it, release earlier holds, or

@@ -1,8 +1,8 @@
 //! Dispatch planning: which approved messages go to the provider, and what each step records.
 //! The HTTP call itself lives in the provider shell.
 
+use crate::context::deterministic_id;
 use crate::events::*;
-use crate::pipeline::deterministic_id;
 use crate::topology::TemplateCatalog;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

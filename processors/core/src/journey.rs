@@ -5,14 +5,13 @@
 //! journey asks for is decided by policy. Pure: state, fact, context in; decisions out.
 
 use crate::business_identity;
+use crate::context::{deterministic_id, Ctx};
 use crate::events::*;
-use crate::pipeline::{deterministic_id, Ctx};
+use crate::journey_guard;
 use crate::policy::{self, Request, Trigger};
 use crate::state::{journey_slot, CustomerState, HOUR_MS as HOUR};
-use crate::tables::Stock;
-use crate::topology::{Guard, Journey, JourneyKey};
+use crate::topology::{Journey, JourneyKey};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 
 /// The instance key a fact addresses for a journey keyed by `kind`, if it carries one.
 pub fn key_of(kind: JourneyKey, fact: &Fact, customer_id: &str) -> Option<String> {
@@ -44,126 +43,6 @@ pub fn in_holdout(customer_id: &str, journey: &Journey) -> bool {
     first.copy_from_slice(&digest[..8]);
     let bucket = u64::from_be_bytes(first) % 10_000;
     (bucket as f64) < journey.holdout_percent * 100.0
-}
-
-/// What a journey's guards say about sending one of its messages now.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Check {
-    /// Go ahead; the facts the guards relied on, by name.
-    Clear(BTreeMap<String, String>),
-    /// Hold: the signal a guard needs is ambiguous.
-    Hold(DeferralReason),
-    /// Do not send: a suppression (its message fields are filled in by policy), and maybe the
-    /// journey's end.
-    End(Vec<Outcome>),
-}
-
-fn guard_refusal(reason: SuppressionReason, detail: String) -> Outcome {
-    Outcome::MessageSuppressed(MessageSuppressed {
-        message_id: None,
-        trigger_event_id: String::new(),
-        template_name: String::new(),
-        purpose: Purpose::Transactional,
-        reason,
-        detail,
-    })
-}
-
-/// Checks a journey's guards for instance `key`.
-pub fn check(state: &CustomerState, name: &str, key: &str, ctx: &Ctx) -> Check {
-    let Some(journey) = ctx.topology.journey(name) else {
-        return Check::Clear(BTreeMap::new());
-    };
-    let mut relied_on = BTreeMap::new();
-    if journey.key == JourneyKey::Order {
-        match state.orders.get(key) {
-            Some(o) if o.cancelled => {
-                return Check::End(vec![guard_refusal(
-                    SuppressionReason::OrderCancelled,
-                    format!("order {key} was cancelled"),
-                )])
-            }
-            Some(o) if o.placed => {}
-            _ => return Check::Hold(DeferralReason::MissingOrderFacts),
-        }
-    }
-    for guard in &journey.guards {
-        match guard {
-            Guard::CartInStock => {
-                let Some(cart) = state.carts.get(key) else {
-                    return Check::End(vec![guard_refusal(
-                        SuppressionReason::JourneyExited,
-                        format!("cart {key} is no longer open"),
-                    )]);
-                };
-                let fresh_since = ctx.now - ctx.topology.policy.inventory_max_age_hours * HOUR;
-                for item in &cart.items {
-                    match ctx.tables.stock(&item.sku, fresh_since) {
-                        Stock::InStock(n) => {
-                            relied_on.insert(format!("stock.{}", item.sku), n.to_string());
-                        }
-                        Stock::OutOfStock => {
-                            let mut end = vec![guard_refusal(
-                                SuppressionReason::OutOfStock,
-                                format!("{} ({}) is out of stock", item.name, item.sku),
-                            )];
-                            if state.journeys.contains_key(&journey_slot(name, key)) {
-                                end.push(Outcome::JourneyExited(JourneyExited {
-                                    journey: name.to_string(),
-                                    journey_key: key.to_string(),
-                                    reason: "OUT_OF_STOCK".into(),
-                                    cause_event_id: format!("stock:{}", item.sku),
-                                }));
-                            }
-                            return Check::End(end);
-                        }
-                        Stock::Unknown => return Check::Hold(DeferralReason::StaleInventory),
-                    }
-                }
-            }
-        }
-    }
-    Check::Clear(relied_on)
-}
-
-/// The fact a journey message renders its variables from: the one kept with a held message,
-/// else rebuilt from state by instance key.
-pub fn subject_fact(state: &CustomerState, planned: &MessageApproved, ctx: &Ctx) -> Option<Fact> {
-    if let Some(kept) = planned.relied_on.get(policy::SUBJECT_FACT) {
-        if let Ok(fact) = serde_json::from_str(kept) {
-            return Some(fact);
-        }
-    }
-    let journey = ctx.topology.journey(planned.journey.as_deref()?)?;
-    let key = planned.relied_on.get("journey_key")?;
-    rebuild_fact(state, journey.key, key)
-}
-
-fn rebuild_fact(state: &CustomerState, kind: JourneyKey, key: &str) -> Option<Fact> {
-    match kind {
-        JourneyKey::Customer => None,
-        JourneyKey::Cart => state.carts.get(key).map(|c| {
-            Fact::CartAbandoned(CartAbandoned {
-                cart_id: key.to_string(),
-                items: c.items.clone(),
-                total: c.total.clone(),
-            })
-        }),
-        JourneyKey::Subscription => state.subscriptions.get(key).map(|s| {
-            Fact::SubscriptionRenewalDue(SubscriptionRenewalDue {
-                subscription_id: key.to_string(),
-                due_at: s.due_at,
-                amount: s.amount.clone(),
-            })
-        }),
-        JourneyKey::Order => state.orders.get(key).map(|o| {
-            Fact::OrderPlaced(OrderPlaced {
-                order_id: key.to_string(),
-                items: vec![],
-                total: o.total.clone(),
-            })
-        }),
-    }
 }
 
 /// When the `n`-th timed step is due, given when the one before was (or the entry).
@@ -358,7 +237,7 @@ pub fn take_step(state: &CustomerState, customer_id: &str, slot: &str, ctx: &Ctx
         return vec![exited("COMPLETED")];
     };
     let due = inst.next_step_due.unwrap_or(ctx.now);
-    let fact = rebuild_fact(state, journey.key, &inst.key);
+    let fact = journey_guard::rebuild_fact(state, journey.key, &inst.key);
     let req = Request {
         // The entry event names the instance: a journey left and entered again under the same
         // key is a new instance whose messages must not collide with the last one's.

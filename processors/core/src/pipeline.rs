@@ -1,45 +1,11 @@
 //! The pure core composed: dedupe, then the ordering guard, then policy, each deciding on the
 //! state as the previous one left it. One input and one state always give the same decisions.
 
+use crate::context::{deterministic_id, Ctx};
 use crate::events::*;
 use crate::policy::Trigger;
 use crate::state::{evolve, CustomerState};
-use crate::tables::Tables;
-use crate::topology::Topology;
 use crate::{dedupe, journey, ordering, policy};
-use sha2::{Digest, Sha256};
-
-/// What the core needs besides state and input: stream time and configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct Ctx<'a> {
-    /// Stream time of the task (the largest occurred-at it has seen), never the wall clock.
-    pub now: Millis,
-    pub topology: &'a Topology,
-    /// Stock and template status, read whole by every task.
-    pub tables: &'a Tables,
-    /// Where the input record sits in the log (`topic/partition/offset`): a redelivered record
-    /// gets the same decision ids, a second delivery of the same fact gets new ones.
-    pub input_ref: &'a str,
-}
-
-/// A short, stable id derived from its parts (128 bits of SHA-256, hex).
-pub fn deterministic_id(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0x1f]);
-    }
-    let digest = h.finalize();
-    // One allocation: every decision takes an id, and a formatted string per byte showed as a
-    // third of the core's time.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(32);
-    for b in &digest[..16] {
-        id.push(HEX[(b >> 4) as usize] as char);
-        id.push(HEX[(b & 0x0f) as usize] as char);
-    }
-    id
-}
 
 struct Recorder<'s> {
     state: &'s mut CustomerState,
