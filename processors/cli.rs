@@ -545,7 +545,7 @@ pub struct RunArgs {
     /// How long a send whose outcome is unknown (the process died during the call, or the
     /// answer was lost) waits for a status webhook naming it before it counts as not sent and
     /// is tried again. Longer than the provider takes to post a status.
-    #[arg(long, env = "HERALD_SETTLE_WAIT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "HERALD_SETTLE_WAIT_MS", default_value_t = crate::dispatch::SETTLE_WAIT_MS as u64)]
     pub settle_wait_ms: u64,
     /// Messages per second dispatch sends from its phone number (the Cloud API's default
     /// throughput is 80; an upgraded number may send 1,000).

@@ -4,9 +4,10 @@
 //! echoes in every event of its Event Webhook (a JSON list of events, posted under HTTP basic
 //! auth). The simulator's side of the same API lives here too.
 
+use crate::dispatch::SendOutcome;
 use crate::events::{Channel, MessageStatus, Millis};
 use crate::gateway::{BodyError, Callback};
-use crate::provider::{Outgoing, Provider, SendOutcome, SimulatedSend, Simulator};
+use crate::provider::{Outgoing, Provider, SimulatedSend, Simulator};
 use anyhow::Result;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -112,7 +113,7 @@ impl EmailClient {
         let code = status.as_u16() as i32;
         SendOutcome::Rejected {
             code,
-            retryable: crate::dispatch::is_retryable(Channel::Email, code),
+            retryable: crate::provider_codes::is_retryable(Channel::Email, code),
             detail,
         }
     }
@@ -144,7 +145,7 @@ pub fn basic_auth(user: &str, password: &str) -> String {
 
 /// Reads an Event Webhook body (a JSON list of events) into callbacks. Events that say nothing
 /// about delivery (deferred, click, group changes) give none; `processed` is sent, `open` is
-/// read, and a bounce or drop is a failure with [`crate::policy::EMAIL_BOUNCED`]. An event
+/// read, and a bounce or drop is a failure with [`crate::provider_codes::EMAIL_BOUNCED`]. An event
 /// without Herald's custom argument is still read; routing decides what becomes of it.
 pub fn normalise(body: &[u8], received_at: Millis) -> Result<Vec<Callback>, BodyError> {
     let v: Value =
@@ -166,7 +167,10 @@ pub fn normalise(body: &[u8], received_at: Millis) -> Result<Vec<Callback>, Body
             "processed" => (MessageStatus::Sent, None),
             "delivered" => (MessageStatus::Delivered, None),
             "open" => (MessageStatus::Read, None),
-            "bounce" | "dropped" => (MessageStatus::Failed, Some(crate::policy::EMAIL_BOUNCED)),
+            "bounce" | "dropped" => (
+                MessageStatus::Failed,
+                Some(crate::provider_codes::EMAIL_BOUNCED),
+            ),
             "deferred" | "click" | "spamreport" | "unsubscribe" | "group_unsubscribe"
             | "group_resubscribe" => continue,
             other => {
@@ -340,7 +344,7 @@ mod tests {
                 channel: Channel::Email,
                 provider_message_id: "XM1".into(),
                 status: MessageStatus::Failed,
-                error_code: Some(crate::policy::EMAIL_BOUNCED),
+                error_code: Some(crate::provider_codes::EMAIL_BOUNCED),
                 callback_data: Some("hc1|c-1|m-1".into()),
                 at: 1_750_000_002_000,
             }

@@ -9,9 +9,9 @@ pub mod avro;
 
 // The pure core, its own crate: no I/O, no clock, no randomness.
 pub use herald_core::{
-    audit, business_identity, context, dedupe, dispatch, events, identity, journey, journey_guard,
-    ordering, pacing, pipeline, policy, projection, quiet_hours, replay, state, tables, task,
-    topology,
+    audit, business_identity, context, dedupe, dispatch, driver, events, identity, journey,
+    journey_guard, ordering, pacing, pipeline, policy, projection, provider_codes, quiet_hours,
+    replay, state, tables, task, topology,
 };
 
 // Shells.

@@ -5,6 +5,7 @@
 //! and keeps what it received so that checks independent of Herald's policy code can inspect
 //! it.
 
+use crate::dispatch::SendOutcome;
 use crate::events::{Channel, Delivery, MessageApproved};
 use anyhow::Result;
 use axum::extract::{Path, State};
@@ -20,49 +21,6 @@ use std::time::Duration;
 
 /// The Graph API version Herald speaks.
 pub const GRAPH_VERSION: &str = "v21.0";
-
-/// What the provider said about one send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// Accepted; the provider's message id (wamid).
-    Accepted(String),
-    /// Refused with the provider's error code.
-    Rejected {
-        code: i32,
-        retryable: bool,
-        detail: String,
-    },
-    /// The request never reached the provider (no connection): safe to try again.
-    NotDelivered(String),
-    /// The request may have reached the provider but no answer came back (a timeout, a
-    /// connection lost mid-answer): the message may be out, so only a status settles it.
-    Unanswered(String),
-}
-
-impl SendOutcome {
-    /// What the call says about the provider's health, for its circuit breaker and the
-    /// sender's bucket: a server-side fault or silence counts against the provider, a refusal
-    /// of the message does not.
-    pub fn call_end(&self) -> crate::pacing::CallEnd {
-        use crate::pacing::CallEnd;
-        match self {
-            SendOutcome::Accepted(_) => CallEnd::Answered,
-            // The Cloud API's, the SMS provider's and HTTP's "too many requests".
-            SendOutcome::Rejected {
-                code: 130429 | 20429 | 429,
-                ..
-            } => CallEnd::Throttled,
-            // The Cloud API's and the SMS provider's "something went wrong"; an e-mail
-            // provider's server error.
-            SendOutcome::Rejected {
-                code: 131000 | 20500 | 500..=504,
-                ..
-            } => CallEnd::ProviderFailed,
-            SendOutcome::Rejected { .. } => CallEnd::Answered,
-            SendOutcome::NotDelivered(_) | SendOutcome::Unanswered(_) => CallEnd::ProviderFailed,
-        }
-    }
-}
 
 /// One message on its way out: the approval with the recipient's clear address, and its
 /// composed text where the channel carries text (SMS, e-mail, a WhatsApp session message).
@@ -281,7 +239,7 @@ impl CloudApiClient {
             return SendOutcome::Rejected {
                 code,
                 // A bare 429 is a throttle in front of the provider: worth trying again.
-                retryable: crate::dispatch::is_retryable(Channel::Whatsapp, code),
+                retryable: crate::provider_codes::is_retryable(Channel::Whatsapp, code),
                 detail: format!("HTTP {status} without a Cloud API error"),
             };
         };
@@ -291,7 +249,7 @@ impl CloudApiClient {
             .to_string();
         SendOutcome::Rejected {
             code,
-            retryable: crate::dispatch::is_retryable(Channel::Whatsapp, code)
+            retryable: crate::provider_codes::is_retryable(Channel::Whatsapp, code)
                 || status.is_server_error(),
             detail,
         }

@@ -5,9 +5,10 @@
 //! token, of the callback URL followed by every form field's name and value, sorted by name).
 //! The simulator's side of the same API lives here too.
 
+use crate::dispatch::SendOutcome;
 use crate::events::{Channel, MessageStatus, Millis};
 use crate::gateway::{BodyError, Callback};
-use crate::provider::{Outgoing, Provider, SendOutcome, SimulatedSend, Simulator};
+use crate::provider::{Outgoing, Provider, SimulatedSend, Simulator};
 use anyhow::Result;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -119,7 +120,7 @@ impl SmsClient {
         match body["code"].as_i64() {
             Some(code) => SendOutcome::Rejected {
                 code: code as i32,
-                retryable: crate::dispatch::is_retryable(Channel::Sms, code as i32),
+                retryable: crate::provider_codes::is_retryable(Channel::Sms, code as i32),
                 detail: body["message"]
                     .as_str()
                     .unwrap_or("no error message")
@@ -131,7 +132,10 @@ impl SmsClient {
             )),
             None => SendOutcome::Rejected {
                 code: status.as_u16() as i32,
-                retryable: crate::dispatch::is_retryable(Channel::Sms, status.as_u16() as i32),
+                retryable: crate::provider_codes::is_retryable(
+                    Channel::Sms,
+                    status.as_u16() as i32,
+                ),
                 detail: format!("HTTP {status} without an SMS provider error"),
             },
         }

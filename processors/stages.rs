@@ -3,6 +3,7 @@
 //! output into records; none holds a rule.
 
 use crate::audit::ConsentProjection;
+use crate::dispatch::SendOutcome;
 use crate::dispatch::{self, DispatchState, Plan};
 use crate::events::*;
 use crate::identity::{self, pseudonymise, ContactDirectory, IdentifierKey};
@@ -10,7 +11,7 @@ use crate::kafka::{
     provenance, provenance_of, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage,
 };
 use crate::pacing::{self, Lane, Limits, Pacer};
-use crate::provider::{Outgoing, Providers, SendOutcome};
+use crate::provider::{Outgoing, Providers};
 use crate::registry::{Codec, DecodeError};
 use crate::state::CustomerState;
 use crate::store::{self, SnapshotWrite, PROCESSORS};
@@ -630,9 +631,6 @@ struct PendingSend {
     queued_at: Millis,
 }
 
-/// Calls one attempt may make: the first and three retries, each through the pacer.
-const MAX_TRIES: u32 = 4;
-
 /// A finished provider call, as its task left it.
 struct Answer {
     epoch: u64,
@@ -719,7 +717,7 @@ impl DispatchStage {
             epoch: 0,
             held: HashMap::new(),
             settled: Vec::new(),
-            settle_wait: Duration::from_secs(60),
+            settle_wait: Duration::from_millis(dispatch::SETTLE_WAIT_MS as u64),
             last_settle: None,
             contacts_unread: None,
         }
@@ -993,30 +991,14 @@ impl DispatchStage {
         dead_letter_record(&self.codec, &self.rt, letter, &self.metrics)
     }
 
-    /// A refusal policy must hear of, as the failed status the provider would have posted: it
-    /// goes to `provider.events.v1` under the customer's key, in the transaction that records
-    /// the failure, so the processors read it like any status callback (and a replay of the
-    /// answer writes the same event id, which dedupe recognises).
-    fn refusal_for_policy(&self, s: &PendingSend, code: i32, now: Millis) -> Result<OutRecord> {
-        let customer = &s.decision.customer_id;
-        let message_id = &s.approved.message_id;
-        let event = InputEvent::new(
-            "dispatch",
-            customer,
-            &crate::context::deterministic_id(&[message_id, "refused", &code.to_string()]),
-            now,
-            Fact::MessageStatusChanged(MessageStatusChanged {
-                provider_message_id: String::new(),
-                status: MessageStatus::Failed,
-                error_code: Some(code),
-                message_id: Some(message_id.clone()),
-            }),
-        );
+    /// The refusal policy must hear of, on `provider.events.v1` under the customer's key, in
+    /// the transaction that records the failure.
+    fn to_policy_record(&self, partition: i32, event: &InputEvent) -> Result<OutRecord> {
         Ok(OutRecord {
             topic: self.codec.topics().provider().clone(),
-            partition: s.partition,
-            key: customer.clone().into_bytes(),
-            value: self.rt.block_on(self.codec.encode_input(&event))?,
+            partition,
+            key: event.envelope.customer_id.clone().into_bytes(),
+            value: self.rt.block_on(self.codec.encode_input(event))?,
             headers: vec![],
         })
     }
@@ -1048,16 +1030,16 @@ impl DispatchStage {
                     let to = to.to_string();
                     let channel = s.approved.channel;
                     let Some(provider) = self.providers.of(channel).cloned() else {
-                        let why = self.providers.missing(channel);
-                        self.fail_uncalled(s, why, true, out)?;
+                        let why = dispatch::Uncallable::NoProvider(self.providers.missing(channel));
+                        self.fail_uncalled(s, why, out)?;
                         continue;
                     };
                     let text = if dispatch::carries_text(&s.approved) {
                         match dispatch::compose(&self.catalog, &s.approved) {
                             Ok(t) => Some(t),
                             Err(e) => {
-                                let why = format!("cannot compose the {channel:?} text: {e}");
-                                self.fail_uncalled(s, why, true, out)?;
+                                let why = dispatch::Uncallable::CannotCompose(e.to_string());
+                                self.fail_uncalled(s, why, out)?;
                                 continue;
                             }
                         }
@@ -1096,8 +1078,7 @@ impl DispatchStage {
                     // Erased before it went out, or an address the CRM topic never held:
                     // nobody to send to, and trying again cannot change that.
                     tracing::info!(customer = %s.decision.customer_id, message = %s.approved.message_id, "no address for the recipient; not sent");
-                    let why = "no address for this recipient: the customer was erased, or the CRM topic never gave one".to_string();
-                    self.fail_uncalled(s, why, false, out)?;
+                    self.fail_uncalled(s, dispatch::Uncallable::NoAddress, out)?;
                 }
             }
         }
@@ -1112,31 +1093,23 @@ impl DispatchStage {
         Ok(())
     }
 
-    /// Records a send that cannot be called: failed, and, when someone can fix what stopped
-    /// it (a channel without a provider, a template dispatch cannot compose), dead-lettered so
-    /// that `herald dlq replay` sends it once they have.
+    /// Records a send that cannot be called, as `dispatch::uncalled` says: failed, and
+    /// dead-lettered when someone can fix what stopped it.
     fn fail_uncalled(
         &mut self,
         s: PendingSend,
-        why: String,
-        dead_letter: bool,
+        why: dispatch::Uncallable,
         out: &mut Outbox,
     ) -> Result<()> {
         Metrics::inc(&self.metrics.send_failures, 1);
-        if dead_letter {
+        let uncalled = dispatch::uncalled(&s.decision, &s.approved, why, wall_clock_ms());
+        if let Some(why) = uncalled.dead_letter {
             tracing::error!(customer = %s.decision.customer_id, message = %s.approved.message_id, reason = %why, "send dead-lettered");
-            out.records
-                .push(self.dead_letter_approval(&s, why.clone())?);
+            out.records.push(self.dead_letter_approval(&s, why)?);
         }
         self.pacer.forget_call(&s.decision.customer_id);
         self.held.remove(&s.approved.message_id);
-        let failed = DispatchStep::Failed(DispatchFailed {
-            code: 0,
-            retryable: false,
-            detail: why,
-        });
-        let rec = dispatch::record(&s.decision, &s.approved, failed, wall_clock_ms());
-        self.record(s.partition, rec, out)
+        self.record(s.partition, uncalled.record, out)
     }
 
     /// Records the answers of the calls that finished since the last batch.
@@ -1176,18 +1149,12 @@ impl DispatchStage {
             }
             let mut send = a.send;
             send.tries += 1;
-            let retryable = matches!(
-                a.outcome,
-                SendOutcome::Rejected {
-                    retryable: true,
-                    ..
-                } | SendOutcome::NotDelivered(_)
-            );
-            if retryable && send.tries < MAX_TRIES {
+            if let dispatch::AfterCall::Retry { not_before } =
+                dispatch::after_call(&a.outcome, send.tries, now, jitter())
+            {
                 // Back through the buckets and the breaker, after its backoff: a retry is a
                 // call like any other, and a throttled provider gets its pause.
                 let lane = Lane::of(&send.approved.purpose, &send.approved.category);
-                let not_before = now + pacing::retry_backoff_ms(send.tries, jitter());
                 let (customer, queued_at) = (send.decision.customer_id.clone(), send.queued_at);
                 // Still held here: its call is not over.
                 self.pacer
@@ -1201,7 +1168,7 @@ impl DispatchStage {
         Ok(())
     }
 
-    /// Records what one call came to.
+    /// Records what one attempt came to and carries out what `dispatch::answer` says.
     fn record_answer(
         &mut self,
         s: PendingSend,
@@ -1210,75 +1177,34 @@ impl DispatchStage {
         now: Millis,
         out: &mut Outbox,
     ) -> Result<()> {
-        let attempted = dispatch::record(
-            &s.decision,
-            &s.approved,
-            DispatchStep::Attempted(DispatchAttempted { attempt: s.attempt }),
-            now,
-        );
-        self.record(s.partition, attempted, out)?;
-        let step = match outcome {
-            SendOutcome::Accepted(id) => {
-                Metrics::inc(&self.metrics.sends, 1);
-                DispatchStep::Accepted(DispatchAccepted {
-                    provider_message_id: id,
-                })
-            }
-            SendOutcome::Rejected {
-                code,
-                retryable,
-                detail,
-            } => {
-                Metrics::inc(&self.metrics.send_failures, 1);
-                let action = dispatch::classify(s.approved.channel, code);
-                if matches!(
-                    action,
-                    dispatch::ErrorAction::ReturnToPolicy
-                        | dispatch::ErrorAction::Fallback
-                        | dispatch::ErrorAction::StopMarketing
-                ) {
-                    Metrics::inc(&self.metrics.refusals_to_policy, 1);
-                    out.records.push(self.refusal_for_policy(&s, code, now)?);
-                }
-                match action {
-                    dispatch::ErrorAction::Unknown => {
-                        let why =
-                            format!("provider error code {code} is not one Herald knows: {detail}");
-                        out.records.push(self.dead_letter_approval(&s, why)?);
-                    }
-                    dispatch::ErrorAction::StopLane => {
-                        Metrics::inc(&self.metrics.account_blocks, 1);
-                        self.pacer.halt(s.approved.channel, code);
-                        self.metrics.lanes_halted.store(1, AtomicOrdering::Relaxed);
-                        tracing::error!(code, channel = ?s.approved.channel, detail = %detail, "the provider blocked the account or number: every send on this channel waits until someone acts and restarts dispatch");
-                    }
-                    _ => {}
-                }
-                DispatchStep::Failed(DispatchFailed {
-                    code,
-                    retryable,
-                    detail: format!("{detail} (after {tries} tries)"),
-                })
-            }
-            SendOutcome::NotDelivered(e) => {
-                Metrics::inc(&self.metrics.send_failures, 1);
-                DispatchStep::Failed(DispatchFailed {
-                    code: 0,
-                    retryable: true,
-                    detail: format!("provider unreachable after {tries} tries: {e}"),
-                })
-            }
+        match &outcome {
+            SendOutcome::Accepted(_) => Metrics::inc(&self.metrics.sends, 1),
             SendOutcome::Unanswered(e) => {
                 tracing::info!(message = %s.approved.message_id, error = %e, "send unanswered; its status webhook will settle it");
                 Metrics::inc(&self.metrics.sends_unanswered, 1);
-                DispatchStep::Unanswered(DispatchUnanswered {
-                    attempt: s.attempt,
-                    detail: e,
-                })
             }
-        };
-        let rec = dispatch::record(&s.decision, &s.approved, step, now);
-        self.record(s.partition, rec, out)
+            SendOutcome::Rejected { .. } | SendOutcome::NotDelivered(_) => {
+                Metrics::inc(&self.metrics.send_failures, 1)
+            }
+        }
+        let answered = dispatch::answer(&s.decision, &s.approved, s.attempt, tries, outcome, now);
+        if let Some(event) = &answered.to_policy {
+            Metrics::inc(&self.metrics.refusals_to_policy, 1);
+            out.records.push(self.to_policy_record(s.partition, event)?);
+        }
+        if let Some(why) = answered.dead_letter {
+            out.records.push(self.dead_letter_approval(&s, why)?);
+        }
+        if let Some((channel, code)) = answered.halt {
+            Metrics::inc(&self.metrics.account_blocks, 1);
+            self.pacer.halt(channel, code);
+            self.metrics.lanes_halted.store(1, AtomicOrdering::Relaxed);
+            tracing::error!(code, ?channel, "the provider blocked the account or number: every send on this channel waits until someone acts and restarts dispatch");
+        }
+        for rec in answered.records {
+            self.record(s.partition, rec, out)?;
+        }
+        Ok(())
     }
 }
 

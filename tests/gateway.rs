@@ -385,8 +385,9 @@ fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
 /// customer, named by Herald's message id; tampered or unauthenticated callbacks are refused.
 #[test]
 fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
+    use herald::dispatch::SendOutcome;
     use herald::events::{Channel, MessageApproved};
-    use herald::provider::{Outgoing, SendOutcome};
+    use herald::provider::Outgoing;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let topology = Topology::embedded().unwrap();
     // Each test reads whole topics, so each has a cluster of its own.

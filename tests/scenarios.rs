@@ -1,12 +1,17 @@
 //! Scenario tests: each file in tests/scenarios/ gives events (and timer ticks) and the decisions
 //! Herald must take, in order. `EventAccepted` is implied for every new event and not listed.
 //! Every scenario also checks that folding its decisions rebuilds the live state exactly.
+//!
+//! The files run through `herald::driver`, every processor in memory, dispatch included: a
+//! file may say what the provider answers (`answers`, first match wins, else accepted) and
+//! which customers have no address (`no_address`), and list the dispatch steps it expects
+//! (`dispatched`, as `template:Channel:Step`).
 
-use herald::context::Ctx;
+use herald::dispatch::SendOutcome;
+use herald::driver::{Call, Driver};
 use herald::events::*;
 use herald::pipeline;
 use herald::state::CustomerState;
-use herald::tables::Tables;
 use herald::topology::Topology;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -23,6 +28,70 @@ struct Scenario {
     stock: BTreeMap<String, i32>,
     steps: Vec<Step>,
     expect: Vec<String>,
+    /// What the provider answers; a call no rule matches is accepted.
+    #[serde(default)]
+    answers: Vec<AnswerRule>,
+    /// Customers dispatch finds no address for.
+    #[serde(default)]
+    no_address: Vec<String>,
+    /// The dispatch steps expected, in log order; not checked when absent.
+    dispatched: Option<Vec<String>>,
+}
+
+/// One provider answer: to the calls for this template, channel, attempt and try (each
+/// optional), the provider answers `answer`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerRule {
+    template: Option<String>,
+    channel: Option<Channel>,
+    attempt: Option<i32>,
+    #[serde(rename = "try")]
+    try_number: Option<u32>,
+    answer: Answer,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    Accepted,
+    /// Refused with this provider code.
+    Rejected(i32),
+    /// The request never reached the provider.
+    Unreachable,
+    /// No answer came back.
+    Unanswered,
+}
+
+impl AnswerRule {
+    fn matches(&self, call: &Call) -> bool {
+        self.template
+            .as_ref()
+            .is_none_or(|t| *t == call.approved.template_name)
+            && self.channel.is_none_or(|c| c == call.approved.channel)
+            && self.attempt.is_none_or(|a| a == call.attempt)
+            && self.try_number.is_none_or(|t| t == call.try_number)
+    }
+}
+
+fn answer(rules: &[AnswerRule], call: &Call) -> SendOutcome {
+    let channel = call.approved.channel;
+    match rules
+        .iter()
+        .find(|r| r.matches(call))
+        .map(|r| r.answer.clone())
+    {
+        None | Some(Answer::Accepted) => {
+            SendOutcome::Accepted(format!("wamid.{}", call.approved.message_id))
+        }
+        Some(Answer::Rejected(code)) => SendOutcome::Rejected {
+            code,
+            retryable: herald::provider_codes::is_retryable(channel, code),
+            detail: format!("scenario refuses with {code}"),
+        },
+        Some(Answer::Unreachable) => SendOutcome::NotDelivered("connection refused".into()),
+        Some(Answer::Unanswered) => SendOutcome::Unanswered("timed out".into()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -53,39 +122,38 @@ fn summary(d: &Decision) -> Option<String> {
     }
 }
 
-fn run(
-    s: &Scenario,
-    topology: &Topology,
-) -> (Vec<String>, Vec<Decision>, BTreeMap<String, CustomerState>) {
-    let mut states: BTreeMap<String, CustomerState> = BTreeMap::new();
-    let mut all = Vec::new();
-    let mut now = 0;
-    let mut tables = Tables::default();
+/// A dispatch step as the scenario files list it.
+fn step_summary(r: &DispatchRecord) -> String {
+    format!("{}:{:?}:{}", r.template_name, r.channel, r.step.summary())
+}
+
+struct Run {
+    expect: Vec<String>,
+    dispatched: Vec<String>,
+    decisions: Vec<Decision>,
+    states: BTreeMap<String, CustomerState>,
+}
+
+fn run(s: &Scenario, topology: &Topology) -> Run {
+    let mut driver = Driver::new(topology).with_answers(|call: &Call| answer(&s.answers, call));
+    for customer in &s.no_address {
+        driver.without_address(customer);
+    }
+    let mut decisions = Vec::new();
+    let mut steps = Vec::new();
     let mut stock = s.stock.clone();
     for (i, step) in s.steps.iter().enumerate() {
         let at = EPOCH + (step.at_h * 3_600_000.0) as i64;
-        now = now.max(at);
-        let input_ref = format!("step/{i}");
         stock.extend(step.stock.clone().unwrap_or_default());
         for (sku, available) in &stock {
-            tables.observe_stock(StockLevel {
+            driver.tables_mut().observe_stock(StockLevel {
                 sku: sku.clone(),
                 available: *available,
                 updated_at: at,
                 source_system: "scenario".into(),
             });
         }
-        if let Some(f) = &step.fact {
-            tables.observe(f, at);
-        }
-        let ctx = Ctx {
-            now,
-            topology,
-            tables: &tables,
-            input_ref: &input_ref,
-        };
-        let state = states.entry(step.customer.clone()).or_default();
-        let ds = match (&step.id, &step.fact) {
+        let out = match (&step.id, &step.fact) {
             (Some(id), Some(fact)) => {
                 let input = InputEvent {
                     envelope: Envelope {
@@ -99,14 +167,24 @@ fn run(
                     },
                     fact: fact.clone(),
                 };
-                pipeline::process(state, &input, &ctx)
+                driver.input(&input, &format!("step/{i}"))
             }
-            (None, None) => pipeline::tick(state, &step.customer, &ctx),
+            (None, None) => driver.advance_to(at),
             _ => panic!("a step has both id and fact, or neither (a tick)"),
         };
-        all.extend(ds);
+        decisions.extend(out.decisions);
+        steps.extend(out.steps);
     }
-    (all.iter().filter_map(summary).collect(), all, states)
+    Run {
+        expect: decisions.iter().filter_map(summary).collect(),
+        dispatched: steps.iter().map(step_summary).collect(),
+        states: driver
+            .customers()
+            .iter()
+            .map(|(c, s)| (c.clone(), s.clone()))
+            .collect(),
+        decisions,
+    }
 }
 
 #[test]
@@ -129,7 +207,23 @@ fn every_scenario_file_decides_as_expected() {
         let text = std::fs::read_to_string(f).unwrap();
         let s: Scenario =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let (got, decisions, states) = run(&s, &topology);
+        let Run {
+            expect: got,
+            dispatched,
+            decisions,
+            states,
+        } = run(&s, &topology);
+        if let Some(want) = &s.dispatched {
+            if &dispatched != want {
+                failures.push(format!(
+                    "{} ({})\n  expected dispatch {:?}\n  got               {:?}",
+                    f.display(),
+                    s.description,
+                    want,
+                    dispatched
+                ));
+            }
+        }
         if got != s.expect {
             // A status step names the message it is about; the ids approved help write one.
             let approved: Vec<String> = decisions
@@ -166,8 +260,8 @@ fn every_scenario_file_decides_as_expected() {
             failures.push(format!("{}: two decisions share an id", f.display()));
         }
         // The same input always gives the same decisions, ids included.
-        let (_, again, _) = run(&s, &topology);
-        if again != decisions {
+        let again = run(&s, &topology);
+        if again.decisions != decisions || again.dispatched != dispatched {
             failures.push(format!("{}: a second run decided differently", f.display()));
         }
     }

@@ -969,6 +969,24 @@ impl DispatchStep {
             DispatchStep::Reconciled(_) => 6,
         }
     }
+
+    /// A short line naming the step and what it carries, as scenario files list them:
+    /// `Intended:1`, `Attempted:1`, `Accepted`, `Failed:131026`, `Skipped`, `Unanswered:1`,
+    /// `Reconciled:sent` or `Reconciled:not_sent`.
+    pub fn summary(&self) -> String {
+        match self {
+            DispatchStep::Intended(i) => format!("Intended:{}", i.attempt),
+            DispatchStep::Attempted(a) => format!("Attempted:{}", a.attempt),
+            DispatchStep::Accepted(_) => "Accepted".into(),
+            DispatchStep::Failed(f) => format!("Failed:{}", f.code),
+            DispatchStep::Skipped(_) => "Skipped".into(),
+            DispatchStep::Unanswered(u) => format!("Unanswered:{}", u.attempt),
+            DispatchStep::Reconciled(r) => match r.provider_message_id {
+                Some(_) => "Reconciled:sent".into(),
+                None => "Reconciled:not_sent".into(),
+            },
+        }
+    }
 }
 
 /// One record of `herald.dispatch.v1`.

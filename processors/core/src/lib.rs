@@ -28,8 +28,10 @@ pub mod journey_guard;
 pub mod ordering;
 pub mod pacing;
 pub mod policy;
+pub mod provider_codes;
 pub mod quiet_hours;
 
+pub mod driver;
 pub mod pipeline;
 pub mod task;
 

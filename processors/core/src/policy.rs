@@ -8,6 +8,7 @@
 use crate::context::{deterministic_id, Ctx};
 use crate::events::*;
 use crate::journey_guard::{self, Check, SUBJECT_FACT};
+use crate::provider_codes::{is_undeliverable, refusal_reason, SMS_UNSUBSCRIBED};
 use crate::quiet_hours::SendWindow;
 use crate::state::{ConsentEntry, CustomerState, ANNOUNCES, HOUR_MS as HOUR};
 use crate::topology::{Template, VariableType};
@@ -804,28 +805,6 @@ pub fn decide_inbound<'a>(
     vec![]
 }
 
-/// The Cloud API error code for a message it could not deliver to that channel.
-pub const UNDELIVERABLE: i32 = 131_026;
-
-/// Whether a provider's error code says the message cannot reach the customer on that
-/// channel, so the next channel should carry it: the Cloud API's 131026; the SMS provider's
-/// invalid, unreachable, landline or filtered numbers (Twilio's 21211, 21614, 30003-30008);
-/// an e-mail bounce or drop (550, as the gateway records one).
-pub fn is_undeliverable(channel: Channel, code: i32) -> bool {
-    match channel {
-        Channel::Whatsapp => code == UNDELIVERABLE,
-        Channel::Sms => matches!(code, 21211 | 21614 | 30003..=30008),
-        Channel::Email => code == EMAIL_BOUNCED,
-    }
-}
-
-/// The SMS provider's code for a recipient who replied STOP (Twilio's 21610).
-pub const SMS_UNSUBSCRIBED: i32 = 21_610;
-
-/// The code the gateway gives an e-mail the provider bounced or dropped (SMTP's permanent
-/// "mailbox unavailable").
-pub const EMAIL_BOUNCED: i32 = 550;
-
 /// What the provider's failure of a message calls for: one WhatsApp could not deliver
 /// (131026) goes out again on the next channel the customer consented to, with the same
 /// template, language and variables; one the provider refused as it was approved (outside the
@@ -951,20 +930,6 @@ fn marketing_stopped_until(state: &CustomerState, ctx: &Ctx) -> Option<(Option<M
             iso_date(until)
         ),
     ))
-}
-
-/// The suppression reason of a Cloud API refusal that policy must hear of.
-pub fn refusal_reason(code: i32) -> Option<SuppressionReason> {
-    match code {
-        131047 => Some(SuppressionReason::OutsideSessionWindow),
-        132001 | 132015 | 132016 | 131051 | 131052 | 131053 => {
-            Some(SuppressionReason::TemplateUnavailable)
-        }
-        132000 | 132005 | 132007 | 132012 | 131008 | 131009 => {
-            Some(SuppressionReason::MissingVariable)
-        }
-        _ => None,
-    }
 }
 
 fn fall_back(

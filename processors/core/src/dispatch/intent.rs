@@ -1,9 +1,8 @@
-//! Dispatch planning: which approved messages go to the provider, and what each step records.
-//! The HTTP call itself lives in the provider shell.
+//! A send's intent: whether an approval goes to the provider (`plan`), how an open intent is
+//! settled from statuses, what each step records, and the fold of a customer's dispatch state.
 
 use crate::context::deterministic_id;
 use crate::events::*;
-use crate::topology::TemplateCatalog;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -32,6 +31,10 @@ pub struct OpenIntent {
     pub template_name: String,
     pub channel: Channel,
 }
+
+/// How long an open intent waits, by default, for a status naming it before it counts as not
+/// sent and is tried again: longer than a provider takes to post a status.
+pub const SETTLE_WAIT_MS: Millis = 60_000;
 
 /// What dispatch should do with an approval.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,183 +205,12 @@ pub fn evolve(state: &mut DispatchState, rec: &DispatchRecord) {
     }
 }
 
-/// What a Cloud API error code calls for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    /// Throttling or a transient fault: back off and try again.
-    Retry,
-    /// The message cannot go as it was approved (outside the service window, template paused,
-    /// disabled or missing, a parameter refused): it returns to policy as a failed decision.
-    ReturnToPolicy,
-    /// Undeliverable on this channel: the next channel the customer consented to.
-    Fallback,
-    /// The customer is not to get marketing now (spam rate limit, per-user marketing limit,
-    /// the user stopped marketing): no more marketing to them.
-    StopMarketing,
-    /// The business account or number is blocked or its token is invalid: stop the lane and
-    /// alert; nothing sent on it can succeed until someone acts.
-    StopLane,
-    /// A code Herald does not know: the message goes to the dead-letter topic.
-    Unknown,
-}
-
-/// Classifies a provider's error code for a channel: the Cloud API's codes for WhatsApp, the
-/// SMS provider's (Twilio-shaped) codes for SMS, and the HTTP status for e-mail, whose provider
-/// answers with no code of its own.
-pub fn classify(channel: Channel, code: i32) -> ErrorAction {
-    match channel {
-        Channel::Whatsapp => classify_cloud_api(code),
-        Channel::Sms => classify_sms(code),
-        Channel::Email => classify_email(code),
-    }
-}
-
-/// Classifies a Cloud API error code (or an HTTP status when the answer had none), as the
-/// Cloud API's error code reference defines them.
-fn classify_cloud_api(code: i32) -> ErrorAction {
-    match code {
-        // Throttling: app, account, number and pair rate limits; transient service faults.
-        4 | 80007 | 130429 | 131056 | 131000 | 131016 | 133004 | 429 | 500 | 502 | 503 | 504 => {
-            ErrorAction::Retry
-        }
-        // Policy names the reason of each refusal it must hear of; one list serves both.
-        code if crate::policy::refusal_reason(code).is_some() => ErrorAction::ReturnToPolicy,
-        code if crate::policy::is_undeliverable(Channel::Whatsapp, code) => ErrorAction::Fallback,
-        131048..=131050 => ErrorAction::StopMarketing,
-        // Access, token and account blocks: 0 (auth), 3 (capability), 10 (permission),
-        // 190 (token expired), 200-299 (permissions), 368 (policy block), 131031 (account
-        // locked), 131042 (payment), 131045 (certificate), 133010 (number not registered).
-        0 | 3 | 10 | 190 | 200..=299 | 368 | 131031 | 131042 | 131045 | 133010 => {
-            ErrorAction::StopLane
-        }
-        _ => ErrorAction::Unknown,
-    }
-}
-
-/// Classifies an SMS provider error code (Twilio's numbering).
-fn classify_sms(code: i32) -> ErrorAction {
-    match code {
-        // Too many requests, queue overflow, an internal fault, a bare throttle or outage.
-        20429 | 30001 | 20500 | 429 | 500 | 502 | 503 | 504 => ErrorAction::Retry,
-        code if crate::policy::is_undeliverable(Channel::Sms, code) => ErrorAction::Fallback,
-        // The recipient replied STOP: the carrier refuses every further message from us.
-        21610 => ErrorAction::StopMarketing,
-        // Authentication, a suspended account, a sender number the account does not own or
-        // that cannot send to the region.
-        20003 | 20005 | 21606 | 21408 | 21612 | 401 | 403 => ErrorAction::StopLane,
-        _ => ErrorAction::Unknown,
-    }
-}
-
-/// Classifies an e-mail provider's answer (SendGrid-shaped: the HTTP status).
-fn classify_email(code: i32) -> ErrorAction {
-    match code {
-        429 | 500 | 502 | 503 | 504 => ErrorAction::Retry,
-        // A bounce or a dropped address, reported by the event webhook.
-        code if crate::policy::is_undeliverable(Channel::Email, code) => ErrorAction::Fallback,
-        401 | 403 => ErrorAction::StopLane,
-        // 400 and 413 say Herald built a request the provider cannot take: a person looks.
-        _ => ErrorAction::Unknown,
-    }
-}
-
-/// Provider error codes worth retrying on a channel: throttling and transient faults.
-pub fn is_retryable(channel: Channel, code: i32) -> bool {
-    classify(channel, code) == ErrorAction::Retry
-}
-
-/// Whether a message travels as composed text rather than as a template the provider holds:
-/// every SMS and e-mail, and a WhatsApp session message.
-pub fn carries_text(m: &MessageApproved) -> bool {
-    m.channel != Channel::Whatsapp || m.delivery == Delivery::Session
-}
-
-/// Why a message cannot be composed as text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct CompositionError(pub String);
-
-/// The text of a message on a channel that carries text rather than a template the provider
-/// holds (SMS, e-mail, a WhatsApp session message): the catalog body of the approved variant
-/// with its variables filled in. A placeholder without a value is an error, never a blank.
-pub fn compose(catalog: &TemplateCatalog, m: &MessageApproved) -> Result<String, CompositionError> {
-    let variants = catalog.variants(&m.template_name).ok_or_else(|| {
-        CompositionError(format!(
-            "template {} is not in the catalog",
-            m.template_name
-        ))
-    })?;
-    let template = variants
-        .iter()
-        .find(|t| t.locale == m.locale && t.version == m.template_version)
-        .or_else(|| {
-            // A catalog updated since the approval: the newest version in the same locale.
-            variants
-                .iter()
-                .filter(|t| t.locale == m.locale)
-                .max_by_key(|t| t.version)
-        })
-        .ok_or_else(|| {
-            CompositionError(format!(
-                "template {} has no {} variant in the catalog",
-                m.template_name, m.locale
-            ))
-        })?;
-    let mut out = String::with_capacity(template.body.len() + 32);
-    let mut rest = template.body.as_str();
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| {
-            CompositionError(format!(
-                "template {} ({}) has an unclosed '{{{{'",
-                m.template_name, m.locale
-            ))
-        })?;
-        let name = after[..close].trim();
-        let value = m.variables.get(name).ok_or_else(|| {
-            CompositionError(format!(
-                "template {} ({}) needs {name}, which the approval does not carry",
-                m.template_name, m.locale
-            ))
-        })?;
-        out.push_str(value);
-        rest = &after[close + 2..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// The subject line of an e-mail: the first sentence of its text, cut at a word boundary so
-/// it fits the 78 characters a mail header line should keep to.
-pub fn subject_of(text: &str) -> String {
-    let first = text
-        .split_inclusive(['.', '!', '?', '\n'])
-        .next()
-        .unwrap_or(text)
-        .trim();
-    if first.chars().count() <= 78 {
-        return first.to_string();
-    }
-    let mut cut = String::new();
-    for word in first.split_whitespace() {
-        if cut.chars().count() + word.chars().count() + 1 > 77 {
-            break;
-        }
-        if !cut.is_empty() {
-            cut.push(' ');
-        }
-        cut.push_str(word);
-    }
-    cut.push('…');
-    cut
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn approval() -> (Decision, MessageApproved) {
+    /// An approved order confirmation and its decision.
+    pub(crate) fn approval() -> (Decision, MessageApproved) {
         let m = MessageApproved {
             message_id: "m-1".into(),
             trigger_event_id: "e-1".into(),
@@ -549,134 +381,5 @@ mod tests {
             .dispatch_id
         };
         assert_ne!(attempt(1), attempt(2));
-    }
-
-    #[test]
-    fn only_throttling_and_transient_faults_are_retried() {
-        let wa = Channel::Whatsapp;
-        assert!(is_retryable(wa, 130429), "rate limit hit");
-        assert!(is_retryable(wa, 503));
-        assert!(
-            !is_retryable(wa, 131026),
-            "undeliverable: retrying cannot help"
-        );
-        assert!(!is_retryable(wa, 132001), "template does not exist");
-        assert!(
-            is_retryable(wa, 131056),
-            "pair rate limit: back off and retry"
-        );
-        assert!(is_retryable(Channel::Sms, 20429), "SMS: too many requests");
-        assert!(is_retryable(Channel::Email, 429));
-        assert!(
-            !is_retryable(Channel::Email, 400),
-            "a malformed mail is not sent by retrying"
-        );
-    }
-
-    #[test]
-    fn each_error_code_says_who_must_act() {
-        let classify = |code| classify(Channel::Whatsapp, code);
-        assert_eq!(
-            classify(131047),
-            ErrorAction::ReturnToPolicy,
-            "outside the window"
-        );
-        assert_eq!(
-            classify(132015),
-            ErrorAction::ReturnToPolicy,
-            "template paused"
-        );
-        assert_eq!(
-            classify(132016),
-            ErrorAction::ReturnToPolicy,
-            "template disabled"
-        );
-        assert_eq!(classify(131026), ErrorAction::Fallback);
-        for code in [131048, 131049, 131050] {
-            assert_eq!(classify(code), ErrorAction::StopMarketing, "{code}");
-        }
-        assert_eq!(classify(368), ErrorAction::StopLane, "account blocked");
-        assert_eq!(classify(190), ErrorAction::StopLane, "token expired");
-        assert_eq!(classify(987654), ErrorAction::Unknown);
-    }
-
-    #[test]
-    fn sms_and_email_codes_are_read_in_their_providers_numbering() {
-        for (channel, code, action, what) in [
-            (
-                Channel::Sms,
-                30003,
-                ErrorAction::Fallback,
-                "unreachable handset",
-            ),
-            (Channel::Sms, 21211, ErrorAction::Fallback, "invalid number"),
-            (
-                Channel::Sms,
-                21610,
-                ErrorAction::StopMarketing,
-                "replied STOP",
-            ),
-            (
-                Channel::Sms,
-                20003,
-                ErrorAction::StopLane,
-                "bad credentials",
-            ),
-            (
-                Channel::Sms,
-                131047,
-                ErrorAction::Unknown,
-                "a Cloud API code",
-            ),
-            (Channel::Email, 401, ErrorAction::StopLane, "bad API key"),
-            (
-                Channel::Email,
-                413,
-                ErrorAction::Unknown,
-                "a mail too large",
-            ),
-        ] {
-            assert_eq!(
-                classify(channel, code),
-                action,
-                "{channel:?} {code}: {what}"
-            );
-        }
-    }
-
-    fn catalog() -> TemplateCatalog {
-        crate::topology::Topology::embedded()
-            .expect("embedded topology")
-            .catalog
-    }
-
-    #[test]
-    fn a_text_channel_gets_the_catalog_body_with_the_approved_values() {
-        let (_, mut m) = approval();
-        m.template_version = 3;
-        m.variables = BTreeMap::from([
-            ("first_name".to_string(), "Ana".to_string()),
-            ("order_id".to_string(), "A-17".to_string()),
-            ("total".to_string(), "EUR 12.50".to_string()),
-        ]);
-        let text = compose(&catalog(), &m).expect("composed");
-        assert_eq!(
-            text,
-            "Hi Ana, thanks for your order A-17. Total: EUR 12.50."
-        );
-        assert_eq!(subject_of(&text), "Hi Ana, thanks for your order A-17.");
-        m.variables.remove("total");
-        let e = compose(&catalog(), &m).expect_err("a missing value is never sent blank");
-        assert!(e.0.contains("total"), "{e}");
-        m.template_name = "no_such_template".into();
-        assert!(compose(&catalog(), &m).is_err());
-    }
-
-    #[test]
-    fn a_long_first_sentence_is_cut_at_a_word_for_the_subject() {
-        let long = "word ".repeat(40);
-        let subject = subject_of(&long);
-        assert!(subject.chars().count() <= 78, "{subject}");
-        assert!(subject.ends_with("word…"), "{subject}");
     }
 }
