@@ -172,17 +172,17 @@ fn gateway_pass(rt: &tokio::runtime::Runtime, cluster: &demo::Cluster, n: usize)
     let secret = demo::DEMO_APP_SECRET.as_bytes();
     let bodies: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
-            let body = crate::provider::status_webhook(
+            let body = crate::provider::whatsapp::status_webhook(
                 &format!("wamid.BENCH{i:08}"),
                 ["sent", "delivered", "read"][i % 3],
                 None,
                 "34000000001",
-                &crate::provider::callback_data(
+                &crate::provider::callback::callback_data(
                     &format!("cust-{:06}", i % 1000),
                     &format!("bench-{i}"),
                 ),
             );
-            (crate::gateway::sign(secret, &body), body)
+            (crate::provider::whatsapp::sign(secret, &body), body)
         })
         .collect();
     let http = reqwest::Client::new();
@@ -195,7 +195,7 @@ fn gateway_pass(rt: &tokio::runtime::Runtime, cluster: &demo::Cluster, n: usize)
                 let (http, url) = (http.clone(), url.clone());
                 async move {
                     http.post(url)
-                        .header(crate::gateway::SIGNATURE_HEADER, signature)
+                        .header(crate::provider::whatsapp::SIGNATURE_HEADER, signature)
                         .body(body)
                         .send()
                         .await

@@ -5,7 +5,8 @@
 use crate::context::deterministic_id;
 use crate::events::*;
 use crate::kafka::{self, KafkaSettings};
-use crate::provider::{self, CloudApiClient, SimulatedSend};
+use crate::provider::whatsapp::CloudApiClient;
+use crate::provider::{self, SimulatedSend};
 use crate::registry::{self, Codec};
 use crate::scenario::{self, FeedItem};
 use crate::stages::{DispatchStage, ProcessorStage};
@@ -93,7 +94,7 @@ pub fn demo_providers(simulator_url: &str, gateway_url: &str) -> Result<provider
             "1055501234567890",
             "demo-token",
         )?))
-        .with(Arc::new(crate::sms::SmsClient::new(
+        .with(Arc::new(crate::provider::sms::SmsClient::new(
             simulator_url,
             DEMO_SMS_ACCOUNT,
             DEMO_SMS_TOKEN,
@@ -101,7 +102,7 @@ pub fn demo_providers(simulator_url: &str, gateway_url: &str) -> Result<provider
             Some(&format!("{gateway_url}/webhooks/sms")),
             timeout,
         )?))
-        .with(Arc::new(crate::email::EmailClient::new(
+        .with(Arc::new(crate::provider::email::EmailClient::new(
             simulator_url,
             "SG.demo-key",
             DEMO_EMAIL_FROM,
@@ -229,7 +230,7 @@ pub fn start_cluster_with(
                 doc: "herald bench's pass-through figure".into(),
             });
             let brokers = kafka::cluster_size(settings)?;
-            crate::cli::topics_apply(settings, &topics, Some(brokers.min(3)))?;
+            crate::kafka::topics::topics_apply(settings, &topics, Some(brokers.min(3)))?;
             (None, settings.clone())
         }
     };

@@ -10,9 +10,11 @@
 use crate::avro::{self, Schemas};
 use crate::dump::{self, Format};
 use crate::events::{Family, InputEvent};
-use crate::gateway::{self, Callback, Refusal, Route};
 use crate::identity::IdentifierKey;
+use crate::provider::callback::Callback;
+use crate::provider::whatsapp;
 use crate::topology::{TopicRole, Topology};
+use crate::webhook::{self, Refusal, Route};
 use std::path::Path;
 
 /// The app secret the WhatsApp door's valid signatures are made with.
@@ -150,10 +152,10 @@ fn signing(data: &[u8]) -> (Signing<'_>, &[u8]) {
 fn let_in(door: Door, callbacks: &[Callback]) -> Result<Verdict, Broken> {
     let known = |from: &str| (from == KNOWN_SENDER).then(|| "cust-door".to_string());
     for c in callbacks {
-        if gateway::event_id(c).is_empty() {
+        if webhook::event_id(c).is_empty() {
             return Err(broken(door, format!("a callback with no event id: {c:?}")));
         }
-        let customer = match gateway::route(c, known) {
+        let customer = match webhook::route(c, known) {
             Route::Customer(customer) => customer,
             Route::Everyone => "template:door".to_string(),
             Route::Unroutable(why) if why.trim().is_empty() => {
@@ -164,7 +166,7 @@ fn let_in(door: Door, callbacks: &[Callback]) -> Result<Verdict, Broken> {
         survives_avro(
             door,
             Family::Provider,
-            &gateway::provider_event(c, &customer),
+            &webhook::provider_event(c, &customer),
         )?;
     }
     Ok(Verdict::Accepted(callbacks.len()))
@@ -225,7 +227,7 @@ fn webhook_verdict(
 fn whatsapp_webhook(data: &[u8]) -> Result<Verdict, Broken> {
     let door = Door::WhatsappWebhook;
     let (signing, body) = signing(data);
-    let valid = gateway::sign(APP_SECRET, body);
+    let valid = whatsapp::sign(APP_SECRET, body);
     let header = match signing {
         Signing::Valid => Some(valid.as_bytes()),
         Signing::Missing => None,
@@ -233,7 +235,7 @@ fn whatsapp_webhook(data: &[u8]) -> Result<Verdict, Broken> {
     };
     // Hex digits may come in either case: a header equal but for case is as valid.
     let validly_signed = header.is_some_and(|h| h.eq_ignore_ascii_case(valid.as_bytes()));
-    let result = gateway::read_whatsapp(APP_SECRET, header, body, RECEIVED_AT);
+    let result = webhook::read_whatsapp(APP_SECRET, header, body, RECEIVED_AT);
     webhook_verdict(door, result, validly_signed)
 }
 
@@ -249,28 +251,28 @@ fn sms_webhook(data: &[u8]) -> Result<Verdict, Broken> {
         None => ("https://herald.example.com/webhooks/sms".to_string(), rest),
     };
     let fields: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
-    let valid = crate::sms::sign(SMS_TOKEN, &url, &fields);
+    let valid = crate::provider::sms::sign(SMS_TOKEN, &url, &fields);
     let header = match signing {
         Signing::Valid => Some(valid.as_bytes()),
         Signing::Missing => None,
         Signing::Given(h) => Some(h),
     };
     let validly_signed = header == Some(valid.as_bytes());
-    let result = gateway::read_sms(SMS_TOKEN, header, &url, body, RECEIVED_AT);
+    let result = webhook::read_sms(SMS_TOKEN, header, &url, body, RECEIVED_AT);
     webhook_verdict(door, result, validly_signed)
 }
 
 fn email_webhook(data: &[u8]) -> Result<Verdict, Broken> {
     let door = Door::EmailWebhook;
     let (signing, body) = signing(data);
-    let valid = crate::email::basic_auth(EMAIL_AUTH.0, EMAIL_AUTH.1);
+    let valid = crate::provider::email::basic_auth(EMAIL_AUTH.0, EMAIL_AUTH.1);
     let header = match signing {
         Signing::Valid => Some(valid.as_bytes()),
         Signing::Missing => None,
         Signing::Given(h) => Some(h),
     };
     let validly_signed = header == Some(valid.as_bytes());
-    let result = gateway::read_email(EMAIL_AUTH, header, body, RECEIVED_AT);
+    let result = webhook::read_email(EMAIL_AUTH, header, body, RECEIVED_AT);
     webhook_verdict(door, result, validly_signed)
 }
 

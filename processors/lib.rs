@@ -1,11 +1,25 @@
 //! Herald: an event-sourced stream processor on Kafka that governs a brand's WhatsApp messaging.
 //!
-//! The pure core (`business_identity`, `dedupe`, `ordering`, `policy`, `journey`, `quiet_hours`, `dispatch`, `state`,
-//! `tables`, `pipeline`, `task`, `replay`, `audit`, `identity`, `projection`) decides; the
-//! shells (`intake`, `kafka`, `stages`, `registry`, `store`, `scylla_store`, `provider`, `sms`,
-//! `email`, `dump`, `telemetry`, `cli`) move bytes.
-
-pub mod avro;
+//! The rules live in the core crate, `herald-core` (processors/core), which cannot do I/O; its
+//! modules are re-exported here under their own names (`herald::policy`, `herald::dispatch`,
+//! ...). This crate is the shells that move bytes around the core. Layout, from the bottom up;
+//! a group of modules imports only its own group and the groups above it:
+//!
+//! - Vocabulary of the shells: `clock` (wall-clock time for shell-written timestamps),
+//!   `topology_files` (a topology folder read from disk), `scenario` (the seeded demo scenario).
+//! - Bytes: `avro` (schemas and the Avro mapping), `registry` (the registry client and server,
+//!   the wire-format codec), `telemetry` (tracing, metrics, HTTP helpers), `intake` (input
+//!   topics merged in timestamp order), `store` (the state store contract, its two backends and
+//!   the address that opens one).
+//! - Kafka: `kafka` (settings, log reader, the stage contract, rebalances, the transaction loop,
+//!   `topics apply`).
+//! - Providers: `provider` (the adapter contract, one module per channel with its client,
+//!   signature, webhook shape and simulator endpoint, and the simulator), `webhook` (webhook
+//!   normalisation, pure), `gateway` (the HTTP server around it).
+//! - Stages and tools: `stages` (processor, dispatch, passthrough; snapshot; dead letters),
+//!   `dump` (topic dumps), `dlq`, `rebuild`, `doors` (every door, for the fuzzer), `demo`,
+//!   `bench`, `chaos`.
+//! - `cli`: one module per command.
 
 // The pure core, its own crate: no I/O, no clock, no randomness.
 pub use herald_core::{
@@ -14,25 +28,29 @@ pub use herald_core::{
     replay, state, tables, task, topology,
 };
 
-// Shells.
+pub mod clock;
+pub mod scenario;
+pub mod topology_files;
+
+pub mod avro;
+pub mod intake;
+pub mod registry;
+pub mod store;
+pub mod telemetry;
+
+pub mod kafka;
+
+pub mod gateway;
+pub mod provider;
+pub mod webhook;
+
 pub mod bench;
 pub mod chaos;
-pub mod cli;
 pub mod demo;
 pub mod dlq;
 pub mod doors;
 pub mod dump;
-pub mod email;
-pub mod gateway;
-pub mod intake;
-pub mod kafka;
-pub mod provider;
 pub mod rebuild;
-pub mod registry;
-pub mod scenario;
-pub mod scylla_store;
-pub mod sms;
 pub mod stages;
-pub mod store;
-pub mod telemetry;
-pub mod topology_files;
+
+pub mod cli;

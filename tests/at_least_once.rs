@@ -24,14 +24,16 @@ fn two_processes_share_a_group_at_least_once() {
 
     // Topics through the real admin path, twice: the second run finds everything in place.
     let topology = Topology::embedded().unwrap();
-    let first = herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
+    let first =
+        herald::kafka::topics::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
     assert_eq!(
         first.iter().filter(|l| l.starts_with("CREATED")).count(),
         topology.topics.len(),
         "{first:?}"
     );
     std::thread::sleep(Duration::from_secs(1));
-    let second = herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply again");
+    let second = herald::kafka::topics::topics_apply(&admin, &topology, Some(1))
+        .expect("topics apply again");
     assert!(
         second.iter().all(|l| !l.starts_with("CREATED")),
         "{second:?}"
@@ -73,7 +75,8 @@ fn two_processes_share_a_group_at_least_once() {
             "{differs} missing from:\n{report}"
         );
     }
-    let third = herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
+    let third =
+        herald::kafka::topics::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
     assert!(
         third.iter().all(|l| l.starts_with("OK")),
         "a report changes nothing: {third:?}"

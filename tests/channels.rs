@@ -12,9 +12,10 @@ mod common;
 use herald::demo;
 use herald::events::*;
 use herald::kafka::{self, KafkaSettings, SharedStore};
-use herald::provider::{CloudApiClient, Providers};
+use herald::provider::sms::SmsClient;
+use herald::provider::whatsapp::CloudApiClient;
+use herald::provider::Providers;
 use herald::registry::Codec;
-use herald::sms::SmsClient;
 use herald::stages::DispatchStage;
 use herald::store::EmbeddedStore;
 use herald::telemetry::Metrics;
@@ -292,7 +293,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
     // however often it is replayed.
     let stop = Arc::new(AtomicBool::new(false));
     let with_email = providers.clone().with(Arc::new(
-        herald::email::EmailClient::new(
+        herald::provider::email::EmailClient::new(
             &cluster.simulator_url,
             "SG.test",
             demo::DEMO_EMAIL_FROM,

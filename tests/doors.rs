@@ -158,7 +158,7 @@ fn signed_seeds(door: Door) -> Vec<Vec<u8>> {
             ]
         }
         Door::SmsWebhook => {
-            let url = herald::sms::status_callback_url(
+            let url = herald::provider::sms::status_callback_url(
                 "https://hooks.example.com/webhooks/sms",
                 "hc1|cust-1|m-1",
             );

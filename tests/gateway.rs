@@ -9,8 +9,9 @@ mod common;
 
 use herald::demo::{self, DEMO_APP_SECRET, DEMO_VERIFY_TOKEN};
 use herald::events::{Envelope, Fact, InputEvent, MessageStatus, ProfileChanged};
-use herald::gateway::sign;
-use herald::provider::{callback_data, status_webhook};
+use herald::provider::callback::callback_data;
+use herald::provider::whatsapp::sign;
+use herald::provider::whatsapp::status_webhook;
 use herald::registry::Codec;
 use herald::scenario::FeedItem;
 use herald::topology::Topology;
@@ -510,7 +511,7 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
 
     // Forgeries: an SMS callback signed with another token, or with a field changed after
     // signing; an e-mail event with the wrong password or none.
-    let sms_url = herald::sms::status_callback_url(
+    let sms_url = herald::provider::sms::status_callback_url(
         &format!("{}/webhooks/sms", cluster.gateway_root),
         &callback_data("cust-000042", "m-sms"),
     );
@@ -533,7 +534,7 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
         "content-type",
         "application/x-www-form-urlencoded".to_string(),
     );
-    let genuine = herald::sms::sign(demo::DEMO_SMS_TOKEN.as_bytes(), &sms_url, &fields);
+    let genuine = herald::provider::sms::sign(demo::DEMO_SMS_TOKEN.as_bytes(), &sms_url, &fields);
     let a = post(
         &rt,
         &sms_url,
@@ -541,7 +542,7 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
         form(&fields),
     );
     assert_eq!(a.status, 200, "genuine SMS callback: {}", a.body);
-    let forged = herald::sms::sign(b"another-token", &sms_url, &fields);
+    let forged = herald::provider::sms::sign(b"another-token", &sms_url, &fields);
     let a = post(
         &rt,
         &sms_url,
@@ -571,8 +572,12 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
         "timestamp": 1795500000, "event": "open", "sg_message_id": format!("{mail_id}.filter0"),
         "herald_callback": callback_data("cust-000042", "m-mail")}]))
     .unwrap();
-    let basic =
-        |user: &str, password: &str| ("authorization", herald::email::basic_auth(user, password));
+    let basic = |user: &str, password: &str| {
+        (
+            "authorization",
+            herald::provider::email::basic_auth(user, password),
+        )
+    };
     let (user, password) = demo::DEMO_EMAIL_WEBHOOK_AUTH;
     assert_eq!(
         post(&rt, &email_url, &[basic(user, "guess")], event.clone()).status,

@@ -64,7 +64,7 @@ fn readyz_waits_for_the_restore_and_falls_when_the_broker_goes() {
     let (rt, registry_url) = common::runtime_with_registry();
     let topology = Topology::embedded().unwrap();
     let admin = broker.settings(false, "topics");
-    herald::cli::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
+    herald::kafka::topics::topics_apply(&admin, &topology, Some(1)).expect("topics apply");
 
     // A long decision log to restore: the processor is assigned its partitions at once, and
     // rebuilding partition 0 from this many decisions takes seconds.

@@ -360,7 +360,10 @@ pub fn post_signed(rt: &tokio::runtime::Runtime, port: u16, body: &[u8]) -> u16 
     rt.block_on(
         reqwest::Client::new()
             .post(format!("http://127.0.0.1:{port}/webhook"))
-            .header("x-hub-signature-256", herald::gateway::sign(secret, body))
+            .header(
+                "x-hub-signature-256",
+                herald::provider::whatsapp::sign(secret, body),
+            )
             .header("content-type", "application/json")
             .body(body.to_vec())
             .send(),

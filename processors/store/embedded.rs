@@ -1,147 +1,14 @@
-//! The state store shell: per-customer snapshots with the log position each reflects, the
-//! positions each task has read to, and the query projection (a customer's state, their consent
-//! history). One trait, two backends: the embedded store (redb) for one machine and ScyllaDB
-//! (`scylla_store.rs`) for production. Both give the same answers; `tests/store_contract.rs`
-//! holds them to it.
+//! The embedded backend: one redb file, for one machine and for `herald demo`.
 
+use super::contract::{
+    CustomerView, PartitionSnapshot, SnapshotWrite, StateStore, StoredState, PROCESSORS,
+};
 use crate::audit::ConsentEvent;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-/// The processors' namespace: customer state, projected for queries.
-pub const PROCESSORS: &str = "processors";
-/// Dispatch's namespace: what was sent, not projected.
-pub const DISPATCH: &str = "dispatch";
-
-/// A customer's encoded state and the log position it reflects: every decision before
-/// `next_offset` is folded into it, none after.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredState {
-    pub bytes: Vec<u8>,
-    pub next_offset: i64,
-}
-
-/// A partition's snapshot: each customer's state, the partition's next log offset that is not
-/// yet saved, and how far it has read each input topic.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PartitionSnapshot {
-    pub customers: BTreeMap<String, StoredState>,
-    pub next_offset: i64,
-    /// Next input offset per input topic for this partition: how far the snapshot has read.
-    pub inputs: BTreeMap<String, i64>,
-}
-
-impl PartitionSnapshot {
-    /// Whether the decision at `offset` for `customer` is already folded into the snapshot, so a
-    /// restore must not fold it again. Exact per customer, so a save that stopped half-way
-    /// (states written, position not) still restores to the right state.
-    pub fn holds(&self, customer: &str, offset: i64) -> bool {
-        self.customers
-            .get(customer)
-            .is_some_and(|s| offset < s.next_offset)
-    }
-}
-
-/// One save of a partition: the customers changed since the last one, the log position they
-/// all reflect, the input positions read, and the consent changes decided (for the projection).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct SnapshotWrite {
-    pub changed: Vec<(String, Vec<u8>)>,
-    pub next_offset: i64,
-    pub inputs: BTreeMap<String, i64>,
-    pub consent: Vec<(String, ConsentEvent)>,
-    /// Customers whose erasure was decided: their consent history saved before this write goes.
-    pub erased: Vec<String>,
-}
-
-/// A customer's row in the query projection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CustomerView {
-    pub customer_id: String,
-    pub partition: i32,
-    /// The decision-log offset the state reflects.
-    pub next_offset: i64,
-    /// The customer's state, as JSON.
-    pub state: String,
-}
-
-/// Where snapshots and the projection live. Every write is idempotent and ordered by log
-/// position: saving the same thing twice is the same as once, and a save of an older position
-/// never undoes a newer one (a customer's state, a partition's offset, an input position).
-pub trait StateStore: Send + Sync {
-    /// Loads everything stored for a partition of a namespace (`PROCESSORS`, `DISPATCH`).
-    fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
-    /// Saves a partition's changes; in `PROCESSORS` also the projection.
-    fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()>;
-    /// A customer's projected state, if any was saved.
-    fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>>;
-    /// A customer's consent changes, oldest first.
-    fn consent_history(&self, customer_id: &str) -> Result<Vec<ConsentEvent>>;
-    /// Whether nothing at all is stored yet (a rebuild writes only into an empty store).
-    fn is_empty(&self) -> Result<bool>;
-    /// Where the store is, for messages.
-    fn describe(&self) -> String;
-}
-
-/// Where the state store is: a redb file, or a ScyllaDB keyspace
-/// (`scylla://host:9042[,host:9042]/keyspace[?option=value&...]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreAddress {
-    Embedded(PathBuf),
-    Scylla(crate::scylla_store::ScyllaConfig),
-}
-
-impl StoreAddress {
-    /// Parses `--store`; errors name the part that is wrong.
-    pub fn parse(s: &str) -> Result<StoreAddress> {
-        if let Some(rest) = s.strip_prefix("scylla://") {
-            return Ok(StoreAddress::Scylla(
-                crate::scylla_store::ScyllaConfig::parse(rest)?,
-            ));
-        }
-        if s.contains("://") {
-            bail!("--store: '{s}' is neither a file path nor a scylla:// address");
-        }
-        if s.is_empty() {
-            bail!("--store: empty");
-        }
-        Ok(StoreAddress::Embedded(PathBuf::from(s)))
-    }
-
-    /// Fails, naming `flag`, when an embedded store's file does not exist: reading a store that
-    /// is not there must not create an empty one.
-    pub fn ensure_exists(&self, flag: &str) -> Result<()> {
-        if let StoreAddress::Embedded(path) = self {
-            if !path.is_file() {
-                bail!("{flag}: {} is not a store file", path.display());
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens the store; ScyllaDB creates its keyspace and tables if missing and prepares every
-    /// statement, so a wrong address or schema fails here and not mid-stream.
-    pub fn open(&self, rt: &tokio::runtime::Handle) -> Result<Arc<dyn StateStore>> {
-        Ok(match self {
-            StoreAddress::Embedded(path) => Arc::new(EmbeddedStore::open(path)?),
-            StoreAddress::Scylla(config) => Arc::new(crate::scylla_store::ScyllaStore::connect(
-                config.clone(),
-                rt.clone(),
-            )?),
-        })
-    }
-}
-
-impl std::str::FromStr for StoreAddress {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        StoreAddress::parse(s)
-    }
-}
+use std::path::Path;
+use std::path::PathBuf;
 
 /// The states table before each state carried its position.
 const LEGACY_STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("customer_state");
@@ -346,20 +213,6 @@ impl StateStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_store_address_is_a_path_or_a_scylla_keyspace_and_bad_ones_are_named() {
-        assert_eq!(
-            StoreAddress::parse("/var/lib/herald/state.redb").unwrap(),
-            StoreAddress::Embedded(PathBuf::from("/var/lib/herald/state.redb"))
-        );
-        assert!(matches!(
-            StoreAddress::parse("scylla://10.0.0.1:9042/herald").unwrap(),
-            StoreAddress::Scylla(_)
-        ));
-        let e = StoreAddress::parse("redis://x").unwrap_err().to_string();
-        assert!(e.contains("--store"), "{e}");
-    }
 
     #[test]
     fn a_store_from_before_per_customer_positions_starts_over_instead_of_trusting_its_offsets() {

@@ -6,8 +6,9 @@
 
 use crate::dispatch::SendOutcome;
 use crate::events::{Channel, MessageStatus, Millis};
-use crate::gateway::{BodyError, Callback};
-use crate::provider::{Outgoing, Provider, SimulatedSend, Simulator};
+use crate::provider::callback::{BodyError, Callback};
+use crate::provider::simulated::{SimulatedSend, Simulator};
+use crate::provider::{Outgoing, Provider};
 use anyhow::Result;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -40,7 +41,7 @@ pub fn mail_request(o: &Outgoing, from: &str, text: &str) -> Value {
         "personalizations": [{
             "to": [{"email": o.approved.recipient}],
             "custom_args": {
-                CALLBACK_ARG: crate::provider::callback_data(&o.customer_id, &o.approved.message_id),
+                CALLBACK_ARG: crate::provider::callback::callback_data(&o.customer_id, &o.approved.message_id),
             },
         }],
         "from": {"email": from},
@@ -132,7 +133,7 @@ impl Provider for EmailClient {
 /// compared in constant time.
 pub fn authorized(header: Option<&[u8]>, user: &str, password: &str) -> bool {
     let expected = basic_auth(user, password);
-    header.is_some_and(|h| crate::gateway::constant_time_eq(h, expected.as_bytes()))
+    header.is_some_and(|h| crate::provider::callback::constant_time_eq(h, expected.as_bytes()))
 }
 
 /// The `Authorization` header value of HTTP basic auth with these credentials.
@@ -288,7 +289,7 @@ pub(crate) async fn simulate_send(
         } else {
             &["processed", "delivered"]
         };
-        let now = crate::stages::wall_clock_ms() / 1_000;
+        let now = crate::clock::wall_clock_ms() / 1_000;
         for (n, event) in events.iter().enumerate() {
             let mut e = json!({
                 "email": to,

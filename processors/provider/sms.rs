@@ -7,8 +7,9 @@
 
 use crate::dispatch::SendOutcome;
 use crate::events::{Channel, MessageStatus, Millis};
-use crate::gateway::{BodyError, Callback};
-use crate::provider::{Outgoing, Provider, SimulatedSend, Simulator};
+use crate::provider::callback::{BodyError, Callback};
+use crate::provider::simulated::{SimulatedSend, Simulator};
+use crate::provider::{Outgoing, Provider};
 use anyhow::Result;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -73,7 +74,8 @@ impl SmsClient {
             ("Body".to_string(), text.to_string()),
         ];
         if let Some(url) = &self.status_callback {
-            let data = crate::provider::callback_data(&o.customer_id, &o.approved.message_id);
+            let data =
+                crate::provider::callback::callback_data(&o.customer_id, &o.approved.message_id);
             form.push((
                 "StatusCallback".to_string(),
                 status_callback_url(url, &data),

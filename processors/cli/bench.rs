@@ -1,0 +1,37 @@
+//! `herald bench`: throughput of the core and of the whole path.
+
+use super::args::*;
+use crate::bench;
+use crate::telemetry::{self};
+use anyhow::Result;
+use clap::Args;
+
+/// The arguments of `herald bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 5_000)]
+    customers: usize,
+    /// Measure end to end and pass-through on these real brokers (their Herald topics
+    /// empty) instead of the in-process cluster.
+    #[arg(long)]
+    bootstrap: Option<String>,
+    #[command(flatten)]
+    security: KafkaSecurityArgs,
+}
+
+/// Runs `herald bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let BenchArgs {
+        customers,
+        bootstrap,
+        security,
+    } = args;
+    telemetry::init_tracing("error");
+    let brokers = match &bootstrap {
+        Some(b) => Some(connect(b, &security, true, "bench")?),
+        None => None,
+    };
+    let r = bench::run(customers, brokers.as_ref())?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}

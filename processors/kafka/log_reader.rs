@@ -1,0 +1,201 @@
+//! Reading a partition of a topic from an offset to its end, read_committed: how stages restore
+//! and follow the companion topics (CRM, contacts, provider statuses, inventory).
+
+use super::settings::*;
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+/// Reads a log partition from an offset to its end (read_committed), for restore.
+pub struct LogReader {
+    pub(crate) consumer: BaseConsumer<EndOfLogIsExpected>,
+}
+
+impl LogReader {
+    /// A reader with these settings' connection and security options.
+    pub fn new(settings: &KafkaSettings) -> Result<Self> {
+        Ok(LogReader {
+            consumer: settings.log_reader()?,
+        })
+    }
+
+    /// Feeds every record of `topic`/`partition` from `from` to the end; returns the next offset.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        mut f: impl FnMut(&OwnedMessage) -> Result<()>,
+    ) -> Result<i64> {
+        // End of partition alone is not the end: a reader may see it before everything up to
+        // the high watermark taken now was fetched. Done means the position reached it.
+        let (low, high) = watermarks(&self.consumer, topic, partition)?;
+        // Retention may have deleted where the reader stopped: what is left starts at `low`.
+        let from = from.max(low);
+        let mut next = from;
+        if from >= high {
+            return Ok(from.max(next));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
+        self.consumer.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if Instant::now() > deadline {
+                bail!("restoring {topic}/{partition}: end of log not reached in 300 s");
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let owned = m.detach();
+                    next = owned.offset() + 1;
+                    f(&owned)?;
+                    if next >= high {
+                        break;
+                    }
+                }
+                // Only the end-of-partition event, queued after the records, makes the position
+                // trustworthy; an empty poll may still have records prefetched.
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
+                    if position_of(&self.consumer, topic, partition)? >= high {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                // A broker that died or restarts: librdkafka reconnects, the deadline bounds it.
+                Some(Err(e)) if passes(&e) => {
+                    tracing::debug!(error = %e, topic, partition, "reader waits for the broker")
+                }
+                Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
+            }
+        }
+        self.consumer.unassign()?;
+        // Transaction markers occupy offsets too: the next record is at or after the watermark.
+        Ok(next.max(high))
+    }
+}
+
+impl LogReader {
+    /// The offset the next record of `topic`/`partition` will get.
+    pub fn end(&self, topic: &str, partition: i32) -> Result<i64> {
+        Ok(watermarks(&self.consumer, topic, partition)?.1)
+    }
+
+    /// The record at `offset` of `topic`/`partition`, if the log holds one there.
+    pub fn read_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<OwnedMessage>> {
+        let mut found = None;
+        let (_, high) = watermarks(&self.consumer, topic, partition)?;
+        if offset >= high {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        self.consumer.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if m.offset() == offset {
+                        found = Some(m.detach());
+                    }
+                    break;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    if position_of(&self.consumer, topic, partition)? >= high {
+                        break;
+                    }
+                }
+                Some(Err(e)) if passes(&e) => {
+                    tracing::debug!(error = %e, topic, partition, "reader waits for the broker")
+                }
+                Some(Err(e)) => {
+                    self.consumer.unassign()?;
+                    bail!("reading {topic}/{partition}@{offset}: {e}");
+                }
+            }
+        }
+        self.consumer.unassign()?;
+        Ok(found)
+    }
+}
+
+/// Whether a consumer error is one librdkafka recovers from by itself (a lost connection, a
+/// leader moving), so that a reader goes on waiting rather than fail.
+pub fn passes(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::FencedLeaderEpoch
+                | RDKafkaErrorCode::UnknownLeaderEpoch
+                | RDKafkaErrorCode::OffsetNotAvailable
+                | RDKafkaErrorCode::DestroyBroker
+        )
+    )
+}
+
+/// The low and high watermarks of `topic`/`partition`. A partition whose leader is moving (a
+/// broker died or restarts) answers errors for a while: those are waited out, for up to a
+/// minute; an unknown topic or a refused permission is an error at once.
+pub fn watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) => {
+                let hopeless = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::TopicAuthorizationFailed
+                    )
+                );
+                if hopeless || Instant::now() > deadline {
+                    return Err(anyhow!(e))
+                        .with_context(|| format!("where {topic}/{partition} ends"));
+                }
+                tracing::debug!(error = %e, topic, partition, "watermarks not available yet; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The consumer's current position in one partition (-1 when it has none yet).
+pub fn position_of<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<i64> {
+    let pos = consumer.position()?;
+    Ok(pos
+        .find_partition(topic, partition)
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .unwrap_or(-1))
+}

@@ -1,0 +1,473 @@
+//! The loop: consume, decide, produce and commit the consumer's offsets in one Kafka
+//! transaction per batch (or at-least-once where the brokers have none), until SIGTERM.
+
+use super::log_reader::*;
+use super::rebalance::*;
+use super::settings::*;
+use super::stage::*;
+use crate::intake::Intake;
+use crate::telemetry::{Metrics, StagePhase};
+use anyhow::{anyhow, Context, Result};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Records one input lane may buffer before its fetching pauses.
+pub(crate) const LANE_PAUSE_ABOVE: usize = 20_000;
+
+/// Runs a stage until `stop` is set; the transaction in flight is finished first.
+pub fn run_stage<S: Stage>(
+    settings: &KafkaSettings,
+    stage: &mut S,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<()> {
+    metrics.readiness.phase(stage.name(), StagePhase::Starting);
+    let result = consume(settings, stage, stop, metrics, rt);
+    metrics.readiness.phase(stage.name(), StagePhase::Stopped);
+    result
+}
+
+/// The body of `run_stage`: clients, then the consume loop.
+pub(crate) fn consume<S: Stage>(
+    settings: &KafkaSettings,
+    stage: &mut S,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<()> {
+    let group = format!("{}-{}", settings.group_prefix, stage.name());
+    let client_id = format!(
+        "{}-{}-{}",
+        settings.group_prefix,
+        stage.name(),
+        settings.instance_id
+    );
+    let session = settings.session_timeout_ms.to_string();
+    let heartbeat = (settings.session_timeout_ms / 3)
+        .clamp(100, 1000)
+        .to_string();
+    let mut specific = vec![
+        (
+            "partition.assignment.strategy",
+            settings.assignment_strategy.as_str(),
+        ),
+        ("session.timeout.ms", session.as_str()),
+        ("heartbeat.interval.ms", heartbeat.as_str()),
+        // A lane the broker says is behind holds its partition until its next fetch answers;
+        // a broker that parks an empty fetch for its whole wait (as librdkafka's mock cluster
+        // does) would stall it that long. `--kafka-config` can raise it.
+        ("fetch.wait.max.ms", FETCH_WAIT_MS),
+        // Group state for `/readyz`, reported by the client every second.
+        ("statistics.interval.ms", "1000"),
+    ];
+    if settings.static_membership {
+        specific.push(("group.instance.id", client_id.as_str()));
+    }
+    let cc = settings.consumer_config(&group, &client_id, &specific);
+    let consumer: BaseConsumer<RebalanceLog> = cc
+        .create_with_context(RebalanceLog::default())
+        .context("cannot create Kafka consumer")?;
+    let topics = stage.input_topics();
+    let (lead, companions) = topics
+        .split_first()
+        .ok_or_else(|| anyhow!("stage {} reads no topic", stage.name()))?;
+    // Only the lead topic is subscribed, so any assignor (cooperative-sticky included) hands
+    // out whole partitions: the companion topics' same-numbered partitions follow by manual
+    // assignment. That is what keeps one customer's whole history on one task.
+    consumer.subscribe(&[lead.as_str()])?;
+    let companion_config = settings.consumer_config(
+        &group,
+        &format!("{client_id}-companions"),
+        &[("fetch.wait.max.ms", FETCH_WAIT_MS)],
+    );
+    let inputs = Inputs {
+        group: consumer,
+        companions: companion_config
+            .create_with_context(EndOfLogIsExpected)
+            .context("cannot create Kafka consumer for companion topics")?,
+        probe: settings
+            .consumer_config(&group, &format!("{client_id}-probe"), &[])
+            .create_with_context(EndOfLogIsExpected)
+            .context("cannot create Kafka client for lane checks")?,
+        stale_positions: Default::default(),
+        lead: lead.to_string(),
+        companion_topics: companions.iter().map(|t| t.to_string()).collect(),
+    };
+    let txn_id = client_id.clone();
+    let producer = settings.producer(settings.exactly_once.then_some(txn_id.as_str()))?;
+    if settings.exactly_once {
+        init_transactions(&producer, stop)?;
+    }
+    let reader = LogReader::new(settings)?;
+    let mut owned: BTreeSet<i32> = BTreeSet::new();
+    let mut intake: Intake<OwnedMessage> = Intake::new(settings.max_task_idle_ms, LANE_PAUSE_ABOVE);
+    let clock = Instant::now();
+    let now_ms = || clock.elapsed().as_millis() as u64;
+    tracing::info!(
+        stage = stage.name(),
+        group,
+        exactly_once = settings.exactly_once,
+        "loop started"
+    );
+
+    while !stop.load(Ordering::SeqCst) {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let started = Instant::now();
+        // A transaction costs round trips to the coordinator: fill the batch for up to 50 ms.
+        while batch.len() < settings.batch_size && started.elapsed() < Duration::from_millis(50) {
+            let wait = if intake.len() > settings.batch_size {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(10)
+            };
+            for m in inputs.poll(wait, settings)? {
+                intake.push(m, now_ms());
+            }
+            apply_rebalances(
+                &inputs,
+                stage,
+                &mut owned,
+                &mut intake,
+                &now_ms,
+                &mut batch,
+                &reader,
+                metrics,
+            )?;
+            if let Some(report) = inputs.group.context().take_group_report() {
+                metrics.readiness.group(stage.name(), report);
+            }
+            metrics.readiness.phase(stage.name(), StagePhase::Consuming);
+            check_lanes(&inputs, &mut intake, &now_ms);
+            while batch.len() < settings.batch_size {
+                match intake.next(now_ms()) {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+            inputs.apply_flow(intake.flow());
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        if batch.is_empty() && !stage.tick_due() {
+            continue;
+        }
+        let result = run_batch(
+            settings,
+            stage,
+            &inputs.group,
+            &producer,
+            &batch,
+            &reader,
+            metrics,
+            rt,
+        );
+        match result {
+            Ok(()) => {}
+            Err(BatchError::Abortable(why)) => {
+                tracing::warn!(error = %why, "transaction aborted; rewinding to the last commit");
+                Metrics::inc(&metrics.aborted_transactions, 1);
+                if settings.exactly_once {
+                    producer
+                        .abort_transaction(Duration::from_secs(30))
+                        .context("abort_transaction")?;
+                }
+                stage.reset();
+                let starts = inputs.rewind()?;
+                intake.clear(now_ms());
+                for (topic, p, start) in starts {
+                    if intake.is_open(&topic, p) {
+                        intake.open(&topic, p, Some(start), now_ms());
+                        inputs.opened(&topic, p);
+                    }
+                }
+            }
+            Err(BatchError::Fatal(e)) => {
+                if settings.exactly_once {
+                    let _ = producer.abort_transaction(Duration::from_secs(10));
+                }
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!(stage = stage.name(), "stopping: no transaction in flight");
+    inputs.group.unsubscribe();
+    Ok(())
+}
+
+/// Registers the transactional id (fencing any earlier producer under it), waiting out a
+/// coordinator that is moving or a broker that is down, as long as the process is not asked
+/// to stop.
+pub(crate) fn init_transactions(producer: &FutureProducer, stop: &AtomicBool) -> Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match producer.init_transactions(Duration::from_secs(30)) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && !stop.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %e, "the transaction coordinator is not available yet; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                return Err(anyhow!(e)).context(
+                    "init_transactions failed: does the broker support transactions? (use at-least-once mode if not)",
+                )
+            }
+        }
+    }
+}
+
+/// How long a stage consumer's fetch may wait at the broker for data (librdkafka's default is
+/// 500 ms).
+pub(crate) const FETCH_WAIT_MS: &str = "50";
+
+pub(crate) enum BatchError {
+    Abortable(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+pub(crate) fn kafka_error(e: KafkaError, what: &str) -> BatchError {
+    let fatal = match &e {
+        KafkaError::Transaction(t) => t.is_fatal() || !t.txn_requires_abort() && !t.is_retriable(),
+        KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced) => true,
+        _ => false,
+    };
+    let err = anyhow!("{what}: {e}");
+    if fatal {
+        BatchError::Fatal(err)
+    } else {
+        BatchError::Abortable(err)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_batch<S: Stage>(
+    settings: &KafkaSettings,
+    stage: &mut S,
+    consumer: &BaseConsumer<RebalanceLog>,
+    producer: &FutureProducer,
+    batch: &[OwnedMessage],
+    reader: &LogReader,
+    metrics: &Metrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), BatchError> {
+    let t_start = Instant::now();
+    // Outside the transaction, so that reading the inventory table never keeps one open. A
+    // failed read is retried on a later batch; meanwhile guards see the table as it was, and
+    // hold rather than send once its levels grow old.
+    if let Err(e) = stage.refresh_tables(reader) {
+        tracing::warn!(error = %e, "inventory table not refreshed; retrying on a later batch");
+    }
+    if settings.exactly_once {
+        producer
+            .begin_transaction()
+            .map_err(|e| kafka_error(e, "begin_transaction"))?;
+    }
+    let mut out = Outbox::default();
+    let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for msg in batch {
+        if !stage.owns(msg.partition()) {
+            metrics.readiness.phase(
+                stage.name(),
+                StagePhase::Restoring {
+                    partition: msg.partition(),
+                },
+            );
+            stage
+                .restore(msg.partition(), reader)
+                .map_err(BatchError::Abortable)?;
+            metrics.readiness.phase(stage.name(), StagePhase::Consuming);
+        }
+        stage.handle(msg, &mut out).map_err(BatchError::Fatal)?;
+        offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
+    }
+    stage.end_of_batch(&mut out).map_err(BatchError::Fatal)?;
+    Metrics::inc(&metrics.records_in, batch.len() as u64);
+
+    let mut pending = Vec::with_capacity(out.records.len());
+    for r in &out.records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let record = FutureRecord::to(&r.topic)
+            .partition(r.partition)
+            .key(&r.key)
+            .headers(headers);
+        let mut record = if r.value.is_empty() {
+            record
+        } else {
+            record.payload(&r.value)
+        };
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(kafka_error(e, "produce")),
+            }
+        }
+    }
+    let t_handled = Instant::now();
+    let mut produced: Produced = BTreeMap::new();
+    let deliveries = rt.block_on(futures::future::join_all(pending));
+    for (d, r) in deliveries.into_iter().zip(&out.records) {
+        match d {
+            Ok(Ok(delivery)) => {
+                let next = produced
+                    .entry((r.topic.to_string(), delivery.partition))
+                    .or_insert(0);
+                *next = (*next).max(delivery.offset + 1);
+            }
+            Ok(Err((e, _))) => return Err(kafka_error(e, "delivery")),
+            Err(_) => return Err(BatchError::Abortable(anyhow!("delivery report lost"))),
+        }
+    }
+
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, p), next) in &offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
+            .map_err(|e| kafka_error(e, "offsets"))?;
+    }
+    if tpl.count() == 0 {
+        // A tick's batch: output only, no input positions to move.
+        if settings.exactly_once {
+            producer
+                .commit_transaction(Duration::from_secs(30))
+                .map_err(|e| kafka_error(e, "commit_transaction"))?;
+        }
+    } else if settings.exactly_once {
+        pause_here_if_asked(metrics);
+        let meta = consumer
+            .group_metadata()
+            .ok_or_else(|| BatchError::Abortable(anyhow!("no consumer group metadata yet")))?;
+        producer
+            .send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))
+            .map_err(|e| kafka_error(e, "send_offsets_to_transaction"))?;
+        crash_here_if_asked(metrics);
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .map_err(|e| kafka_error(e, "commit_transaction"))?;
+    } else {
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| BatchError::Abortable(anyhow!("offset commit: {e}")))?;
+    }
+    Metrics::inc(&metrics.transactions, 1);
+    let t_committed = Instant::now();
+    stage.committed(&produced).map_err(BatchError::Fatal)?;
+    tracing::debug!(
+        records = batch.len(),
+        produced = out.records.len(),
+        handle_ms = (t_handled - t_start).as_millis() as u64,
+        commit_ms = (t_committed - t_handled).as_millis() as u64,
+        store_ms = t_committed.elapsed().as_millis() as u64,
+        "batch committed"
+    );
+    Ok(())
+}
+
+/// Fault injection for the crash tests: `HERALD_FAULT_CRASH_BEFORE_COMMIT=N` aborts the process
+/// with everything of the N-th transaction produced and nothing committed.
+pub(crate) fn crash_here_if_asked(metrics: &Metrics) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("HERALD_FAULT_CRASH_BEFORE_COMMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = at {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n {
+            eprintln!("herald: fault injection: aborting before commit of transaction {n}");
+            std::process::abort();
+        }
+    }
+}
+
+/// Fault injection for the fencing test: `HERALD_FAULT_PAUSE_BEFORE_OFFSETS=N` stops the
+/// process (SIGSTOP, as a long GC pause or a frozen VM would) once, with the N-th transaction's
+/// records produced and its input offsets not yet sent; SIGCONT resumes it there, a zombie.
+pub(crate) fn pause_here_if_asked(metrics: &Metrics) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let at = AT.get_or_init(|| {
+        std::env::var("HERALD_FAULT_PAUSE_BEFORE_OFFSETS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = at {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n
+            && !DONE.swap(true, Ordering::SeqCst)
+        {
+            eprintln!("herald: fault injection: pausing inside transaction {n}");
+            extern "C" {
+                fn kill(pid: i32, sig: i32) -> i32;
+            }
+            const SIGSTOP: i32 = 19;
+            // SAFETY: signals this process itself; SIGSTOP only suspends it.
+            unsafe {
+                kill(std::process::id() as i32, SIGSTOP);
+            }
+        }
+    }
+}
+
+/// Headers that say where a record came from.
+pub fn provenance(msg: &OwnedMessage) -> Vec<(&'static str, Vec<u8>)> {
+    provenance_of(msg.topic(), msg.partition(), msg.offset())
+}
+
+/// The provenance headers of a record at `topic`/`partition`@`offset`.
+pub fn provenance_of(topic: &str, partition: i32, offset: i64) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("herald.source.topic", topic.as_bytes().to_vec()),
+        (
+            "herald.source.partition",
+            partition.to_string().into_bytes(),
+        ),
+        ("herald.source.offset", offset.to_string().into_bytes()),
+    ]
+}
+
+/// A shared flag set on SIGTERM or Ctrl-C.
+pub fn stop_on_signal(rt: &tokio::runtime::Handle) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    rt.spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("stop requested; finishing the transaction in flight");
+        flag.store(true, Ordering::SeqCst);
+    });
+    stop
+}

@@ -1,0 +1,433 @@
+//! The processors stage: dedupe, the ordering guard, policy and journeys (the core's `task`)
+//! over the input topics, writing decisions, contact cards and dead letters.
+
+use super::dead_letter::*;
+use super::snapshot::*;
+use crate::audit::ConsentProjection;
+use crate::clock::wall_clock_ms;
+use crate::events::*;
+use crate::identity::{self, pseudonymise, IdentifierKey};
+use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
+use crate::registry::Codec;
+use crate::state::CustomerState;
+use crate::store::{SnapshotWrite, PROCESSORS};
+use crate::tables::Tables;
+use crate::task::Task;
+use crate::telemetry::Metrics;
+use crate::topology::Topology;
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::message::{Message, OwnedMessage};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Default)]
+struct ProcessorPartition {
+    /// The partition's customers, stream time and timers.
+    task: Task,
+    /// Next unprocessed offset per input topic: records below it were already decided.
+    inputs: std::collections::BTreeMap<String, i64>,
+    /// Input positions advanced since the last save.
+    inputs_moved: bool,
+    next_decision_offset: i64,
+    touched: BTreeSet<String>,
+    /// Consent-history changes decided since the last save.
+    consent: ConsentProjection,
+    /// Each customer's card in the contact changelog, as last written.
+    contacts: HashMap<String, ContactCard>,
+    /// A template status change arrived since the last save: the next one saves the table.
+    templates_moved: bool,
+}
+
+impl ProcessorPartition {
+    /// Keeps the decisions' customers and consent changes for the next save.
+    fn note(&mut self, decisions: &[Decision]) {
+        for d in decisions {
+            self.touched.insert(d.customer_id.clone());
+            self.consent.apply(d);
+        }
+    }
+}
+
+/// Dedupe, ordering guard and policy over the four input topics.
+pub struct ProcessorStage {
+    pub topology: Arc<Topology>,
+    pub codec: Arc<Codec>,
+    pub store: SharedStore,
+    pub rt: tokio::runtime::Handle,
+    pub metrics: Arc<Metrics>,
+    identifiers: IdentifierKey,
+    partitions: HashMap<i32, ProcessorPartition>,
+    /// Stock and template status, read whole; shared by every partition of this stage.
+    tables: Tables,
+    /// Next offset to read per inventory partition, and when the table was last refreshed.
+    inventory_next: HashMap<i32, i64>,
+    inventory_refreshed: Option<std::time::Instant>,
+    /// How often idle partitions are advanced to the wall clock so their timers fire; `None`
+    /// leaves timers to event time alone (a replay of the past, the demo).
+    wall_clock_tick: Option<Duration>,
+    last_tick: Option<std::time::Instant>,
+}
+
+/// What an input changes in the contact changelog once decided: a customer's new card when an
+/// accepted profile brought addresses the card lacks, a tombstone (`None`) when an erasure was
+/// accepted, nothing otherwise. Keeps `cards` as written.
+fn contact_change(
+    cards: &mut HashMap<String, ContactCard>,
+    input: &InputEvent,
+    learnt: std::collections::BTreeMap<String, String>,
+    decisions: &[Decision],
+) -> Option<(String, Option<ContactCard>)> {
+    let customer = &input.envelope.customer_id;
+    let accepted = decisions.iter().any(|d| {
+        matches!(&d.outcome, Outcome::EventAccepted(a) if a.envelope.event_id == input.envelope.event_id)
+    });
+    if !accepted {
+        return None;
+    }
+    match &input.fact {
+        Fact::ErasureRequested(_) => {
+            cards.remove(customer);
+            Some((customer.clone(), None))
+        }
+        Fact::ProfileChanged(_) => {
+            let card = cards
+                .entry(customer.clone())
+                .or_insert_with(|| ContactCard {
+                    customer_id: customer.clone(),
+                    ..ContactCard::default()
+                });
+            let before = card.addresses.len();
+            card.addresses.extend(learnt);
+            if card.addresses.len() == before {
+                return None;
+            }
+            card.updated_at = card.updated_at.max(input.envelope.occurred_at);
+            Some((customer.clone(), Some(card.clone())))
+        }
+        _ => None,
+    }
+}
+
+impl ProcessorStage {
+    /// A processor stage with no partitions yet; identifiers are hashed under `identifiers`.
+    pub fn new(
+        topology: Arc<Topology>,
+        codec: Arc<Codec>,
+        store: SharedStore,
+        rt: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+        identifiers: IdentifierKey,
+    ) -> Self {
+        ProcessorStage {
+            topology,
+            codec,
+            store,
+            rt,
+            metrics,
+            identifiers,
+            partitions: HashMap::new(),
+            tables: Tables::default(),
+            inventory_next: HashMap::new(),
+            inventory_refreshed: None,
+            wall_clock_tick: None,
+            last_tick: None,
+        }
+    }
+
+    /// Whether the wall-clock tick is on and its interval has passed since the last one.
+    fn tick_interval_passed(&self) -> bool {
+        self.wall_clock_tick
+            .is_some_and(|every| self.last_tick.is_none_or(|t| t.elapsed() >= every))
+    }
+
+    /// Advances every partition's stream time to the wall clock this often, so a deferral or
+    /// journey step on a partition with no new input still fires.
+    pub fn with_wall_clock_tick(mut self, every: Option<Duration>) -> Self {
+        self.wall_clock_tick = every;
+        self
+    }
+
+    fn emit(
+        &self,
+        p: i32,
+        decisions: Vec<Decision>,
+        headers: Vec<(&'static str, Vec<u8>)>,
+        out: &mut Outbox,
+    ) -> Result<()> {
+        for d in decisions {
+            let value = self.rt.block_on(self.codec.encode_decision(&d))?;
+            Metrics::inc(&self.metrics.decisions_out, 1);
+            self.metrics.count_kind(d.outcome.kind());
+            match &d.outcome {
+                Outcome::MessageSuppressed(m) => {
+                    self.metrics.count_reason(&format!("{:?}", m.reason));
+                }
+                Outcome::DuplicateIgnored(dup) if dup.repeats_event_id.is_some() => {
+                    Metrics::inc(&self.metrics.repeats_recognised, 1);
+                }
+                _ => {}
+            }
+            out.records.push(OutRecord {
+                topic: self.codec.topics().decisions().clone(),
+                partition: p,
+                key: d.customer_id.into_bytes(),
+                value,
+                headers: headers.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Stage for ProcessorStage {
+    fn name(&self) -> &'static str {
+        "processors"
+    }
+
+    fn input_topics(&self) -> Vec<String> {
+        self.codec.topics().inputs()
+    }
+
+    fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+        let snap = self.store.load(PROCESSORS, partition)?;
+        let mut part = ProcessorPartition::default();
+        let mut customers = HashMap::new();
+        for (customer, stored) in &snap.customers {
+            let state: CustomerState = serde_json::from_slice(&stored.bytes)
+                .with_context(|| format!("stored state of {customer} is unreadable"))?;
+            customers.insert(customer.clone(), state);
+        }
+        let codec = self.codec.clone();
+        let rt = self.rt.clone();
+        let stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
+        part.task = Task::restored(customers, stream_time);
+        for (k, v) in &snap.inputs {
+            if k != STREAM_TIME_KEY && !self.tables.restore_saved(k, *v) {
+                part.inputs.insert(k.clone(), *v);
+            }
+        }
+        let tables = &mut self.tables;
+        let decisions = codec.topics().decisions().clone();
+        let next = reader.read(&decisions, partition, snap.next_offset, |m| {
+            if let Some((topic, offset)) = source_position(m) {
+                let e = part.inputs.entry(topic).or_insert(0);
+                *e = (*e).max(offset + 1);
+            }
+            let d = rt
+                .block_on(codec.decode_decision(m.payload()))
+                .map_err(|e| anyhow!("decision log {decisions}/{partition}@{}: {e}", m.offset()))?;
+            if let Outcome::EventAccepted(a) = &d.outcome {
+                part.templates_moved |= tables.observe(&a.fact, a.envelope.occurred_at);
+            }
+            if snap.holds(&d.customer_id, m.offset()) {
+                return Ok(());
+            }
+            part.task.fold(&d);
+            part.consent.apply(&d);
+            part.touched.insert(d.customer_id.clone());
+            Ok(())
+        })?;
+        part.next_decision_offset = next;
+        // The contact changelog is compacted: one card (or tombstone) per customer.
+        let contacts = codec.topics().contacts().clone();
+        reader.read(&contacts, partition, 0, |m| {
+            let customer = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            match rt.block_on(codec.decode_contact_card(m.payload())) {
+                Ok(Some(card)) => {
+                    part.contacts.insert(customer, card);
+                }
+                Ok(None) => {
+                    part.contacts.remove(&customer);
+                }
+                Err(e) => bail!(
+                    "contact changelog {contacts}/{partition}@{}: {e}",
+                    m.offset()
+                ),
+            }
+            Ok(())
+        })?;
+        self.partitions.insert(partition, part);
+        // Persist what the replay folded so the next restore starts further on.
+        self.committed(&Produced::new())?;
+        Ok(())
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    fn reset(&mut self) {
+        self.partitions.clear();
+    }
+
+    fn owns(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    fn resume_positions(&self, partition: i32) -> Vec<(String, i64)> {
+        self.partitions
+            .get(&partition)
+            .map(|p| p.inputs.iter().map(|(t, o)| (t.clone(), *o)).collect())
+            .unwrap_or_default()
+    }
+
+    fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {
+        let p = msg.partition();
+        let part = self
+            .partitions
+            .get_mut(&p)
+            .ok_or_else(|| anyhow!("partition {p} not restored"))?;
+        // Already decided (its decisions are in the log): the broker's committed offset was
+        // behind what the decision log shows, e.g. a broker that drops transactional commits.
+        if part
+            .inputs
+            .get(msg.topic())
+            .is_some_and(|next| msg.offset() < *next)
+        {
+            return Ok(());
+        }
+        let e = part.inputs.entry(msg.topic().to_string()).or_insert(0);
+        *e = (*e).max(msg.offset() + 1);
+        part.inputs_moved = true;
+        let Some(input) =
+            decode_or_dead_letter(&self.codec, &self.rt, &self.metrics, msg, out, |c| {
+                c.decode_input(msg.topic(), msg.payload())
+            })?
+        else {
+            return Ok(());
+        };
+        if msg.key() != Some(input.envelope.customer_id.as_bytes()) {
+            let why = format!("record key does not match envelope.customer_id '{}'; records must be keyed by customer", input.envelope.customer_id);
+            out.records.push(dead_letter(
+                &self.codec,
+                &self.rt,
+                msg,
+                "validate",
+                why,
+                &self.metrics,
+            )?);
+            return Ok(());
+        }
+        // The addresses in clear go only to the contact changelog, once the fact is accepted.
+        let learnt = identity::identifiers(&self.identifiers, &input);
+        // From here on no phone number or e-mail address is in clear: not in state, not in
+        // the decision log.
+        let input = pseudonymise(&self.identifiers, input);
+        let part = self
+            .partitions
+            .get_mut(&p)
+            .ok_or_else(|| anyhow!("partition {p} not restored"))?;
+        self.tables.observe(&input.fact, input.envelope.occurred_at);
+        part.templates_moved |= matches!(input.fact, Fact::TemplateStatusChanged(_));
+        let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
+        let decisions = part
+            .task
+            .decide(&input, &input_ref, &self.topology, &self.tables);
+        part.note(&decisions);
+        let card = contact_change(&mut part.contacts, &input, learnt, &decisions);
+        self.emit(p, decisions, provenance(msg), out)?;
+        if let Some((customer, card)) = card {
+            let value = match card {
+                Some(card) => self.rt.block_on(self.codec.encode_contact_card(&card))?,
+                None => Vec::new(),
+            };
+            out.records.push(OutRecord {
+                topic: self.codec.topics().contacts().clone(),
+                partition: p,
+                key: customer.into_bytes(),
+                value,
+                headers: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    fn tick_due(&self) -> bool {
+        let now = wall_clock_ms();
+        self.tick_interval_passed()
+            && self
+                .partitions
+                .values()
+                .any(|p| p.task.next_timer().is_some_and(|t| t <= now))
+    }
+
+    fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()> {
+        if !self.tick_interval_passed() {
+            return Ok(());
+        }
+        self.last_tick = Some(std::time::Instant::now());
+        let now = wall_clock_ms();
+        let mut fired = Vec::new();
+        for (p, part) in self.partitions.iter_mut() {
+            if part.task.next_timer().is_none_or(|t| t > now) {
+                continue;
+            }
+            let ds = part.task.advance_to(now, &self.topology, &self.tables);
+            part.note(&ds);
+            // Stream time moved: it must be saved even if no customer changed.
+            part.inputs_moved = true;
+            fired.push((*p, ds));
+        }
+        for (p, ds) in fired {
+            self.emit(p, ds, vec![("herald.timer", b"wall-clock".to_vec())], out)?;
+        }
+        Ok(())
+    }
+
+    fn refresh_tables(&mut self, reader: &LogReader) -> Result<()> {
+        // Once a second is fresh enough for stock levels, and keeps watermark round trips rare.
+        if self
+            .inventory_refreshed
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.inventory_refreshed = Some(std::time::Instant::now());
+        for p in 0..self.topology.partitions() {
+            let from = self.inventory_next.get(&p).copied().unwrap_or(0);
+            let (codec, rt, tables) = (&self.codec, &self.rt, &mut self.tables);
+            let next = reader.read(codec.topics().inventory(), p, from, |m| {
+                // A stock level that cannot be read is skipped, not fatal: the guard then
+                // sees no level for that SKU and holds rather than sends.
+                match rt.block_on(codec.decode_stock(m.payload())) {
+                    Ok(level) => tables.observe_stock(level),
+                    Err(e) => {
+                        tracing::warn!(offset = m.offset(), error = %e, "unreadable stock level")
+                    }
+                }
+                Ok(())
+            })?;
+            self.inventory_next.insert(p, next);
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, produced: &Produced) -> Result<()> {
+        for (p, part) in self.partitions.iter_mut() {
+            if let Some(next) = produced.get(&(self.codec.topics().decisions().to_string(), *p)) {
+                part.next_decision_offset = part.next_decision_offset.max(*next);
+            }
+            // A batch of nothing but dead letters touches no customer, yet its input positions
+            // must be kept, or a broker that lost the group offsets would dead-letter it again.
+            if part.touched.is_empty() && !part.inputs_moved && !part.templates_moved {
+                continue;
+            }
+            let mut inputs = part.inputs.clone();
+            inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
+            if std::mem::take(&mut part.templates_moved) {
+                inputs.extend(self.tables.saved_positions());
+            }
+            let write = SnapshotWrite {
+                changed: encode_touched(&mut part.touched, part.task.customers())?,
+                next_offset: part.next_decision_offset,
+                inputs,
+                consent: std::mem::take(&mut part.consent.records),
+                erased: std::mem::take(&mut part.consent.erased),
+            };
+            self.store.save(PROCESSORS, *p, &write)?;
+            part.inputs_moved = false;
+        }
+        Ok(())
+    }
+}

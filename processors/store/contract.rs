@@ -1,0 +1,83 @@
+//! What a state store is: per-customer snapshots with the log position each reflects, the
+//! positions each task has read to, and the query projection (a customer's state, their consent
+//! history). Every backend implements `StateStore`; `tests/store_contract.rs` holds them to it.
+
+use crate::audit::ConsentEvent;
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The processors' namespace: customer state, projected for queries.
+pub const PROCESSORS: &str = "processors";
+/// Dispatch's namespace: what was sent, not projected.
+pub const DISPATCH: &str = "dispatch";
+
+/// A customer's encoded state and the log position it reflects: every decision before
+/// `next_offset` is folded into it, none after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredState {
+    pub bytes: Vec<u8>,
+    pub next_offset: i64,
+}
+
+/// A partition's snapshot: each customer's state, the partition's next log offset that is not
+/// yet saved, and how far it has read each input topic.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PartitionSnapshot {
+    pub customers: BTreeMap<String, StoredState>,
+    pub next_offset: i64,
+    /// Next input offset per input topic for this partition: how far the snapshot has read.
+    pub inputs: BTreeMap<String, i64>,
+}
+
+impl PartitionSnapshot {
+    /// Whether the decision at `offset` for `customer` is already folded into the snapshot, so a
+    /// restore must not fold it again. Exact per customer, so a save that stopped half-way
+    /// (states written, position not) still restores to the right state.
+    pub fn holds(&self, customer: &str, offset: i64) -> bool {
+        self.customers
+            .get(customer)
+            .is_some_and(|s| offset < s.next_offset)
+    }
+}
+
+/// One save of a partition: the customers changed since the last one, the log position they
+/// all reflect, the input positions read, and the consent changes decided (for the projection).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SnapshotWrite {
+    pub changed: Vec<(String, Vec<u8>)>,
+    pub next_offset: i64,
+    pub inputs: BTreeMap<String, i64>,
+    pub consent: Vec<(String, ConsentEvent)>,
+    /// Customers whose erasure was decided: their consent history saved before this write goes.
+    pub erased: Vec<String>,
+}
+
+/// A customer's row in the query projection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CustomerView {
+    pub customer_id: String,
+    pub partition: i32,
+    /// The decision-log offset the state reflects.
+    pub next_offset: i64,
+    /// The customer's state, as JSON.
+    pub state: String,
+}
+
+/// Where snapshots and the projection live. Every write is idempotent and ordered by log
+/// position: saving the same thing twice is the same as once, and a save of an older position
+/// never undoes a newer one (a customer's state, a partition's offset, an input position).
+pub trait StateStore: Send + Sync {
+    /// Loads everything stored for a partition of a namespace (`PROCESSORS`, `DISPATCH`).
+    fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
+    /// Saves a partition's changes; in `PROCESSORS` also the projection.
+    fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()>;
+    /// A customer's projected state, if any was saved.
+    fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>>;
+    /// A customer's consent changes, oldest first.
+    fn consent_history(&self, customer_id: &str) -> Result<Vec<ConsentEvent>>;
+    /// Whether nothing at all is stored yet (a rebuild writes only into an empty store).
+    fn is_empty(&self) -> Result<bool>;
+    /// Where the store is, for messages.
+    fn describe(&self) -> String;
+}
