@@ -110,7 +110,7 @@ pub struct RunArgs {
     pub settle_wait_ms: u64,
     /// Messages per second dispatch sends from its phone number (the Cloud API's default
     /// throughput is 80; an upgraded number may send 1,000).
-    #[arg(long, env = "HERALD_SENDER_RATE", default_value_t = 80.0)]
+    #[arg(long, env = "HERALD_SENDER_RATE", default_value_t = crate::pacing::DEFAULT_LIMITS.sender_per_second)]
     pub sender_rate: f64,
     /// Messages the phone number may send at once after a quiet spell (default: one
     /// second's worth).
@@ -118,26 +118,26 @@ pub struct RunArgs {
     pub sender_burst: Option<f64>,
     /// Milliseconds between two messages to one recipient once their burst is spent (the
     /// provider's pair rate limit).
-    #[arg(long, env = "HERALD_PAIR_INTERVAL_MS", default_value_t = 6_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "HERALD_PAIR_INTERVAL_MS", default_value_t = crate::pacing::DEFAULT_LIMITS.pair_interval_ms, value_parser = clap::value_parser!(u64).range(1..))]
     pub pair_interval_ms: u64,
     /// Messages one recipient may get at once before the pair interval applies.
-    #[arg(long, env = "HERALD_PAIR_BURST", default_value_t = 45, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "HERALD_PAIR_BURST", default_value_t = crate::pacing::DEFAULT_LIMITS.pair_burst as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub pair_burst: u32,
     /// Provider calls under way at once, at most.
-    #[arg(long, env = "HERALD_MAX_CALLS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "HERALD_MAX_CALLS", default_value_t = crate::pacing::DEFAULT_LIMITS.max_calls as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_calls: u32,
     /// A provider's circuit breaker judges it by the calls that ended in this many last
     /// milliseconds...
-    #[arg(long, env = "HERALD_BREAKER_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "HERALD_BREAKER_WINDOW_MS", default_value_t = crate::pacing::DEFAULT_LIMITS.breaker_window_ms as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub breaker_window_ms: u64,
     /// ...once at least this many ended in it...
-    #[arg(long, env = "HERALD_BREAKER_MIN_CALLS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "HERALD_BREAKER_MIN_CALLS", default_value_t = crate::pacing::DEFAULT_LIMITS.breaker_min_calls, value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_min_calls: u32,
     /// ...and opens when at least this share of them failed (unreachable, 5xx, no answer).
-    #[arg(long, env = "HERALD_BREAKER_FAILURE_SHARE", default_value_t = 0.5)]
+    #[arg(long, env = "HERALD_BREAKER_FAILURE_SHARE", default_value_t = crate::pacing::DEFAULT_LIMITS.breaker_failure_share)]
     pub breaker_failure_share: f64,
     /// How long an open breaker holds every call to that provider before one probe call.
-    #[arg(long, env = "HERALD_BREAKER_COOLDOWN_MS", default_value_t = 30_000)]
+    #[arg(long, env = "HERALD_BREAKER_COOLDOWN_MS", default_value_t = crate::pacing::DEFAULT_LIMITS.breaker_cooldown_ms as u64)]
     pub breaker_cooldown_ms: u64,
     #[arg(long, env = "HERALD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
@@ -153,7 +153,7 @@ pub struct RunArgs {
     pub assignment_strategy: String,
     /// How long an input topic with nothing buffered may hold its partition back, so that
     /// records of all four inputs are decided in timestamp order (Kafka Streams' max.task.idle.ms).
-    #[arg(long, env = "HERALD_MAX_TASK_IDLE_MS", default_value_t = 250)]
+    #[arg(long, env = "HERALD_MAX_TASK_IDLE_MS", default_value_t = crate::kafka::MAX_TASK_IDLE_MS)]
     pub max_task_idle_ms: u64,
     /// Every this many seconds, partitions with a timer due by the wall clock are advanced to it,
     /// so a deferral or journey step fires even when no new input arrives; 0 leaves timers to

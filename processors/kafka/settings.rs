@@ -10,6 +10,10 @@ use rdkafka::ClientContext;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// How long, by default, an input topic with nothing buffered may hold its partition back
+/// (Kafka Streams' max.task.idle.ms).
+pub const MAX_TASK_IDLE_MS: u64 = 250;
+
 /// How the loop talks to the brokers.
 #[derive(Clone)]
 pub struct KafkaSettings {
@@ -46,7 +50,7 @@ impl KafkaSettings {
             instance_id: instance_id.to_string(),
             batch_size: 1000,
             assignment_strategy: "cooperative-sticky".into(),
-            max_task_idle_ms: 250,
+            max_task_idle_ms: MAX_TASK_IDLE_MS,
             extra: vec![],
             static_membership: false,
             session_timeout_ms: 10_000,

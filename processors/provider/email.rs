@@ -6,9 +6,9 @@
 
 use crate::dispatch::SendOutcome;
 use crate::events::{Channel, MessageStatus, Millis};
+use crate::provider::adapter::{Outgoing, Provider};
 use crate::provider::callback::{BodyError, Callback};
 use crate::provider::simulated::{SimulatedSend, Simulator};
-use crate::provider::{Outgoing, Provider};
 use anyhow::Result;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -56,7 +56,7 @@ impl EmailClient {
     /// the address `from`.
     pub fn new(base_url: &str, api_key: &str, from: &str, timeout: Duration) -> Result<Self> {
         Ok(EmailClient {
-            http: crate::provider::http_client(timeout)?,
+            http: crate::provider::adapter::http_client(timeout)?,
             base_url: base_url.trim_end_matches('/').to_string(),
             api_key: api_key.to_string(),
             from: from.to_string(),
@@ -80,7 +80,7 @@ impl EmailClient {
             .await
         {
             Ok(r) => r,
-            Err(e) => return crate::provider::unanswered_or_undelivered(e),
+            Err(e) => return crate::provider::adapter::unanswered_or_undelivered(e),
         };
         let status = resp.status();
         if status.is_success() {

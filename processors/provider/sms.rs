@@ -7,9 +7,9 @@
 
 use crate::dispatch::SendOutcome;
 use crate::events::{Channel, MessageStatus, Millis};
+use crate::provider::adapter::{Outgoing, Provider};
 use crate::provider::callback::{BodyError, Callback};
 use crate::provider::simulated::{SimulatedSend, Simulator};
-use crate::provider::{Outgoing, Provider};
 use anyhow::Result;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -52,7 +52,7 @@ impl SmsClient {
         timeout: Duration,
     ) -> Result<Self> {
         Ok(SmsClient {
-            http: crate::provider::http_client(timeout)?,
+            http: crate::provider::adapter::http_client(timeout)?,
             base_url: base_url.trim_end_matches('/').to_string(),
             account_sid: account_sid.to_string(),
             auth_token: auth_token.to_string(),
@@ -105,7 +105,7 @@ impl SmsClient {
             .await
         {
             Ok(r) => r,
-            Err(e) => return crate::provider::unanswered_or_undelivered(e),
+            Err(e) => return crate::provider::adapter::unanswered_or_undelivered(e),
         };
         let status = resp.status();
         let body: Value = match resp.json().await {

@@ -149,19 +149,23 @@ pub struct Limits {
     pub breaker_cooldown_ms: Millis,
 }
 
+/// The limits a dispatch runs with unless told otherwise: the Cloud API's default sender
+/// throughput and pair rate limit, and a breaker that needs 20 calls in 10 s to judge.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    sender_per_second: 80.0,
+    sender_burst: 80.0,
+    pair_interval_ms: 6_000,
+    pair_burst: 45.0,
+    max_calls: 256,
+    breaker_window_ms: 10_000,
+    breaker_min_calls: 20,
+    breaker_failure_share: 0.5,
+    breaker_cooldown_ms: 30_000,
+};
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            sender_per_second: 80.0,
-            sender_burst: 80.0,
-            pair_interval_ms: 6_000,
-            pair_burst: 45.0,
-            max_calls: 256,
-            breaker_window_ms: 10_000,
-            breaker_min_calls: 20,
-            breaker_failure_share: 0.5,
-            breaker_cooldown_ms: 30_000,
-        }
+        DEFAULT_LIMITS
     }
 }
 
