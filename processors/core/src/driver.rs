@@ -168,17 +168,21 @@ impl<'t> Driver<'t> {
             if let Outcome::MessageApproved(approved) = &d.outcome {
                 let approved = approved.clone();
                 for event in self.dispatch_one(&d, &approved, offset, &mut out) {
-                    self.refusals += 1;
-                    let input_ref = format!("provider/refusal/{}", self.refusals);
-                    queue.extend(
-                        self.task
-                            .decide(&event, &input_ref, self.topology, &self.tables),
-                    );
+                    queue.extend(self.refusal_decided(&event));
                 }
             }
             out.decisions.push(d);
         }
         out
+    }
+
+    /// What policy decides on a refusal dispatch sent back, read as the next record of the
+    /// provider topic.
+    fn refusal_decided(&mut self, event: &InputEvent) -> Vec<Decision> {
+        self.refusals += 1;
+        let input_ref = format!("provider/refusal/{}", self.refusals);
+        self.task
+            .decide(event, &input_ref, self.topology, &self.tables)
     }
 
     /// Plans, intends and calls one approval; returns the refusals policy must hear of.
@@ -319,11 +323,7 @@ impl<'t> Driver<'t> {
             let (mut d, approved) = (d.clone(), approved.clone());
             d.decided_at = now;
             for event in self.intend_and_call(&d, &approved, attempt, offset, &mut out) {
-                self.refusals += 1;
-                let input_ref = format!("provider/refusal/{}", self.refusals);
-                let decisions = self
-                    .task
-                    .decide(&event, &input_ref, self.topology, &self.tables);
+                let decisions = self.refusal_decided(&event);
                 out.extend(self.dispatch_all(decisions));
             }
         }
