@@ -108,16 +108,6 @@ impl<'t> Driver<'t> {
         self.task.customers()
     }
 
-    /// A customer's dispatch state.
-    pub fn dispatch_state(&self, customer_id: &str) -> Option<&DispatchState> {
-        self.dispatch.get(customer_id)
-    }
-
-    /// The channels halted by an account block, with the provider's code.
-    pub fn halted(&self) -> &BTreeMap<Channel, i32> {
-        &self.halted
-    }
-
     /// Feeds one input, read from the log at `input_ref`, through every processor.
     pub fn input(&mut self, input: &InputEvent, input_ref: &str) -> Output {
         self.tables.observe(&input.fact, input.envelope.occurred_at);
