@@ -146,7 +146,8 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
             h.clone(),
             Arc::new(Metrics::default()),
             crate::identity::IdentifierKey::demo(),
-        );
+        )
+        .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let passthrough = timed(&|stop, m| {
@@ -222,18 +223,18 @@ fn rebuild_pass(
     log: &[crate::events::Decision],
     live: &std::collections::HashMap<String, crate::state::CustomerState>,
 ) -> Result<(f64, f64)> {
-    let schema = crate::avro::Schemas::get().schema(crate::topology::TopicRole::Decisions)?;
-    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema).build()?;
+    use crate::datum::{framed, Datums, DecisionIn};
+    use crate::topology::TopicRole::Decisions;
     let mut encoded = Vec::with_capacity(log.len());
     for d in log {
-        encoded.push(writer.write_value_to_vec(crate::avro::decision_to_value(d)?)?);
+        encoded.push(Datums::get().write(Decisions, 1, &crate::datum::DecisionOut(d))?);
     }
-    let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema).build()?;
     let t = Instant::now();
     let mut states: std::collections::HashMap<String, crate::state::CustomerState> =
         std::collections::HashMap::new();
     for bytes in &encoded {
-        let d = crate::avro::decision_from_value(&reader.read_value(&mut bytes.as_slice())?)?;
+        let (_, datum) = framed(bytes).ok_or_else(|| anyhow!("unframed decision"))?;
+        let d: crate::events::Decision = Datums::get().read::<DecisionIn>(Decisions, datum)?.into();
         crate::state::evolve(states.entry(d.customer_id.clone()).or_default(), &d);
     }
     let rate = log.len() as f64 / t.elapsed().as_secs_f64();

@@ -721,7 +721,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
                 h.clone(),
                 m.clone(),
                 crate::identity::IdentifierKey::demo(),
-            );
+            )
+            .with_checkpoint_interval(std::time::Duration::from_millis(kafka::CHECKPOINT_MS));
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

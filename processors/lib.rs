@@ -33,6 +33,7 @@ pub mod scenario;
 pub mod topology_files;
 
 pub mod avro;
+pub mod datum;
 pub mod intake;
 pub mod registry;
 pub mod store;

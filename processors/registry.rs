@@ -3,6 +3,7 @@
 //! schema_registry_converter over HTTP, the same path production takes against a real registry.
 
 use crate::avro::{self, Schemas};
+use crate::datum::{self, Datums};
 use crate::events::*;
 use crate::topology::{TopicNames, TopicRole};
 use anyhow::{anyhow, Context, Result};
@@ -441,6 +442,8 @@ pub struct Codec {
     topics: TopicNames,
     /// Writer schema id -> whether it is the reader's own schema (checked once per id).
     same_shape: std::sync::Mutex<std::collections::HashMap<(TopicRole, u32), bool>>,
+    /// The registry's id of this build's schema, per role, once looked up.
+    ids: std::sync::Mutex<std::collections::HashMap<TopicRole, u32>>,
 }
 
 /// A decode failure, split by who must act.
@@ -513,6 +516,7 @@ impl Codec {
             strategies,
             topics: topics.clone(),
             same_shape: Default::default(),
+            ids: Default::default(),
         })
     }
 
@@ -528,6 +532,45 @@ impl Codec {
                 self.encoder.remove_errors_from_cache();
                 anyhow!("encoding for {topic}: {e}")
             })
+    }
+
+    /// The registry's id of this build's schema for `role`, registered under the topic's
+    /// subject on first use and remembered after.
+    async fn writer_id(&self, role: TopicRole) -> Result<u32> {
+        if let Some(id) = self.ids.lock().ok().and_then(|m| m.get(&role).copied()) {
+            return Ok(id);
+        }
+        let (topic, strategy) = self
+            .strategies
+            .get(&role)
+            .ok_or_else(|| anyhow!("topic role {} has no Herald value schema", role.as_str()))?;
+        let subject = strategy.get_subject().map_err(|e| anyhow!("{e}"))?;
+        let schema = self
+            .encoder
+            .get_schema_and_id(&subject, strategy.clone())
+            .await
+            .map_err(|e| {
+                self.encoder.remove_errors_from_cache();
+                anyhow!("encoding for {topic}: {e}")
+            })?;
+        if let Ok(mut m) = self.ids.lock() {
+            m.insert(role, schema.id);
+        }
+        Ok(schema.id)
+    }
+
+    /// Wire bytes of `value`, written straight from Herald's types with this build's schema.
+    async fn write<T: serde::Serialize>(&self, role: TopicRole, value: &T) -> Result<Vec<u8>> {
+        let id = self.writer_id(role).await?;
+        Datums::get().write(role, id, value)
+    }
+
+    /// The datum of `bytes` when its writer schema is this build's own for `role` (already
+    /// seen once); `None` sends it the slow way, which resolves other writer schemas.
+    fn own_datum<'b>(&self, role: TopicRole, bytes: Option<&'b [u8]>) -> Option<&'b [u8]> {
+        let (id, datum) = datum::framed(bytes?)?;
+        let same = self.same_shape.lock().ok()?.get(&(role, id)).copied()?;
+        same.then_some(datum)
     }
 
     /// The topics this codec reads and writes, by role.
@@ -582,29 +625,25 @@ impl Codec {
 
     /// Wire bytes of an input event for its family's topic.
     pub async fn encode_input(&self, e: &InputEvent) -> Result<Vec<u8>> {
-        self.encode(
-            TopicRole::of_family(e.fact.family()),
-            avro::input_to_value(e)?,
-        )
-        .await
+        self.write(TopicRole::of_family(e.fact.family()), &datum::InputOut(e))
+            .await
     }
 
     /// Wire bytes of a decision.
     pub async fn encode_decision(&self, d: &Decision) -> Result<Vec<u8>> {
-        self.encode(TopicRole::Decisions, avro::decision_to_value(d)?)
+        self.write(TopicRole::Decisions, &datum::DecisionOut(d))
             .await
     }
 
     /// Wire bytes of a dispatch step.
     pub async fn encode_dispatch(&self, r: &DispatchRecord) -> Result<Vec<u8>> {
-        self.encode(TopicRole::Dispatch, avro::dispatch_to_value(r)?)
+        self.write(TopicRole::Dispatch, &datum::DispatchOut(r))
             .await
     }
 
     /// Wire bytes of a contact card.
     pub async fn encode_contact_card(&self, c: &ContactCard) -> Result<Vec<u8>> {
-        self.encode(TopicRole::Contacts, avro::contact_card_to_value(c)?)
-            .await
+        self.write(TopicRole::Contacts, c).await
     }
 
     /// Reads a contact card off the contact changelog; `Ok(None)` for a tombstone (the
@@ -615,6 +654,12 @@ impl Codec {
     ) -> Result<Option<ContactCard>, DecodeError> {
         if bytes.is_none() {
             return Ok(None);
+        }
+        if let Some(datum) = self.own_datum(TopicRole::Contacts, bytes) {
+            return Datums::get()
+                .read(TopicRole::Contacts, datum)
+                .map(Some)
+                .map_err(|e| DecodeError::Poison(format!("not a contact card: {e:#}")));
         }
         let v = self.decode_value(TopicRole::Contacts, bytes).await?;
         avro::contact_card_from_value(&v)
@@ -685,15 +730,30 @@ impl Codec {
             .topics
             .family_of(topic)
             .ok_or_else(|| DecodeError::Poison(format!("{topic} is not an input topic")))?;
-        let v = self
-            .decode_value(TopicRole::of_family(family), bytes)
-            .await?;
+        let role = TopicRole::of_family(family);
+        if let Some(datum) = self.own_datum(role, bytes) {
+            let read = |d: &Datums| match family {
+                Family::Oms => d.read::<datum::InputIn<0, 8>>(role, datum).map(|i| i.0),
+                Family::Billing => d.read::<datum::InputIn<8, 5>>(role, datum).map(|i| i.0),
+                Family::Crm => d.read::<datum::InputIn<13, 4>>(role, datum).map(|i| i.0),
+                Family::Provider => d.read::<datum::InputIn<17, 3>>(role, datum).map(|i| i.0),
+            };
+            return read(Datums::get())
+                .map_err(|e| DecodeError::Poison(format!("not a {topic} record: {e:#}")));
+        }
+        let v = self.decode_value(role, bytes).await?;
         avro::input_from_value(family, &v)
             .map_err(|e| DecodeError::Poison(format!("not a {topic} record: {e:#}")))
     }
 
     /// Reads a decision off the decision log.
     pub async fn decode_decision(&self, bytes: Option<&[u8]>) -> Result<Decision, DecodeError> {
+        if let Some(datum) = self.own_datum(TopicRole::Decisions, bytes) {
+            return Datums::get()
+                .read::<datum::DecisionIn>(TopicRole::Decisions, datum)
+                .map(Decision::from)
+                .map_err(|e| DecodeError::Poison(format!("not a decision: {e:#}")));
+        }
         let v = self.decode_value(TopicRole::Decisions, bytes).await?;
         avro::decision_from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a decision: {e:#}")))
@@ -704,6 +764,12 @@ impl Codec {
         &self,
         bytes: Option<&[u8]>,
     ) -> Result<DispatchRecord, DecodeError> {
+        if let Some(datum) = self.own_datum(TopicRole::Dispatch, bytes) {
+            return Datums::get()
+                .read::<datum::DispatchIn>(TopicRole::Dispatch, datum)
+                .map(DispatchRecord::from)
+                .map_err(|e| DecodeError::Poison(format!("not a dispatch step: {e:#}")));
+        }
         let v = self.decode_value(TopicRole::Dispatch, bytes).await?;
         avro::dispatch_from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a dispatch step: {e:#}")))
@@ -711,6 +777,11 @@ impl Codec {
 
     /// Reads a stock level off the inventory topic.
     pub async fn decode_stock(&self, bytes: Option<&[u8]>) -> Result<StockLevel, DecodeError> {
+        if let Some(datum) = self.own_datum(TopicRole::Inventory, bytes) {
+            return Datums::get()
+                .read(TopicRole::Inventory, datum)
+                .map_err(|e| DecodeError::Poison(format!("not a stock level: {e:#}")));
+        }
         let v = self.decode_value(TopicRole::Inventory, bytes).await?;
         apache_avro::from_value(&v)
             .map_err(|e| DecodeError::Poison(format!("not a stock level: {e:#}")))
@@ -718,8 +789,7 @@ impl Codec {
 
     /// Encodes a stock level for the inventory topic.
     pub async fn encode_stock(&self, s: &StockLevel) -> Result<Vec<u8>> {
-        let v = avro::stock_to_value(s)?;
-        self.encode(TopicRole::Inventory, v).await
+        self.write(TopicRole::Inventory, s).await
     }
 
     /// Reads a dead letter off the dead-letter topic.

@@ -160,6 +160,11 @@ pub struct RunArgs {
     /// event time alone (for a backfill of old events, whose stream time is in the past).
     #[arg(long, env = "HERALD_WALL_CLOCK_TICK_SECS", default_value_t = 5)]
     pub wall_clock_tick_secs: u64,
+    /// How often the processors save changed customers to the state store, in milliseconds;
+    /// a restart replays the decision log since the last save. 0 saves after every
+    /// transaction (the most store writes, the least replay).
+    #[arg(long, env = "HERALD_CHECKPOINT_MS", default_value_t = crate::kafka::CHECKPOINT_MS)]
+    pub checkpoint_ms: u64,
     /// Join the consumer group as a static member named after the instance id, so a restarted
     /// process (same HERALD_INSTANCE_ID) takes its partitions back without a rebalance.
     #[arg(long, env = "HERALD_STATIC_MEMBERSHIP")]
@@ -318,9 +323,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
         let tick =
             (args.wall_clock_tick_secs > 0).then(|| Duration::from_secs(args.wall_clock_tick_secs));
+        let checkpoint = Duration::from_millis(args.checkpoint_ms);
         handles.push(std::thread::spawn(move || {
             let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone(), k)
-                .with_wall_clock_tick(tick);
+                .with_wall_clock_tick(tick)
+                .with_checkpoint_interval(checkpoint);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 /// (Kafka Streams' max.task.idle.ms).
 pub const MAX_TASK_IDLE_MS: u64 = 250;
 
+/// How often, by default, the processors save changed customers to the state store (Kafka
+/// Streams flushes its stores on commit, every 100 ms under exactly-once; a second keeps
+/// the replay after a crash short and writes a busy customer once per second, not per batch).
+pub const CHECKPOINT_MS: u64 = 1_000;
+
 /// How the loop talks to the brokers.
 #[derive(Clone)]
 pub struct KafkaSettings {

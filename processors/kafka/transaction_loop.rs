@@ -200,7 +200,7 @@ pub(crate) fn consume<S: Stage>(
     }
     tracing::info!(stage = stage.name(), "stopping: no transaction in flight");
     inputs.group.unsubscribe();
-    Ok(())
+    stage.stopped()
 }
 
 /// Registers the transactional id (fencing any earlier producer under it), waiting out a

@@ -67,6 +67,11 @@ pub struct ProcessorStage {
     /// leaves timers to event time alone (a replay of the past, the demo).
     wall_clock_tick: Option<Duration>,
     last_tick: Option<std::time::Instant>,
+    /// How often changed customers are saved to the store. The decision log is the record:
+    /// a restore replays what came after the last save, so saving less often costs only
+    /// replay after a crash, and a customer changed by many batches is written once.
+    checkpoint_every: Duration,
+    last_checkpoint: Option<std::time::Instant>,
 }
 
 /// What an input changes in the contact changelog once decided: a customer's new card when an
@@ -132,6 +137,8 @@ impl ProcessorStage {
             inventory_refreshed: None,
             wall_clock_tick: None,
             last_tick: None,
+            checkpoint_every: Duration::ZERO,
+            last_checkpoint: None,
         }
     }
 
@@ -146,6 +153,39 @@ impl ProcessorStage {
     pub fn with_wall_clock_tick(mut self, every: Option<Duration>) -> Self {
         self.wall_clock_tick = every;
         self
+    }
+
+    /// Saves changed customers at most this often (zero: after every transaction).
+    pub fn with_checkpoint_interval(mut self, every: Duration) -> Self {
+        self.checkpoint_every = every;
+        self
+    }
+
+    /// Saves every partition's changed customers, consent changes and positions.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.last_checkpoint = Some(std::time::Instant::now());
+        for (p, part) in self.partitions.iter_mut() {
+            // A batch of nothing but dead letters touches no customer, yet its input positions
+            // must be kept, or a broker that lost the group offsets would dead-letter it again.
+            if part.touched.is_empty() && !part.inputs_moved && !part.templates_moved {
+                continue;
+            }
+            let mut inputs = part.inputs.clone();
+            inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
+            if std::mem::take(&mut part.templates_moved) {
+                inputs.extend(self.tables.saved_positions());
+            }
+            let write = SnapshotWrite {
+                changed: encode_touched(&mut part.touched, part.task.customers())?,
+                next_offset: part.next_decision_offset,
+                inputs,
+                consent: std::mem::take(&mut part.consent.records),
+                erased: std::mem::take(&mut part.consent.erased),
+            };
+            self.store.save(PROCESSORS, *p, &write)?;
+            part.inputs_moved = false;
+        }
+        Ok(())
     }
 
     fn emit(
@@ -249,8 +289,7 @@ impl Stage for ProcessorStage {
         })?;
         self.partitions.insert(partition, part);
         // Persist what the replay folded so the next restore starts further on.
-        self.committed(&Produced::new())?;
-        Ok(())
+        self.checkpoint()
     }
 
     fn revoke(&mut self, partition: i32) {
@@ -404,30 +443,22 @@ impl Stage for ProcessorStage {
     }
 
     fn committed(&mut self, produced: &Produced) -> Result<()> {
+        let decisions = self.codec.topics().decisions().to_string();
         for (p, part) in self.partitions.iter_mut() {
-            if let Some(next) = produced.get(&(self.codec.topics().decisions().to_string(), *p)) {
+            if let Some(next) = produced.get(&(decisions.clone(), *p)) {
                 part.next_decision_offset = part.next_decision_offset.max(*next);
             }
-            // A batch of nothing but dead letters touches no customer, yet its input positions
-            // must be kept, or a broker that lost the group offsets would dead-letter it again.
-            if part.touched.is_empty() && !part.inputs_moved && !part.templates_moved {
-                continue;
-            }
-            let mut inputs = part.inputs.clone();
-            inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
-            if std::mem::take(&mut part.templates_moved) {
-                inputs.extend(self.tables.saved_positions());
-            }
-            let write = SnapshotWrite {
-                changed: encode_touched(&mut part.touched, part.task.customers())?,
-                next_offset: part.next_decision_offset,
-                inputs,
-                consent: std::mem::take(&mut part.consent.records),
-                erased: std::mem::take(&mut part.consent.erased),
-            };
-            self.store.save(PROCESSORS, *p, &write)?;
-            part.inputs_moved = false;
         }
-        Ok(())
+        if self
+            .last_checkpoint
+            .is_some_and(|t| t.elapsed() < self.checkpoint_every)
+        {
+            return Ok(());
+        }
+        self.checkpoint()
+    }
+
+    fn stopped(&mut self) -> Result<()> {
+        self.checkpoint()
     }
 }
