@@ -33,16 +33,33 @@ pub struct BenchResult {
     /// Signed status webhooks per second the gateway verified, normalised and answered 200
     /// after Kafka acknowledged their events (32 in flight at a time).
     pub gateway_webhooks_per_s: f64,
+    /// Events fed at half the measured end-to-end rate, one by one as a source would, to time
+    /// each one's first decision as a read_committed reader of the decision log sees it.
+    pub latency_events: usize,
+    pub latency_rate_per_s: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    /// The processors' rate with 1, 2, 4... instances in one group (`--instances`), each
+    /// on a fresh copy of the topics; instances beyond the partition count idle.
+    pub scale_out_events_per_s: std::collections::BTreeMap<usize, f64>,
 }
 
 /// The figures mean something only when the stages read this run's events alone.
-fn refuse_used_topics(settings: &KafkaSettings, topology: &Topology) -> Result<()> {
+fn refuse_used_topics(
+    settings: &KafkaSettings,
+    topology: &Topology,
+    with_passthrough: bool,
+) -> Result<()> {
     let reader = kafka::LogReader::new(settings)?;
     let names = &topology.names;
-    for topic in names.inputs().into_iter().chain([
-        names.decisions().to_string(),
-        names.passthrough().to_string(),
-    ]) {
+    let passthrough = with_passthrough.then(|| names.passthrough().to_string());
+    for topic in names
+        .inputs()
+        .into_iter()
+        .chain([names.decisions().to_string()])
+        .chain(passthrough)
+    {
         for p in 0..topology.partitions() {
             if reader.end(&topic, p)? > 0 {
                 return Err(anyhow!(
@@ -56,7 +73,11 @@ fn refuse_used_topics(settings: &KafkaSettings, topology: &Topology) -> Result<(
 
 /// Runs all three measurements on a scenario of `customers` customers, through the in-process
 /// mock cluster or, when given, real brokers whose Herald topics are still empty.
-pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchResult> {
+pub fn run(
+    customers: usize,
+    brokers: Option<&KafkaSettings>,
+    instances: &[usize],
+) -> Result<BenchResult> {
     let topology = Arc::new(Topology::embedded()?);
     let scenario = scenario::generate(customers, 7);
     let events: Vec<_> = scenario
@@ -94,7 +115,7 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
     rt.block_on(codec.register_all())?;
     let settings = cluster.settings(true, "bench");
     if brokers.is_some() {
-        refuse_used_topics(&settings, &topology)?;
+        refuse_used_topics(&settings, &topology, true)?;
     }
     let producer = settings.producer(None)?;
     let items: Vec<FeedItem> = events.into_iter().map(FeedItem::Event).collect();
@@ -110,33 +131,7 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
     let _ = std::fs::remove_dir_all(&dir);
     let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
 
-    let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| -> Result<f64> {
-        let stop = AtomicBool::new(false);
-        let m = Metrics::default();
-        std::thread::scope(|s| -> Result<f64> {
-            let h = s.spawn(|| run(&stop, &m));
-            // Steady state: from the first committed batch, after the group join and restore.
-            let mut first: Option<(Instant, u64)> = None;
-            while m.records_in.load(Ordering::Relaxed) < n {
-                if h.is_finished() {
-                    break;
-                }
-                let seen = m.records_in.load(Ordering::Relaxed);
-                if first.is_none() && seen > 0 {
-                    first = Some((Instant::now(), seen));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            let (t0, n0) = first.unwrap_or((Instant::now(), 0));
-            let secs = t0.elapsed().as_secs_f64().max(1e-6);
-            stop.store(true, Ordering::SeqCst);
-            h.join().map_err(|_| anyhow!("bench stage panicked"))??;
-            if m.records_in.load(Ordering::Relaxed) < n {
-                return Err(anyhow!("bench stage stopped before consuming every event"));
-            }
-            Ok((n - n0) as f64 / secs)
-        })
-    };
+    let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| timed(n, run);
     let h = rt.handle().clone();
     let e2e = timed(&|stop, m| {
         let mut stage = ProcessorStage::new(
@@ -150,11 +145,40 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
         .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
+    let latency = {
+        let stop = AtomicBool::new(false);
+        let m = Metrics::default();
+        std::thread::scope(|s| -> Result<Latency> {
+            let stage = s.spawn(|| {
+                let mut stage = ProcessorStage::new(
+                    topology.clone(),
+                    codec.clone(),
+                    store.clone(),
+                    h.clone(),
+                    Arc::new(Metrics::default()),
+                    crate::identity::IdentifierKey::demo(),
+                )
+                .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
+                kafka::run_stage(&settings, &mut stage, &stop, &m, &h)
+            });
+            let measured = latency_pass(&rt, &settings, &codec, &topology, customers, e2e / 2.0);
+            stop.store(true, Ordering::SeqCst);
+            stage
+                .join()
+                .map_err(|_| anyhow!("bench stage panicked"))??;
+            measured
+        })?
+    };
     let passthrough = timed(&|stop, m| {
         let mut stage = PassthroughStage::new(topology.names.clone());
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let gateway = gateway_pass(&rt, &cluster, 5_000)?;
+    let mut scale_out = std::collections::BTreeMap::new();
+    for &n in instances {
+        let rate = scale_pass(&rt, &cluster, &topology, &items, stamp, n)?;
+        scale_out.insert(n, rate.round());
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(BenchResult {
         events: items.len(),
@@ -164,7 +188,281 @@ pub fn run(customers: usize, brokers: Option<&KafkaSettings>) -> Result<BenchRes
         e2e_events_per_s: e2e.round(),
         passthrough_events_per_s: passthrough.round(),
         gateway_webhooks_per_s: gateway.round(),
+        latency_events: latency.events,
+        latency_rate_per_s: latency.rate.round(),
+        latency_p50_ms: latency.p50_ms,
+        latency_p99_ms: latency.p99_ms,
+        latency_max_ms: latency.max_ms,
+        scale_out_events_per_s: scale_out,
     })
+}
+
+/// The event the latency pass sends first, untimed, to know the processors decide.
+const WARM_UP: &str = "lat-warm-up";
+
+/// What the latency pass measured.
+struct Latency {
+    events: usize,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+/// Feeds new customers' events at `rate` per second, each produced on its own as a source
+/// would, while a read_committed reader follows the decision log; times each event from its
+/// send to its first decision the reader sees. The processors stage must be running.
+fn latency_pass(
+    rt: &tokio::runtime::Runtime,
+    settings: &KafkaSettings,
+    codec: &Codec,
+    topology: &Topology,
+    customers: usize,
+    rate: f64,
+) -> Result<Latency> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::FutureRecord;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    let rate = rate.max(100.0);
+    // Eight seconds' worth of a second scenario, under customer and event ids of its own.
+    let wanted = (rate * 8.0) as usize;
+    let events: Vec<_> = scenario::generate(customers, 8)
+        .items
+        .into_iter()
+        .filter_map(|i| match i {
+            FeedItem::Event(mut e) => {
+                e.envelope.customer_id = format!("lat-{}", e.envelope.customer_id);
+                e.envelope.event_id = format!("lat-{}", e.envelope.event_id);
+                Some(e)
+            }
+            _ => None,
+        })
+        .take(wanted)
+        .collect();
+    let decisions = topology.names.decisions().to_string();
+    // The reader starts at the log's end: only decisions of this pass count.
+    let ends = kafka::LogReader::new(settings)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..topology.partitions() {
+        tpl.add_partition_offset(
+            &decisions,
+            p,
+            rdkafka::Offset::Offset(ends.end(&decisions, p)?),
+        )?;
+    }
+    let reader: BaseConsumer = settings
+        .consumer_config(
+            "bench-latency",
+            "bench-latency",
+            &[("fetch.wait.max.ms", "5")],
+        )
+        .create()?;
+    reader.assign(&tpl)?;
+    // A source may deliver a fact twice: only its first send is timed.
+    let distinct = events
+        .iter()
+        .map(|e| e.envelope.event_id.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let mut timed_ids = std::collections::HashSet::with_capacity(distinct);
+    let sent: Mutex<HashMap<String, Instant>> = Mutex::new(HashMap::with_capacity(distinct));
+    let producer = settings.producer(None)?;
+    let mut latencies = std::thread::scope(|s| -> Result<Vec<f64>> {
+        let follower = s.spawn(|| -> Result<Vec<f64>> {
+            let mut out = Vec::with_capacity(distinct);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while out.len() < distinct && Instant::now() < deadline {
+                let Some(m) = reader.poll(Duration::from_millis(5)) else {
+                    continue;
+                };
+                let m = m?;
+                let seen = Instant::now();
+                let d = rt
+                    .block_on(codec.decode_decision(m.payload()))
+                    .map_err(|e| anyhow!("decision log: {e}"))?;
+                let started = sent
+                    .lock()
+                    .map_err(|_| anyhow!("latency map poisoned"))?
+                    .remove(&d.input_event_id);
+                match started {
+                    Some(started) if d.input_event_id != WARM_UP => {
+                        out.push((seen - started).as_secs_f64() * 1000.0)
+                    }
+                    _ => {}
+                }
+            }
+            Ok(out)
+        });
+        // Timing starts once the stage has joined its group and decides: one event first.
+        let send = |e: &crate::events::InputEvent| -> Result<()> {
+            let bytes = rt.block_on(codec.encode_input(e))?;
+            let topic = codec.topics().of_family(e.fact.family()).clone();
+            let record = FutureRecord::to(&topic)
+                .key(e.envelope.customer_id.as_bytes())
+                .payload(&bytes);
+            // Fire and forget: the producer's own batching is part of what a source sees.
+            producer
+                .send_result(record)
+                .map(|_| ())
+                .map_err(|(err, _)| anyhow!("feeding {topic}: {err}"))
+        };
+        let mut warm_up = events
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("no events to time"))?;
+        warm_up.envelope.event_id = WARM_UP.into();
+        warm_up.envelope.customer_id = WARM_UP.into();
+        sent.lock()
+            .map_err(|_| anyhow!("latency map poisoned"))?
+            .insert(WARM_UP.into(), Instant::now());
+        send(&warm_up)?;
+        let ready_by = Instant::now() + Duration::from_secs(60);
+        while sent
+            .lock()
+            .map_err(|_| anyhow!("latency map poisoned"))?
+            .contains_key(WARM_UP)
+        {
+            if Instant::now() > ready_by {
+                return Err(anyhow!("the processors decided nothing within a minute"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t0 = Instant::now();
+        for (i, e) in events.iter().enumerate() {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if timed_ids.insert(e.envelope.event_id.as_str()) {
+                sent.lock()
+                    .map_err(|_| anyhow!("latency map poisoned"))?
+                    .insert(e.envelope.event_id.clone(), Instant::now());
+            }
+            send(e)?;
+        }
+        follower
+            .join()
+            .map_err(|_| anyhow!("latency reader panicked"))?
+    })?;
+    if latencies.len() < distinct {
+        return Err(anyhow!(
+            "only {} of {distinct} latency events were decided within two minutes",
+            latencies.len(),
+        ));
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        (latencies[i] * 10.0).round() / 10.0
+    };
+    Ok(Latency {
+        events: distinct,
+        rate,
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+    })
+}
+
+/// Runs `run` until it consumed `n` records; returns records per second in steady state, from
+/// the first committed batch (after the group join and restore).
+fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> Result<f64> {
+    let stop = AtomicBool::new(false);
+    let m = Metrics::default();
+    std::thread::scope(|s| -> Result<f64> {
+        let h = s.spawn(|| run(&stop, &m));
+        let mut first: Option<(Instant, u64)> = None;
+        while m.records_in.load(Ordering::Relaxed) < n {
+            if h.is_finished() {
+                break;
+            }
+            let seen = m.records_in.load(Ordering::Relaxed);
+            if first.is_none() && seen > 0 {
+                first = Some((Instant::now(), seen));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (t0, n0) = first.unwrap_or((Instant::now(), 0));
+        let secs = t0.elapsed().as_secs_f64().max(1e-6);
+        stop.store(true, Ordering::SeqCst);
+        h.join().map_err(|_| anyhow!("bench stage panicked"))??;
+        if m.records_in.load(Ordering::Relaxed) < n {
+            return Err(anyhow!("bench stage stopped before consuming every event"));
+        }
+        Ok((n - n0) as f64 / secs)
+    })
+}
+
+/// The processors' rate with `instances` of them in one consumer group (each its own
+/// consumer, producer and transactional id, as separate processes would be), on a copy of the
+/// topics behind a prefix of its own, fed the same events.
+fn scale_pass(
+    rt: &tokio::runtime::Runtime,
+    cluster: &demo::Cluster,
+    topology: &Topology,
+    items: &[FeedItem],
+    stamp: demo::FeedStamp,
+    instances: usize,
+) -> Result<f64> {
+    let prefix = format!("bench-scale{instances}.");
+    let topology = Arc::new(topology.clone().with_topic_prefix(&prefix)?);
+    match &cluster.mock {
+        Some(mock) => kafka::create_topics_on_mock(mock, &topology)?,
+        None => {
+            let brokers = kafka::cluster_size(&cluster.kafka)?;
+            kafka::topics::topics_apply(&cluster.kafka, &topology, Some(brokers.min(3)))?;
+            refuse_used_topics(&cluster.kafka, &topology, false)?;
+        }
+    }
+    let codec = Arc::new(Codec::with_settings(&cluster.registry, &topology.names)?);
+    rt.block_on(codec.register_all())?;
+    let settings = |instance: usize| {
+        let mut s = cluster.settings(true, &format!("bench-{instance}"));
+        s.group_prefix = format!("bench-scale{instances}");
+        s
+    };
+    let each: Vec<KafkaSettings> = (0..instances.max(1)).map(settings).collect();
+    let producer = each[0].producer(None)?;
+    demo::feed(rt, &producer, &codec, items, stamp, |_| {})?;
+    let dir = std::env::temp_dir().join(format!(
+        "herald-bench-scale{instances}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
+    let h = rt.handle().clone();
+    let rate = timed(items.len() as u64, &|stop, m| {
+        std::thread::scope(|s| -> Result<()> {
+            let running: Vec<_> = (0..instances)
+                .map(|i| {
+                    let (topology, codec, store, h) =
+                        (topology.clone(), codec.clone(), store.clone(), h.clone());
+                    let settings = &each[i];
+                    s.spawn(move || {
+                        let mut stage = ProcessorStage::new(
+                            topology,
+                            codec,
+                            store,
+                            h.clone(),
+                            Arc::new(Metrics::default()),
+                            crate::identity::IdentifierKey::demo(),
+                        )
+                        .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
+                        kafka::run_stage(settings, &mut stage, stop, m, &h)
+                    })
+                })
+                .collect();
+            for r in running {
+                r.join().map_err(|_| anyhow!("bench stage panicked"))??;
+            }
+            Ok(())
+        })
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    rate
 }
 
 /// Posts `n` distinct signed status webhooks to the cluster's gateway, 32 at a time; every one

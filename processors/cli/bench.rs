@@ -15,6 +15,10 @@ pub struct BenchArgs {
     /// empty) instead of the in-process cluster.
     #[arg(long)]
     bootstrap: Option<String>,
+    /// Processor instance counts to measure in one consumer group, each on its own copy of
+    /// the topics (empty: skip the scale-out figures).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    instances: Vec<usize>,
     #[command(flatten)]
     security: KafkaSecurityArgs,
 }
@@ -24,6 +28,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let BenchArgs {
         customers,
         bootstrap,
+        instances,
         security,
     } = args;
     telemetry::init_tracing("error");
@@ -31,7 +36,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(b) => Some(connect(b, &security, true, "bench")?),
         None => None,
     };
-    let r = bench::run(customers, brokers.as_ref())?;
+    let r = bench::run(customers, brokers.as_ref(), &instances)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

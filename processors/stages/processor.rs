@@ -72,6 +72,38 @@ pub struct ProcessorStage {
     /// replay after a crash, and a customer changed by many batches is written once.
     checkpoint_every: Duration,
     last_checkpoint: Option<std::time::Instant>,
+    /// The save in flight: states are encoded and written on a thread of their own, so a
+    /// checkpoint does not stall the records behind it. At most one runs at a time.
+    saving: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// What one partition's checkpoint writes, with its customers' states still to encode.
+struct PartitionSave {
+    partition: i32,
+    customers: Vec<(String, CustomerState)>,
+    next_offset: i64,
+    inputs: std::collections::BTreeMap<String, i64>,
+    consent: Vec<(String, crate::audit::ConsentEvent)>,
+    erased: Vec<String>,
+}
+
+/// Encodes and writes a checkpoint's partitions, in order.
+fn write_checkpoint(store: &SharedStore, saves: Vec<PartitionSave>) -> Result<()> {
+    for save in saves {
+        let mut changed = Vec::with_capacity(save.customers.len());
+        for (customer, state) in &save.customers {
+            changed.push((customer.clone(), serde_json::to_vec(state)?));
+        }
+        let write = SnapshotWrite {
+            changed,
+            next_offset: save.next_offset,
+            inputs: save.inputs,
+            consent: save.consent,
+            erased: save.erased,
+        };
+        store.save(PROCESSORS, save.partition, &write)?;
+    }
+    Ok(())
 }
 
 /// What an input changes in the contact changelog once decided: a customer's new card when an
@@ -139,6 +171,7 @@ impl ProcessorStage {
             last_tick: None,
             checkpoint_every: Duration::ZERO,
             last_checkpoint: None,
+            saving: None,
         }
     }
 
@@ -161,9 +194,23 @@ impl ProcessorStage {
         self
     }
 
-    /// Saves every partition's changed customers, consent changes and positions.
-    fn checkpoint(&mut self) -> Result<()> {
+    /// Waits for the save in flight, if any; its failure is this stage's.
+    fn saved(&mut self) -> Result<()> {
+        match self.saving.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| anyhow!("the checkpoint writer panicked"))?
+                .context("saving a checkpoint to the state store"),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts saving every partition's changed customers, consent changes and positions, once
+    /// the previous save is done; `wait` also waits for this one.
+    fn checkpoint(&mut self, wait: bool) -> Result<()> {
+        self.saved()?;
         self.last_checkpoint = Some(std::time::Instant::now());
+        let mut saves = Vec::new();
         for (p, part) in self.partitions.iter_mut() {
             // A batch of nothing but dead letters touches no customer, yet its input positions
             // must be kept, or a broker that lost the group offsets would dead-letter it again.
@@ -175,15 +222,27 @@ impl ProcessorStage {
             if std::mem::take(&mut part.templates_moved) {
                 inputs.extend(self.tables.saved_positions());
             }
-            let write = SnapshotWrite {
-                changed: encode_touched(&mut part.touched, part.task.customers())?,
+            let customers = part.task.customers();
+            saves.push(PartitionSave {
+                partition: *p,
+                customers: std::mem::take(&mut part.touched)
+                    .into_iter()
+                    .filter_map(|c| customers.get(&c).cloned().map(|s| (c, s)))
+                    .collect(),
                 next_offset: part.next_decision_offset,
                 inputs,
                 consent: std::mem::take(&mut part.consent.records),
                 erased: std::mem::take(&mut part.consent.erased),
-            };
-            self.store.save(PROCESSORS, *p, &write)?;
+            });
             part.inputs_moved = false;
+        }
+        if saves.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        self.saving = Some(std::thread::spawn(move || write_checkpoint(&store, saves)));
+        if wait {
+            self.saved()?;
         }
         Ok(())
     }
@@ -230,6 +289,8 @@ impl Stage for ProcessorStage {
     }
 
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+        // A save of this partition may still be in flight from before it was revoked.
+        self.saved()?;
         let snap = self.store.load(PROCESSORS, partition)?;
         let mut part = ProcessorPartition::default();
         let mut customers = HashMap::new();
@@ -289,7 +350,7 @@ impl Stage for ProcessorStage {
         })?;
         self.partitions.insert(partition, part);
         // Persist what the replay folded so the next restore starts further on.
-        self.checkpoint()
+        self.checkpoint(false)
     }
 
     fn revoke(&mut self, partition: i32) {
@@ -455,10 +516,12 @@ impl Stage for ProcessorStage {
         {
             return Ok(());
         }
-        self.checkpoint()
+        // Saving after every transaction (no interval) keeps the store current when the
+        // transaction is: wait for it.
+        self.checkpoint(self.checkpoint_every.is_zero())
     }
 
     fn stopped(&mut self) -> Result<()> {
-        self.checkpoint()
+        self.checkpoint(true)
     }
 }
