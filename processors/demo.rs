@@ -69,6 +69,12 @@ pub struct Summary {
     pub dlq: u64,
     pub seconds: f64,
     pub events_per_s: f64,
+    /// Where the seconds went: encoding and producing the scenario (`feeding`), waiting for
+    /// the processors to decide what was fed (`processors`), for dispatch to keep up with
+    /// the decisions (`dispatch`), and at the end for the last sends and their status
+    /// webhooks to settle (`settling`).
+    #[serde(default)]
+    pub seconds_by_phase: BTreeMap<String, f64>,
 }
 
 /// The app secret the demo's simulator signs webhooks with and its gateway checks.
@@ -641,7 +647,7 @@ fn wait_until(
             return Err(anyhow!("timed out waiting for {what}"));
         }
         tick();
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }
@@ -771,8 +777,15 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     // Feed in chunks and let the processors catch up between them: records of different topics
     // are only ordered within what the consumer has in hand, as in a live system.
     let mut fed = 0;
+    let mut phases: BTreeMap<String, f64> = BTreeMap::new();
+    let mut phase_started = Instant::now();
+    let mut phase_ends = |name: &str| {
+        *phases.entry(name.to_string()).or_default() += phase_started.elapsed().as_secs_f64();
+        phase_started = Instant::now();
+    };
     for chunk in scenario.items.chunks(5_000) {
         fed += feed(&rt, &producer, &codec, chunk, FeedStamp::OccurredAt, |_| {})?;
+        phase_ends("feeding");
         show(fed);
         let target = fed as u64;
         wait_until(
@@ -785,6 +798,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             },
             || show(fed),
         )?;
+        phase_ends("processors");
         // The mock cluster keeps about 5 MB of each partition: dispatch must not fall so far
         // behind that the decisions it has yet to read are trimmed.
         wait_until(
@@ -798,6 +812,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             },
             || show(fed),
         )?;
+        phase_ends("dispatch");
         if let Some(h) = handles.iter().position(|h| h.is_finished()) {
             let r = handles
                 .remove(h)
@@ -833,6 +848,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         },
         || show(fed),
     )?;
+    phase_ends("settling");
     let seconds = started.elapsed().as_secs_f64();
     show(fed);
     say(String::new());
@@ -888,6 +904,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         dlq,
         seconds,
         events_per_s: total as f64 / seconds.max(1e-9),
+        seconds_by_phase: phases,
     };
     if opts.keep_running {
         print_summary(&summary, opts.json);
@@ -947,6 +964,12 @@ pub fn print_summary(s: &Summary, json: bool) {
         "  throughput              {:.0} events/s ({:.1} s)",
         s.events_per_s, s.seconds
     );
+    let phases: Vec<String> = s
+        .seconds_by_phase
+        .iter()
+        .map(|(phase, secs)| format!("{phase} {secs:.1} s"))
+        .collect();
+    println!("  time went to            {}", phases.join(", "));
     println!("  sends without consent   {}", s.sends_without_consent);
     println!("  duplicate sends         {}", s.duplicate_sends);
 }
