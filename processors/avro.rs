@@ -8,6 +8,9 @@
 
 use crate::events::*;
 use crate::topology::TopicRole;
+use crate::unions::{
+    fact_from_value, fact_value, outcome_from_value, outcome_value, step_from_value, step_value,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use apache_avro::types::Value;
 use apache_avro::{from_value, to_value, Schema};
@@ -520,79 +523,10 @@ fn conform_to_topic(value: Value, role: TopicRole) -> Result<Value> {
     conform(value, schemas.schema(role)?, &schemas.names)
 }
 
-macro_rules! union_codec {
-    ($to:ident, $from:ident, $enum:ident { $($idx:literal => $variant:ident($ty:ty)),* $(,)? }) => {
-        fn $to(x: &$enum) -> Result<Value> {
-            Ok(match x { $($enum::$variant(r) => to_value(r)?,)* })
-        }
-        fn $from(idx: usize, v: &Value) -> Result<$enum> {
-            Ok(match idx {
-                $($idx => $enum::$variant(from_value::<$ty>(v)?),)*
-                other => bail!("union branch {other} is unknown to this Herald version"),
-            })
-        }
-    };
-}
-
-union_codec!(fact_record, fact_from, Fact {
-    0 => OrderPlaced(OrderPlaced),
-    1 => ShipmentDispatched(ShipmentDispatched),
-    2 => ShipmentDelayed(ShipmentDelayed),
-    3 => ShipmentOutForDelivery(ShipmentOutForDelivery),
-    4 => ShipmentDelivered(ShipmentDelivered),
-    5 => OrderCancelled(OrderCancelled),
-    6 => CartAbandoned(CartAbandoned),
-    7 => CartRecovered(CartRecovered),
-    8 => PaymentCaptured(PaymentCaptured),
-    9 => PaymentFailed(PaymentFailed),
-    10 => RefundIssued(RefundIssued),
-    11 => SubscriptionRenewalDue(SubscriptionRenewalDue),
-    12 => SubscriptionRenewed(SubscriptionRenewed),
-    13 => ConsentGranted(ConsentChange),
-    14 => ConsentRevoked(ConsentChange),
-    15 => ProfileChanged(ProfileChanged),
-    16 => ErasureRequested(ErasureRequested),
-    17 => MessageStatusChanged(MessageStatusChanged),
-    18 => InboundMessageReceived(InboundMessageReceived),
-    19 => TemplateStatusChanged(TemplateStatusChanged),
-});
-
-union_codec!(outcome_record, outcome_from, Outcome {
-    0 => EventAccepted(EventAcceptedAvro),
-    1 => DuplicateIgnored(DuplicateIgnored),
-    2 => ShipmentHeld(ShipmentHeld),
-    3 => ShipmentReleased(ShipmentReleased),
-    4 => HoldExpired(HoldExpired),
-    5 => MessageApproved(MessageApproved),
-    6 => MessageSuppressed(MessageSuppressed),
-    7 => MessageDeferred(MessageDeferred),
-    8 => OptedOut(OptedOut),
-    9 => MessageHeldOut(MessageHeldOut),
-    10 => JourneyEntered(JourneyEntered),
-    11 => JourneyAdvanced(JourneyAdvanced),
-    12 => JourneyExited(JourneyExited),
-    13 => EscalationRaised(EscalationRaised),
-    14 => PreErasureFactIgnored(PreErasureFactIgnored),
-    15 => MarketingStopped(MarketingStopped),
-});
-
-union_codec!(step_record, step_from, DispatchStep {
-    0 => Attempted(DispatchAttempted),
-    1 => Accepted(DispatchAccepted),
-    2 => Failed(DispatchFailed),
-    3 => Skipped(DispatchSkipped),
-    4 => Intended(DispatchIntended),
-    5 => Unanswered(DispatchUnanswered),
-    6 => Reconciled(DispatchReconciled),
-});
-
-/// `EventAccepted` with its `fact` union read by hand (see the module note on unions).
-type EventAcceptedAvro = EventAccepted;
-
 fn fact_union(fact: &Fact, base: usize) -> Result<Value> {
     Ok(Value::Union(
         (fact.index() - base) as u32,
-        Box::new(fact_record(fact)?),
+        Box::new(fact_value(fact)?),
     ))
 }
 
@@ -614,7 +548,7 @@ pub fn input_from_value(family: Family, v: &Value) -> Result<InputEvent> {
     if i >= len {
         bail!("payload branch {i} is not a {family:?} record");
     }
-    let fact = fact_from(base + i, inner).context("payload")?;
+    let fact = fact_from_value(base + i, inner).context("payload")?;
     Ok(InputEvent { envelope, fact })
 }
 
@@ -633,7 +567,7 @@ pub fn decision_to_value(d: &Decision) -> Result<Value> {
                 },
             ),
         ]),
-        other => outcome_record(other)?,
+        other => outcome_value(other)?,
     };
     let v = Value::Record(vec![
         ("decision_id".into(), Value::String(d.decision_id.clone())),
@@ -670,7 +604,7 @@ pub fn decision_from_value(v: &Value) -> Result<Decision> {
         let (fi, fv) = union_branch(field(inner, "fact")?)?;
         Outcome::EventAccepted(EventAccepted {
             envelope: from_value(field(inner, "envelope")?)?,
-            fact: fact_from(fi, fv)?,
+            fact: fact_from_value(fi, fv)?,
             forget_before: from_value(field(inner, "forget_before")?)?,
             // Written before schema v7: no identity.
             identity_key: match field(inner, "identity_key") {
@@ -679,7 +613,7 @@ pub fn decision_from_value(v: &Value) -> Result<Decision> {
             },
         })
     } else {
-        outcome_from(i, inner)?
+        outcome_from_value(i, inner)?
     };
     Ok(Decision {
         decision_id: from_value(field(v, "decision_id")?)?,
@@ -717,7 +651,7 @@ pub fn dispatch_to_value(r: &DispatchRecord) -> Result<Value> {
         ("recorded_at".into(), Value::Long(r.recorded_at)),
         (
             "payload".into(),
-            Value::Union(r.step.index() as u32, Box::new(step_record(&r.step)?)),
+            Value::Union(r.step.index() as u32, Box::new(step_value(&r.step)?)),
         ),
     ]);
     conform_to_topic(v, TopicRole::Dispatch)
@@ -734,7 +668,7 @@ pub fn dispatch_from_value(v: &Value) -> Result<DispatchRecord> {
         template_name: from_value(field(v, "template_name")?)?,
         channel: from_value(field(v, "channel")?)?,
         recorded_at: from_value(field(v, "recorded_at")?)?,
-        step: step_from(i, inner)?,
+        step: step_from_value(i, inner)?,
     })
 }
 

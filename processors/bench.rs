@@ -134,15 +134,7 @@ pub fn run(
     let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| timed(n, run);
     let h = rt.handle().clone();
     let e2e = timed(&|stop, m| {
-        let mut stage = ProcessorStage::new(
-            topology.clone(),
-            codec.clone(),
-            store.clone(),
-            h.clone(),
-            Arc::new(Metrics::default()),
-            crate::identity::IdentifierKey::demo(),
-        )
-        .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
+        let mut stage = processors(&topology, &codec, &store, &h);
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let latency = {
@@ -150,15 +142,7 @@ pub fn run(
         let m = Metrics::default();
         std::thread::scope(|s| -> Result<Latency> {
             let stage = s.spawn(|| {
-                let mut stage = ProcessorStage::new(
-                    topology.clone(),
-                    codec.clone(),
-                    store.clone(),
-                    h.clone(),
-                    Arc::new(Metrics::default()),
-                    crate::identity::IdentifierKey::demo(),
-                )
-                .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
+                let mut stage = processors(&topology, &codec, &store, &h);
                 kafka::run_stage(&settings, &mut stage, &stop, &m, &h)
             });
             let measured = latency_pass(&rt, &settings, &codec, &topology, customers, e2e / 2.0);
@@ -367,6 +351,24 @@ fn latency_pass(
     })
 }
 
+/// The processors stage as `herald run` sets it up, with the demo's identifier key.
+fn processors(
+    topology: &Arc<Topology>,
+    codec: &Arc<Codec>,
+    store: &kafka::SharedStore,
+    rt: &tokio::runtime::Handle,
+) -> ProcessorStage {
+    ProcessorStage::new(
+        topology.clone(),
+        codec.clone(),
+        store.clone(),
+        rt.clone(),
+        Arc::new(Metrics::default()),
+        crate::identity::IdentifierKey::demo(),
+    )
+    .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS))
+}
+
 /// Runs `run` until it consumed `n` records; returns records per second in steady state, from
 /// the first committed batch (after the group join and restore).
 fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> Result<f64> {
@@ -442,15 +444,7 @@ fn scale_pass(
                         (topology.clone(), codec.clone(), store.clone(), h.clone());
                     let settings = &each[i];
                     s.spawn(move || {
-                        let mut stage = ProcessorStage::new(
-                            topology,
-                            codec,
-                            store,
-                            h.clone(),
-                            Arc::new(Metrics::default()),
-                            crate::identity::IdentifierKey::demo(),
-                        )
-                        .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS));
+                        let mut stage = processors(&topology, &codec, &store, &h);
                         kafka::run_stage(settings, &mut stage, stop, m, &h)
                     })
                 })

@@ -12,6 +12,7 @@
 use crate::avro::Schemas;
 use crate::events::*;
 use crate::topology::TopicRole;
+use crate::unions::{read_fact, read_outcome, read_step, write_fact, write_outcome, write_step};
 use anyhow::{anyhow, bail, Context, Result};
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -64,54 +65,6 @@ impl Visitor<'_> for FieldOf {
     }
 }
 
-/// Maps a Herald enum whose variants are union branches to and from those branches, in order.
-macro_rules! union_branches {
-    ($write:ident, $read:ident, $enum:ident { $($idx:literal => $variant:ident($ty:ty)),* $(,)? }) => {
-        /// Writes the record of `x` as branch `branch` of the union the serializer is at.
-        fn $write<S: Serializer>(x: &$enum, branch: u32, s: S) -> Result<S::Ok, S::Error> {
-            #[allow(unreachable_patterns)]
-            match x {
-                $($enum::$variant(r) => s.serialize_newtype_variant("", branch, "", r),)*
-                _ => Err(serde::ser::Error::custom("this record is written by hand")),
-            }
-        }
-        /// Reads the record of the union branch whose index (in the full union) is `idx`.
-        fn $read<'de, A: VariantAccess<'de>>(idx: usize, v: A) -> Result<$enum, A::Error> {
-            Ok(match idx {
-                $($idx => $enum::$variant(v.newtype_variant::<$ty>()?),)*
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "union branch {other} is unknown to this Herald version"
-                    )))
-                }
-            })
-        }
-    };
-}
-
-union_branches!(write_fact, read_fact, Fact {
-    0 => OrderPlaced(OrderPlaced),
-    1 => ShipmentDispatched(ShipmentDispatched),
-    2 => ShipmentDelayed(ShipmentDelayed),
-    3 => ShipmentOutForDelivery(ShipmentOutForDelivery),
-    4 => ShipmentDelivered(ShipmentDelivered),
-    5 => OrderCancelled(OrderCancelled),
-    6 => CartAbandoned(CartAbandoned),
-    7 => CartRecovered(CartRecovered),
-    8 => PaymentCaptured(PaymentCaptured),
-    9 => PaymentFailed(PaymentFailed),
-    10 => RefundIssued(RefundIssued),
-    11 => SubscriptionRenewalDue(SubscriptionRenewalDue),
-    12 => SubscriptionRenewed(SubscriptionRenewed),
-    13 => ConsentGranted(ConsentChange),
-    14 => ConsentRevoked(ConsentChange),
-    15 => ProfileChanged(ProfileChanged),
-    16 => ErasureRequested(ErasureRequested),
-    17 => MessageStatusChanged(MessageStatusChanged),
-    18 => InboundMessageReceived(InboundMessageReceived),
-    19 => TemplateStatusChanged(TemplateStatusChanged),
-});
-
 /// Reads a fact branch; a consent change is read by shape, as one Rust type serves the two
 /// records (`ConsentGranted`, `ConsentRevoked`) and the reader checks record names.
 fn read_fact_branch<'de, A: VariantAccess<'de>>(idx: usize, v: A) -> Result<Fact, A::Error> {
@@ -163,35 +116,6 @@ impl<'de> Visitor<'de> for ConsentChangeFrom {
         })
     }
 }
-
-// `EventAccepted` (branch 0) is written by hand: its fact is itself a union.
-union_branches!(write_outcome, read_outcome, Outcome {
-    1 => DuplicateIgnored(DuplicateIgnored),
-    2 => ShipmentHeld(ShipmentHeld),
-    3 => ShipmentReleased(ShipmentReleased),
-    4 => HoldExpired(HoldExpired),
-    5 => MessageApproved(MessageApproved),
-    6 => MessageSuppressed(MessageSuppressed),
-    7 => MessageDeferred(MessageDeferred),
-    8 => OptedOut(OptedOut),
-    9 => MessageHeldOut(MessageHeldOut),
-    10 => JourneyEntered(JourneyEntered),
-    11 => JourneyAdvanced(JourneyAdvanced),
-    12 => JourneyExited(JourneyExited),
-    13 => EscalationRaised(EscalationRaised),
-    14 => PreErasureFactIgnored(PreErasureFactIgnored),
-    15 => MarketingStopped(MarketingStopped),
-});
-
-union_branches!(write_step, read_step, DispatchStep {
-    0 => Attempted(DispatchAttempted),
-    1 => Accepted(DispatchAccepted),
-    2 => Failed(DispatchFailed),
-    3 => Skipped(DispatchSkipped),
-    4 => Intended(DispatchIntended),
-    5 => Unanswered(DispatchUnanswered),
-    6 => Reconciled(DispatchReconciled),
-});
 
 /// A fact as a branch of a union that starts at fact index `base` (a family's slice, or 0).
 struct FactAt<'a> {

@@ -38,6 +38,7 @@ pub mod intake;
 pub mod registry;
 pub mod store;
 pub mod telemetry;
+pub mod unions;
 
 pub mod kafka;
 

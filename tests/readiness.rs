@@ -11,7 +11,7 @@ use herald::topology::Topology;
 use rdkafka::producer::FutureRecord;
 
 /// Decisions in the log the processor restores from.
-const LONG_LOG: usize = 150_000;
+const LONG_LOG: usize = 300_000;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -179,7 +179,8 @@ fn readyz_waits_for_the_restore_and_falls_when_the_broker_goes() {
             Some(200),
             "/healthz must say the process lives while it restores"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        // A restore decodes a decision in microseconds: ask often enough to see it under way.
+        std::thread::sleep(Duration::from_millis(10));
     }
     assert!(
         seen_restoring >= 3,
