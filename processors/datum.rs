@@ -462,6 +462,33 @@ impl<'de, const BASE: usize, const LEN: usize> Deserialize<'de> for InputIn<BASE
     }
 }
 
+/// Reads an input event of `family`'s topic, written with this build's schema.
+pub fn read_input(family: Family, datum: &[u8]) -> Result<InputEvent> {
+    use Family::*;
+    let (d, role) = (Datums::get(), TopicRole::of_family(family));
+    // Each union is the slice of the facts `Family::fact_range` gives.
+    Ok(match family {
+        Oms => {
+            d.read::<InputIn<{ Oms.fact_range().0 }, { Oms.fact_range().1 }>>(role, datum)?
+                .0
+        }
+        Billing => {
+            d.read::<InputIn<{ Billing.fact_range().0 }, { Billing.fact_range().1 }>>(role, datum)?
+                .0
+        }
+        Crm => {
+            d.read::<InputIn<{ Crm.fact_range().0 }, { Crm.fact_range().1 }>>(role, datum)?
+                .0
+        }
+        Provider => {
+            d.read::<InputIn<{ Provider.fact_range().0 }, { Provider.fact_range().1 }>>(
+                role, datum,
+            )?
+            .0
+        }
+    })
+}
+
 /// A writer and a reader of each topic role's own schema, names resolved once per process.
 pub struct Datums {
     writers: BTreeMap<TopicRole, GenericDatumWriter<'static>>,
@@ -596,22 +623,7 @@ mod tests {
             let bytes = direct(role, &InputOut(e));
             let old = generic(role, avro::input_to_value(e).unwrap());
             assert_eq!(value(role, &bytes), value(role, &old));
-            let back: InputEvent = match e.fact.family() {
-                Family::Oms => Datums::get().read::<InputIn<0, 8>>(role, &bytes).unwrap().0,
-                Family::Billing => Datums::get().read::<InputIn<8, 5>>(role, &bytes).unwrap().0,
-                Family::Crm => {
-                    Datums::get()
-                        .read::<InputIn<13, 4>>(role, &bytes)
-                        .unwrap()
-                        .0
-                }
-                Family::Provider => {
-                    Datums::get()
-                        .read::<InputIn<17, 3>>(role, &bytes)
-                        .unwrap()
-                        .0
-                }
-            };
+            let back = read_input(e.fact.family(), &bytes).unwrap();
             assert_eq!(&back, e);
         }
         for d in &decisions {

@@ -732,13 +732,7 @@ impl Codec {
             .ok_or_else(|| DecodeError::Poison(format!("{topic} is not an input topic")))?;
         let role = TopicRole::of_family(family);
         if let Some(datum) = self.own_datum(role, bytes) {
-            let read = |d: &Datums| match family {
-                Family::Oms => d.read::<datum::InputIn<0, 8>>(role, datum).map(|i| i.0),
-                Family::Billing => d.read::<datum::InputIn<8, 5>>(role, datum).map(|i| i.0),
-                Family::Crm => d.read::<datum::InputIn<13, 4>>(role, datum).map(|i| i.0),
-                Family::Provider => d.read::<datum::InputIn<17, 3>>(role, datum).map(|i| i.0),
-            };
-            return read(Datums::get())
+            return datum::read_input(family, datum)
                 .map_err(|e| DecodeError::Poison(format!("not a {topic} record: {e:#}")));
         }
         let v = self.decode_value(role, bytes).await?;
