@@ -294,9 +294,15 @@ pub(crate) fn run_batch<S: Stage>(
                     partition: msg.partition(),
                 },
             );
+            let t = Instant::now();
             stage
                 .restore(msg.partition(), reader)
                 .map_err(BatchError::Abortable)?;
+            tracing::info!(
+                partition = msg.partition(),
+                ms = t.elapsed().as_millis() as u64,
+                "state restored after an abort"
+            );
             metrics.readiness.phase(stage.name(), StagePhase::Consuming);
         }
         stage.handle(msg, &mut out).map_err(BatchError::Fatal)?;
@@ -366,6 +372,7 @@ pub(crate) fn run_batch<S: Stage>(
                 .map_err(|e| kafka_error(e, "commit_transaction"))?;
         }
     } else if settings.exactly_once {
+        abort_here_if_asked(metrics)?;
         pause_here_if_asked(metrics);
         let meta = consumer
             .group_metadata()
@@ -396,21 +403,40 @@ pub(crate) fn run_batch<S: Stage>(
     Ok(())
 }
 
+/// The transaction a fault-injection variable names, read once.
+fn fault_at(cell: &'static std::sync::OnceLock<Option<u64>>, var: &str) -> Option<u64> {
+    *cell.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()))
+}
+
 /// Fault injection for the crash tests: `HERALD_FAULT_CRASH_BEFORE_COMMIT=N` aborts the process
 /// with everything of the N-th transaction produced and nothing committed.
 pub(crate) fn crash_here_if_asked(metrics: &Metrics) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| {
-        std::env::var("HERALD_FAULT_CRASH_BEFORE_COMMIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(n) = at {
-        if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n {
+    if let Some(n) = fault_at(&AT, "HERALD_FAULT_CRASH_BEFORE_COMMIT") {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= n {
             eprintln!("herald: fault injection: aborting before commit of transaction {n}");
             std::process::abort();
         }
     }
+}
+
+/// Fault injection for the crash tests: `HERALD_FAULT_ABORT_TRANSACTION=N` fails the N-th
+/// transaction once, as a lost delivery report would, so the loop aborts it and runs the
+/// batch again with every partition restored on demand.
+pub(crate) fn abort_here_if_asked(metrics: &Metrics) -> Result<(), BatchError> {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if let Some(n) = fault_at(&AT, "HERALD_FAULT_ABORT_TRANSACTION") {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= n
+            && !DONE.swap(true, Ordering::SeqCst)
+        {
+            eprintln!("herald: fault injection: failing transaction {n} once");
+            return Err(BatchError::Abortable(anyhow!(
+                "fault injection: transaction {n} failed"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Fault injection for the fencing test: `HERALD_FAULT_PAUSE_BEFORE_OFFSETS=N` stops the
@@ -419,13 +445,8 @@ pub(crate) fn crash_here_if_asked(metrics: &Metrics) {
 pub(crate) fn pause_here_if_asked(metrics: &Metrics) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     static DONE: AtomicBool = AtomicBool::new(false);
-    let at = AT.get_or_init(|| {
-        std::env::var("HERALD_FAULT_PAUSE_BEFORE_OFFSETS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(n) = at {
-        if metrics.transactions.load(Ordering::SeqCst) + 1 >= *n
+    if let Some(n) = fault_at(&AT, "HERALD_FAULT_PAUSE_BEFORE_OFFSETS") {
+        if metrics.transactions.load(Ordering::SeqCst) + 1 >= n
             && !DONE.swap(true, Ordering::SeqCst)
         {
             eprintln!("herald: fault injection: pausing inside transaction {n}");

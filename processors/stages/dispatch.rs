@@ -716,8 +716,9 @@ impl Stage for DispatchStage {
         self.partitions.insert(partition, part);
         self.learn_contacts(partition, reader)?;
         self.learn_statuses(partition, reader)?;
-        self.committed(&Produced::new())?;
-        Ok(())
+        // This partition alone, and no intent released: a restore may come mid-batch (after
+        // an abort), when the others hold what the open transaction may yet abort.
+        self.save_partitions(Some(partition))
     }
 
     fn refresh_tables(&mut self, reader: &LogReader) -> Result<()> {
@@ -876,13 +877,34 @@ impl Stage for DispatchStage {
             let (customer, channel) = (s.decision.customer_id.clone(), s.approved.channel);
             self.pacer.queue(lane, &customer, channel, s, now);
         }
-        let (decisions, dispatch_log) = (
-            self.codec.topics().decisions().to_string(),
-            self.codec.topics().dispatch().to_string(),
-        );
+        let dispatch_log = self.codec.topics().dispatch().to_string();
         for (p, part) in self.partitions.iter_mut() {
             if let Some(next) = produced.get(&(dispatch_log.clone(), *p)) {
                 part.next_offset = part.next_offset.max(*next);
+            }
+        }
+        self.save_partitions(None)?;
+        let open: usize = self
+            .partitions
+            .values()
+            .flat_map(|p| p.customers.values())
+            .map(|c| c.open.len())
+            .sum();
+        self.metrics
+            .sends_in_flight
+            .store(open as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl DispatchStage {
+    /// Saves the changes of one partition (`Some`) or of all. Only between transactions, or
+    /// for a partition just restored: mid-batch, the others hold what may yet abort.
+    fn save_partitions(&mut self, only: Option<i32>) -> Result<()> {
+        let decisions = self.codec.topics().decisions().to_string();
+        for (p, part) in self.partitions.iter_mut() {
+            if only.is_some_and(|o| o != *p) {
+                continue;
             }
             if part.touched.is_empty() && !part.decisions_moved {
                 continue;
@@ -896,15 +918,6 @@ impl Stage for DispatchStage {
             self.store.save(store::DISPATCH, *p, &write)?;
             part.decisions_moved = false;
         }
-        let open: usize = self
-            .partitions
-            .values()
-            .flat_map(|p| p.customers.values())
-            .map(|c| c.open.len())
-            .sum();
-        self.metrics
-            .sends_in_flight
-            .store(open as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -206,12 +206,23 @@ impl ProcessorStage {
     }
 
     /// Starts saving every partition's changed customers, consent changes and positions, once
-    /// the previous save is done; `wait` also waits for this one.
+    /// the previous save is done; `wait` also waits for this one. Only between transactions:
+    /// mid-batch, a partition holds records decided in a transaction that may yet abort.
     fn checkpoint(&mut self, wait: bool) -> Result<()> {
+        self.save_partitions(None, wait)
+    }
+
+    /// Starts saving the changes of one partition (`Some`) or of all; see `checkpoint`.
+    fn save_partitions(&mut self, only: Option<i32>, wait: bool) -> Result<()> {
         self.saved()?;
-        self.last_checkpoint = Some(std::time::Instant::now());
+        if only.is_none() {
+            self.last_checkpoint = Some(std::time::Instant::now());
+        }
         let mut saves = Vec::new();
         for (p, part) in self.partitions.iter_mut() {
+            if only.is_some_and(|o| o != *p) {
+                continue;
+            }
             // A batch of nothing but dead letters touches no customer, yet its input positions
             // must be kept, or a broker that lost the group offsets would dead-letter it again.
             if part.touched.is_empty() && !part.inputs_moved && !part.templates_moved {
@@ -219,7 +230,9 @@ impl ProcessorStage {
             }
             let mut inputs = part.inputs.clone();
             inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
-            if std::mem::take(&mut part.templates_moved) {
+            // The template table is shared by the partitions, so mid-batch it may hold what
+            // another partition's open transaction observed: it is saved with a checkpoint.
+            if only.is_none() && std::mem::take(&mut part.templates_moved) {
                 inputs.extend(self.tables.saved_positions());
             }
             let customers = part.task.customers();
@@ -349,8 +362,11 @@ impl Stage for ProcessorStage {
             Ok(())
         })?;
         self.partitions.insert(partition, part);
-        // Persist what the replay folded so the next restore starts further on.
-        self.checkpoint(false)
+        // Persist what the replay folded so the next restore starts further on. This partition
+        // alone: a restore may come mid-batch (after an abort), when the others hold records of
+        // the open transaction; saved, and that transaction aborted, their positions would skip
+        // records no decision was ever written for.
+        self.save_partitions(Some(partition), false)
     }
 
     fn revoke(&mut self, partition: i32) {
@@ -385,6 +401,12 @@ impl Stage for ProcessorStage {
             .get(msg.topic())
             .is_some_and(|next| msg.offset() < *next)
         {
+            tracing::debug!(
+                topic = msg.topic(),
+                partition = p,
+                offset = msg.offset(),
+                "already decided; skipped"
+            );
             return Ok(());
         }
         let e = part.inputs.entry(msg.topic().to_string()).or_insert(0);
