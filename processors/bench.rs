@@ -43,6 +43,35 @@ pub struct BenchResult {
     /// The processors' rate with 1, 2, 4... instances in one group (`--instances`), each
     /// on a fresh copy of the topics; instances beyond the partition count idle.
     pub scale_out_events_per_s: std::collections::BTreeMap<usize, f64>,
+    /// The processors with a bounded state cache (`--memory-customers`, `--memory-cache`): as
+    /// many customers as the cache holds, then many more through the same cache.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<MemoryRun>,
+}
+
+/// One run of the memory pass.
+#[derive(Debug, Serialize)]
+pub struct MemoryRun {
+    pub customers: usize,
+    /// `--state-cache-customers` of the run.
+    pub cache: usize,
+    pub events: usize,
+    pub events_per_s: f64,
+    /// The most customers' states in memory at any checkpoint.
+    pub most_in_memory: u64,
+    /// States loaded from the store and let go from memory.
+    pub loaded: u64,
+    pub evicted: u64,
+    /// How much the bench process's resident memory grew while the processors ran, in MB. On
+    /// the mock cluster this includes the records the cluster keeps in the same process.
+    pub rss_growth_mb: f64,
+}
+
+/// The sizes of the memory pass: customers, and the state cache they go through.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPlan {
+    pub customers: usize,
+    pub cache: usize,
 }
 
 /// The figures mean something only when the stages read this run's events alone.
@@ -77,6 +106,7 @@ pub fn run(
     customers: usize,
     brokers: Option<&KafkaSettings>,
     instances: &[usize],
+    memory: Option<MemoryPlan>,
 ) -> Result<BenchResult> {
     let topology = Arc::new(Topology::embedded()?);
     let scenario = scenario::generate(customers, 7);
@@ -163,6 +193,16 @@ pub fn run(
         let rate = scale_pass(&rt, &cluster, &topology, &items, stamp, n)?;
         scale_out.insert(n, rate.round());
     }
+    let mut memory_runs = Vec::new();
+    if let Some(plan) = memory {
+        // As many customers as the cache holds, then the plan's many more: the ratio of the two
+        // rates is what a cache miss costs.
+        for customers in [plan.cache, plan.customers] {
+            memory_runs.push(memory_pass(
+                &rt, &cluster, &topology, customers, plan.cache, stamp,
+            )?);
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(BenchResult {
         events: items.len(),
@@ -178,6 +218,7 @@ pub fn run(
         latency_p99_ms: latency.p99_ms,
         latency_max_ms: latency.max_ms,
         scale_out_events_per_s: scale_out,
+        memory: memory_runs,
     })
 }
 
@@ -358,15 +399,174 @@ fn processors(
     store: &kafka::SharedStore,
     rt: &tokio::runtime::Handle,
 ) -> ProcessorStage {
+    processors_counted(topology, codec, store, rt, Arc::new(Metrics::default()))
+}
+
+/// The processors stage, counting into `metrics`.
+fn processors_counted(
+    topology: &Arc<Topology>,
+    codec: &Arc<Codec>,
+    store: &kafka::SharedStore,
+    rt: &tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+) -> ProcessorStage {
     ProcessorStage::new(
         topology.clone(),
         codec.clone(),
         store.clone(),
         rt.clone(),
-        Arc::new(Metrics::default()),
+        metrics,
         crate::identity::IdentifierKey::demo(),
     )
     .with_checkpoint_interval(Duration::from_millis(kafka::CHECKPOINT_MS))
+    .with_state_cache(Some(kafka::STATE_CACHE_CUSTOMERS))
+}
+
+/// The resident memory of this process, in bytes (Linux; 0 elsewhere).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A customer of the memory pass: a profile and a transactional consent on day one, and an
+/// order on day two, after every other customer's first day. With more customers than the
+/// cache holds, each order finds its customer out of memory and loads them from the store,
+/// as a customer coming back days later does.
+fn memory_events(customer: usize, customers: usize, day: usize) -> Vec<FeedItem> {
+    use crate::events::*;
+    const DAY: Millis = 86_400_000;
+    // 2026-03-01T00:00:00Z.
+    const START: Millis = 1_772_323_200_000;
+    let id = format!("mem-{customer:07}");
+    let at = START + day as i64 * DAY + (customer as i64 * DAY) / customers.max(1) as i64;
+    let event = |n: &str, at: Millis, source: &str, fact: Fact| {
+        FeedItem::Event(InputEvent::new(source, &id, &format!("{id}-{n}"), at, fact))
+    };
+    if day == 0 {
+        vec![
+            event(
+                "p",
+                at,
+                "crm",
+                Fact::ProfileChanged(ProfileChanged {
+                    first_name: Some("Ana".into()),
+                    locale: Some("es_ES".into()),
+                    time_zone: Some("Europe/Madrid".into()),
+                    phone_e164: Some(format!("+34{:09}", 600_000_000 + customer)),
+                    email: None,
+                }),
+            ),
+            event(
+                "c",
+                at + 1,
+                "crm",
+                Fact::ConsentGranted(ConsentChange {
+                    purpose: Purpose::Transactional,
+                    channel: Channel::Whatsapp,
+                    source: "checkout".into(),
+                    artifact_id: format!("form-{id}"),
+                }),
+            ),
+        ]
+    } else {
+        vec![event(
+            "o",
+            at,
+            "oms",
+            Fact::OrderPlaced(OrderPlaced {
+                order_id: format!("{id}-ord"),
+                items: Vec::new(),
+                total: None,
+            }),
+        )]
+    }
+}
+
+/// The processors on `customers` customers with a state cache of `cache`, on a copy of the
+/// topics of their own: the rate, the most states in memory, loads, evictions and memory
+/// growth.
+fn memory_pass(
+    rt: &tokio::runtime::Runtime,
+    cluster: &demo::Cluster,
+    topology: &Topology,
+    customers: usize,
+    cache: usize,
+    stamp: demo::FeedStamp,
+) -> Result<MemoryRun> {
+    let prefix = format!("bench-memory{customers}.");
+    let topology = Arc::new(topology.clone().with_topic_prefix(&prefix)?);
+    match &cluster.mock {
+        Some(mock) => kafka::create_topics_on_mock(mock, &topology)?,
+        None => {
+            let brokers = kafka::cluster_size(&cluster.kafka)?;
+            kafka::topics::topics_apply(&cluster.kafka, &topology, Some(brokers.min(3)))?;
+            refuse_used_topics(&cluster.kafka, &topology, false)?;
+        }
+    }
+    let codec = Arc::new(Codec::with_settings(&cluster.registry, &topology.names)?);
+    rt.block_on(codec.register_all())?;
+    let mut settings = cluster.settings(true, "bench-memory");
+    settings.group_prefix = format!("bench-memory{customers}");
+    let producer = settings.producer(None)?;
+    // Fed in slices, so a million customers' events are never all in memory at once.
+    let mut events = 0;
+    for day in 0..2 {
+        for from in (0..customers).step_by(20_000) {
+            let slice: Vec<FeedItem> = (from..(from + 20_000).min(customers))
+                .flat_map(|c| memory_events(c, customers, day))
+                .collect();
+            events += demo::feed(rt, &producer, &codec, &slice, stamp, |_| {})?;
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "herald-bench-memory{customers}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
+    let h = rt.handle().clone();
+    let counted = Arc::new(Metrics::default());
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let peak_rss = std::sync::atomic::AtomicU64::new(0);
+    let sampling = AtomicBool::new(true);
+    let before = resident_bytes();
+    let rate = std::thread::scope(|s| {
+        s.spawn(|| {
+            while sampling.load(Ordering::SeqCst) {
+                most.fetch_max(
+                    counted.customers_in_memory.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                peak_rss.fetch_max(resident_bytes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let rate = timed(events as u64, &|stop, m| {
+            let mut stage = processors_counted(&topology, &codec, &store, &h, counted.clone())
+                .with_state_cache(Some(cache));
+            kafka::run_stage(&settings, &mut stage, stop, m, &h)
+        });
+        sampling.store(false, Ordering::SeqCst);
+        rate
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mb = |b: u64| (b as f64 / 1e6 * 10.0).round() / 10.0;
+    Ok(MemoryRun {
+        customers,
+        cache,
+        events,
+        events_per_s: rate.round(),
+        most_in_memory: most.load(Ordering::Relaxed),
+        loaded: counted.customers_loaded.load(Ordering::Relaxed),
+        evicted: counted.customers_evicted.load(Ordering::Relaxed),
+        rss_growth_mb: mb(peak_rss.load(Ordering::Relaxed).saturating_sub(before)),
+    })
 }
 
 /// Runs `run` until it consumed `n` records; returns records per second in steady state, from

@@ -38,6 +38,9 @@ pub struct ChaosOptions {
     pub brokers: Option<KafkaSettings>,
     /// Kills and restarts brokers during the run, when given (real brokers only).
     pub broker_kills: Option<BrokerKills>,
+    /// The processors' state cache, in customers (0: every customer stays in memory). Below
+    /// the scenario's customers, states leave memory and come back from the store mid-run.
+    pub state_cache: usize,
 }
 
 /// How the harness kills and restarts a broker: shell commands in which `{node}` stands for the
@@ -138,6 +141,7 @@ struct Processes {
     settle_wait: Duration,
     registry: String,
     simulator: String,
+    state_cache: usize,
     /// The gateway's scheme and host, where SMS statuses are asked for.
     gateway: String,
     dir: PathBuf,
@@ -194,6 +198,7 @@ impl Processes {
             .args(self.static_membership.then_some("--static-membership"))
             .arg("--store")
             .arg(self.dir.join(store))
+            .env("HERALD_STATE_CACHE_CUSTOMERS", self.state_cache.to_string())
             // The scenario is a month of event time; the wall clock must not overtake it.
             .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
             .env(
@@ -510,6 +515,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         settle_wait: settle_wait(opts.brokers.is_some()),
         registry: cluster.registry_url.clone(),
         simulator: cluster.simulator_url.clone(),
+        state_cache: opts.state_cache,
         gateway: cluster.gateway_root.clone(),
         dir: dir.clone(),
         children: Vec::new(),

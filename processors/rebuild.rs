@@ -6,7 +6,7 @@
 use crate::audit::ConsentProjection;
 use crate::events::{Decision, Millis, Outcome};
 use crate::replay::{DumpedRecord, Payload};
-use crate::stages::STREAM_TIME_KEY;
+use crate::stages::{STREAM_TIME_KEY, TIMERS_KEY};
 use crate::state::{evolve, CustomerState};
 use crate::store::{EmbeddedStore, SnapshotWrite, StateStore, PROCESSORS};
 use crate::tables::Tables;
@@ -116,10 +116,17 @@ pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) ->
     ensure_fresh(store)?;
     for (p, f) in folded {
         let mut changed = Vec::with_capacity(f.customers.len());
+        let mut timers = Vec::new();
         for (c, s) in &f.customers {
             changed.push((c.clone(), serde_json::to_vec(s)?));
+            if let Some(due) = s.next_timer() {
+                timers.push((c.clone(), Some(due)));
+            }
         }
-        let mut inputs = BTreeMap::from([(STREAM_TIME_KEY.to_string(), f.stream_time)]);
+        let mut inputs = BTreeMap::from([
+            (STREAM_TIME_KEY.to_string(), f.stream_time),
+            (TIMERS_KEY.to_string(), 1),
+        ]);
         inputs.extend(f.tables.saved_positions());
         let write = SnapshotWrite {
             changed,
@@ -128,6 +135,7 @@ pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) ->
             consent: f.consent.records.clone(),
             // The store is fresh: nothing saved earlier to remove.
             erased: Vec::new(),
+            timers,
         };
         store.save(PROCESSORS, *p, &write)?;
     }

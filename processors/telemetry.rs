@@ -76,6 +76,12 @@ pub struct Metrics {
     /// 1 once a provider blocked the account or number and its lane stopped (a gauge).
     pub lanes_halted: AtomicU64,
     pub restored_partitions: AtomicU64,
+    /// Customers' states loaded from the store because an input or a timer needed them.
+    pub customers_loaded: AtomicU64,
+    /// Customers' states let go from memory to keep within the state cache.
+    pub customers_evicted: AtomicU64,
+    /// Customers' states in memory, as of the last checkpoint (a gauge).
+    pub customers_in_memory: AtomicU64,
     /// Facts recognised as repeats of an earlier fact under a new event id.
     pub repeats_recognised: AtomicU64,
     by_kind: Mutex<BTreeMap<String, u64>>,
@@ -183,6 +189,21 @@ impl Metrics {
             "herald_refusals_to_policy_total",
             "Refusals in a send's answer written back to policy as failed statuses.",
             g(&self.refusals_to_policy),
+        );
+        line(
+            "herald_state_customers_loaded_total",
+            "Customers' states loaded from the store when an input or timer needed them.",
+            g(&self.customers_loaded),
+        );
+        line(
+            "herald_state_customers_evicted_total",
+            "Customers' states let go from memory to stay within --state-cache-customers.",
+            g(&self.customers_evicted),
+        );
+        line(
+            "herald_state_customers_in_memory",
+            "Customers' states held in memory, as of the last checkpoint.",
+            g(&self.customers_in_memory),
         );
         line(
             "herald_sends_in_flight",

@@ -44,6 +44,9 @@ fn herald(
     ])
     .arg("--store")
     .arg(store)
+    // A sixth of the 300 customers in memory: the others are loaded from the store, during
+    // restores too, while transactions die.
+    .env("HERALD_STATE_CACHE_CUSTOMERS", "50")
     .env(
         "RUST_LOG",
         std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "error".into()),

@@ -359,6 +359,8 @@ fn a_run_on_apicurio_and_cassandra_survives_a_restart_and_a_registry_outage_and_
         for (k, v) in secrets {
             c.env(k, v);
         }
+        // A handful of customers in memory: the rest come and go through the CQL store.
+        c.env("HERALD_STATE_CACHE_CUSTOMERS", "8");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -99,6 +99,7 @@ fn write(changed: &[(&str, &str)], next_offset: i64, inputs: &[(&str, i64)]) -> 
         inputs: inputs.iter().map(|(t, o)| (t.to_string(), *o)).collect(),
         consent: Vec::new(),
         erased: Vec::new(),
+        timers: Vec::new(),
     }
 }
 
@@ -186,6 +187,47 @@ fn snapshots_round_trip_per_namespace_and_partition_with_each_customers_position
         );
         assert_eq!(s.load(PROCESSORS, 11).unwrap().customers.len(), 1);
         assert_eq!(s.load(PROCESSORS, 2).unwrap(), PartitionSnapshot::default());
+    }
+}
+
+#[test]
+fn one_customer_and_the_timers_load_without_the_partition() {
+    for b in backends() {
+        let s = &b.store;
+        let mut w = write(&[("c-1", "a"), ("c-2", "b")], 10, &[("oms.events.v1", 4)]);
+        w.timers = vec![("c-1".into(), Some(1_000)), ("c-2".into(), Some(2_000))];
+        s.save(PROCESSORS, 3, &w).unwrap();
+        // c-2's timer fired and it has none now; c-3 is new with one.
+        let mut w = write(&[("c-2", "b2"), ("c-3", "c")], 12, &[]);
+        w.timers = vec![("c-2".into(), None), ("c-3".into(), Some(3_000))];
+        s.save(PROCESSORS, 3, &w).unwrap();
+        // A late retry of the first save brings no cleared timer back.
+        let mut late = write(&[("c-2", "b")], 10, &[]);
+        late.timers = vec![("c-2".into(), Some(2_000))];
+        s.save(PROCESSORS, 3, &late).unwrap();
+        let positions = s.load_positions(PROCESSORS, 3).unwrap();
+        assert!(positions.customers.is_empty(), "{}", b.name);
+        assert_eq!(positions.next_offset, 12, "{}", b.name);
+        assert_eq!(positions.inputs["oms.events.v1"], 4, "{}", b.name);
+        assert_eq!(
+            positions.timers,
+            BTreeMap::from([("c-1".to_string(), 1_000), ("c-3".to_string(), 3_000)]),
+            "{}",
+            b.name
+        );
+        assert_eq!(s.load(PROCESSORS, 3).unwrap().timers, positions.timers);
+        assert_eq!(
+            s.load_customer(PROCESSORS, 3, "c-2").unwrap(),
+            Some(StoredState {
+                bytes: state("b2"),
+                next_offset: 12
+            }),
+            "{}",
+            b.name
+        );
+        assert_eq!(s.load_customer(PROCESSORS, 3, "c-9").unwrap(), None);
+        assert_eq!(s.load_customer(PROCESSORS, 4, "c-1").unwrap(), None);
+        assert_eq!(s.load_customer(DISPATCH, 3, "c-1").unwrap(), None);
     }
 }
 

@@ -19,6 +19,13 @@ pub struct BenchArgs {
     /// the topics (empty: skip the scale-out figures).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     instances: Vec<usize>,
+    /// Also run the processors on this many customers (e.g. 1000000) through a state cache of
+    /// --memory-cache customers, after a run with only as many customers as the cache holds.
+    #[arg(long)]
+    memory_customers: Option<usize>,
+    /// The state cache of the memory runs, in customers.
+    #[arg(long, default_value_t = 10_000)]
+    memory_cache: usize,
     #[command(flatten)]
     security: KafkaSecurityArgs,
 }
@@ -29,6 +36,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         customers,
         bootstrap,
         instances,
+        memory_customers,
+        memory_cache,
         security,
     } = args;
     telemetry::init_tracing("error");
@@ -36,7 +45,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(b) => Some(connect(b, &security, true, "bench")?),
         None => None,
     };
-    let r = bench::run(customers, brokers.as_ref(), &instances)?;
+    if memory_customers.is_some() && memory_cache == 0 {
+        anyhow::bail!("--memory-cache must be at least 1 customer");
+    }
+    let memory = memory_customers.map(|customers| bench::MemoryPlan {
+        customers,
+        cache: memory_cache,
+    });
+    let r = bench::run(customers, brokers.as_ref(), &instances, memory)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -46,6 +46,10 @@ pub struct ChaosArgs {
     /// How long a killed broker stays down.
     #[arg(long, default_value_t = 10)]
     broker_down_secs: u64,
+    /// The processors' state cache, in customers (0: all in memory); fewer than --customers
+    /// makes states leave memory and come back from the store during the run.
+    #[arg(long, default_value_t = crate::kafka::STATE_CACHE_CUSTOMERS)]
+    state_cache_customers: usize,
 }
 
 /// Runs `herald chaos`.
@@ -63,6 +67,7 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         start_broker_cmd,
         broker_kill_every_secs,
         broker_down_secs,
+        state_cache_customers,
     } = args;
     telemetry::init_tracing("error");
     let brokers = match &bootstrap {
@@ -87,6 +92,7 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         drop_answers,
         brokers,
         broker_kills,
+        state_cache: state_cache_customers,
     };
     let report = crate::chaos::run(&opts, |line| {
         if !json {

@@ -165,6 +165,11 @@ pub struct RunArgs {
     /// transaction (the most store writes, the least replay).
     #[arg(long, env = "HERALD_CHECKPOINT_MS", default_value_t = crate::kafka::CHECKPOINT_MS)]
     pub checkpoint_ms: u64,
+    /// How many customers' states the processors keep in memory, across their partitions; the
+    /// others are loaded from the store when an input or timer of theirs comes. 0 keeps every
+    /// customer of the partitions owned.
+    #[arg(long, env = "HERALD_STATE_CACHE_CUSTOMERS", default_value_t = crate::kafka::STATE_CACHE_CUSTOMERS)]
+    pub state_cache_customers: usize,
     /// Join the consumer group as a static member named after the instance id, so a restarted
     /// process (same HERALD_INSTANCE_ID) takes its partitions back without a rebalance.
     #[arg(long, env = "HERALD_STATIC_MEMBERSHIP")]
@@ -326,10 +331,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         let tick =
             (args.wall_clock_tick_secs > 0).then(|| Duration::from_secs(args.wall_clock_tick_secs));
         let checkpoint = Duration::from_millis(args.checkpoint_ms);
+        let cache = (args.state_cache_customers > 0).then_some(args.state_cache_customers);
         handles.push(std::thread::spawn(move || {
             let mut stage = ProcessorStage::new(t, c, store, h.clone(), m.clone(), k)
                 .with_wall_clock_tick(tick)
-                .with_checkpoint_interval(checkpoint);
+                .with_checkpoint_interval(checkpoint)
+                .with_state_cache(cache);
             kafka::run_stage(&s, &mut stage, &st, &m, &h)
         }));
     }

@@ -18,6 +18,9 @@ pub const MAX_TASK_IDLE_MS: u64 = 250;
 /// Streams flushes its stores on commit, every 100 ms under exactly-once; a second keeps
 /// the replay after a crash short and writes a busy customer once per second, not per batch).
 pub const CHECKPOINT_MS: u64 = 1_000;
+/// How many customers' states the processors keep in memory by default: at about 8 KB each in
+/// memory, some 800 MB per process.
+pub const STATE_CACHE_CUSTOMERS: usize = 100_000;
 
 /// How the loop talks to the brokers.
 #[derive(Clone)]

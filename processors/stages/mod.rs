@@ -11,4 +11,4 @@ pub mod snapshot;
 pub use dispatch::DispatchStage;
 pub use passthrough::PassthroughStage;
 pub use processor::ProcessorStage;
-pub use snapshot::{source_position, STREAM_TIME_KEY};
+pub use snapshot::{source_position, STREAM_TIME_KEY, TIMERS_KEY};

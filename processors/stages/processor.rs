@@ -75,6 +75,10 @@ pub struct ProcessorStage {
     /// The save in flight: states are encoded and written on a thread of their own, so a
     /// checkpoint does not stall the records behind it. At most one runs at a time.
     saving: Option<std::thread::JoinHandle<Result<()>>>,
+    /// At most this many customers' states stay in memory across the stage's partitions after a
+    /// checkpoint; the others are loaded from the store when an input or a timer needs them.
+    /// `None` keeps every customer.
+    state_cache: Option<usize>,
 }
 
 /// What one partition's checkpoint writes, with its customers' states still to encode.
@@ -91,8 +95,10 @@ struct PartitionSave {
 fn write_checkpoint(store: &SharedStore, saves: Vec<PartitionSave>) -> Result<()> {
     for save in saves {
         let mut changed = Vec::with_capacity(save.customers.len());
+        let mut timers = Vec::with_capacity(save.customers.len());
         for (customer, state) in &save.customers {
             changed.push((customer.clone(), serde_json::to_vec(state)?));
+            timers.push((customer.clone(), state.next_timer()));
         }
         let write = SnapshotWrite {
             changed,
@@ -100,8 +106,55 @@ fn write_checkpoint(store: &SharedStore, saves: Vec<PartitionSave>) -> Result<()
             inputs: save.inputs,
             consent: save.consent,
             erased: save.erased,
+            timers,
         };
         store.save(PROCESSORS, save.partition, &write)?;
+    }
+    Ok(())
+}
+
+/// A customer's stored state and the log position it reflects, or a new customer's empty state
+/// at 0. A store that does not answer is asked again with a backoff, for about three seconds.
+fn load_state(store: &SharedStore, partition: i32, customer: &str) -> Result<(CustomerState, i64)> {
+    let mut backoff = Duration::from_millis(100);
+    let stored = loop {
+        match store.load_customer(PROCESSORS, partition, customer) {
+            Ok(stored) => break stored,
+            Err(e) if backoff <= Duration::from_millis(1600) => {
+                tracing::warn!(customer, partition, error = %format!("{e:#}"), "loading a customer's state; trying again");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "loading the state of {customer} (partition {partition}) from {}",
+                    store.describe()
+                )))
+            }
+        }
+    };
+    match stored {
+        Some(s) => Ok((
+            serde_json::from_slice(&s.bytes)
+                .with_context(|| format!("stored state of {customer} is unreadable"))?,
+            s.next_offset,
+        )),
+        None => Ok((CustomerState::default(), 0)),
+    }
+}
+
+/// Loads into `task` the customers it wants that are not in memory.
+fn admit_wanted(
+    store: &SharedStore,
+    metrics: &Metrics,
+    partition: i32,
+    task: &mut Task,
+    wanted: Vec<String>,
+) -> Result<()> {
+    for customer in wanted {
+        let (state, _) = load_state(store, partition, &customer)?;
+        Metrics::inc(&metrics.customers_loaded, 1);
+        task.admit(customer, state);
     }
     Ok(())
 }
@@ -172,7 +225,36 @@ impl ProcessorStage {
             checkpoint_every: Duration::ZERO,
             last_checkpoint: None,
             saving: None,
+            state_cache: None,
         }
+    }
+
+    /// Keeps at most `customers` states in memory after each checkpoint (`None`: all).
+    pub fn with_state_cache(mut self, customers: Option<usize>) -> Self {
+        self.state_cache = customers;
+        self
+    }
+
+    /// Lets the customers used longest ago leave memory, beyond each partition's share of the
+    /// cache. Only after the previous save is done and before the next starts: a customer
+    /// changed since then is kept until a save has written it, so the store always holds the
+    /// state of a customer not in memory.
+    fn evict_cold(&mut self) {
+        let in_memory = |parts: &HashMap<i32, ProcessorPartition>| {
+            parts.values().map(|p| p.task.resident()).sum::<usize>()
+        };
+        if let Some(cache) = self.state_cache {
+            let share = cache / self.partitions.len().max(1);
+            for part in self.partitions.values_mut() {
+                let touched = &part.touched;
+                let gone = part.task.evict(share, |c| touched.contains(c));
+                Metrics::inc(&self.metrics.customers_evicted, gone as u64);
+            }
+        }
+        self.metrics.customers_in_memory.store(
+            in_memory(&self.partitions) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Whether the wall-clock tick is on and its interval has passed since the last one.
@@ -217,6 +299,7 @@ impl ProcessorStage {
         self.saved()?;
         if only.is_none() {
             self.last_checkpoint = Some(std::time::Instant::now());
+            self.evict_cold();
         }
         let mut saves = Vec::new();
         for (p, part) in self.partitions.iter_mut() {
@@ -230,6 +313,7 @@ impl ProcessorStage {
             }
             let mut inputs = part.inputs.clone();
             inputs.insert(STREAM_TIME_KEY.to_string(), part.task.stream_time());
+            inputs.insert(TIMERS_KEY.to_string(), 1);
             // The template table is shared by the partitions, so mid-batch it may hold what
             // another partition's open transaction observed: it is saved with a checkpoint.
             if only.is_none() && std::mem::take(&mut part.templates_moved) {
@@ -304,23 +388,37 @@ impl Stage for ProcessorStage {
     fn restore(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
         // A save of this partition may still be in flight from before it was revoked.
         self.saved()?;
-        let snap = self.store.load(PROCESSORS, partition)?;
+        let mut snap = self.store.load_positions(PROCESSORS, partition)?;
         let mut part = ProcessorPartition::default();
-        let mut customers = HashMap::new();
-        for (customer, stored) in &snap.customers {
-            let state: CustomerState = serde_json::from_slice(&stored.bytes)
-                .with_context(|| format!("stored state of {customer} is unreadable"))?;
-            customers.insert(customer.clone(), state);
+        let stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
+        // Where each customer in memory was loaded from: the decisions before it are in the
+        // state already, and the replay must not fold them again.
+        let mut loaded_at: HashMap<String, i64> = HashMap::new();
+        if snap.inputs.contains_key(TIMERS_KEY) || (snap.next_offset == 0 && snap.inputs.is_empty())
+        {
+            part.task = Task::resumed(stream_time, std::mem::take(&mut snap.timers));
+        } else {
+            // Saved before timers were: every customer is read once, and saved again with
+            // their timers.
+            snap = self.store.load(PROCESSORS, partition)?;
+            let mut customers = HashMap::new();
+            for (customer, stored) in &snap.customers {
+                let state: CustomerState = serde_json::from_slice(&stored.bytes)
+                    .with_context(|| format!("stored state of {customer} is unreadable"))?;
+                customers.insert(customer.clone(), state);
+                loaded_at.insert(customer.clone(), stored.next_offset);
+                part.touched.insert(customer.clone());
+            }
+            part.task = Task::restored(customers, stream_time);
         }
         let codec = self.codec.clone();
         let rt = self.rt.clone();
-        let stream_time = snap.inputs.get(STREAM_TIME_KEY).copied().unwrap_or(0);
-        part.task = Task::restored(customers, stream_time);
         for (k, v) in &snap.inputs {
-            if k != STREAM_TIME_KEY && !self.tables.restore_saved(k, *v) {
+            if k != STREAM_TIME_KEY && k != TIMERS_KEY && !self.tables.restore_saved(k, *v) {
                 part.inputs.insert(k.clone(), *v);
             }
         }
+        let (store, metrics) = (&self.store, &self.metrics);
         let tables = &mut self.tables;
         let decisions = codec.topics().decisions().clone();
         let next = reader.read(&decisions, partition, snap.next_offset, |m| {
@@ -334,7 +432,16 @@ impl Stage for ProcessorStage {
             if let Outcome::EventAccepted(a) = &d.outcome {
                 part.templates_moved |= tables.observe(&a.fact, a.envelope.occurred_at);
             }
-            if snap.holds(&d.customer_id, m.offset()) {
+            if !part.task.is_resident(&d.customer_id) {
+                let (state, at) = load_state(store, partition, &d.customer_id)?;
+                Metrics::inc(&metrics.customers_loaded, 1);
+                part.task.admit(d.customer_id.clone(), state);
+                loaded_at.insert(d.customer_id.clone(), at);
+            }
+            if loaded_at
+                .get(&d.customer_id)
+                .is_some_and(|at| m.offset() < *at)
+            {
                 return Ok(());
             }
             part.task.fold(&d);
@@ -442,6 +549,8 @@ impl Stage for ProcessorStage {
             .ok_or_else(|| anyhow!("partition {p} not restored"))?;
         self.tables.observe(&input.fact, input.envelope.occurred_at);
         part.templates_moved |= matches!(input.fact, Fact::TemplateStatusChanged(_));
+        let wanted = part.task.wanted(&input);
+        admit_wanted(&self.store, &self.metrics, p, &mut part.task, wanted)?;
         let input_ref = format!("{}/{}/{}", msg.topic(), p, msg.offset());
         let decisions = part
             .task
@@ -485,6 +594,8 @@ impl Stage for ProcessorStage {
             if part.task.next_timer().is_none_or(|t| t > now) {
                 continue;
             }
+            let wanted = part.task.wanted_until(now);
+            admit_wanted(&self.store, &self.metrics, *p, &mut part.task, wanted)?;
             let ds = part.task.advance_to(now, &self.topology, &self.tables);
             part.note(&ds);
             // Stream time moved: it must be saved even if no customer changed.

@@ -23,6 +23,10 @@ pub(crate) fn encode_touched<S: serde::Serialize>(
 /// and both must survive a restart (the dedupe window and hold timers run on stream time).
 pub const STREAM_TIME_KEY: &str = "~stream-time";
 
+/// Key among a partition's saved positions that says its customers' timers are saved with their
+/// states. A store written before timers were lacks it: its partitions are read whole once.
+pub const TIMERS_KEY: &str = "~timers";
+
 /// The input record (topic, offset; the partition is the decision's own) a decision or dead
 /// letter came from, from its provenance headers.
 pub fn source_position(m: &impl Message) -> Option<(String, i64)> {

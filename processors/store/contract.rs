@@ -21,13 +21,16 @@ pub struct StoredState {
 }
 
 /// A partition's snapshot: each customer's state, the partition's next log offset that is not
-/// yet saved, and how far it has read each input topic.
+/// yet saved, how far it has read each input topic, and when each customer's next timer is due.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PartitionSnapshot {
+    /// Empty from `load_positions`, which leaves customers to `load_customer`.
     pub customers: BTreeMap<String, StoredState>,
     pub next_offset: i64,
     /// Next input offset per input topic for this partition: how far the snapshot has read.
     pub inputs: BTreeMap<String, i64>,
+    /// The next timer of each customer who has one, as saved with their state.
+    pub timers: BTreeMap<String, i64>,
 }
 
 impl PartitionSnapshot {
@@ -51,6 +54,8 @@ pub struct SnapshotWrite {
     pub consent: Vec<(String, ConsentEvent)>,
     /// Customers whose erasure was decided: their consent history saved before this write goes.
     pub erased: Vec<String>,
+    /// The next timer of customers in `changed`: `None` clears one they had.
+    pub timers: Vec<(String, Option<i64>)>,
 }
 
 /// A customer's row in the query projection.
@@ -70,6 +75,15 @@ pub struct CustomerView {
 pub trait StateStore: Send + Sync {
     /// Loads everything stored for a partition of a namespace (`PROCESSORS`, `DISPATCH`).
     fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
+    /// Loads a partition's positions and timers, without any customer's state.
+    fn load_positions(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot>;
+    /// Loads one customer's stored state, if any.
+    fn load_customer(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customer: &str,
+    ) -> Result<Option<StoredState>>;
     /// Saves a partition's changes; in `PROCESSORS` also the projection.
     fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()>;
     /// A customer's projected state, if any was saved.

@@ -19,6 +19,10 @@ const VIEW: TableDefinition<&str, (i32, i64, &str)> = TableDefinition::new("cust
 /// Consent rows with the log position of the save that wrote them, so an erasure removes
 /// exactly the rows saved before it, however often it is replayed.
 const CONSENT: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("consent_history");
+/// Each customer's next timer with the log position of the save that wrote it; a cleared timer
+/// stays as `NO_TIMER`, so that a replayed older save cannot bring it back.
+const TIMERS: TableDefinition<&str, (i64, i64)> = TableDefinition::new("customer_timer");
+const NO_TIMER: i64 = i64::MIN;
 
 /// The embedded store, a redb file.
 pub struct EmbeddedStore {
@@ -49,6 +53,7 @@ impl EmbeddedStore {
         w.open_table(INPUT_POSITIONS)?;
         w.open_table(VIEW)?;
         w.open_table(CONSENT)?;
+        w.open_table(TIMERS)?;
         w.commit()?;
         Ok(EmbeddedStore {
             db,
@@ -76,11 +81,44 @@ fn consent_range(customer: &str) -> (String, String) {
     (format!("{customer}\u{1}"), format!("{customer}\u{2}"))
 }
 
+/// A partition's positions and timers, as the read transaction `r` sees them.
+fn positions_in(
+    r: &redb::ReadTransaction,
+    namespace: &str,
+    partition: i32,
+) -> Result<PartitionSnapshot> {
+    let positions = r.open_table(POSITIONS)?;
+    let p = prefix(namespace, partition);
+    let end = end_of(&p);
+    let mut timers = BTreeMap::new();
+    for item in r.open_table(TIMERS)?.range(p.as_str()..end.as_str())? {
+        let (k, v) = item?;
+        let (_, due) = v.value();
+        if due != NO_TIMER {
+            timers.insert(k.value()[p.len()..].to_string(), due);
+        }
+    }
+    let next_offset = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
+    let mut inputs = BTreeMap::new();
+    for item in r
+        .open_table(INPUT_POSITIONS)?
+        .range(p.as_str()..end.as_str())?
+    {
+        let (k, v) = item?;
+        inputs.insert(k.value()[p.len()..].to_string(), v.value());
+    }
+    Ok(PartitionSnapshot {
+        customers: BTreeMap::new(),
+        next_offset,
+        inputs,
+        timers,
+    })
+}
+
 impl StateStore for EmbeddedStore {
     fn load(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot> {
         let r = self.db.begin_read()?;
         let states = r.open_table(STATES)?;
-        let positions = r.open_table(POSITIONS)?;
         let p = prefix(namespace, partition);
         let end = end_of(&p);
         let mut customers = BTreeMap::new();
@@ -95,20 +133,33 @@ impl StateStore for EmbeddedStore {
                 },
             );
         }
-        let next_offset = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
-        let mut inputs = BTreeMap::new();
-        for item in r
-            .open_table(INPUT_POSITIONS)?
-            .range(p.as_str()..end.as_str())?
-        {
-            let (k, v) = item?;
-            inputs.insert(k.value()[p.len()..].to_string(), v.value());
-        }
+        // Positions from the same transaction as the states: positions saved after them
+        // would skip decisions the states do not hold.
         Ok(PartitionSnapshot {
             customers,
-            next_offset,
-            inputs,
+            ..positions_in(&r, namespace, partition)?
         })
+    }
+
+    fn load_customer(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customer: &str,
+    ) -> Result<Option<StoredState>> {
+        let r = self.db.begin_read()?;
+        let key = format!("{}{customer}", prefix(namespace, partition));
+        Ok(r.open_table(STATES)?.get(key.as_str())?.map(|v| {
+            let (next_offset, bytes) = v.value();
+            StoredState {
+                bytes: bytes.to_vec(),
+                next_offset,
+            }
+        }))
+    }
+
+    fn load_positions(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot> {
+        positions_in(&self.db.begin_read()?, namespace, partition)
     }
 
     fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()> {
@@ -132,6 +183,15 @@ impl StateStore for EmbeddedStore {
                         .with_context(|| format!("state of {customer} is not JSON text"))?;
                     view.insert(customer.as_str(), (partition, at, json))?;
                 }
+            }
+            let mut timers = w.open_table(TIMERS)?;
+            for (customer, due) in &write.timers {
+                let key = format!("{p}{customer}");
+                let newer = timers.get(key.as_str())?.map(|v| v.value().0);
+                if newer.is_some_and(|n| n > at) {
+                    continue;
+                }
+                timers.insert(key.as_str(), (at, due.unwrap_or(NO_TIMER)))?;
             }
             let mut positions = w.open_table(POSITIONS)?;
             let current = positions.get(p.as_str())?.map(|v| v.value()).unwrap_or(0);
@@ -247,7 +307,7 @@ mod tests {
                 },
             )]),
             next_offset: 4,
-            inputs: BTreeMap::new(),
+            ..PartitionSnapshot::default()
         };
         assert!(snap.holds("c-1", 9));
         assert!(!snap.holds("c-1", 10));

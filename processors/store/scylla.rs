@@ -335,12 +335,16 @@ fn bucket(customer: &str) -> i32 {
 
 struct Prepared {
     upsert_snapshot_state: PreparedStatement,
+    upsert_customer_timer: PreparedStatement,
+    delete_customer_timer: PreparedStatement,
     upsert_partition_position: PreparedStatement,
     upsert_input_position: PreparedStatement,
     upsert_customer_view: PreparedStatement,
     insert_consent_record: PreparedStatement,
     delete_consent_history: PreparedStatement,
     select_snapshot_bucket: PreparedStatement,
+    select_customer_snapshot: PreparedStatement,
+    select_partition_timers: PreparedStatement,
     select_partition_position: PreparedStatement,
     select_input_positions: PreparedStatement,
     select_customer_view: PreparedStatement,
@@ -443,12 +447,16 @@ impl ScyllaStore {
             };
             let prepared = Prepared {
                 upsert_snapshot_state: take("upsert_snapshot_state")?,
+                upsert_customer_timer: take("upsert_customer_timer")?,
+                delete_customer_timer: take("delete_customer_timer")?,
                 upsert_partition_position: take("upsert_partition_position")?,
                 upsert_input_position: take("upsert_input_position")?,
                 upsert_customer_view: take("upsert_customer_view")?,
                 insert_consent_record: take("insert_consent_record")?,
                 delete_consent_history: take("delete_consent_history")?,
                 select_snapshot_bucket: take("select_snapshot_bucket")?,
+                select_customer_snapshot: take("select_customer_snapshot")?,
+                select_partition_timers: take("select_partition_timers")?,
                 select_partition_position: take("select_partition_position")?,
                 select_input_positions: take("select_input_positions")?,
                 select_customer_view: take("select_customer_view")?,
@@ -483,6 +491,27 @@ impl ScyllaStore {
                 customers.insert(customer, StoredState { bytes, next_offset });
             }
         }
+        Ok(PartitionSnapshot {
+            customers,
+            ..self.load_positions_async(namespace, partition).await?
+        })
+    }
+
+    async fn load_positions_async(
+        &self,
+        namespace: &str,
+        partition: i32,
+    ) -> Result<PartitionSnapshot> {
+        let p = &self.prepared;
+        let timers: BTreeMap<String, i64> = self
+            .session
+            .execute_iter(p.select_partition_timers.clone(), (namespace, partition))
+            .await?
+            .rows_stream::<(String, i64)>()?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .collect();
         let next_offset = self
             .session
             .execute_unpaged(&p.select_partition_position, (namespace, partition))
@@ -501,10 +530,29 @@ impl ScyllaStore {
             .into_iter()
             .collect();
         Ok(PartitionSnapshot {
-            customers,
+            customers: BTreeMap::new(),
             next_offset,
             inputs,
+            timers,
         })
+    }
+
+    async fn load_customer_async(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customer: &str,
+    ) -> Result<Option<StoredState>> {
+        Ok(self
+            .session
+            .execute_unpaged(
+                &self.prepared.select_customer_snapshot,
+                (namespace, partition, bucket(customer), customer),
+            )
+            .await?
+            .into_rows_result()?
+            .maybe_first_row::<(Vec<u8>, i64)>()?
+            .map(|(bytes, next_offset)| StoredState { bytes, next_offset }))
     }
 
     async fn save_async(&self, namespace: &str, partition: i32, w: &SnapshotWrite) -> Result<()> {
@@ -574,7 +622,30 @@ impl ScyllaStore {
         ))
         .buffer_unordered(WRITES_IN_FLIGHT)
         .try_collect::<Vec<()>>();
-        futures::try_join!(states, consent)?;
+        let timers = futures::stream::iter(w.timers.iter().map(|(customer, due)| async move {
+            match due {
+                Some(due) => {
+                    self.session
+                        .execute_unpaged(
+                            &p.upsert_customer_timer,
+                            (namespace, partition, customer, *due, at),
+                        )
+                        .await?
+                }
+                None => {
+                    self.session
+                        .execute_unpaged(
+                            &p.delete_customer_timer,
+                            (at, namespace, partition, customer),
+                        )
+                        .await?
+                }
+            };
+            anyhow::Ok(())
+        }))
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .try_collect::<Vec<()>>();
+        futures::try_join!(states, consent, timers)?;
         // A position is its own write timestamp: the highest one wins, whatever the order.
         self.session
             .execute_unpaged(&p.upsert_partition_position, (namespace, partition, at, at))
@@ -648,6 +719,33 @@ impl StateStore for ScyllaStore {
             .with_context(|| {
                 format!(
                     "ScyllaDB {}: loading {namespace}/{partition}",
+                    self.describe()
+                )
+            })
+    }
+
+    fn load_positions(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot> {
+        self.rt
+            .block_on(self.load_positions_async(namespace, partition))
+            .with_context(|| {
+                format!(
+                    "ScyllaDB {}: loading positions of {namespace}/{partition}",
+                    self.describe()
+                )
+            })
+    }
+
+    fn load_customer(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customer: &str,
+    ) -> Result<Option<StoredState>> {
+        self.rt
+            .block_on(self.load_customer_async(namespace, partition, customer))
+            .with_context(|| {
+                format!(
+                    "ScyllaDB {}: loading {customer} of {namespace}/{partition}",
                     self.describe()
                 )
             })

@@ -2,6 +2,10 @@
 //! order they are given. Timers fire as stream time passes them, before the input that moved it,
 //! so the decisions depend only on the order of the inputs and never on how they were batched.
 //! The live processors, the offline replay and the property tests all decide through this.
+//!
+//! A task need not hold every customer: the live processors keep a bounded cache and load a
+//! customer from the store when it is `wanted`. The timers of customers not in memory stay in
+//! the index, so a cold customer's hold still expires on time once the shell loads it.
 
 use crate::context::Ctx;
 use crate::events::{Decision, InputEvent, Millis};
@@ -11,14 +15,18 @@ use crate::tables::Tables;
 use crate::topology::Topology;
 use std::collections::{BTreeSet, HashMap};
 
-/// One partition's customers, its stream time, and an index of when each customer's next timer
-/// is due (so that passing a timer costs a lookup, not a scan of every customer).
+/// One partition's customers in memory, its stream time, and an index of when each customer's
+/// next timer is due, in memory or not (so that passing a timer costs a lookup, not a scan).
 #[derive(Debug, Default)]
 pub struct Task {
     customers: HashMap<String, CustomerState>,
     stream_time: Millis,
     due: BTreeSet<(Millis, String)>,
     due_of: HashMap<String, Millis>,
+    /// When each customer in memory was last decided for, on a counter of uses: the customers
+    /// used longest ago leave memory first.
+    last_used: HashMap<String, u64>,
+    uses: u64,
 }
 
 impl Task {
@@ -34,6 +42,101 @@ impl Task {
             t.reindex(&c);
         }
         t
+    }
+
+    /// A task resumed with no customer in memory: its stream time, and when each customer's
+    /// next timer is due as saved with their states.
+    pub fn resumed(
+        stream_time: Millis,
+        timers: impl IntoIterator<Item = (String, Millis)>,
+    ) -> Self {
+        let mut t = Task {
+            stream_time,
+            ..Task::default()
+        };
+        for (customer, at) in timers {
+            t.due.insert((at, customer.clone()));
+            t.due_of.insert(customer, at);
+        }
+        t
+    }
+
+    /// Whether a customer's state is in memory.
+    pub fn is_resident(&self, customer: &str) -> bool {
+        self.customers.contains_key(customer)
+    }
+
+    /// Takes a customer's state into memory, as loaded from the store (or a new customer's
+    /// empty state). A customer already in memory keeps the state it has: it is newer than
+    /// anything stored.
+    pub fn admit(&mut self, customer: String, state: CustomerState) {
+        if self.customers.contains_key(&customer) {
+            return;
+        }
+        self.customers.insert(customer.clone(), state);
+        self.touch(&customer);
+        self.reindex(&customer);
+    }
+
+    /// The customers not in memory that deciding `input` needs: its own customer, and every
+    /// customer whose timer the input's time passes.
+    pub fn wanted(&self, input: &InputEvent) -> Vec<String> {
+        let until = if input.fact.moves_stream_time() {
+            input.envelope.occurred_at
+        } else {
+            self.stream_time
+        };
+        let mut out = self.wanted_until(until);
+        let customer = &input.envelope.customer_id;
+        if !self.is_resident(customer) && !out.contains(customer) {
+            out.push(customer.clone());
+        }
+        out
+    }
+
+    /// The customers not in memory whose timers fall due by `now` (or by the stream time).
+    pub fn wanted_until(&self, now: Millis) -> Vec<String> {
+        let until = now.max(self.stream_time);
+        self.due
+            .iter()
+            .take_while(|(at, _)| *at <= until)
+            .filter(|(_, c)| !self.is_resident(c))
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// How many customers are in memory.
+    pub fn resident(&self) -> usize {
+        self.customers.len()
+    }
+
+    /// Lets the customers used longest ago leave memory until at most `keep` remain, sparing
+    /// those `pinned` (changed and not yet saved); returns how many left. Their timers stay in
+    /// the index.
+    pub fn evict(&mut self, keep: usize, pinned: impl Fn(&str) -> bool) -> usize {
+        let excess = self.customers.len().saturating_sub(keep);
+        if excess == 0 {
+            return 0;
+        }
+        let mut cold: Vec<(u64, &String)> = self
+            .customers
+            .keys()
+            .filter(|c| !pinned(c))
+            .map(|c| (self.last_used.get(c).copied().unwrap_or(0), c))
+            .collect();
+        let n = excess.min(cold.len());
+        if n == 0 {
+            return 0;
+        }
+        if n < cold.len() {
+            cold.select_nth_unstable(n - 1);
+        }
+        let leaving: Vec<String> = cold[..n].iter().map(|(_, c)| (*c).clone()).collect();
+        for c in &leaving {
+            self.customers.remove(c);
+            self.last_used.remove(c);
+        }
+        n
     }
 
     /// The largest event time this task has seen (or been advanced to).
@@ -55,6 +158,7 @@ impl Task {
     pub fn fold(&mut self, d: &Decision) {
         self.stream_time = self.stream_time.max(d.decided_at);
         evolve(self.customers.entry(d.customer_id.clone()).or_default(), d);
+        self.touch(&d.customer_id);
         self.reindex(&d.customer_id.clone());
     }
 
@@ -82,6 +186,7 @@ impl Task {
         };
         let state = self.customers.entry(customer.clone()).or_default();
         out.extend(pipeline::process(state, input, &ctx));
+        self.touch(&customer);
         self.reindex(&customer);
         out.extend(self.advance_to(self.stream_time, topology, tables));
         out
@@ -103,6 +208,14 @@ impl Task {
             if at > now.max(self.stream_time) {
                 break;
             }
+            // The shell loads every customer `wanted_until` names before advancing. Were one
+            // missing, deciding its timer on an empty state could send what its real state
+            // forbids: the timer waits, and so does stream time.
+            let resident = self.customers.contains_key(&customer);
+            debug_assert!(resident, "timer of {customer} due while not in memory");
+            if !resident {
+                return out;
+            }
             self.stream_time = self.stream_time.max(at);
             let ctx = Ctx {
                 now: self.stream_time,
@@ -114,6 +227,7 @@ impl Task {
                 Some(state) => pipeline::tick(state, &customer, &ctx),
                 None => Vec::new(),
             };
+            self.touch(&customer);
             let before = self.due_of.get(&customer).copied();
             self.reindex(&customer);
             // A timer that fires but stays due would spin; the core guarantees progress, and
@@ -133,8 +247,22 @@ impl Task {
         self.due.first().map(|(t, _)| *t)
     }
 
+    fn touch(&mut self, customer: &str) {
+        self.uses += 1;
+        match self.last_used.get_mut(customer) {
+            Some(u) => *u = self.uses,
+            None => {
+                self.last_used.insert(customer.to_string(), self.uses);
+            }
+        }
+    }
+
+    /// Indexes a customer in memory by its next timer; one not in memory keeps its entry.
     fn reindex(&mut self, customer: &str) {
-        let next = self.customers.get(customer).and_then(|s| s.next_timer());
+        let Some(state) = self.customers.get(customer) else {
+            return;
+        };
+        let next = state.next_timer();
         let old = self.due_of.get(customer).copied();
         if old == next {
             return;
@@ -307,5 +435,109 @@ mod tests {
             kinds(&fired)
         );
         assert!(restored.next_timer().is_none_or(|t| t > due));
+    }
+
+    /// Decides `inputs` on a task that keeps at most one customer in memory, saving every
+    /// customer to `store` before they may leave and loading them from it when wanted.
+    fn decide_with_one_in_memory(
+        inputs: &[InputEvent],
+        topology: &Topology,
+        tables: &Tables,
+    ) -> (Vec<Decision>, usize) {
+        let mut store: HashMap<String, CustomerState> = HashMap::new();
+        let mut task = Task::default();
+        let mut out = Vec::new();
+        let mut evicted = 0;
+        for (i, e) in inputs.iter().enumerate() {
+            for c in task.wanted(e) {
+                let state = store.get(&c).cloned().unwrap_or_default();
+                task.admit(c, state);
+            }
+            out.extend(task.decide(e, &format!("t/0/{i}"), topology, tables));
+            store.extend(task.customers().iter().map(|(c, s)| (c.clone(), s.clone())));
+            evicted += task.evict(1, |_| false);
+        }
+        (out, evicted)
+    }
+
+    #[test]
+    fn customers_out_of_memory_are_decided_as_if_they_never_left() {
+        let topology = Topology::embedded().unwrap();
+        let tables = Tables::default();
+        // Four customers interleaved, each with a shipment held until it expires, so timers of
+        // customers not in memory fall due while another customer's input is decided.
+        let mut inputs = Vec::new();
+        let each: Vec<Vec<InputEvent>> = (1..=4)
+            .map(|i| held_shipment(&format!("c-{i}"), &format!("e-{i}"), T0 + i * 20 * HOUR))
+            .collect();
+        for step in 0..3 {
+            for customer in &each {
+                inputs.push(customer[step].clone());
+            }
+        }
+        inputs.push(input(
+            "c-5",
+            "e-late",
+            T0 + 400 * HOUR,
+            fact(
+                serde_json::json!({"type": "ProfileChanged", "first_name": null, "locale": null, "time_zone": null, "phone_e164": null}),
+            ),
+        ));
+        let mut all = Task::default();
+        let expected: Vec<Decision> = inputs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| all.decide(e, &format!("t/0/{i}"), &topology, &tables))
+            .collect();
+        let (decided, evicted) = decide_with_one_in_memory(&inputs, &topology, &tables);
+        assert!(evicted > 0);
+        assert_eq!(
+            kinds(&expected)
+                .iter()
+                .filter(|k| *k == "HoldExpired")
+                .count(),
+            4
+        );
+        assert_eq!(decided, expected);
+    }
+
+    #[test]
+    fn a_timer_of_a_customer_not_in_memory_is_wanted_when_due() {
+        let topology = Topology::embedded().unwrap();
+        let tables = Tables::default();
+        let mut task = Task::default();
+        for e in held_shipment("c-1", "e-1", T0) {
+            task.decide(&e, "t/0/0", &topology, &tables);
+        }
+        let due = task.next_timer().unwrap();
+        let stored = task.customers()["c-1"].clone();
+        assert_eq!(task.evict(0, |_| false), 1);
+        assert!(!task.is_resident("c-1"));
+        assert_eq!(task.next_timer(), Some(due), "the timer stays indexed");
+        let profile = |at| {
+            input(
+                "c-2",
+                "e-2",
+                at,
+                fact(
+                    serde_json::json!({"type": "ProfileChanged", "first_name": null, "locale": null, "time_zone": null, "phone_e164": null}),
+                ),
+            )
+        };
+        assert_eq!(task.wanted(&profile(due - 1)), vec!["c-2".to_string()]);
+        assert_eq!(
+            task.wanted(&profile(due)),
+            vec!["c-1".to_string(), "c-2".to_string()]
+        );
+        assert_eq!(task.wanted_until(due), vec!["c-1".to_string()]);
+        // A customer in memory keeps its state when the store offers an older one.
+        task.admit("c-1".to_string(), stored.clone());
+        task.admit("c-1".to_string(), CustomerState::default());
+        assert_eq!(task.customers()["c-1"], stored);
+        assert_eq!(task.evict(0, |_| false), 1);
+        // A customer changed and not yet saved is never let go.
+        task.admit("c-2".to_string(), CustomerState::default());
+        assert_eq!(task.evict(0, |c| c == "c-2"), 0);
+        assert!(task.is_resident("c-2"));
     }
 }
