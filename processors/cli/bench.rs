@@ -16,12 +16,14 @@ pub struct BenchArgs {
     #[arg(long)]
     bootstrap: Option<String>,
     /// Processor instance counts to measure in one consumer group, each on its own copy of
-    /// the topics (empty: skip the scale-out figures).
+    /// the topics (0: skip the scale-out figures).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     instances: Vec<usize>,
     /// Also run the processors on this many customers (e.g. 1000000) through a state cache of
     /// --memory-cache customers, after a run with only as many customers as the cache holds.
-    #[arg(long)]
+    /// Real brokers only: the mock cluster keeps 5 MB of each partition, far less than a
+    /// million customers' events.
+    #[arg(long, requires = "bootstrap")]
     memory_customers: Option<usize>,
     /// The state cache of the memory runs, in customers.
     #[arg(long, default_value_t = 10_000)]
