@@ -500,17 +500,7 @@ fn memory_pass(
     stamp: demo::FeedStamp,
 ) -> Result<MemoryRun> {
     let prefix = format!("bench-memory{customers}.");
-    let topology = Arc::new(topology.clone().with_topic_prefix(&prefix)?);
-    match &cluster.mock {
-        Some(mock) => kafka::create_topics_on_mock(mock, &topology)?,
-        None => {
-            let brokers = kafka::cluster_size(&cluster.kafka)?;
-            kafka::topics::topics_apply(&cluster.kafka, &topology, Some(brokers.min(3)))?;
-            refuse_used_topics(&cluster.kafka, &topology, false)?;
-        }
-    }
-    let codec = Arc::new(Codec::with_settings(&cluster.registry, &topology.names)?);
-    rt.block_on(codec.register_all())?;
+    let (topology, codec) = prefixed_topics(rt, cluster, topology, &prefix)?;
     let mut settings = cluster.settings(true, "bench-memory");
     settings.group_prefix = format!("bench-memory{customers}");
     let producer = settings.producer(None)?;
@@ -598,6 +588,27 @@ fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> 
     })
 }
 
+/// A copy of the topics behind `prefix`, created empty, with its codec's schemas registered.
+fn prefixed_topics(
+    rt: &tokio::runtime::Runtime,
+    cluster: &demo::Cluster,
+    topology: &Topology,
+    prefix: &str,
+) -> Result<(Arc<Topology>, Arc<Codec>)> {
+    let topology = Arc::new(topology.clone().with_topic_prefix(prefix)?);
+    match &cluster.mock {
+        Some(mock) => kafka::create_topics_on_mock(mock, &topology)?,
+        None => {
+            let brokers = kafka::cluster_size(&cluster.kafka)?;
+            kafka::topics::topics_apply(&cluster.kafka, &topology, Some(brokers.min(3)))?;
+            refuse_used_topics(&cluster.kafka, &topology, false)?;
+        }
+    }
+    let codec = Arc::new(Codec::with_settings(&cluster.registry, &topology.names)?);
+    rt.block_on(codec.register_all())?;
+    Ok((topology, codec))
+}
+
 /// The processors' rate with `instances` of them in one consumer group (each its own
 /// consumer, producer and transactional id, as separate processes would be), on a copy of the
 /// topics behind a prefix of its own, fed the same events.
@@ -610,17 +621,7 @@ fn scale_pass(
     instances: usize,
 ) -> Result<f64> {
     let prefix = format!("bench-scale{instances}.");
-    let topology = Arc::new(topology.clone().with_topic_prefix(&prefix)?);
-    match &cluster.mock {
-        Some(mock) => kafka::create_topics_on_mock(mock, &topology)?,
-        None => {
-            let brokers = kafka::cluster_size(&cluster.kafka)?;
-            kafka::topics::topics_apply(&cluster.kafka, &topology, Some(brokers.min(3)))?;
-            refuse_used_topics(&cluster.kafka, &topology, false)?;
-        }
-    }
-    let codec = Arc::new(Codec::with_settings(&cluster.registry, &topology.names)?);
-    rt.block_on(codec.register_all())?;
+    let (topology, codec) = prefixed_topics(rt, cluster, topology, &prefix)?;
     let settings = |instance: usize| {
         let mut s = cluster.settings(true, &format!("bench-{instance}"));
         s.group_prefix = format!("bench-scale{instances}");

@@ -497,21 +497,33 @@ impl ScyllaStore {
         })
     }
 
+    /// A partition's rows of (name, offset or instant), such as its input positions or timers.
+    async fn keyed_offsets(
+        &self,
+        statement: &PreparedStatement,
+        namespace: &str,
+        partition: i32,
+    ) -> Result<BTreeMap<String, i64>> {
+        Ok(self
+            .session
+            .execute_iter(statement.clone(), (namespace, partition))
+            .await?
+            .rows_stream::<(String, i64)>()?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     async fn load_positions_async(
         &self,
         namespace: &str,
         partition: i32,
     ) -> Result<PartitionSnapshot> {
         let p = &self.prepared;
-        let timers: BTreeMap<String, i64> = self
-            .session
-            .execute_iter(p.select_partition_timers.clone(), (namespace, partition))
-            .await?
-            .rows_stream::<(String, i64)>()?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .collect();
+        let timers = self
+            .keyed_offsets(&p.select_partition_timers, namespace, partition)
+            .await?;
         let next_offset = self
             .session
             .execute_unpaged(&p.select_partition_position, (namespace, partition))
@@ -520,15 +532,9 @@ impl ScyllaStore {
             .maybe_first_row::<(i64,)>()?
             .map(|(o,)| o)
             .unwrap_or(0);
-        let inputs: BTreeMap<String, i64> = self
-            .session
-            .execute_iter(p.select_input_positions.clone(), (namespace, partition))
-            .await?
-            .rows_stream::<(String, i64)>()?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .collect();
+        let inputs = self
+            .keyed_offsets(&p.select_input_positions, namespace, partition)
+            .await?;
         Ok(PartitionSnapshot {
             customers: BTreeMap::new(),
             next_offset,
