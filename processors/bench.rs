@@ -8,7 +8,7 @@ use crate::kafka::{self, KafkaSettings};
 use crate::registry::Codec;
 use crate::scenario::{self, FeedItem};
 use crate::stages::{PassthroughStage, ProcessorStage};
-use crate::store::EmbeddedStore;
+use crate::store::{state_encoding, EmbeddedStore};
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
 use anyhow::{anyhow, Result};
@@ -20,16 +20,10 @@ use std::time::{Duration, Instant};
 /// The bench's one JSON line.
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
-    pub events: usize,
-    pub core_events_per_s: f64,
+    #[serde(flatten)]
+    pub core: CoreFigures,
     pub e2e_events_per_s: f64,
     pub passthrough_events_per_s: f64,
-    /// Decisions per second decoded from Avro and folded into state, as a restore or
-    /// `herald rebuild` does, one thread.
-    pub rebuild_events_per_s: f64,
-    /// Mean size of the stored state (the JSON the state store keeps) of a customer who got at
-    /// least one message in the scenario.
-    pub bytes_per_customer: f64,
     /// Signed status webhooks per second the gateway verified, normalised and answered 200
     /// after Kafka acknowledged their events (32 in flight at a time).
     pub gateway_webhooks_per_s: f64,
@@ -47,6 +41,19 @@ pub struct BenchResult {
     /// many customers as the cache holds, then many more through the same cache.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub memory: Vec<MemoryRun>,
+}
+
+/// What the core measures on one thread, with no Kafka: `herald bench --core-only`.
+#[derive(Debug, Serialize)]
+pub struct CoreFigures {
+    pub events: usize,
+    pub core_events_per_s: f64,
+    /// Decisions per second decoded from Avro and folded into state, as a restore or
+    /// `herald rebuild` does, one thread.
+    pub rebuild_events_per_s: f64,
+    /// Mean size of the stored state (what the state store keeps, compressed) of a customer
+    /// who got at least one message in the scenario.
+    pub bytes_per_customer: f64,
 }
 
 /// One run of the memory pass.
@@ -109,32 +116,7 @@ pub fn run(
     memory: Option<MemoryPlan>,
 ) -> Result<BenchResult> {
     let topology = Arc::new(Topology::embedded()?);
-    let scenario = scenario::generate(customers, 7);
-    let events: Vec<_> = scenario
-        .items
-        .iter()
-        .filter_map(|i| match i {
-            FeedItem::Event(e) => Some(e.clone()),
-            _ => None,
-        })
-        .collect();
-
-    // Core: the pipeline on decoded events, one thread, timers fired as stream time passes them.
-    let mut tables = crate::tables::Tables::default();
-    for level in scenario::stock_levels() {
-        tables.observe_stock(level);
-    }
-    let t = Instant::now();
-    let mut task = crate::task::Task::default();
-    let mut log = Vec::new();
-    for (i, e) in events.iter().enumerate() {
-        let input_ref = i.to_string();
-        tables.observe(&e.fact, e.envelope.occurred_at);
-        log.extend(task.decide(e, &input_ref, &topology, &tables));
-    }
-    let core = events.len() as f64 / t.elapsed().as_secs_f64();
-    tracing::debug!(decisions = log.len(), "core pass done");
-    let (rebuild, bytes_per_customer) = rebuild_pass(&log, task.customers())?;
+    let (core, events) = core_pass(customers, &topology)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -205,10 +187,7 @@ pub fn run(
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(BenchResult {
-        events: items.len(),
-        core_events_per_s: core.round(),
-        rebuild_events_per_s: rebuild.round(),
-        bytes_per_customer: bytes_per_customer.round(),
+        core,
         e2e_events_per_s: e2e.round(),
         passthrough_events_per_s: passthrough.round(),
         gateway_webhooks_per_s: gateway.round(),
@@ -220,6 +199,72 @@ pub fn run(
         scale_out_events_per_s: scale_out,
         memory: memory_runs,
     })
+}
+
+/// The size of the state dictionary: larger ones compressed scenario states no better.
+const DICTIONARY_BYTES: usize = 16 * 1024;
+
+/// The scenario's events of `customers` customers; the bench measures seed 7.
+fn scenario_events(customers: usize, seed: u64) -> Vec<crate::events::InputEvent> {
+    scenario::generate(customers, seed)
+        .items
+        .into_iter()
+        .filter_map(|i| match i {
+            FeedItem::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The pipeline on decoded events, one thread, timers fired as stream time passes them: the
+/// task it leaves, its decision log, and its rate.
+fn decide_all(
+    events: &[crate::events::InputEvent],
+    topology: &Topology,
+) -> (crate::task::Task, Vec<crate::events::Decision>, f64) {
+    let mut tables = crate::tables::Tables::default();
+    for level in scenario::stock_levels() {
+        tables.observe_stock(level);
+    }
+    let t = Instant::now();
+    let mut task = crate::task::Task::default();
+    let mut log = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let input_ref = i.to_string();
+        tables.observe(&e.fact, e.envelope.occurred_at);
+        log.extend(task.decide(e, &input_ref, topology, &tables));
+    }
+    let rate = events.len() as f64 / t.elapsed().as_secs_f64();
+    (task, log, rate)
+}
+
+/// The core on the scenario, then the rebuild of its decision log. Returns the figures and the
+/// scenario's events.
+pub fn core_pass(
+    customers: usize,
+    topology: &Topology,
+) -> Result<(CoreFigures, Vec<crate::events::InputEvent>)> {
+    let events = scenario_events(customers, 7);
+    let (task, log, core) = decide_all(&events, topology);
+    tracing::debug!(decisions = log.len(), "core pass done");
+    let (rebuild, bytes_per_customer) = rebuild_pass(&log, task.customers())?;
+    Ok((
+        CoreFigures {
+            events: events.len(),
+            core_events_per_s: core.round(),
+            rebuild_events_per_s: rebuild.round(),
+            bytes_per_customer: bytes_per_customer.round(),
+        },
+        events,
+    ))
+}
+
+/// Trains a state dictionary on the states of a scenario other than the one the bench measures
+/// (seed 8, not 7), so `bytes_per_customer` is not measured on what the dictionary learned.
+pub fn train_state_dictionary(customers: usize, topology: &Topology) -> Result<Vec<u8>> {
+    let (task, _, _) = decide_all(&scenario_events(customers, 8), topology);
+    let states: Vec<_> = task.customers().values().cloned().collect();
+    state_encoding::train_dictionary(&states, DICTIONARY_BYTES)
 }
 
 /// The event the latency pass sends first, untimed, to know the processors decide.
@@ -737,8 +782,8 @@ fn rebuild_pass(
     let active: Vec<usize> = live
         .values()
         .filter(|s| !s.approved.is_empty())
-        .map(|s| serde_json::to_vec(s).map(|b| b.len()).unwrap_or(0))
-        .collect();
+        .map(|s| state_encoding::encode(s).map(|b| b.len()))
+        .collect::<Result<_>>()?;
     let mean = active.iter().sum::<usize>() as f64 / active.len().max(1) as f64;
     Ok((rate, mean))
 }

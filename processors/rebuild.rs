@@ -8,7 +8,7 @@ use crate::events::{Decision, Millis, Outcome};
 use crate::replay::{DumpedRecord, Payload};
 use crate::stages::{STREAM_TIME_KEY, TIMERS_KEY};
 use crate::state::{evolve, CustomerState};
-use crate::store::{EmbeddedStore, SnapshotWrite, StateStore, PROCESSORS};
+use crate::store::{state_encoding, EmbeddedStore, SnapshotWrite, StateStore, PROCESSORS};
 use crate::tables::Tables;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -118,7 +118,7 @@ pub fn write(store: &dyn StateStore, folded: &BTreeMap<i32, FoldedPartition>) ->
         let mut changed = Vec::with_capacity(f.customers.len());
         let mut timers = Vec::new();
         for (c, s) in &f.customers {
-            changed.push((c.clone(), serde_json::to_vec(s)?));
+            changed.push((c.clone(), state_encoding::encode(s)?));
             if let Some(due) = s.next_timer() {
                 timers.push((c.clone(), Some(due)));
             }
@@ -150,7 +150,7 @@ pub fn load_states(
     let mut out = BTreeMap::new();
     for p in 0..partitions {
         for (c, stored) in store.load(PROCESSORS, p)?.customers {
-            let state: CustomerState = serde_json::from_slice(&stored.bytes)
+            let state = state_encoding::decode(&stored.bytes)
                 .with_context(|| format!("stored state of {c} (partition {p}) is unreadable"))?;
             out.insert(c, state);
         }

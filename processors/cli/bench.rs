@@ -3,7 +3,7 @@
 use super::args::*;
 use crate::bench;
 use crate::telemetry::{self};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 /// The arguments of `herald bench`.
@@ -28,6 +28,15 @@ pub struct BenchArgs {
     /// The state cache of the memory runs, in customers.
     #[arg(long, default_value_t = 10_000)]
     memory_cache: usize,
+    /// Measure only the core and the rebuild, on one thread with no Kafka (e.g. under
+    /// `valgrind --tool=callgrind`, which counts instructions repeatably).
+    #[arg(long, conflicts_with_all = ["bootstrap", "memory_customers"])]
+    core_only: bool,
+    /// Instead of measuring, train a state dictionary on a scenario of --customers customers
+    /// and write it here (`schemas/customer_state.zdict`; a dictionary that stored states
+    /// must stay readable, see the README).
+    #[arg(long, conflicts_with_all = ["bootstrap", "memory_customers", "core_only"])]
+    train_state_dictionary: Option<std::path::PathBuf>,
     #[command(flatten)]
     security: KafkaSecurityArgs,
 }
@@ -40,9 +49,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         instances,
         memory_customers,
         memory_cache,
+        core_only,
+        train_state_dictionary,
         security,
     } = args;
     telemetry::init_tracing("error");
+    if let Some(path) = train_state_dictionary {
+        let topology = crate::topology::Topology::embedded()?;
+        let dictionary = bench::train_state_dictionary(customers, &topology)?;
+        std::fs::write(&path, dictionary)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
+    if core_only {
+        let topology = crate::topology::Topology::embedded()?;
+        let (figures, _) = bench::core_pass(customers, &topology)?;
+        println!("{}", serde_json::to_string(&figures)?);
+        return Ok(());
+    }
     let brokers = match &bootstrap {
         Some(b) => Some(connect(b, &security, true, "bench")?),
         None => None,

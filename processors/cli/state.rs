@@ -39,8 +39,8 @@ pub fn run(args: StateArgs) -> Result<()> {
             store.describe()
         );
     };
-    let state: crate::state::CustomerState = serde_json::from_str(&view.state)
-        .with_context(|| format!("the projected state of {customer} is unreadable"))?;
+    let state = crate::store::state_encoding::decode(&view.state)
+        .with_context(|| format!("the stored state of {customer} is unreadable"))?;
     let summary = crate::projection::summarise(
         &customer,
         view.partition,

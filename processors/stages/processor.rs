@@ -10,7 +10,7 @@ use crate::identity::{self, pseudonymise, IdentifierKey};
 use crate::kafka::{provenance, LogReader, OutRecord, Outbox, Produced, SharedStore, Stage};
 use crate::registry::Codec;
 use crate::state::CustomerState;
-use crate::store::{SnapshotWrite, PROCESSORS};
+use crate::store::{state_encoding, SnapshotWrite, PROCESSORS};
 use crate::tables::Tables;
 use crate::task::Task;
 use crate::telemetry::Metrics;
@@ -97,7 +97,7 @@ fn write_checkpoint(store: &SharedStore, saves: Vec<PartitionSave>) -> Result<()
         let mut changed = Vec::with_capacity(save.customers.len());
         let mut timers = Vec::with_capacity(save.customers.len());
         for (customer, state) in &save.customers {
-            changed.push((customer.clone(), serde_json::to_vec(state)?));
+            changed.push((customer.clone(), state_encoding::encode(state)?));
             timers.push((customer.clone(), state.next_timer()));
         }
         let write = SnapshotWrite {
@@ -135,7 +135,7 @@ fn load_state(store: &SharedStore, partition: i32, customer: &str) -> Result<(Cu
     };
     match stored {
         Some(s) => Ok((
-            serde_json::from_slice(&s.bytes)
+            state_encoding::decode(&s.bytes)
                 .with_context(|| format!("stored state of {customer} is unreadable"))?,
             s.next_offset,
         )),
@@ -403,7 +403,7 @@ impl Stage for ProcessorStage {
             snap = self.store.load(PROCESSORS, partition)?;
             let mut customers = HashMap::new();
             for (customer, stored) in &snap.customers {
-                let state: CustomerState = serde_json::from_slice(&stored.bytes)
+                let state = state_encoding::decode(&stored.bytes)
                     .with_context(|| format!("stored state of {customer} is unreadable"))?;
                 customers.insert(customer.clone(), state);
                 loaded_at.insert(customer.clone(), stored.next_offset);

@@ -4,7 +4,6 @@
 
 use crate::audit::ConsentEvent;
 use anyhow::Result;
-use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// The processors' namespace: customer state, projected for queries.
@@ -59,14 +58,14 @@ pub struct SnapshotWrite {
 }
 
 /// A customer's row in the query projection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerView {
     pub customer_id: String,
     pub partition: i32,
     /// The decision-log offset the state reflects.
     pub next_offset: i64,
-    /// The customer's state, as JSON.
-    pub state: String,
+    /// The customer's state as stored (`state_encoding::decode` reads it).
+    pub state: Vec<u8>,
 }
 
 /// Where snapshots and the projection live. Every write is idempotent and ordered by log

@@ -15,7 +15,10 @@ const LEGACY_STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("custom
 const STATES: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("customer_snapshot");
 const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("partition_position");
 const INPUT_POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_position");
-const VIEW: TableDefinition<&str, (i32, i64, &str)> = TableDefinition::new("customer_view");
+/// The projection before states were stored once: a copy of each state as JSON.
+const LEGACY_VIEW: TableDefinition<&str, (i32, i64, &str)> = TableDefinition::new("customer_view");
+/// The query projection: which partition holds each customer's state.
+const VIEW: TableDefinition<&str, i32> = TableDefinition::new("customer_partition");
 /// Consent rows with the log position of the save that wrote them, so an erasure removes
 /// exactly the rows saved before it, however often it is replayed.
 const CONSENT: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("consent_history");
@@ -48,6 +51,22 @@ impl EmbeddedStore {
             w.delete_table(INPUT_POSITIONS)?;
             tracing::warn!(path = %path.display(), "state store from an older format emptied; state is restored from the log");
         }
+        // A store from before states were stored once keeps where each customer is, and drops
+        // the JSON copies.
+        let legacy: Vec<(String, i32)> = match w.open_table(LEGACY_VIEW) {
+            Ok(t) => t
+                .iter()?
+                .filter_map(|row| row.ok())
+                .map(|(k, v)| (k.value().to_string(), v.value().0))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        w.delete_table(LEGACY_VIEW)?;
+        let mut view = w.open_table(VIEW)?;
+        for (customer, partition) in &legacy {
+            view.insert(customer.as_str(), *partition)?;
+        }
+        drop(view);
         w.open_table(STATES)?;
         w.open_table(POSITIONS)?;
         w.open_table(INPUT_POSITIONS)?;
@@ -179,9 +198,7 @@ impl StateStore for EmbeddedStore {
                 }
                 states.insert(key.as_str(), (at, bytes.as_slice()))?;
                 if namespace == PROCESSORS {
-                    let json = std::str::from_utf8(bytes)
-                        .with_context(|| format!("state of {customer} is not JSON text"))?;
-                    view.insert(customer.as_str(), (partition, at, json))?;
+                    view.insert(customer.as_str(), partition)?;
                 }
             }
             let mut timers = w.open_table(TIMERS)?;
@@ -233,14 +250,17 @@ impl StateStore for EmbeddedStore {
 
     fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>> {
         let r = self.db.begin_read()?;
-        let view = r.open_table(VIEW)?;
-        Ok(view.get(customer_id)?.map(|v| {
-            let (partition, next_offset, state) = v.value();
+        let Some(partition) = r.open_table(VIEW)?.get(customer_id)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let key = format!("{}{customer_id}", prefix(PROCESSORS, partition));
+        Ok(r.open_table(STATES)?.get(key.as_str())?.map(|v| {
+            let (next_offset, state) = v.value();
             CustomerView {
                 customer_id: customer_id.to_string(),
                 partition,
                 next_offset,
-                state: state.to_string(),
+                state: state.to_vec(),
             }
         }))
     }
@@ -294,6 +314,31 @@ mod tests {
         let s = EmbeddedStore::open(&path).unwrap();
         assert_eq!(s.load(PROCESSORS, 0).unwrap(), PartitionSnapshot::default());
         assert!(s.is_empty().unwrap());
+    }
+
+    #[test]
+    fn a_store_with_json_copies_of_states_still_finds_each_customer_and_drops_the_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(STATES)
+                .unwrap()
+                .insert("processors/00003/c-1", (7, b"{}".as_slice()))
+                .unwrap();
+            w.open_table(LEGACY_VIEW)
+                .unwrap()
+                .insert("c-1", (3, 7, "{}"))
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let s = EmbeddedStore::open(&path).unwrap();
+        let view = s.customer("c-1").unwrap().expect("still found");
+        assert_eq!((view.partition, view.next_offset), (3, 7));
+        assert_eq!(view.state, b"{}");
+        let r = s.db.begin_read().unwrap();
+        assert!(r.open_table(LEGACY_VIEW).is_err(), "the JSON copies stay");
     }
 
     #[test]

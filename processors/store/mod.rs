@@ -7,6 +7,7 @@ pub mod address;
 pub mod contract;
 pub mod embedded;
 pub mod scylla;
+pub mod state_encoding;
 
 pub use address::StoreAddress;
 pub use contract::*;

@@ -339,7 +339,7 @@ struct Prepared {
     delete_customer_timer: PreparedStatement,
     upsert_partition_position: PreparedStatement,
     upsert_input_position: PreparedStatement,
-    upsert_customer_view: PreparedStatement,
+    upsert_customer_partition: PreparedStatement,
     insert_consent_record: PreparedStatement,
     delete_consent_history: PreparedStatement,
     select_snapshot_bucket: PreparedStatement,
@@ -347,7 +347,7 @@ struct Prepared {
     select_partition_timers: PreparedStatement,
     select_partition_position: PreparedStatement,
     select_input_positions: PreparedStatement,
-    select_customer_view: PreparedStatement,
+    select_customer_partition: PreparedStatement,
     select_consent_history: PreparedStatement,
     select_any_snapshot: PreparedStatement,
 }
@@ -451,7 +451,7 @@ impl ScyllaStore {
                 delete_customer_timer: take("delete_customer_timer")?,
                 upsert_partition_position: take("upsert_partition_position")?,
                 upsert_input_position: take("upsert_input_position")?,
-                upsert_customer_view: take("upsert_customer_view")?,
+                upsert_customer_partition: take("upsert_customer_partition")?,
                 insert_consent_record: take("insert_consent_record")?,
                 delete_consent_history: take("delete_consent_history")?,
                 select_snapshot_bucket: take("select_snapshot_bucket")?,
@@ -459,7 +459,7 @@ impl ScyllaStore {
                 select_partition_timers: take("select_partition_timers")?,
                 select_partition_position: take("select_partition_position")?,
                 select_input_positions: take("select_input_positions")?,
-                select_customer_view: take("select_customer_view")?,
+                select_customer_partition: take("select_customer_partition")?,
                 select_consent_history: take("select_consent_history")?,
                 select_any_snapshot: take("select_any_snapshot")?,
             };
@@ -583,10 +583,8 @@ impl ScyllaStore {
                 )
                 .await?;
             if project {
-                let json = std::str::from_utf8(bytes)
-                    .with_context(|| format!("state of {customer} is not JSON text"))?;
                 self.session
-                    .execute_unpaged(&p.upsert_customer_view, (customer, partition, at, json, at))
+                    .execute_unpaged(&p.upsert_customer_partition, (customer, partition, at))
                     .await?;
             }
             anyhow::Ok(())
@@ -667,17 +665,23 @@ impl ScyllaStore {
     }
 
     async fn customer_async(&self, customer_id: &str) -> Result<Option<CustomerView>> {
-        Ok(self
+        let Some((partition,)) = self
             .session
-            .execute_unpaged(&self.prepared.select_customer_view, (customer_id,))
+            .execute_unpaged(&self.prepared.select_customer_partition, (customer_id,))
             .await?
             .into_rows_result()?
-            .maybe_first_row::<(i32, i64, String)>()?
-            .map(|(partition, next_offset, state)| CustomerView {
+            .maybe_first_row::<(i32,)>()?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .load_customer_async(PROCESSORS, partition, customer_id)
+            .await?
+            .map(|stored| CustomerView {
                 customer_id: customer_id.to_string(),
                 partition,
-                next_offset,
-                state,
+                next_offset: stored.next_offset,
+                state: stored.bytes,
             }))
     }
 
