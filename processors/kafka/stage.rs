@@ -50,6 +50,12 @@ pub trait Stage {
     }
     /// Handles one input record. `Err` is fatal: the transaction is aborted and the loop stops.
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()>;
+    /// Called before each batch, outside its transaction: loads at once what the batch's records
+    /// will need (customers' states not in memory). A failure here is only a warning: each
+    /// record then loads what it needs itself.
+    fn prefetch(&mut self, _batch: &[OwnedMessage]) -> Result<()> {
+        Ok(())
+    }
     /// Called before each batch: brings tables read whole (inventory) up to date.
     fn refresh_tables(&mut self, _reader: &LogReader) -> Result<()> {
         Ok(())

@@ -279,6 +279,9 @@ pub(crate) fn run_batch<S: Stage>(
     if let Err(e) = stage.refresh_tables(reader) {
         tracing::warn!(error = %e, "inventory table not refreshed; retrying on a later batch");
     }
+    if let Err(e) = stage.prefetch(batch) {
+        tracing::warn!(error = %format!("{e:#}"), "batch prefetch failed; each record loads its own state");
+    }
     if settings.exactly_once {
         producer
             .begin_transaction()

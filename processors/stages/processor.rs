@@ -17,7 +17,7 @@ use crate::telemetry::Metrics;
 use crate::topology::Topology;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,23 +116,12 @@ fn write_checkpoint(store: &SharedStore, saves: Vec<PartitionSave>) -> Result<()
 /// A customer's stored state and the log position it reflects, or a new customer's empty state
 /// at 0. A store that does not answer is asked again with a backoff, for about three seconds.
 fn load_state(store: &SharedStore, partition: i32, customer: &str) -> Result<(CustomerState, i64)> {
-    let mut backoff = Duration::from_millis(100);
-    let stored = loop {
-        match store.load_customer(PROCESSORS, partition, customer) {
-            Ok(stored) => break stored,
-            Err(e) if backoff <= Duration::from_millis(1600) => {
-                tracing::warn!(customer, partition, error = %format!("{e:#}"), "loading a customer's state; trying again");
-                std::thread::sleep(backoff);
-                backoff *= 2;
-            }
-            Err(e) => {
-                return Err(e.context(format!(
-                    "loading the state of {customer} (partition {partition}) from {}",
-                    store.describe()
-                )))
-            }
-        }
-    };
+    let stored = with_retry(
+        store,
+        &format!("the state of {customer}"),
+        partition,
+        || store.load_customer(PROCESSORS, partition, customer),
+    )?;
     match stored {
         Some(s) => Ok((
             state_encoding::decode(&s.bytes)
@@ -140,6 +129,33 @@ fn load_state(store: &SharedStore, partition: i32, customer: &str) -> Result<(Cu
             s.next_offset,
         )),
         None => Ok((CustomerState::default(), 0)),
+    }
+}
+
+/// Reads from the store, asking again with a backoff for about three seconds before giving up
+/// naming `what` and the store.
+fn with_retry<T>(
+    store: &SharedStore,
+    what: &str,
+    partition: i32,
+    mut read: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match read() {
+            Ok(found) => return Ok(found),
+            Err(e) if backoff <= Duration::from_millis(1600) => {
+                tracing::warn!(what, partition, error = %format!("{e:#}"), "reading the state store; trying again");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "loading {what} (partition {partition}) from {}",
+                    store.describe()
+                )))
+            }
+        }
     }
 }
 
@@ -493,6 +509,44 @@ impl Stage for ProcessorStage {
             .get(&partition)
             .map(|p| p.inputs.iter().map(|(t, o)| (t.clone(), *o)).collect())
             .unwrap_or_default()
+    }
+
+    fn prefetch(&mut self, batch: &[OwnedMessage]) -> Result<()> {
+        // Records are keyed by customer (one that is not goes to the dead letters, and its
+        // state loaded here is merely let go later).
+        let mut cold: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+        for msg in batch {
+            let Some(part) = self.partitions.get(&msg.partition()) else {
+                continue;
+            };
+            let Some(customer) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                continue;
+            };
+            if !part.task.is_resident(customer) {
+                cold.entry(msg.partition())
+                    .or_default()
+                    .insert(customer.to_string());
+            }
+        }
+        for (p, customers) in cold {
+            let customers: Vec<String> = customers.into_iter().collect();
+            let mut found = with_retry(&self.store, "a batch's customers", p, || {
+                self.store.load_customers(PROCESSORS, p, &customers)
+            })?;
+            let Some(part) = self.partitions.get_mut(&p) else {
+                continue;
+            };
+            Metrics::inc(&self.metrics.customers_loaded, customers.len() as u64);
+            for customer in customers {
+                let state = match found.remove(&customer) {
+                    Some(s) => state_encoding::decode(&s.bytes)
+                        .with_context(|| format!("stored state of {customer} is unreadable"))?,
+                    None => CustomerState::default(),
+                };
+                part.task.admit(customer, state);
+            }
+        }
+        Ok(())
     }
 
     fn handle(&mut self, msg: &OwnedMessage, out: &mut Outbox) -> Result<()> {

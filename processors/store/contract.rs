@@ -83,6 +83,22 @@ pub trait StateStore: Send + Sync {
         partition: i32,
         customer: &str,
     ) -> Result<Option<StoredState>>;
+    /// Loads the stored states of several customers of one partition, those that have one. A
+    /// backend overrides it to read them in one transaction or concurrently.
+    fn load_customers(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customers: &[String],
+    ) -> Result<BTreeMap<String, StoredState>> {
+        let mut found = BTreeMap::new();
+        for c in customers {
+            if let Some(s) = self.load_customer(namespace, partition, c)? {
+                found.insert(c.clone(), s);
+            }
+        }
+        Ok(found)
+    }
     /// Saves a partition's changes; in `PROCESSORS` also the projection.
     fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()>;
     /// A customer's projected state, if any was saved.

@@ -27,6 +27,11 @@ const CONSENT: TableDefinition<&str, (i64, &[u8])> = TableDefinition::new("conse
 const TIMERS: TableDefinition<&str, (i64, i64)> = TableDefinition::new("customer_timer");
 const NO_TIMER: i64 = i64::MIN;
 
+/// redb's page cache. Its default, 1 GiB, grew the processors' resident memory by a gigabyte
+/// with a million customers; states are read once per cache miss of the processors' own cache,
+/// and the operating system's page cache still holds the file.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The embedded store, a redb file.
 pub struct EmbeddedStore {
     db: Database,
@@ -40,7 +45,9 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let db = Database::create(path)
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .with_context(|| format!("cannot open state store {}", path.display()))?;
         let w = db.begin_write()?;
         // A store written before states carried their own positions: its positions cannot be
@@ -175,6 +182,31 @@ impl StateStore for EmbeddedStore {
                 next_offset,
             }
         }))
+    }
+
+    fn load_customers(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customers: &[String],
+    ) -> Result<BTreeMap<String, StoredState>> {
+        let r = self.db.begin_read()?;
+        let states = r.open_table(STATES)?;
+        let p = prefix(namespace, partition);
+        let mut found = BTreeMap::new();
+        for c in customers {
+            if let Some(v) = states.get(format!("{p}{c}").as_str())? {
+                let (next_offset, bytes) = v.value();
+                found.insert(
+                    c.clone(),
+                    StoredState {
+                        bytes: bytes.to_vec(),
+                        next_offset,
+                    },
+                );
+            }
+        }
+        Ok(found)
     }
 
     fn load_positions(&self, namespace: &str, partition: i32) -> Result<PartitionSnapshot> {

@@ -761,6 +761,30 @@ impl StateStore for ScyllaStore {
             })
     }
 
+    fn load_customers(
+        &self,
+        namespace: &str,
+        partition: i32,
+        customers: &[String],
+    ) -> Result<BTreeMap<String, StoredState>> {
+        // One round trip at a time would bound a batch of cold customers by the network's
+        // latency: the reads go out together, as the writes do.
+        let reads = futures::stream::iter(customers.iter().map(|c| async move {
+            let found = self.load_customer_async(namespace, partition, c).await?;
+            anyhow::Ok(found.map(|s| (c.clone(), s)))
+        }))
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .try_collect::<Vec<_>>();
+        let found = self.rt.block_on(reads).with_context(|| {
+            format!(
+                "ScyllaDB {}: loading {} customers of {namespace}/{partition}",
+                self.describe(),
+                customers.len()
+            )
+        })?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
     fn save(&self, namespace: &str, partition: i32, write: &SnapshotWrite) -> Result<()> {
         self.rt
             .block_on(self.save_async(namespace, partition, write))
