@@ -159,7 +159,7 @@ fn with_retry<T>(
     }
 }
 
-/// Loads into `task` the customers it wants that are not in memory.
+/// Loads into `task`, in one read of the store, the customers it wants that are not in memory.
 fn admit_wanted(
     store: &SharedStore,
     metrics: &Metrics,
@@ -167,9 +167,19 @@ fn admit_wanted(
     task: &mut Task,
     wanted: Vec<String>,
 ) -> Result<()> {
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut found = with_retry(store, "customers' states", partition, || {
+        store.load_customers(PROCESSORS, partition, &wanted)
+    })?;
+    Metrics::inc(&metrics.customers_loaded, wanted.len() as u64);
     for customer in wanted {
-        let (state, _) = load_state(store, partition, &customer)?;
-        Metrics::inc(&metrics.customers_loaded, 1);
+        let state = match found.remove(&customer) {
+            Some(s) => state_encoding::decode(&s.bytes)
+                .with_context(|| format!("stored state of {customer} is unreadable"))?,
+            None => CustomerState::default(),
+        };
         task.admit(customer, state);
     }
     Ok(())
@@ -529,21 +539,9 @@ impl Stage for ProcessorStage {
             }
         }
         for (p, customers) in cold {
-            let customers: Vec<String> = customers.into_iter().collect();
-            let mut found = with_retry(&self.store, "a batch's customers", p, || {
-                self.store.load_customers(PROCESSORS, p, &customers)
-            })?;
-            let Some(part) = self.partitions.get_mut(&p) else {
-                continue;
-            };
-            Metrics::inc(&self.metrics.customers_loaded, customers.len() as u64);
-            for customer in customers {
-                let state = match found.remove(&customer) {
-                    Some(s) => state_encoding::decode(&s.bytes)
-                        .with_context(|| format!("stored state of {customer} is unreadable"))?,
-                    None => CustomerState::default(),
-                };
-                part.task.admit(customer, state);
+            if let Some(part) = self.partitions.get_mut(&p) {
+                let customers = customers.into_iter().collect();
+                admit_wanted(&self.store, &self.metrics, p, &mut part.task, customers)?;
             }
         }
         Ok(())

@@ -5,7 +5,9 @@ use super::contract::{
 };
 use crate::audit::ConsentEvent;
 use anyhow::{Context, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::path::PathBuf;
@@ -60,20 +62,18 @@ impl EmbeddedStore {
         }
         // A store from before states were stored once keeps where each customer is, and drops
         // the JSON copies.
-        let legacy: Vec<(String, i32)> = match w.open_table(LEGACY_VIEW) {
-            Ok(t) => t
+        if w.list_tables()?.any(|t| t.name() == LEGACY_VIEW.name()) {
+            let legacy: Vec<(String, i32)> = w
+                .open_table(LEGACY_VIEW)?
                 .iter()?
-                .filter_map(|row| row.ok())
-                .map(|(k, v)| (k.value().to_string(), v.value().0))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        w.delete_table(LEGACY_VIEW)?;
-        let mut view = w.open_table(VIEW)?;
-        for (customer, partition) in &legacy {
-            view.insert(customer.as_str(), *partition)?;
+                .map(|row| row.map(|(k, v)| (k.value().to_string(), v.value().0)))
+                .collect::<Result<_, _>>()?;
+            w.delete_table(LEGACY_VIEW)?;
+            let mut view = w.open_table(VIEW)?;
+            for (customer, partition) in &legacy {
+                view.insert(customer.as_str(), *partition)?;
+            }
         }
-        drop(view);
         w.open_table(STATES)?;
         w.open_table(POSITIONS)?;
         w.open_table(INPUT_POSITIONS)?;
@@ -105,6 +105,20 @@ fn consent_key(customer: &str, c: &ConsentEvent) -> String {
 /// The key range of one customer's consent rows.
 fn consent_range(customer: &str) -> (String, String) {
     (format!("{customer}\u{1}"), format!("{customer}\u{2}"))
+}
+
+/// The state stored under `key`, if any.
+fn stored_state(
+    states: &redb::ReadOnlyTable<&str, (i64, &[u8])>,
+    key: &str,
+) -> Result<Option<StoredState>> {
+    Ok(states.get(key)?.map(|v| {
+        let (next_offset, bytes) = v.value();
+        StoredState {
+            bytes: bytes.to_vec(),
+            next_offset,
+        }
+    }))
 }
 
 /// A partition's positions and timers, as the read transaction `r` sees them.
@@ -175,13 +189,7 @@ impl StateStore for EmbeddedStore {
     ) -> Result<Option<StoredState>> {
         let r = self.db.begin_read()?;
         let key = format!("{}{customer}", prefix(namespace, partition));
-        Ok(r.open_table(STATES)?.get(key.as_str())?.map(|v| {
-            let (next_offset, bytes) = v.value();
-            StoredState {
-                bytes: bytes.to_vec(),
-                next_offset,
-            }
-        }))
+        stored_state(&r.open_table(STATES)?, &key)
     }
 
     fn load_customers(
@@ -195,15 +203,8 @@ impl StateStore for EmbeddedStore {
         let p = prefix(namespace, partition);
         let mut found = BTreeMap::new();
         for c in customers {
-            if let Some(v) = states.get(format!("{p}{c}").as_str())? {
-                let (next_offset, bytes) = v.value();
-                found.insert(
-                    c.clone(),
-                    StoredState {
-                        bytes: bytes.to_vec(),
-                        next_offset,
-                    },
-                );
+            if let Some(s) = stored_state(&states, &format!("{p}{c}"))? {
+                found.insert(c.clone(), s);
             }
         }
         Ok(found)
@@ -286,15 +287,14 @@ impl StateStore for EmbeddedStore {
             return Ok(None);
         };
         let key = format!("{}{customer_id}", prefix(PROCESSORS, partition));
-        Ok(r.open_table(STATES)?.get(key.as_str())?.map(|v| {
-            let (next_offset, state) = v.value();
-            CustomerView {
+        Ok(
+            stored_state(&r.open_table(STATES)?, &key)?.map(|s| CustomerView {
                 customer_id: customer_id.to_string(),
                 partition,
-                next_offset,
-                state: state.to_vec(),
-            }
-        }))
+                next_offset: s.next_offset,
+                state: s.bytes,
+            }),
+        )
     }
 
     fn consent_history(&self, customer_id: &str) -> Result<Vec<ConsentEvent>> {
