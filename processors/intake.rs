@@ -7,8 +7,9 @@
 //! A lane (one topic-partition) that is empty holds its partition back until the broker,
 //! asked after the partition's latest arrival, says the lane is at its end. A lane the broker
 //! says is behind (records written, not yet fetched) holds it back until they arrive, however
-//! long that takes; only a lane whose position is unknown, or whose broker does not answer,
-//! gives up after `max_idle_ms` (Kafka Streams' KIP-695 semantics).
+//! long that takes; a lane whose broker does not answer (its leader died and is being
+//! replaced) holds it back for up to [`LEADER_MOVE_WAIT_MS`]; only a lane whose position is
+//! unknown gives up after `max_idle_ms` (Kafka Streams' KIP-695 semantics).
 
 use rdkafka::message::{Message, OwnedMessage};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -49,6 +50,13 @@ pub const FIRST_FETCH_WAIT_MS: u64 = 5_000;
 /// they may have been only a transaction marker, which moves the position without a record.
 pub const RECHECK_MS: u64 = 25;
 
+/// How long a lane whose broker does not answer may hold its partition back. A killed leader
+/// is replaced once the controller misses its heartbeats (`broker.session.timeout.ms`, 9 s by
+/// default) and the new leader answers within seconds of that; going on without the lane
+/// sooner would decide its partition's other topics ahead of records the dead leader holds.
+/// Past this, a partition whose leader stays gone must not stop the others' decisions.
+pub const LEADER_MOVE_WAIT_MS: u64 = 30_000;
+
 /// Where the broker says a lane stands against its end (the last stable offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lag {
@@ -56,7 +64,9 @@ pub enum Lag {
     AtEnd,
     /// Records after the lane's position that the consumer has not handed over yet.
     Behind,
-    /// The broker did not answer, or the lane's position is not known.
+    /// The lane's position is known but its leader did not say where it ends: it may be dead.
+    Unanswered,
+    /// The lane's position is not known.
     Unknown,
 }
 
@@ -70,6 +80,8 @@ struct Lane<R> {
     checked: Option<(u64, Lag)>,
     /// Nothing buffered since the lane was opened or rewound: its first fetch may be slow.
     fresh: bool,
+    /// Since when every question about the lane went unanswered, since its last record.
+    unanswered_since: Option<u64>,
 }
 
 impl<R> Lane<R> {
@@ -80,6 +92,7 @@ impl<R> Lane<R> {
             next_offset: start,
             checked: None,
             fresh: true,
+            unanswered_since: None,
         }
     }
 
@@ -94,6 +107,10 @@ impl<R> Lane<R> {
         match self.checked {
             Some((asked_at, Lag::AtEnd)) if asked_at >= last_fill => false,
             Some((_, Lag::Behind)) => true,
+            Some((asked_at, Lag::Unanswered)) => {
+                let since = self.unanswered_since.unwrap_or(asked_at);
+                now_ms.saturating_sub(since) < LEADER_MOVE_WAIT_MS
+            }
             _ => {
                 let patience = if self.fresh {
                     max_idle_ms.max(FIRST_FETCH_WAIT_MS)
@@ -183,6 +200,7 @@ impl<R: Stamped> Intake<R> {
             }
             lane.next_offset = Some(record.offset() + 1);
             lane.checked = None;
+            lane.unanswered_since = None;
             lane.fresh = false;
             lane.records.push_back(record);
         }
@@ -225,11 +243,25 @@ impl<R: Stamped> Intake<R> {
 
     /// The broker's answer about a lane, to a question asked at `asked_at`: at its end, it
     /// stops holding the partition back (until the next arrival); behind, it holds it back
-    /// until its records come.
-    pub fn checked(&mut self, topic: &str, partition: i32, asked_at: u64, lag: Lag) {
-        if let Some(lane) = self.lanes.get_mut(&(partition, topic.to_string())) {
-            if lane.records.is_empty() {
-                lane.checked = Some((asked_at, lag));
+    /// until its records come; unanswered, it holds it back until a leader answers or
+    /// [`LEADER_MOVE_WAIT_MS`] pass. True when the lane just stopped being answered.
+    pub fn checked(&mut self, topic: &str, partition: i32, asked_at: u64, lag: Lag) -> bool {
+        let Some(lane) = self.lanes.get_mut(&(partition, topic.to_string())) else {
+            return false;
+        };
+        if !lane.records.is_empty() {
+            return false;
+        }
+        lane.checked = Some((asked_at, lag));
+        match lag {
+            Lag::Unanswered if lane.unanswered_since.is_none() => {
+                lane.unanswered_since = Some(asked_at);
+                true
+            }
+            Lag::Unanswered => false,
+            _ => {
+                lane.unanswered_since = None;
+                false
             }
         }
     }
@@ -350,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lane_nobody_could_ask_about_holds_its_partition_back_until_it_idles_out() {
+    fn a_lane_whose_position_is_unknown_holds_its_partition_back_until_it_idles_out() {
         let mut i = intake(&["crm", "oms"], &[0]);
         i.push(R("crm", 0, 1), 0);
         i.push(R("oms", 0, 10), 0);
@@ -358,6 +390,49 @@ mod tests {
         assert_eq!(i.next(50), None, "crm may still deliver something older");
         i.checked("crm", 0, 50, Lag::Unknown);
         assert_eq!(i.next(100), Some(R("oms", 0, 10)));
+    }
+
+    #[test]
+    fn a_lane_whose_leader_does_not_answer_holds_its_partition_back_until_a_new_one_does() {
+        let mut i = intake(&["crm", "oms"], &[0]);
+        i.push(R("crm", 0, 1), 0);
+        i.push(R("oms", 0, 10), 0);
+        assert_eq!(i.next(0), Some(R("crm", 0, 1)));
+        assert!(
+            i.checked("crm", 0, 50, Lag::Unanswered),
+            "the first silence"
+        );
+        assert_eq!(
+            i.next(5_000),
+            None,
+            "long past the idle time, a killed leader may hold a revocation older than the order"
+        );
+        assert!(
+            !i.checked("crm", 0, 5_000, Lag::Unanswered),
+            "still silent: the wait runs from the first silence"
+        );
+        assert_eq!(i.next(LEADER_MOVE_WAIT_MS), None);
+        i.checked("crm", 0, 10_000, Lag::Behind);
+        i.push(R("crm", 0, 5), 10_000);
+        assert_eq!(
+            drain(&mut i, 10_000),
+            vec![R("crm", 0, 5)],
+            "the new leader's records come first"
+        );
+        i.checked("crm", 0, 10_000, Lag::AtEnd);
+        assert_eq!(i.next(10_000), Some(R("oms", 0, 10)));
+    }
+
+    #[test]
+    fn a_partition_whose_leader_stays_gone_goes_on_without_it() {
+        let mut i = intake(&["crm", "oms"], &[0]);
+        i.push(R("crm", 0, 1), 0);
+        i.push(R("oms", 0, 10), 0);
+        assert_eq!(i.next(0), Some(R("crm", 0, 1)));
+        i.checked("crm", 0, 100, Lag::Unanswered);
+        i.checked("crm", 0, 20_000, Lag::Unanswered);
+        assert_eq!(i.next(100 + LEADER_MOVE_WAIT_MS - 1), None);
+        assert_eq!(i.next(100 + LEADER_MOVE_WAIT_MS), Some(R("oms", 0, 10)));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::log_reader::*;
 use super::settings::*;
 use super::stage::*;
-use crate::intake::{FlowChange, Intake, Lag};
+use crate::intake::{FlowChange, Intake, Lag, LEADER_MOVE_WAIT_MS};
 use crate::telemetry::{GroupReport, Metrics, StagePhase};
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -194,10 +194,18 @@ pub(crate) fn check_lanes(
         let lag = match (position, ends.get(&(topic.clone(), p))) {
             (Some(at), Some(end)) if at >= *end => Lag::AtEnd,
             (Some(_), Some(_)) => Lag::Behind,
-            _ => Lag::Unknown,
+            (Some(_), None) => Lag::Unanswered,
+            (None, _) => Lag::Unknown,
         };
         tracing::debug!(topic, partition = p, ?position, end = ?ends.get(&(topic.clone(), p)), ?lag, "lane checked");
-        intake.checked(&topic, p, asked_at, lag);
+        if intake.checked(&topic, p, asked_at, lag) {
+            tracing::warn!(
+                topic,
+                partition = p,
+                wait_ms = LEADER_MOVE_WAIT_MS,
+                "the lane's leader does not say where it ends; its partition waits for a new leader before deciding the other topics"
+            );
+        }
     }
 }
 
