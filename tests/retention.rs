@@ -2,7 +2,8 @@
 //! on a real Apache Kafka broker (`scripts/kafka`). The processors write every address they
 //! learn to the compacted contact changelog (`herald.contacts.v1`); once the CRM topic's
 //! records are gone (deleted as retention would), a fresh dispatch still sends to the address
-//! the customer gave, a fresh gateway still routes the customer's STOP to them, and an erasure
+//! the customer gave, an address given later joins the restored card rather than replacing
+//! it, a fresh gateway still routes the customer's STOP to them, and an erasure
 //! leaves a tombstone as the customer's last card. A template the provider paused stays
 //! paused across a restart once the provider topic's records are gone too.
 
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 const CUSTOMER: &str = "cust-000042";
 const PHONE: &str = "+15550100042";
+const EMAIL: &str = "ana42@example.com";
 /// A second customer, who only ever orders after the provider paused the template.
 const OTHER: &str = "cust-000043";
 
@@ -250,6 +252,54 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
     wait_sends(
         2,
         "the second order's confirmation after the CRM records were deleted",
+    );
+
+    // An e-mail address given now is added to the card the fresh processors restored from the
+    // changelog: the new card keeps the phone number, which no input holds any more.
+    common::feed(
+        &rt,
+        &producer,
+        &codec,
+        &[fact(
+            "p2",
+            t0 + 30 * 86_400_000 + 60_000,
+            Fact::ProfileChanged(ProfileChanged {
+                first_name: None,
+                locale: None,
+                time_zone: None,
+                phone_e164: None,
+                email: Some(EMAIL.into()),
+            }),
+        )],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let card = loop {
+        let mut last = None;
+        demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.contacts(),
+            topology.partitions(),
+            |m| {
+                if m.key() == Some(CUSTOMER.as_bytes()) {
+                    last = rt.block_on(codec.decode_contact_card(m.payload())).unwrap();
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        if let Some(card) = last.filter(|c| c.addresses.values().any(|a| a == EMAIL)) {
+            break card;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no card with the e-mail address: {:?}",
+            decided()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        card.addresses.values().any(|a| a == PHONE),
+        "the new card lost the phone number: {card:?}"
     );
 
     // A gateway started now routes the customer's STOP to them: an opt-out, not a dead letter.

@@ -33,8 +33,10 @@ struct ProcessorPartition {
     touched: BTreeSet<String>,
     /// Consent-history changes decided since the last save.
     consent: ConsentProjection,
-    /// Each customer's card in the contact changelog, as last written.
-    contacts: HashMap<String, ContactCard>,
+    /// Each customer's card in the contact changelog, as the record last written: kept
+    /// encoded, it takes a sixth of the memory of the decoded card (one address: about 170
+    /// bytes against 1 KB), and it is decoded only when a profile change adds to it.
+    contacts: HashMap<String, Box<[u8]>>,
     /// A template status change arrived since the last save: the next one saves the table.
     templates_moved: bool,
 }
@@ -187,13 +189,13 @@ fn admit_wanted(
 
 /// What an input changes in the contact changelog once decided: a customer's new card when an
 /// accepted profile brought addresses the card lacks, a tombstone (`None`) when an erasure was
-/// accepted, nothing otherwise. Keeps `cards` as written.
+/// accepted, nothing otherwise. `previous` is the customer's card as last written.
 fn contact_change(
-    cards: &mut HashMap<String, ContactCard>,
+    previous: Option<ContactCard>,
     input: &InputEvent,
     learnt: std::collections::BTreeMap<String, String>,
     decisions: &[Decision],
-) -> Option<(String, Option<ContactCard>)> {
+) -> Option<Option<ContactCard>> {
     let customer = &input.envelope.customer_id;
     let accepted = decisions.iter().any(|d| {
         matches!(&d.outcome, Outcome::EventAccepted(a) if a.envelope.event_id == input.envelope.event_id)
@@ -202,24 +204,19 @@ fn contact_change(
         return None;
     }
     match &input.fact {
-        Fact::ErasureRequested(_) => {
-            cards.remove(customer);
-            Some((customer.clone(), None))
-        }
+        Fact::ErasureRequested(_) => Some(None),
         Fact::ProfileChanged(_) => {
-            let card = cards
-                .entry(customer.clone())
-                .or_insert_with(|| ContactCard {
-                    customer_id: customer.clone(),
-                    ..ContactCard::default()
-                });
+            let mut card = previous.unwrap_or_else(|| ContactCard {
+                customer_id: customer.clone(),
+                ..ContactCard::default()
+            });
             let before = card.addresses.len();
             card.addresses.extend(learnt);
             if card.addresses.len() == before {
                 return None;
             }
             card.updated_at = card.updated_at.max(input.envelope.occurred_at);
-            Some((customer.clone(), Some(card.clone())))
+            Some(Some(card))
         }
         _ => None,
     }
@@ -480,9 +477,11 @@ impl Stage for ProcessorStage {
         let contacts = codec.topics().contacts().clone();
         reader.read(&contacts, partition, 0, |m| {
             let customer = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            // Decoded to prove it readable; kept as written.
             match rt.block_on(codec.decode_contact_card(m.payload())) {
-                Ok(Some(card)) => {
-                    part.contacts.insert(customer, card);
+                Ok(Some(_)) => {
+                    let record = m.payload().unwrap_or_default();
+                    part.contacts.insert(customer, record.into());
                 }
                 Ok(None) => {
                     part.contacts.remove(&customer);
@@ -608,17 +607,34 @@ impl Stage for ProcessorStage {
             .task
             .decide(&input, &input_ref, &self.topology, &self.tables);
         part.note(&decisions);
-        let card = contact_change(&mut part.contacts, &input, learnt, &decisions);
+        let customer = &input.envelope.customer_id;
+        let previous = match (&input.fact, part.contacts.get(customer)) {
+            (Fact::ProfileChanged(_), Some(record)) => self
+                .rt
+                .block_on(self.codec.decode_contact_card(Some(record)))
+                .map_err(|e| anyhow!("the contact card of {customer} is unreadable: {e}"))?,
+            _ => None,
+        };
+        // The card as its new record in the changelog; a tombstone once the customer is erased.
+        let card = match contact_change(previous, &input, learnt, &decisions) {
+            Some(Some(card)) => {
+                let value = self.rt.block_on(self.codec.encode_contact_card(&card))?;
+                part.contacts
+                    .insert(customer.clone(), value.as_slice().into());
+                Some(value)
+            }
+            Some(None) => {
+                part.contacts.remove(customer);
+                Some(Vec::new())
+            }
+            None => None,
+        };
         self.emit(p, decisions, provenance(msg), out)?;
-        if let Some((customer, card)) = card {
-            let value = match card {
-                Some(card) => self.rt.block_on(self.codec.encode_contact_card(&card))?,
-                None => Vec::new(),
-            };
+        if let Some(value) = card {
             out.records.push(OutRecord {
                 topic: self.codec.topics().contacts().clone(),
                 partition: p,
-                key: customer.into_bytes(),
+                key: input.envelope.customer_id.clone().into_bytes(),
                 value,
                 headers: Vec::new(),
             });
