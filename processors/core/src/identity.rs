@@ -159,14 +159,16 @@ impl SenderDirectory {
     }
 }
 
+/// A customer's addresses as (keyed hash, clear address) pairs.
+type KnownAddresses = Box<[(Box<str>, Box<str>)]>;
+
 /// Dispatch's contact directory: each customer's addresses by keyed hash, learnt from the
 /// customer's CRM facts and forgotten on their erasure.
 #[derive(Debug, Clone, Default)]
 pub struct ContactDirectory {
-    /// (keyed hash, clear address) pairs. It holds every customer of the partitions dispatch
-    /// owns, and a customer has one or two addresses: a boxed slice takes about 110 bytes for
-    /// one where a B-tree's first node takes over 500.
-    by_customer: std::collections::HashMap<Box<str>, Box<[(Box<str>, Box<str>)]>>,
+    /// Every customer of dispatch's partitions, each with one or two addresses: a boxed slice
+    /// takes about 110 bytes for one where a B-tree's first node takes over 500.
+    by_customer: std::collections::HashMap<Box<str>, KnownAddresses>,
 }
 
 /// Where a message's recipient leads.
