@@ -57,6 +57,11 @@ pub const RECHECK_MS: u64 = 25;
 /// Past this, a partition whose leader stays gone must not stop the others' decisions.
 pub const LEADER_MOVE_WAIT_MS: u64 = 30_000;
 
+/// How often a lane whose leader did not answer is asked again. While no leader answers, each
+/// question waits out the probe's timeout (2 s), and every partition's records wait with it;
+/// asking at `RECHECK_MS` would stall them for the whole of a leader's move.
+pub const UNANSWERED_RECHECK_MS: u64 = 1_000;
+
 /// Where the broker says a lane stands against its end (the last stable offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lag {
@@ -127,6 +132,7 @@ impl<R> Lane<R> {
     fn needs_check(&self, now_ms: u64, last_fill: u64) -> bool {
         match self.checked {
             Some((asked_at, Lag::AtEnd)) => asked_at < last_fill,
+            Some((asked_at, Lag::Unanswered)) => now_ms >= asked_at + UNANSWERED_RECHECK_MS,
             Some((asked_at, _)) => now_ms >= asked_at + RECHECK_MS,
             None => true,
         }
@@ -412,6 +418,15 @@ mod tests {
             "still silent: the wait runs from the first silence"
         );
         assert_eq!(i.next(LEADER_MOVE_WAIT_MS), None);
+        assert_eq!(
+            i.to_check(5_000 + RECHECK_MS),
+            vec![],
+            "each question waits out the probe's timeout while no leader answers: not so often"
+        );
+        assert_eq!(
+            i.to_check(5_000 + UNANSWERED_RECHECK_MS),
+            vec![("crm".to_string(), 0, Some(2))]
+        );
         i.checked("crm", 0, 10_000, Lag::Behind);
         i.push(R("crm", 0, 5), 10_000);
         assert_eq!(
