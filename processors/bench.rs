@@ -114,6 +114,7 @@ pub fn run(
     brokers: Option<&KafkaSettings>,
     instances: &[usize],
     memory: Option<MemoryPlan>,
+    latency_rate: Option<f64>,
 ) -> Result<BenchResult> {
     let topology = Arc::new(Topology::embedded()?);
     let (core, events) = core_pass(customers, &topology)?;
@@ -157,7 +158,14 @@ pub fn run(
                 let mut stage = processors(&topology, &codec, &store, &h);
                 kafka::run_stage(&settings, &mut stage, &stop, &m, &h)
             });
-            let measured = latency_pass(&rt, &settings, &codec, &topology, customers, e2e / 2.0);
+            let measured = latency_pass(
+                &rt,
+                &settings,
+                &codec,
+                &topology,
+                customers,
+                latency_rate.unwrap_or(e2e / 2.0),
+            );
             stop.store(true, Ordering::SeqCst);
             stage
                 .join()

@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// million customers' events.
     #[arg(long, requires = "bootstrap")]
     memory_customers: Option<usize>,
+    /// Time the latency pass at this many events/s instead of half the measured end-to-end
+    /// rate, so that two runs (two builds, two settings) compare at one rate.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// The state cache of the memory runs, in customers.
     #[arg(long, default_value_t = 10_000)]
     memory_cache: usize,
@@ -49,6 +53,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         instances,
         memory_customers,
         memory_cache,
+        latency_rate,
         core_only,
         train_state_dictionary,
         security,
@@ -78,7 +83,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         customers,
         cache: memory_cache,
     });
-    let r = bench::run(customers, brokers.as_ref(), &instances, memory)?;
+    let r = bench::run(
+        customers,
+        brokers.as_ref(),
+        &instances,
+        memory,
+        latency_rate,
+    )?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -118,18 +118,18 @@ pub(crate) fn consume<S: Stage>(
         "loop started"
     );
 
+    let mut pace = TransactionPace::default();
     while !stop.load(Ordering::SeqCst) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let started = Instant::now();
-        // A transaction costs round trips to the coordinator: fill the batch for a while.
-        while batch.len() < settings.batch_size
-            && started.elapsed() < Duration::from_millis(FILL_MS)
-        {
-            let wait = if intake.len() > settings.batch_size {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(10)
-            };
+        let fill_until = pace.fill_until(started);
+        loop {
+            let wait = pace.poll_wait(
+                Instant::now(),
+                batch.len(),
+                intake.len(),
+                settings.batch_size,
+            );
             for m in inputs.poll(wait, settings)? {
                 intake.push(m, now_ms());
             }
@@ -155,14 +155,19 @@ pub(crate) fn consume<S: Stage>(
                 }
             }
             inputs.apply_flow(intake.flow());
-            if stop.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst)
+                || batch.len() >= settings.batch_size
+                || Instant::now() >= fill_until
+            {
                 break;
             }
         }
         if batch.is_empty() && !stage.tick_due() {
             continue;
         }
+        pace.started(Instant::now());
         tracing::debug!(
+            stage = stage.name(),
             records = batch.len(),
             fill_ms = started.elapsed().as_millis() as u64,
             "batch filled"
@@ -237,10 +242,59 @@ pub(crate) fn init_transactions(producer: &FutureProducer, stop: &AtomicBool) ->
 /// fetch for the whole wait, which then adds to every record's latency.
 pub(crate) const FETCH_WAIT_MS: &str = "20";
 
-/// How long a batch fills before its transaction starts, when records arrive slower than a
-/// batch holds: the floor of an event's latency at low rates, and the most transactions a
-/// stage commits per second (Kafka Streams commits every 100 ms under exactly-once).
+/// The least time from one transaction's start to the next's, when records arrive slower than
+/// a batch holds: it bounds how many transactions a stage commits per second (Kafka Streams
+/// commits every 100 ms under exactly-once). It counts from the last transaction's start, not
+/// from its commit, so that records which arrived while it was handled and committed do not
+/// wait again: counted from the commit, a record waited for a whole cycle plus this.
 const FILL_MS: u64 = 20;
+
+/// When a stage's next transaction may start, and how long a poll may wait while its batch
+/// fills.
+#[derive(Debug, Default)]
+pub(crate) struct TransactionPace {
+    last_started: Option<Instant>,
+}
+
+impl TransactionPace {
+    /// The earliest the next transaction starts: [`FILL_MS`] after the last one started, or
+    /// at once if none has.
+    pub(crate) fn fill_until(&self, now: Instant) -> Instant {
+        self.last_started
+            .map_or(now, |t| t + Duration::from_millis(FILL_MS))
+    }
+
+    /// How long the next poll for records may wait at `now`, with `in_batch` records taken
+    /// and `buffered` waiting in the intake: not at all when there is a batch's worth or the
+    /// batch is due, at most until it is due while it fills, and a short idle wait when there
+    /// is nothing to do.
+    pub(crate) fn poll_wait(
+        &self,
+        now: Instant,
+        in_batch: usize,
+        buffered: usize,
+        batch_size: usize,
+    ) -> Duration {
+        let due = self.fill_until(now);
+        if buffered > batch_size || in_batch >= batch_size {
+            Duration::ZERO
+        } else if now < due {
+            (due - now).min(IDLE_POLL)
+        } else if in_batch == 0 {
+            IDLE_POLL
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// A transaction started at `at`.
+    pub(crate) fn started(&mut self, at: Instant) {
+        self.last_started = Some(at);
+    }
+}
+
+/// How long a poll waits for records when there is nothing to do.
+const IDLE_POLL: Duration = Duration::from_millis(10);
 
 pub(crate) enum BatchError {
     Abortable(anyhow::Error),
@@ -282,6 +336,7 @@ pub(crate) fn run_batch<S: Stage>(
     if let Err(e) = stage.prefetch(batch) {
         tracing::warn!(error = %format!("{e:#}"), "batch prefetch failed; each record loads its own state");
     }
+    let t_prepared = Instant::now();
     if settings.exactly_once {
         producer
             .begin_transaction()
@@ -396,9 +451,11 @@ pub(crate) fn run_batch<S: Stage>(
     let t_committed = Instant::now();
     stage.committed(&produced).map_err(BatchError::Fatal)?;
     tracing::debug!(
+        stage = stage.name(),
         records = batch.len(),
         produced = out.records.len(),
-        handle_ms = (t_handled - t_start).as_millis() as u64,
+        prepare_ms = (t_prepared - t_start).as_millis() as u64,
+        handle_ms = (t_handled - t_prepared).as_millis() as u64,
         commit_ms = (t_committed - t_handled).as_millis() as u64,
         store_ms = t_committed.elapsed().as_millis() as u64,
         "batch committed"
@@ -507,4 +564,45 @@ pub fn stop_on_signal(rt: &tokio::runtime::Handle) -> Arc<AtomicBool> {
         flag.store(true, Ordering::SeqCst);
     });
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILL: Duration = Duration::from_millis(FILL_MS);
+
+    #[test]
+    fn a_record_after_a_quiet_spell_is_taken_at_once() {
+        let pace = TransactionPace::default();
+        let now = Instant::now();
+        assert_eq!(pace.fill_until(now), now);
+        assert_eq!(pace.poll_wait(now, 1, 0, 1000), Duration::ZERO);
+        assert_eq!(pace.poll_wait(now, 0, 0, 1000), IDLE_POLL);
+    }
+
+    #[test]
+    fn records_that_arrived_during_a_long_transaction_do_not_wait_again() {
+        let mut pace = TransactionPace::default();
+        let t0 = Instant::now();
+        pace.started(t0);
+        // The transaction took longer to handle and commit than the fill window.
+        let after = t0 + FILL + Duration::from_millis(15);
+        assert!(pace.fill_until(after) <= after);
+        assert_eq!(pace.poll_wait(after, 300, 0, 1000), Duration::ZERO);
+    }
+
+    #[test]
+    fn transactions_start_at_most_once_per_fill_window() {
+        let mut pace = TransactionPace::default();
+        let t0 = Instant::now();
+        pace.started(t0);
+        let soon = t0 + Duration::from_millis(5);
+        assert_eq!(pace.fill_until(soon), t0 + FILL);
+        let wait = pace.poll_wait(soon, 3, 0, 1000);
+        assert!(wait > Duration::ZERO && wait <= IDLE_POLL.min(FILL - Duration::from_millis(5)));
+        // A full batch does not wait for the window.
+        assert_eq!(pace.poll_wait(soon, 1000, 0, 1000), Duration::ZERO);
+        assert_eq!(pace.poll_wait(soon, 3, 5000, 1000), Duration::ZERO);
+    }
 }
