@@ -75,6 +75,34 @@ pub struct Summary {
     /// webhooks to settle (`settling`).
     #[serde(default)]
     pub seconds_by_phase: BTreeMap<String, f64>,
+    /// What bounds the wall time (see [`what_bounds`]).
+    #[serde(default)]
+    pub bounded_by: String,
+}
+
+/// What bounds a demo's wall time of `seconds`: a channel's sender rate when its sends alone
+/// take most of it (at least 3/4) at `limits`' rate after the first burst, otherwise the phase
+/// that took longest.
+pub fn what_bounds(
+    sends_by_channel: &BTreeMap<String, u64>,
+    limits: &crate::pacing::Limits,
+    seconds: f64,
+    phases: &BTreeMap<String, f64>,
+) -> String {
+    let rate = limits.sender_per_second.max(1e-9);
+    let busiest = sends_by_channel.iter().max_by_key(|(_, n)| **n);
+    if let Some((channel, n)) = busiest {
+        let floor = (*n as f64 - limits.sender_burst).max(0.0) / rate;
+        if floor >= 0.75 * seconds {
+            return format!(
+                "the {channel} sender's rate: {n} sends at {rate:.0}/s take at least {floor:.1} s"
+            );
+        }
+    }
+    match phases.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+        Some((phase, secs)) => format!("the {phase} phase: {secs:.1} s of {seconds:.1} s"),
+        None => "nothing measured".into(),
+    }
 }
 
 /// The app secret the demo's simulator signs webhooks with and its gateway checks.
@@ -905,6 +933,16 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         seconds,
         events_per_s: total as f64 / seconds.max(1e-9),
         seconds_by_phase: phases,
+        bounded_by: String::new(),
+    };
+    let summary = Summary {
+        bounded_by: what_bounds(
+            &summary.sends_by_channel,
+            &demo_limits(),
+            seconds,
+            &summary.seconds_by_phase,
+        ),
+        ..summary
     };
     if opts.keep_running {
         print_summary(&summary, opts.json);
@@ -970,6 +1008,40 @@ pub fn print_summary(s: &Summary, json: bool) {
         .map(|(phase, secs)| format!("{phase} {secs:.1} s"))
         .collect();
     println!("  time went to            {}", phases.join(", "));
+    println!("  bounded by              {}", s.bounded_by);
     println!("  sends without consent   {}", s.sends_without_consent);
     println!("  duplicate sends         {}", s.duplicate_sends);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sends(whatsapp: u64, sms: u64) -> BTreeMap<String, u64> {
+        BTreeMap::from([("WHATSAPP".to_string(), whatsapp), ("SMS".to_string(), sms)])
+    }
+
+    fn phases(dispatch: f64, processors: f64) -> BTreeMap<String, f64> {
+        BTreeMap::from([
+            ("dispatch".to_string(), dispatch),
+            ("processors".to_string(), processors),
+        ])
+    }
+
+    #[test]
+    fn a_run_that_takes_about_what_its_sends_need_is_bounded_by_the_sender() {
+        let limits = demo_limits();
+        let bound = what_bounds(&sends(60_429, 2_374), &limits, 67.7, &phases(60.0, 4.7));
+        assert_eq!(
+            bound,
+            "the WHATSAPP sender's rate: 60429 sends at 1000/s take at least 59.4 s"
+        );
+    }
+
+    #[test]
+    fn a_run_far_slower_than_its_sends_need_names_its_longest_phase() {
+        let limits = demo_limits();
+        let bound = what_bounds(&sends(60_429, 2_374), &limits, 215.0, &phases(187.4, 8.2));
+        assert_eq!(bound, "the dispatch phase: 187.4 s of 215.0 s");
+    }
 }
