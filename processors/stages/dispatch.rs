@@ -204,22 +204,24 @@ impl DispatchStage {
         Ok(())
     }
 
-    /// Reads this partition of the provider topic on, keeping the statuses of messages with an
-    /// open intent. A status is written only after its send, and every send after its intent,
-    /// so reading on from the restore never misses one.
-    fn learn_statuses(&mut self, partition: i32, reader: &LogReader) -> Result<()> {
+    /// Reads these partitions of the provider topic on, all in one read, keeping the statuses
+    /// of messages with an open intent. A status is written only after its send, and every send
+    /// after its intent, so reading on from the restore never misses one.
+    fn learn_statuses(&mut self, partitions: &[i32], reader: &LogReader) -> Result<()> {
         let (codec, rt) = (&self.codec, &self.rt);
-        let Some(part) = self.partitions.get_mut(&partition) else {
-            return Ok(());
-        };
+        let from: Vec<(i32, i64)> = partitions
+            .iter()
+            .filter_map(|p| self.partitions.get(p).map(|part| (*p, part.provider_next)))
+            .collect();
         let mut seen = Vec::new();
         let provider = codec.topics().provider();
-        part.provider_next = reader.read(provider, partition, part.provider_next, |m| {
+        let next = reader.read_partitions(provider, &from, |m| {
             // An unreadable provider record is the processors' to dead-letter.
             if let Ok(input) = rt.block_on(codec.decode_input(provider, m.payload())) {
                 if let Fact::MessageStatusChanged(s) = input.fact {
                     if let Some(id) = s.message_id {
                         seen.push((
+                            m.partition(),
                             input.envelope.customer_id,
                             id,
                             s.provider_message_id,
@@ -230,7 +232,15 @@ impl DispatchStage {
             }
             Ok(())
         })?;
-        for (customer, id, provider_message_id, status) in seen {
+        for ((p, _), next) in from.iter().zip(next) {
+            if let Some(part) = self.partitions.get_mut(p) {
+                part.provider_next = next;
+            }
+        }
+        for (p, customer, id, provider_message_id, status) in seen {
+            let Some(part) = self.partitions.get_mut(&p) else {
+                continue;
+            };
             if part.is_open(&customer, &id) {
                 part.statuses.entry(id).or_insert(dispatch::ObservedStatus {
                     provider_message_id,
@@ -715,7 +725,7 @@ impl Stage for DispatchStage {
         };
         self.partitions.insert(partition, part);
         self.learn_contacts(partition, reader)?;
-        self.learn_statuses(partition, reader)?;
+        self.learn_statuses(&[partition], reader)?;
         // This partition alone, and no intent released: a restore may come mid-batch (after
         // an abort), when the others hold what the open transaction may yet abort.
         self.save_partitions(Some(partition))
@@ -737,9 +747,7 @@ impl Stage for DispatchStage {
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
         {
             self.last_settle = Some(std::time::Instant::now());
-            for p in &owned {
-                self.learn_statuses(*p, reader)?;
-            }
+            self.learn_statuses(&owned, reader)?;
             self.settle_open_intents(reader)?;
         }
         match unread {
