@@ -138,8 +138,16 @@ pub(crate) fn apply_rebalances<S: Stage>(
                     }
                     // Skip what the decision log shows as decided; records below it are also
                     // filtered by the stage, so a failed seek costs time, not correctness.
-                    let starts: BTreeMap<String, i64> =
+                    // Records that left only dead letters are not in the decision log: where
+                    // the group committed past them, their transaction handled them already,
+                    // and reading them again would dead-letter them twice.
+                    let mut starts: BTreeMap<String, i64> =
                         stage.resume_positions(p).into_iter().collect();
+                    for (topic, committed) in inputs.committed_at(p) {
+                        if let Some(start) = starts.get_mut(&topic) {
+                            *start = (*start).max(committed);
+                        }
+                    }
                     inputs.assign_companions(p, &starts)?;
                     if let Some(next) = starts.get(&inputs.lead) {
                         if let Err(e) = inputs.group.seek(
@@ -356,6 +364,29 @@ impl Inputs {
             .borrow()
             .get(&(topic.to_string(), p))
             .is_some_and(|s| *s == at)
+    }
+
+    /// The group's committed offset of partition `p` of each input topic that has one; none
+    /// when the broker does not say (the stage's own positions are used then).
+    pub(crate) fn committed_at(&self, p: i32) -> BTreeMap<String, i64> {
+        let mut tpl = TopicPartitionList::new();
+        for topic in self.all_topics() {
+            tpl.add_partition(topic, p);
+        }
+        match self.group.committed_offsets(tpl, Duration::from_secs(5)) {
+            Ok(committed) => committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.topic().to_string(), o)),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!(partition = p, error = %e, "committed offsets not known");
+                BTreeMap::new()
+            }
+        }
     }
 
     /// Each assigned lane's consume position, where the consumer knows it.
