@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::Killed;
 use herald::demo;
 use herald::kafka::KafkaSettings;
 use herald::registry::Codec;
@@ -12,17 +13,7 @@ use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::producer::FutureRecord;
 use std::collections::HashSet;
-use std::process::Child;
 use std::time::{Duration, Instant};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn records_that_left_only_dead_letters_are_not_dead_lettered_again_after_a_crash() {
