@@ -271,7 +271,11 @@ pub fn core_pass(
 /// (seed 8, not 7), so `bytes_per_customer` is not measured on what the dictionary learned.
 pub fn train_state_dictionary(customers: usize, topology: &Topology) -> Result<Vec<u8>> {
     let (task, _, _) = decide_all(&scenario_events(customers, 8), topology);
-    let states: Vec<_> = task.customers().values().cloned().collect();
+    let states: Vec<_> = task
+        .customers()
+        .values()
+        .map(|s| s.as_ref().clone())
+        .collect();
     state_encoding::train_dictionary(&states, DICTIONARY_BYTES)
 }
 
@@ -767,7 +771,7 @@ fn gateway_pass(rt: &tokio::runtime::Runtime, cluster: &demo::Cluster, n: usize)
 /// Decode-and-fold rate of a decision log, and the stored size of an active customer's state.
 fn rebuild_pass(
     log: &[crate::events::Decision],
-    live: &std::collections::HashMap<String, crate::state::CustomerState>,
+    live: &std::collections::HashMap<String, std::sync::Arc<crate::state::CustomerState>>,
 ) -> Result<(f64, f64)> {
     use crate::datum::{framed, Datums, DecisionIn};
     use crate::topology::TopicRole::Decisions;
@@ -784,7 +788,11 @@ fn rebuild_pass(
         crate::state::evolve(states.entry(d.customer_id.clone()).or_default(), &d);
     }
     let rate = log.len() as f64 / t.elapsed().as_secs_f64();
-    if states.len() != live.len() || states.iter().any(|(c, s)| live.get(c) != Some(s)) {
+    if states.len() != live.len()
+        || states
+            .iter()
+            .any(|(c, s)| live.get(c).map(|l| l.as_ref()) != Some(s))
+    {
         return Err(anyhow!("the folded log does not rebuild the live states"));
     }
     let active: Vec<usize> = live

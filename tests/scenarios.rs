@@ -181,7 +181,7 @@ fn run(s: &Scenario, topology: &Topology) -> Run {
         states: driver
             .customers()
             .iter()
-            .map(|(c, s)| (c.clone(), s.clone()))
+            .map(|(c, s)| (c.clone(), s.as_ref().clone()))
             .collect(),
         decisions,
     }

@@ -86,7 +86,8 @@ pub struct ProcessorStage {
 /// What one partition's checkpoint writes, with its customers' states still to encode.
 struct PartitionSave {
     partition: i32,
-    customers: Vec<(String, CustomerState)>,
+    /// Shared with the task: taking them costs no copy on the stage's thread.
+    customers: Vec<(String, std::sync::Arc<CustomerState>)>,
     next_offset: i64,
     inputs: std::collections::BTreeMap<String, i64>,
     consent: Vec<(String, crate::audit::ConsentEvent)>,

@@ -104,7 +104,7 @@ impl<'t> Driver<'t> {
     }
 
     /// The customers' states as the processors hold them.
-    pub fn customers(&self) -> &HashMap<String, CustomerState> {
+    pub fn customers(&self) -> &HashMap<String, std::sync::Arc<CustomerState>> {
         self.task.customers()
     }
 

@@ -14,12 +14,15 @@ use crate::state::{evolve, CustomerState};
 use crate::tables::Tables;
 use crate::topology::Topology;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// One partition's customers in memory, its stream time, and an index of when each customer's
 /// next timer is due, in memory or not (so that passing a timer costs a lookup, not a scan).
 #[derive(Debug, Default)]
 pub struct Task {
-    customers: HashMap<String, CustomerState>,
+    /// Shared, so that a checkpoint takes them without copying: a state still being saved is
+    /// copied only when its customer is decided for again meanwhile (`Arc::make_mut`).
+    customers: HashMap<String, Arc<CustomerState>>,
     stream_time: Millis,
     due: BTreeSet<(Millis, String)>,
     due_of: HashMap<String, Millis>,
@@ -33,7 +36,10 @@ impl Task {
     /// A task resumed from stored states and the stream time they were saved at.
     pub fn restored(customers: HashMap<String, CustomerState>, stream_time: Millis) -> Self {
         let mut t = Task {
-            customers,
+            customers: customers
+                .into_iter()
+                .map(|(c, s)| (c, Arc::new(s)))
+                .collect(),
             stream_time,
             ..Task::default()
         };
@@ -73,7 +79,7 @@ impl Task {
         if self.customers.contains_key(&customer) {
             return;
         }
-        self.customers.insert(customer.clone(), state);
+        self.customers.insert(customer.clone(), Arc::new(state));
         self.touch(&customer);
         self.reindex(&customer);
     }
@@ -145,19 +151,25 @@ impl Task {
     }
 
     /// The customers' states.
-    pub fn customers(&self) -> &HashMap<String, CustomerState> {
+    pub fn customers(&self) -> &HashMap<String, Arc<CustomerState>> {
         &self.customers
     }
 
     /// Takes the customers' states, leaving the task empty.
     pub fn into_customers(self) -> HashMap<String, CustomerState> {
         self.customers
+            .into_iter()
+            .map(|(c, s)| (c, Arc::unwrap_or_clone(s)))
+            .collect()
     }
 
     /// Folds a decision read back from the log (restore); stream time follows its decided-at.
     pub fn fold(&mut self, d: &Decision) {
         self.stream_time = self.stream_time.max(d.decided_at);
-        evolve(self.customers.entry(d.customer_id.clone()).or_default(), d);
+        evolve(
+            Arc::make_mut(self.customers.entry(d.customer_id.clone()).or_default()),
+            d,
+        );
         self.touch(&d.customer_id);
         self.reindex(&d.customer_id.clone());
     }
@@ -184,7 +196,7 @@ impl Task {
             tables,
             input_ref,
         };
-        let state = self.customers.entry(customer.clone()).or_default();
+        let state = Arc::make_mut(self.customers.entry(customer.clone()).or_default());
         out.extend(pipeline::process(state, input, &ctx));
         self.touch(&customer);
         self.reindex(&customer);
@@ -224,7 +236,7 @@ impl Task {
                 input_ref: "timer",
             };
             let decided = match self.customers.get_mut(&customer) {
-                Some(state) => pipeline::tick(state, &customer, &ctx),
+                Some(state) => pipeline::tick(Arc::make_mut(state), &customer, &ctx),
                 None => Vec::new(),
             };
             self.touch(&customer);
@@ -454,7 +466,11 @@ mod tests {
                 task.admit(c, state);
             }
             out.extend(task.decide(e, &format!("t/0/{i}"), topology, tables));
-            store.extend(task.customers().iter().map(|(c, s)| (c.clone(), s.clone())));
+            store.extend(
+                task.customers()
+                    .iter()
+                    .map(|(c, s)| (c.clone(), s.as_ref().clone())),
+            );
             evicted += task.evict(1, |_| false);
         }
         (out, evicted)
@@ -510,7 +526,7 @@ mod tests {
             task.decide(&e, "t/0/0", &topology, &tables);
         }
         let due = task.next_timer().unwrap();
-        let stored = task.customers()["c-1"].clone();
+        let stored = task.customers()["c-1"].as_ref().clone();
         assert_eq!(task.evict(0, |_| false), 1);
         assert!(!task.is_resident("c-1"));
         assert_eq!(task.next_timer(), Some(due), "the timer stays indexed");
@@ -533,7 +549,7 @@ mod tests {
         // A customer in memory keeps its state when the store offers an older one.
         task.admit("c-1".to_string(), stored.clone());
         task.admit("c-1".to_string(), CustomerState::default());
-        assert_eq!(task.customers()["c-1"], stored);
+        assert_eq!(*task.customers()["c-1"], stored);
         assert_eq!(task.evict(0, |_| false), 1);
         // A customer changed and not yet saved is never let go.
         task.admit("c-2".to_string(), CustomerState::default());
