@@ -167,15 +167,7 @@ fn undecided(
 fn a_crash_mid_transaction_loses_nothing_and_writes_nothing_twice() {
     let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster_on(
-        &rt,
-        &topology,
-        demo::demo_simulator(),
-        Some(&common::broker().settings(true, "test")),
-    )
-    .unwrap();
-    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
-    rt.block_on(codec.register_all()).unwrap();
+    let (cluster, codec) = common::demo_cluster(&rt, &topology, common::broker());
     let s = scenario::generate(300, 11);
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "feeder");
     let producer = settings.producer(None).unwrap();

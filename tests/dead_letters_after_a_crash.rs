@@ -6,9 +6,7 @@
 mod common;
 
 use common::Killed;
-use herald::demo;
 use herald::kafka::KafkaSettings;
-use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::producer::FutureRecord;
@@ -19,15 +17,7 @@ use std::time::{Duration, Instant};
 fn records_that_left_only_dead_letters_are_not_dead_lettered_again_after_a_crash() {
     let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster_on(
-        &rt,
-        &topology,
-        demo::demo_simulator(),
-        Some(&common::broker().settings(true, "test")),
-    )
-    .unwrap();
-    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
-    rt.block_on(codec.register_all()).unwrap();
+    let (cluster, codec) = common::demo_cluster(&rt, &topology, common::broker());
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
         .producer(None)
         .unwrap();

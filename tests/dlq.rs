@@ -9,7 +9,6 @@ use common::{herald, text};
 use herald::demo;
 use herald::events::{DeadLetter, Outcome, Processor};
 use herald::kafka::{self, KafkaSettings, LogReader, SharedStore};
-use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::stages::ProcessorStage;
 use herald::store::EmbeddedStore;
@@ -32,15 +31,8 @@ fn lines(o: &std::process::Output) -> Vec<serde_json::Value> {
 fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
     let rt = common::runtime();
     let topology = Arc::new(Topology::embedded().unwrap());
-    let cluster = demo::start_cluster_on(
-        &rt,
-        &topology,
-        demo::demo_simulator(),
-        Some(&common::broker().settings(true, "test")),
-    )
-    .unwrap();
-    let codec = Arc::new(Codec::new(&cluster.registry_url, &topology.names).unwrap());
-    rt.block_on(codec.register_all()).unwrap();
+    let (cluster, codec) = common::demo_cluster(&rt, &topology, common::broker());
+    let codec = Arc::new(codec);
     let dir = demo::fresh_temp_dir("dlq").unwrap();
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb")).unwrap());
     let stop = Arc::new(AtomicBool::new(false));

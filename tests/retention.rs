@@ -11,7 +11,6 @@ mod common;
 
 use herald::demo;
 use herald::events::*;
-use herald::registry::Codec;
 use herald::scenario::FeedItem;
 use herald::topology::Topology;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -70,15 +69,7 @@ fn addresses_outlive_the_crm_topic_and_erasure_leaves_a_tombstone() {
     let broker = common::start_broker(1, &[]);
     let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster_on(
-        &rt,
-        &topology,
-        demo::demo_simulator(),
-        Some(&broker.settings(true, "test")),
-    )
-    .unwrap();
-    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
-    rt.block_on(codec.register_all()).unwrap();
+    let (cluster, codec) = common::demo_cluster(&rt, &topology, &broker);
     let producer = cluster.settings(true, "feeder").producer(None).unwrap();
     // Two months ago: the profile and consent, then an order.
     let t0 = 1_790_000_000_000;

@@ -123,15 +123,7 @@ fn a_step_due_on_a_quiet_partition_fires_by_the_wall_clock_tick_only() {
     let dir = tempfile::tempdir().unwrap();
     quick_topology(&dir.path().join("topology"));
     let topology = herald::topology_files::load(&dir.path().join("topology")).unwrap();
-    let cluster = demo::start_cluster_on(
-        &rt,
-        &topology,
-        demo::demo_simulator(),
-        Some(&common::broker().settings(true, "test")),
-    )
-    .unwrap();
-    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
-    rt.block_on(codec.register_all()).unwrap();
+    let (cluster, codec) = common::demo_cluster(&rt, &topology, common::broker());
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
         .producer(None)
         .unwrap();

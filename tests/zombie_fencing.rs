@@ -11,7 +11,6 @@ mod common;
 use herald::demo;
 use herald::events::Outcome;
 use herald::kafka::KafkaSettings;
-use herald::registry::Codec;
 use herald::scenario::{self, FeedItem};
 use herald::topology::Topology;
 use rdkafka::consumer::Consumer;
@@ -84,15 +83,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
     let broker = common::broker();
     let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
-    let cluster = demo::start_cluster_on(
-        &rt,
-        &topology,
-        demo::demo_simulator(),
-        Some(&broker.settings(true, "test")),
-    )
-    .unwrap();
-    let codec = Codec::new(&cluster.registry_url, &topology.names).unwrap();
-    rt.block_on(codec.register_all()).unwrap();
+    let (cluster, codec) = common::demo_cluster(&rt, &topology, broker);
     let s = scenario::generate(300, 23);
     let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
         .producer(None)

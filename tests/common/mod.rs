@@ -428,3 +428,22 @@ pub fn herald_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
     c.output().expect("herald runs")
 }
+
+/// The demo's registry, simulator and gateway on `broker` (Herald's topics created there), and
+/// a codec with every schema registered.
+pub fn demo_cluster(
+    rt: &tokio::runtime::Runtime,
+    topology: &herald::topology::Topology,
+    broker: &Broker,
+) -> (herald::demo::Cluster, herald::registry::Codec) {
+    let cluster = herald::demo::start_cluster_on(
+        rt,
+        topology,
+        herald::demo::demo_simulator(),
+        Some(&broker.settings(true, "test")),
+    )
+    .unwrap();
+    let codec = herald::registry::Codec::new(&cluster.registry_url, &topology.names).unwrap();
+    rt.block_on(codec.register_all()).unwrap();
+    (cluster, codec)
+}
