@@ -28,60 +28,21 @@ impl LogReader {
         topic: &str,
         partition: i32,
         from: i64,
-        mut f: impl FnMut(&OwnedMessage) -> Result<()>,
+        f: impl FnMut(&OwnedMessage) -> Result<()>,
     ) -> Result<i64> {
-        // End of partition alone is not the end: a reader may see it before everything up to
-        // the high watermark taken now was fetched. Done means the position reached it.
-        let (low, high) = watermarks(&self.consumer, topic, partition)?;
-        // Retention may have deleted where the reader stopped: what is left starts at `low`.
-        let from = from.max(low);
-        let mut next = from;
-        if from >= high {
-            return Ok(from.max(next));
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
-        self.consumer.assign(&tpl)?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            if Instant::now() > deadline {
-                bail!("restoring {topic}/{partition}: end of log not reached in 300 s");
-            }
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let owned = m.detach();
-                    next = owned.offset() + 1;
-                    f(&owned)?;
-                    if next >= high {
-                        break;
-                    }
-                }
-                // Only the end-of-partition event, queued after the records, makes the position
-                // trustworthy; an empty poll may still have records prefetched.
-                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
-                    if position_of(&self.consumer, topic, partition)? >= high {
-                        break;
-                    }
-                }
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-                // A broker that died or restarts: librdkafka reconnects, the deadline bounds it.
-                Some(Err(e)) if passes(&e) => {
-                    tracing::debug!(error = %e, topic, partition, "reader waits for the broker")
-                }
-                Some(Err(e)) => bail!("restoring {topic}/{partition}: {e}"),
-            }
-        }
-        self.consumer.unassign()?;
-        // Transaction markers occupy offsets too: the next record is at or after the watermark.
-        Ok(next.max(high))
+        let next = self.read_partitions(topic, &[(partition, from)], f)?;
+        next.first()
+            .copied()
+            .ok_or_else(|| anyhow!("reading {topic}/{partition}: no position came back"))
     }
-}
 
-impl LogReader {
     /// As [`LogReader::read`] for several partitions of `topic` at once, in one assignment:
     /// feeds every record of each `(partition, from)` from `from` to its end, and returns each
     /// one's next offset in the same order. Reading them one by one costs a fetch round trip
-    /// each, most of which waits on partitions with nothing new.
+    /// each, most of which waits on partitions with nothing new. End of partition alone is not
+    /// the end: a reader may see it before everything up to the high watermark taken now was
+    /// fetched, so done means the position reached it; and retention may have deleted where
+    /// the reader stopped, so what is left starts at the low watermark.
     pub fn read_partitions(
         &self,
         topic: &str,
@@ -108,7 +69,7 @@ impl LogReader {
         let deadline = Instant::now() + Duration::from_secs(300);
         while !open.is_empty() {
             if Instant::now() > deadline {
-                bail!("reading {topic}: end of log not reached in 300 s");
+                bail!("restoring {topic} {from:?}: end of log not reached in 300 s");
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
@@ -123,7 +84,8 @@ impl LogReader {
                         }
                     }
                 }
-                // As in `read`: only the position after an end-of-partition event is trusted.
+                // Only the end-of-partition event, queued after the records, makes a position
+                // trustworthy; an empty poll may still have records prefetched.
                 Some(Err(KafkaError::PartitionEOF(_))) => {
                     let mut k = 0;
                     while k < open.len() {
@@ -140,10 +102,11 @@ impl LogReader {
                 Some(Err(e)) if passes(&e) => {
                     tracing::debug!(error = %e, topic, "reader waits for the broker")
                 }
-                Some(Err(e)) => bail!("reading {topic}: {e}"),
+                Some(Err(e)) => bail!("restoring {topic} {from:?}: {e}"),
             }
         }
         self.consumer.unassign()?;
+        // Transaction markers occupy offsets too: the next record is at or after the watermark.
         Ok(next)
     }
 
