@@ -147,15 +147,15 @@ pub fn run(
     let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| timed(n, run);
     let h = rt.handle().clone();
     let e2e = timed(&|stop, m| {
-        let mut stage = processors(&topology, &codec, &store, &h);
+        let mut stage = processors(&topology, &codec, &store, &h)?;
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
     let latency = {
         let stop = AtomicBool::new(false);
-        let m = Metrics::default();
+        let m = Metrics::new()?;
         std::thread::scope(|s| -> Result<Latency> {
             let stage = s.spawn(|| {
-                let mut stage = processors(&topology, &codec, &store, &h);
+                let mut stage = processors(&topology, &codec, &store, &h)?;
                 kafka::run_stage(&settings, &mut stage, &stop, &m, &h)
             });
             let measured = latency_pass(
@@ -455,8 +455,14 @@ fn processors(
     codec: &Arc<Codec>,
     store: &kafka::SharedStore,
     rt: &tokio::runtime::Handle,
-) -> ProcessorStage {
-    processors_counted(topology, codec, store, rt, Arc::new(Metrics::default()))
+) -> Result<ProcessorStage> {
+    Ok(processors_counted(
+        topology,
+        codec,
+        store,
+        rt,
+        Arc::new(Metrics::new()?),
+    ))
 }
 
 /// The processors stage, counting into `metrics`.
@@ -578,7 +584,7 @@ fn memory_pass(
     let _ = std::fs::remove_dir_all(&dir);
     let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
     let h = rt.handle().clone();
-    let counted = Arc::new(Metrics::default());
+    let counted = Arc::new(Metrics::new()?);
     let most = std::sync::atomic::AtomicU64::new(0);
     let peak_rss = std::sync::atomic::AtomicU64::new(0);
     let sampling = AtomicBool::new(true);
@@ -586,10 +592,7 @@ fn memory_pass(
     let rate = std::thread::scope(|s| {
         s.spawn(|| {
             while sampling.load(Ordering::SeqCst) {
-                most.fetch_max(
-                    counted.customers_in_memory.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
+                most.fetch_max(counted.customers_in_memory(), Ordering::Relaxed);
                 peak_rss.fetch_max(resident_bytes(), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -610,8 +613,8 @@ fn memory_pass(
         events,
         events_per_s: rate.round(),
         most_in_memory: most.load(Ordering::Relaxed),
-        loaded: counted.customers_loaded.load(Ordering::Relaxed),
-        evicted: counted.customers_evicted.load(Ordering::Relaxed),
+        loaded: counted.customers_loaded_total(),
+        evicted: counted.customers_evicted_total(),
         rss_growth_mb: mb(peak_rss.load(Ordering::Relaxed).saturating_sub(before)),
     })
 }
@@ -620,15 +623,15 @@ fn memory_pass(
 /// the first committed batch (after the group join and restore).
 fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> Result<f64> {
     let stop = AtomicBool::new(false);
-    let m = Metrics::default();
+    let m = Metrics::new()?;
     std::thread::scope(|s| -> Result<f64> {
         let h = s.spawn(|| run(&stop, &m));
         let mut first: Option<(Instant, u64)> = None;
-        while m.records_in.load(Ordering::Relaxed) < n {
+        while m.records_in_total() < n {
             if h.is_finished() {
                 break;
             }
-            let seen = m.records_in.load(Ordering::Relaxed);
+            let seen = m.records_in_total();
             if first.is_none() && seen > 0 {
                 first = Some((Instant::now(), seen));
             }
@@ -638,7 +641,7 @@ fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> 
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         stop.store(true, Ordering::SeqCst);
         h.join().map_err(|_| anyhow!("bench stage panicked"))??;
-        if m.records_in.load(Ordering::Relaxed) < n {
+        if m.records_in_total() < n {
             return Err(anyhow!("bench stage stopped before consuming every event"));
         }
         Ok((n - n0) as f64 / secs)
@@ -702,7 +705,7 @@ fn scale_pass(
                         (topology.clone(), codec.clone(), store.clone(), h.clone());
                     let settings = &each[i];
                     s.spawn(move || {
-                        let mut stage = processors(&topology, &codec, &store, &h);
+                        let mut stage = processors(&topology, &codec, &store, &h)?;
                         kafka::run_stage(settings, &mut stage, stop, m, &h)
                     })
                 })

@@ -733,8 +733,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         None => None,
     };
     let stop = kafka::stop_on_signal(rt.handle());
-    let pm = Metrics::shared();
-    let dm = Metrics::shared();
+    let pm = Metrics::shared()?;
+    let dm = Metrics::shared()?;
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "demo");
     let mut handles = Vec::new();
     {
@@ -794,10 +794,10 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         if !opts.json {
             eprint!(
                 "\r  fed {fed:>7}/{total}  processed {:>7}  decisions {:>7}  sends {:>6}  dlq {:>3}   ",
-                pm.records_in.load(Ordering::Relaxed),
-                pm.decisions_out.load(Ordering::Relaxed),
-                dm.sends.load(Ordering::Relaxed),
-                pm.dead_letters.load(Ordering::Relaxed)
+                pm.records_in_total(),
+                pm.decisions_total(),
+                dm.sends_accepted(),
+                pm.dead_letters_total()
             );
             let _ = std::io::stderr().flush();
         }
@@ -820,10 +820,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             &stop,
             "the processors",
             Duration::from_secs(600),
-            || {
-                pm.records_in.load(Ordering::Relaxed) >= target
-                    || handles.iter().any(|h| h.is_finished())
-            },
+            || pm.records_in_total() >= target || handles.iter().any(|h| h.is_finished()),
             || show(fed),
         )?;
         phase_ends("processors");
@@ -834,8 +831,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             "dispatch keeping up",
             Duration::from_secs(600),
             || {
-                dm.records_in.load(Ordering::Relaxed) + DISPATCH_LAG
-                    >= pm.decisions_out.load(Ordering::Relaxed)
+                dm.records_in_total() + DISPATCH_LAG >= pm.decisions_total()
                     || handles.iter().any(|h| h.is_finished())
             },
             || show(fed),
@@ -860,12 +856,9 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             // Quiet: every decision dispatched, no send unsettled, no status webhook still
             // on its way, and nothing new decided for a second (a status may bring a
             // fallback decision).
-            let counts = (
-                pm.records_in.load(Ordering::Relaxed),
-                pm.decisions_out.load(Ordering::Relaxed),
-            );
-            let quiet = dm.records_in.load(Ordering::Relaxed) >= counts.1
-                && dm.sends_in_flight.load(Ordering::Relaxed) == 0
+            let counts = (pm.records_in_total(), pm.decisions_total());
+            let quiet = dm.records_in_total() >= counts.1
+                && dm.sends_in_flight() == 0
                 && cluster.simulator.webhooks_pending.load(Ordering::Relaxed) == 0;
             if !quiet || last_counts != Some(counts) {
                 last_counts = Some(counts);
@@ -885,7 +878,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     // segments of large partitions, so a read from the beginning would see only the tail.
     let by_kind = pm.kinds();
     let by_reason = pm.reasons();
-    let decisions = pm.decisions_out.load(Ordering::Relaxed);
+    let decisions = pm.decisions_total();
     let dlq = read_topic(
         &cluster.bootstrap,
         topology.names.dlq(),
@@ -927,7 +920,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         }),
         sends_without_consent: checks.without_consent.len() as u64,
         re_emitted_in: scenario.re_emitted.len() as u64,
-        repeats_recognised: pm.repeats_recognised.load(Ordering::Relaxed),
+        repeats_recognised: pm.repeats_recognised_total(),
         duplicate_sends: checks.duplicates,
         dlq,
         seconds,

@@ -32,7 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::TopicPartitionList;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -63,16 +63,106 @@ pub struct GatewayConfig {
     pub email_webhook_auth: Option<(String, String)>,
 }
 
-/// What the gateway has done, for `/metrics` and the benchmark.
-#[derive(Default)]
+/// What the gateway has done, for `/metrics`: webhooks by the answer they got, and what they
+/// turned into, in the process's one registry.
 pub struct GatewayMetrics {
-    pub accepted: AtomicU64,
-    pub events: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub unauthorized: AtomicU64,
-    pub bad_requests: AtomicU64,
-    pub unavailable: AtomicU64,
-    pub dead_letters: AtomicU64,
+    registry: prometheus::Registry,
+    webhooks: prometheus::IntCounterVec,
+    events: prometheus::IntCounter,
+    duplicates: prometheus::IntCounter,
+    dead_letters: prometheus::IntCounter,
+    request_duration: prometheus::HistogramVec,
+}
+
+/// How a webhook was answered, as the `outcome` label.
+#[derive(Debug, Clone, Copy)]
+enum WebhookOutcome {
+    /// 200: every record it turned into is in Kafka.
+    Accepted,
+    /// 401: its signature did not match.
+    Unauthorized,
+    /// 400: not a Cloud API webhook.
+    BadRequest,
+    /// 503: Kafka did not acknowledge; the provider retries.
+    Unavailable,
+}
+
+impl WebhookOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            WebhookOutcome::Accepted => "accepted",
+            WebhookOutcome::Unauthorized => "unauthorized",
+            WebhookOutcome::BadRequest => "bad_request",
+            WebhookOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl GatewayMetrics {
+    /// The gateway's metrics, every one registered with `herald_build_info`.
+    pub fn new() -> Result<GatewayMetrics> {
+        Self::build().context("building the gateway's metrics")
+    }
+
+    fn build() -> prometheus::Result<GatewayMetrics> {
+        use prometheus::{HistogramOpts, IntCounter, IntCounterVec, Opts};
+        let registry = crate::telemetry::process_registry()?;
+        let webhooks = IntCounterVec::new(
+            Opts::new(
+                "herald_gateway_webhooks_total",
+                "Webhooks received, by channel and by the answer they got (accepted, unauthorized, bad_request, unavailable).",
+            ),
+            &["channel", "outcome"],
+        )?;
+        let events = IntCounter::new(
+            "herald_gateway_events_total",
+            "Provider events produced from webhooks.",
+        )?;
+        let duplicates = IntCounter::new(
+            "herald_gateway_duplicate_callbacks_total",
+            "Repeated callbacks that produced no event.",
+        )?;
+        let dead_letters = IntCounter::new(
+            "herald_gateway_dead_letters_total",
+            "Callbacks dead-lettered as unroutable.",
+        )?;
+        let request_duration = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "herald_gateway_request_duration_seconds",
+                "From a webhook's arrival to its answer, by channel and outcome.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["channel", "outcome"],
+        )?;
+        registry.register(Box::new(webhooks.clone()))?;
+        registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(duplicates.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        Ok(GatewayMetrics {
+            registry,
+            webhooks,
+            events,
+            duplicates,
+            dead_letters,
+            request_duration,
+        })
+    }
+
+    fn answered(&self, channel: &str, outcome: WebhookOutcome, since: std::time::Instant) {
+        let labels = [channel, outcome.label()];
+        self.webhooks.with_label_values(&labels).inc();
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(since.elapsed().as_secs_f64());
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        crate::telemetry::render_registry(&self.registry)
+    }
 }
 
 /// Recently produced (message, status) pairs: a repeated webhook yields no second event.
@@ -138,23 +228,38 @@ async fn verify(State(g): State<Arc<Gateway>>, Query(h): Query<Handshake>) -> Re
 }
 
 async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = std::time::Instant::now();
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
-    match read_whatsapp(&g.config.app_secret, signature, &body, wall_clock_ms()) {
-        Ok(callbacks) => accept(&g, &callbacks, &body).await,
-        Err(r) => refused(&g, r),
-    }
+    let read = read_whatsapp(&g.config.app_secret, signature, &body, wall_clock_ms());
+    answer(&g, "whatsapp", arrived, read, &body).await
 }
 
-fn refused(g: &Gateway, r: Refusal) -> Response {
+/// Accepts or refuses a webhook as it read, and counts its answer.
+async fn answer(
+    g: &Arc<Gateway>,
+    channel: &str,
+    arrived: std::time::Instant,
+    read: Result<Vec<Callback>, Refusal>,
+    body: &[u8],
+) -> Response {
+    let (outcome, response) = match read {
+        Ok(callbacks) => accept(g, &callbacks, body).await,
+        Err(r) => refused(r),
+    };
+    g.metrics.answered(channel, outcome, arrived);
+    response
+}
+
+fn refused(r: Refusal) -> (WebhookOutcome, Response) {
     match r {
-        Refusal::Unauthorized(why) => {
-            g.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::UNAUTHORIZED, why).into_response()
-        }
-        Refusal::BadRequest(e) => {
-            g.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::BAD_REQUEST, e.0).into_response()
-        }
+        Refusal::Unauthorized(why) => (
+            WebhookOutcome::Unauthorized,
+            (StatusCode::UNAUTHORIZED, why).into_response(),
+        ),
+        Refusal::BadRequest(e) => (
+            WebhookOutcome::BadRequest,
+            (StatusCode::BAD_REQUEST, e.0).into_response(),
+        ),
     }
 }
 
@@ -166,6 +271,7 @@ async fn receive_sms(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let arrived = std::time::Instant::now();
     let Some(token) = g.config.sms_auth_token.as_deref() else {
         return (
             StatusCode::NOT_FOUND,
@@ -188,14 +294,13 @@ async fn receive_sms(
     let signature = headers
         .get(crate::provider::sms::SIGNATURE_HEADER)
         .map(|v| v.as_bytes());
-    match read_sms(token, signature, &url, &body, wall_clock_ms()) {
-        Ok(callbacks) => accept(&g, &callbacks, &body).await,
-        Err(r) => refused(&g, r),
-    }
+    let read = read_sms(token, signature, &url, &body, wall_clock_ms());
+    answer(&g, "sms", arrived, read, &body).await
 }
 
 /// `POST /webhooks/email`: the e-mail provider's delivery events, under basic auth.
 async fn receive_email(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = std::time::Instant::now();
     let Some((user, password)) = &g.config.email_webhook_auth else {
         return (
             StatusCode::NOT_FOUND,
@@ -204,16 +309,17 @@ async fn receive_email(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: 
             .into_response();
     };
     let authorization = headers.get("authorization").map(|v| v.as_bytes());
-    match read_email((user, password), authorization, &body, wall_clock_ms()) {
-        Ok(callbacks) => accept(&g, &callbacks, &body).await,
-        Err(r) => refused(&g, r),
-    }
+    let read = read_email((user, password), authorization, &body, wall_clock_ms());
+    answer(&g, "email", arrived, read, &body).await
 }
 
 /// Turns authenticated callbacks into provider events (or dead letters), and answers 200 once
 /// Kafka has every one of them.
-async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Response {
-    let inc = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+async fn accept(
+    g: &Arc<Gateway>,
+    callbacks: &[Callback],
+    body: &[u8],
+) -> (WebhookOutcome, Response) {
     let now = wall_clock_ms();
     let mut records: Vec<Outgoing> = Vec::new();
     let mut fresh = Vec::new();
@@ -221,7 +327,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
         let id = event_id(c);
         let known = g.recent.lock().map(|r| r.contains(&id)).unwrap_or(false);
         if known {
-            inc(&g.metrics.duplicates);
+            g.metrics.duplicates.inc();
             continue;
         }
         let routed = {
@@ -238,7 +344,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
                 let e = provider_event(c, customer);
                 match g.codec.encode_input(&e).await {
                     Ok(v) => vec![(customer.clone(), None, v)],
-                    Err(e) => return unavailable(g, format!("cannot encode: {e:#}")),
+                    Err(e) => return unavailable(format!("cannot encode: {e:#}")),
                 }
             }
             Route::Everyone => {
@@ -247,7 +353,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
                 let key = format!("template:{id}");
                 let v = match g.codec.encode_input(&provider_event(c, &key)).await {
                     Ok(v) => v,
-                    Err(e) => return unavailable(g, format!("cannot encode: {e:#}")),
+                    Err(e) => return unavailable(format!("cannot encode: {e:#}")),
                 };
                 for p in 0..g.config.partitions {
                     out.push((key.clone(), Some(p), v.clone()));
@@ -265,7 +371,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
                     error: why.clone(),
                     failed_at: now,
                 };
-                inc(&g.metrics.dead_letters);
+                g.metrics.dead_letters.inc();
                 tracing::warn!(reason = %why, "webhook callback dead-lettered");
                 match g.codec.encode_dead_letter(&letter).await {
                     Ok(v) => {
@@ -279,7 +385,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
                         fresh.push(id);
                         continue;
                     }
-                    Err(e) => return unavailable(g, format!("cannot encode: {e:#}")),
+                    Err(e) => return unavailable(format!("cannot encode: {e:#}")),
                 }
             }
         };
@@ -295,7 +401,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
         fresh.push(id);
     }
     let Some(producer) = g.producer.read().ok().and_then(|p| p.clone()) else {
-        return unavailable(g, "the gateway is shutting down".into());
+        return unavailable("the gateway is shutting down".into());
     };
     // Every event acknowledged by all in-sync replicas, or the provider must try again.
     let sends = records.iter().map(|o| {
@@ -317,7 +423,7 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
     });
     for result in futures::future::join_all(sends).await {
         if let Err((e, _)) = result {
-            return unavailable(g, format!("Kafka did not acknowledge: {e}"));
+            return unavailable(format!("Kafka did not acknowledge: {e}"));
         }
     }
     if let Ok(mut r) = g.recent.lock() {
@@ -325,11 +431,11 @@ async fn accept(g: &Arc<Gateway>, callbacks: &[Callback], body: &[u8]) -> Respon
             r.insert(id);
         }
     }
-    inc(&g.metrics.accepted);
-    g.metrics
-        .events
-        .fetch_add(records.len() as u64, Ordering::Relaxed);
-    (StatusCode::OK, "EVENT_RECEIVED").into_response()
+    g.metrics.events.inc_by(records.len() as u64);
+    (
+        WebhookOutcome::Accepted,
+        (StatusCode::OK, "EVENT_RECEIVED").into_response(),
+    )
 }
 
 /// One record a webhook turns into.
@@ -343,10 +449,12 @@ struct Outgoing {
     value: Vec<u8>,
 }
 
-fn unavailable(g: &Gateway, why: String) -> Response {
-    g.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+fn unavailable(why: String) -> (WebhookOutcome, Response) {
     tracing::warn!(reason = %why, "webhook not accepted; the provider will retry");
-    (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    (
+        WebhookOutcome::Unavailable,
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    )
 }
 
 /// A running gateway: its addresses and counters.
@@ -503,7 +611,7 @@ pub fn start(
     let producer = settings.producer(None)?;
     let senders = Arc::new(RwLock::new(SenderDirectory::default()));
     let ready = Arc::new(AtomicBool::new(false));
-    let metrics = Arc::new(GatewayMetrics::default());
+    let metrics = Arc::new(GatewayMetrics::new()?);
     let follower = {
         let f = SenderFollower {
             settings: settings.clone(),
@@ -563,7 +671,7 @@ pub fn start(
                 "/metrics",
                 get(move || {
                     let m = m.clone();
-                    async move { render_metrics(&m) }
+                    async move { m.render() }
                 }),
             )
     };
@@ -609,49 +717,4 @@ pub fn start(
         follower,
         gateway,
     })
-}
-
-fn render_metrics(m: &GatewayMetrics) -> String {
-    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let mut out = String::new();
-    for (name, help, v) in [
-        (
-            "herald_gateway_webhooks_accepted_total",
-            "Webhooks answered 200.",
-            g(&m.accepted),
-        ),
-        (
-            "herald_gateway_events_total",
-            "Provider events produced.",
-            g(&m.events),
-        ),
-        (
-            "herald_gateway_duplicate_callbacks_total",
-            "Repeated callbacks that produced no event.",
-            g(&m.duplicates),
-        ),
-        (
-            "herald_gateway_unauthorized_total",
-            "Webhooks refused for their signature (401).",
-            g(&m.unauthorized),
-        ),
-        (
-            "herald_gateway_bad_requests_total",
-            "Webhooks whose body was not a Cloud API webhook (400).",
-            g(&m.bad_requests),
-        ),
-        (
-            "herald_gateway_unavailable_total",
-            "Webhooks answered 503 because Kafka did not acknowledge.",
-            g(&m.unavailable),
-        ),
-        (
-            "herald_gateway_dead_letters_total",
-            "Callbacks dead-lettered as unroutable.",
-            g(&m.dead_letters),
-        ),
-    ] {
-        crate::telemetry::counter_line(&mut out, name, help, v);
-    }
-    out
 }

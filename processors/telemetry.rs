@@ -1,13 +1,17 @@
-//! Telemetry shell: tracing setup, Prometheus counters, and the small HTTP helper every Herald
+//! Telemetry shell: tracing setup, Prometheus metrics, and the small HTTP helper every Herald
 //! server (registry, simulator, metrics) uses.
 
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use std::collections::BTreeMap;
+use prometheus::core::Collector;
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,225 +40,528 @@ pub async fn serve_router(addr: SocketAddr, router: Router, what: &str) -> Resul
     Ok(bound)
 }
 
-/// Appends one counter in the Prometheus text format.
-pub fn counter_line(out: &mut String, name: &str, help: &str, value: u64) {
-    out.push_str(&format!(
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-    ));
+/// Seconds from an instant in milliseconds since the epoch to another, never negative.
+pub fn seconds_between(from_ms: i64, to_ms: i64) -> f64 {
+    (to_ms - from_ms).max(0) as f64 / 1000.0
 }
 
-/// Counters a processor exposes on `/metrics`.
-#[derive(Default)]
+/// Buckets for durations from a millisecond to a minute: batches, provider calls, latency.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// How a send's provider call ended, as the `outcome` label of send metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendResult {
+    /// The provider took the message.
+    Accepted,
+    /// No answer: the call may have reached the provider; a status webhook settles it.
+    Unanswered,
+    /// The provider answered with a refusal or could not deliver.
+    Refused,
+    /// Never called: no address, no provider for the channel, or a message that cannot be
+    /// composed.
+    Uncalled,
+}
+
+impl SendResult {
+    fn label(self) -> &'static str {
+        match self {
+            SendResult::Accepted => "accepted",
+            SendResult::Unanswered => "unanswered",
+            SendResult::Refused => "refused",
+            SendResult::Uncalled => "uncalled",
+        }
+    }
+}
+
+/// Every metric a Herald process exposes on `/metrics`, in one Prometheus registry: the
+/// stages of the process (processors, dispatch) share it, and label what is theirs.
 pub struct Metrics {
-    pub records_in: AtomicU64,
-    pub decisions_out: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub transactions: AtomicU64,
-    pub aborted_transactions: AtomicU64,
-    pub sends: AtomicU64,
-    pub send_failures: AtomicU64,
-    /// Calls that may have reached the provider but got no answer.
-    pub sends_unanswered: AtomicU64,
-    /// Open intents settled from status webhooks or the reconcile wait.
-    pub sends_settled: AtomicU64,
-    /// Sends the provider refused because the account or number is blocked: an alert.
-    pub account_blocks: AtomicU64,
-    /// Refusals in a call's answer handed back to policy as failed statuses.
-    pub refusals_to_policy: AtomicU64,
-    /// Sends recorded as intended and not yet settled, as of the last commit (a gauge).
-    pub sends_in_flight: AtomicU64,
-    /// Sends waiting for their call in the transactional lane (a gauge).
-    pub waiting_transactional: AtomicU64,
-    /// Sends waiting for their call in the marketing lane (a gauge).
-    pub waiting_marketing: AtomicU64,
-    /// The longest a transactional send waited in its lane, in milliseconds.
-    pub longest_wait_transactional_ms: AtomicU64,
-    /// The longest a marketing send waited in its lane, in milliseconds.
-    pub longest_wait_marketing_ms: AtomicU64,
-    /// Times a provider's circuit breaker opened.
-    pub breaker_opens: AtomicU64,
-    /// 1 once a provider blocked the account or number and its lane stopped (a gauge).
-    pub lanes_halted: AtomicU64,
-    pub restored_partitions: AtomicU64,
-    /// Customers' states loaded from the store because an input or a timer needed them.
-    pub customers_loaded: AtomicU64,
-    /// Customers' states let go from memory to keep within the state cache.
-    pub customers_evicted: AtomicU64,
-    /// Customers' states in memory, as of the last checkpoint (a gauge).
-    pub customers_in_memory: AtomicU64,
-    /// Facts recognised as repeats of an earlier fact under a new event id.
-    pub repeats_recognised: AtomicU64,
-    by_kind: Mutex<BTreeMap<String, u64>>,
-    by_reason: Mutex<BTreeMap<String, u64>>,
+    registry: Registry,
+    records_in: IntCounterVec,
+    decisions: IntCounterVec,
+    suppressions: IntCounterVec,
+    dead_letters: IntCounterVec,
+    repeats_recognised: IntCounter,
+    transactions: IntCounterVec,
+    sends: IntCounterVec,
+    sends_settled: IntCounter,
+    account_blocks: IntCounterVec,
+    refusals_to_policy: IntCounter,
+    sends_in_flight: IntGauge,
+    lane_waiting: IntGaugeVec,
+    lane_longest_wait: GaugeVec,
+    breaker_opens: IntCounterVec,
+    breaker_open: IntGaugeVec,
+    channel_halted: IntGaugeVec,
+    partitions_restored: IntCounterVec,
+    customers_loaded: IntCounter,
+    customers_evicted: IntCounter,
+    customers_in_memory: IntGauge,
+    batch_duration: HistogramVec,
+    provider_call_duration: HistogramVec,
+    event_to_decision: HistogramVec,
+    consumer_lag: IntGaugeVec,
     /// What `/readyz` answers from.
     pub readiness: Readiness,
 }
 
+/// Registers a metric and hands it back.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> prometheus::Result<M> {
+    let metric = metric?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// `herald_build_info{version}` = 1, so dashboards can tell which build runs where.
+fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
+    let info = registered(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "herald_build_info",
+                "1, labelled with the running build's version.",
+            ),
+            &["version"],
+        ),
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    Ok(())
+}
+
+/// A fresh registry holding `herald_build_info`.
+pub fn process_registry() -> prometheus::Result<Registry> {
+    let registry = Registry::new();
+    register_build_info(&registry)?;
+    Ok(registry)
+}
+
+/// The text exposition of a registry, or a line saying why it could not be written.
+pub fn render_registry(registry: &Registry) -> String {
+    TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+}
+
 impl Metrics {
-    /// A shared set of counters.
-    pub fn shared() -> Arc<Metrics> {
-        Arc::new(Metrics::default())
+    /// A process's metrics, every one registered.
+    pub fn new() -> Result<Metrics> {
+        Self::build().context("building the process's metrics")
     }
 
-    /// Adds one to an atomic counter.
-    pub fn inc(counter: &AtomicU64, by: u64) {
-        counter.fetch_add(by, Ordering::Relaxed);
+    fn build() -> prometheus::Result<Metrics> {
+        let r = process_registry()?;
+        let counter = |name: &str, help: &str| registered(&r, IntCounter::new(name, help));
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            registered(&r, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let gauge = |name: &str, help: &str| registered(&r, IntGauge::new(name, help));
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            registered(&r, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let histograms = |name: &str, help: &str, labels: &[&str]| {
+            registered(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec()),
+                    labels,
+                ),
+            )
+        };
+        Ok(Metrics {
+            records_in: counters(
+                "herald_records_in_total",
+                "Input records consumed and committed, by stage, topic and partition.",
+                &["stage", "topic", "partition"],
+            )?,
+            decisions: counters(
+                "herald_decisions_total",
+                "Decisions written to the decision log, by kind.",
+                &["kind"],
+            )?,
+            suppressions: counters(
+                "herald_suppressions_total",
+                "Messages suppressed, by reason.",
+                &["reason"],
+            )?,
+            dead_letters: counters(
+                "herald_dead_letters_total",
+                "Records sent to the dead-letter topic, by the stage that refused them and their source topic.",
+                &["stage", "topic"],
+            )?,
+            repeats_recognised: counter(
+                "herald_repeats_recognised_total",
+                "Facts recognised as repeats of an earlier fact under a new event id.",
+            )?,
+            transactions: counters(
+                "herald_transactions_total",
+                "Kafka transactions (or offset commits without exactly-once), by stage and outcome (committed, aborted).",
+                &["stage", "outcome"],
+            )?,
+            sends: counters(
+                "herald_sends_total",
+                "Provider calls ended, by channel and outcome (accepted, unanswered, refused, uncalled).",
+                &["channel", "outcome"],
+            )?,
+            sends_settled: counter(
+                "herald_sends_settled_total",
+                "Open send intents settled from status webhooks or after the reconcile wait.",
+            )?,
+            account_blocks: counters(
+                "herald_provider_account_blocks_total",
+                "Sends refused because the provider blocked the account or number, by channel.",
+                &["channel"],
+            )?,
+            refusals_to_policy: counter(
+                "herald_refusals_to_policy_total",
+                "Refusals in a send's answer written back to policy as failed statuses.",
+            )?,
+            sends_in_flight: gauge(
+                "herald_sends_in_flight",
+                "Sends recorded as intended and not yet settled, as of the last commit.",
+            )?,
+            lane_waiting: gauges(
+                "herald_dispatch_lane_waiting",
+                "Sends waiting for their provider call, by lane (transactional, marketing).",
+                &["lane"],
+            )?,
+            lane_longest_wait: registered(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "herald_dispatch_lane_longest_wait_seconds",
+                        "The longest a send waited in its lane for its call since the start, by lane.",
+                    ),
+                    &["lane"],
+                ),
+            )?,
+            breaker_opens: counters(
+                "herald_provider_breaker_opens_total",
+                "Times a provider's circuit breaker opened after calls kept failing, by channel.",
+                &["channel"],
+            )?,
+            breaker_open: gauges(
+                "herald_provider_breaker_open",
+                "1 while a channel's circuit breaker keeps calls back (open or probing), else 0.",
+                &["channel"],
+            )?,
+            channel_halted: gauges(
+                "herald_provider_lane_halted",
+                "1 once the provider blocked the account or number and dispatch stopped calling that channel.",
+                &["channel"],
+            )?,
+            partitions_restored: counters(
+                "herald_partitions_restored_total",
+                "Partitions whose state was restored on assignment, by stage.",
+                &["stage"],
+            )?,
+            customers_loaded: counter(
+                "herald_state_customers_loaded_total",
+                "Customers' states loaded from the store when an input or timer needed them.",
+            )?,
+            customers_evicted: counter(
+                "herald_state_customers_evicted_total",
+                "Customers' states let go from memory to stay within --state-cache-customers.",
+            )?,
+            customers_in_memory: gauge(
+                "herald_state_customers_in_memory",
+                "Customers' states held in memory, as of the last checkpoint.",
+            )?,
+            batch_duration: histograms(
+                "herald_batch_duration_seconds",
+                "From a batch's start to its commit, by stage.",
+                &["stage"],
+            )?,
+            provider_call_duration: histograms(
+                "herald_provider_call_duration_seconds",
+                "Provider calls from request to answer, by channel and outcome.",
+                &["channel", "outcome"],
+            )?,
+            event_to_decision: histograms(
+                "herald_event_to_decision_seconds",
+                "From an input record's timestamp to the commit of what the stage decided on it, by stage.",
+                &["stage"],
+            )?,
+            consumer_lag: gauges(
+                "herald_consumer_lag",
+                "Records of an assigned partition not yet consumed, as the Kafka client last reported, by stage, topic and partition.",
+                &["stage", "topic", "partition"],
+            )?,
+            registry: r,
+            readiness: Readiness::default(),
+        })
+    }
+
+    /// A process's metrics, shared by its stages and its `/metrics` server.
+    pub fn shared() -> Result<Arc<Metrics>> {
+        Ok(Arc::new(Metrics::new()?))
+    }
+
+    /// The records of one topic-partition a stage committed.
+    pub fn records_in(&self, stage: &str, topic: &str, partition: i32, n: u64) {
+        self.records_in
+            .with_label_values(&[stage, topic, &partition.to_string()])
+            .inc_by(n);
+    }
+
+    /// Input records consumed so far, across stages, topics and partitions.
+    pub fn records_in_total(&self) -> u64 {
+        sum_counters(&self.records_in)
     }
 
     /// Counts a decision by its kind.
-    pub fn count_kind(&self, kind: &str) {
-        if let Ok(mut m) = self.by_kind.lock() {
-            *m.entry(kind.to_string()).or_default() += 1;
-        }
+    pub fn decision(&self, kind: &str) {
+        self.decisions.with_label_values(&[kind]).inc();
+    }
+
+    /// Decisions written so far.
+    pub fn decisions_total(&self) -> u64 {
+        sum_counters(&self.decisions)
+    }
+
+    /// Decisions so far, by kind.
+    pub fn kinds(&self) -> BTreeMap<String, u64> {
+        by_label(&self.decisions, "kind")
+    }
+
+    /// Suppressions so far, by reason.
+    pub fn reasons(&self) -> BTreeMap<String, u64> {
+        by_label(&self.suppressions, "reason")
     }
 
     /// Counts a suppression by its reason.
-    pub fn count_reason(&self, reason: &str) {
-        if let Ok(mut m) = self.by_reason.lock() {
-            *m.entry(reason.to_string()).or_default() += 1;
+    pub fn suppression(&self, reason: &str) {
+        self.suppressions.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a fact recognised as a repeat under a new event id.
+    pub fn repeat_recognised(&self) {
+        self.repeats_recognised.inc();
+    }
+
+    /// Facts recognised as repeats so far.
+    pub fn repeats_recognised_total(&self) -> u64 {
+        self.repeats_recognised.get()
+    }
+
+    /// Counts a dead letter of `stage` from `topic`.
+    pub fn dead_letter(&self, stage: &str, topic: &str) {
+        self.dead_letters.with_label_values(&[stage, topic]).inc();
+    }
+
+    /// Dead letters written so far.
+    pub fn dead_letters_total(&self) -> u64 {
+        sum_counters(&self.dead_letters)
+    }
+
+    /// Counts a transaction of `stage`, committed or aborted.
+    pub fn transaction(&self, stage: &str, committed: bool) {
+        let outcome = if committed { "committed" } else { "aborted" };
+        self.transactions.with_label_values(&[stage, outcome]).inc();
+    }
+
+    /// Transactions committed so far by every stage of the process.
+    pub fn transactions_committed(&self) -> u64 {
+        sum_counters_where(&self.transactions, |labels| {
+            labels.contains(&("outcome", "committed"))
+        })
+    }
+
+    /// Counts a send's end on `channel`, and how long its call took when there was one.
+    pub fn send_ended(&self, channel: &str, result: SendResult, call: Option<Duration>) {
+        self.sends
+            .with_label_values(&[channel, result.label()])
+            .inc();
+        if let Some(took) = call {
+            self.provider_call_duration
+                .with_label_values(&[channel, result.label()])
+                .observe(took.as_secs_f64());
         }
     }
 
-    /// Decisions by kind so far.
-    pub fn kinds(&self) -> BTreeMap<String, u64> {
-        self.by_kind.lock().map(|m| m.clone()).unwrap_or_default()
+    /// Sends the providers accepted so far.
+    pub fn sends_accepted(&self) -> u64 {
+        sum_counters_where(&self.sends, |labels| {
+            labels.contains(&("outcome", "accepted"))
+        })
     }
 
-    /// Suppressions by reason so far.
-    pub fn reasons(&self) -> BTreeMap<String, u64> {
-        self.by_reason.lock().map(|m| m.clone()).unwrap_or_default()
+    /// Counts an open intent settled without its call's answer.
+    pub fn send_settled(&self) {
+        self.sends_settled.inc();
     }
 
-    /// Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut line = |name: &str, help: &str, v: u64| counter_line(&mut out, name, help, v);
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        line(
-            "herald_records_in_total",
-            "Input records consumed.",
-            g(&self.records_in),
-        );
-        line(
-            "herald_decisions_total",
-            "Decisions produced.",
-            g(&self.decisions_out),
-        );
-        line(
-            "herald_dead_letters_total",
-            "Records sent to herald.dlq.v1.",
-            g(&self.dead_letters),
-        );
-        line(
-            "herald_repeats_recognised_total",
-            "Facts recognised as repeats of an earlier fact under a new event id.",
-            g(&self.repeats_recognised),
-        );
-        line(
-            "herald_transactions_total",
-            "Kafka transactions committed.",
-            g(&self.transactions),
-        );
-        line(
-            "herald_transactions_aborted_total",
-            "Kafka transactions aborted.",
-            g(&self.aborted_transactions),
-        );
-        line(
-            "herald_sends_total",
-            "Messages accepted by the provider.",
-            g(&self.sends),
-        );
-        line(
-            "herald_send_failures_total",
-            "Provider calls that failed.",
-            g(&self.send_failures),
-        );
-        line(
-            "herald_sends_unanswered_total",
-            "Provider calls that got no answer; their intents wait for a status webhook.",
-            g(&self.sends_unanswered),
-        );
-        line(
-            "herald_sends_settled_total",
-            "Open send intents settled from status webhooks or after the reconcile wait.",
-            g(&self.sends_settled),
-        );
-        line(
-            "herald_provider_account_blocks_total",
-            "Sends refused because the provider blocked the account or number (alert on any).",
-            g(&self.account_blocks),
-        );
-        line(
-            "herald_refusals_to_policy_total",
-            "Refusals in a send's answer written back to policy as failed statuses.",
-            g(&self.refusals_to_policy),
-        );
-        line(
-            "herald_state_customers_loaded_total",
-            "Customers' states loaded from the store when an input or timer needed them.",
-            g(&self.customers_loaded),
-        );
-        line(
-            "herald_state_customers_evicted_total",
-            "Customers' states let go from memory to stay within --state-cache-customers.",
-            g(&self.customers_evicted),
-        );
-        line(
-            "herald_state_customers_in_memory",
-            "Customers' states held in memory, as of the last checkpoint.",
-            g(&self.customers_in_memory),
-        );
-        line(
-            "herald_sends_in_flight",
-            "Sends recorded as intended and not yet settled, as of the last commit.",
-            g(&self.sends_in_flight),
-        );
-        line(
-            "herald_dispatch_waiting_transactional",
-            "Transactional and authentication sends waiting for their provider call.",
-            g(&self.waiting_transactional),
-        );
-        line(
-            "herald_dispatch_waiting_marketing",
-            "Marketing sends waiting for their provider call.",
-            g(&self.waiting_marketing),
-        );
-        line(
-            "herald_dispatch_longest_wait_transactional_ms",
-            "The longest a transactional send waited for its call since the start.",
-            g(&self.longest_wait_transactional_ms),
-        );
-        line(
-            "herald_dispatch_longest_wait_marketing_ms",
-            "The longest a marketing send waited for its call since the start.",
-            g(&self.longest_wait_marketing_ms),
-        );
-        line(
-            "herald_provider_breaker_opens_total",
-            "Times a provider's circuit breaker opened after calls kept failing.",
-            g(&self.breaker_opens),
-        );
-        line(
-            "herald_provider_lane_halted",
-            "1 when a provider blocked the account or number and dispatch stopped calling it (alert).",
-            g(&self.lanes_halted),
-        );
-        line(
-            "herald_partitions_restored_total",
-            "Partitions whose state was restored on assignment.",
-            g(&self.restored_partitions),
-        );
-        if let Ok(m) = self.by_kind.lock() {
-            out.push_str("# HELP herald_decisions_by_kind_total Decisions by kind.\n# TYPE herald_decisions_by_kind_total counter\n");
-            for (k, v) in m.iter() {
-                out.push_str(&format!(
-                    "herald_decisions_by_kind_total{{kind=\"{k}\"}} {v}\n"
-                ));
+    /// Counts a send refused because the provider blocked the account or number.
+    pub fn account_blocked(&self, channel: &str) {
+        self.account_blocks.with_label_values(&[channel]).inc();
+        self.channel_halted.with_label_values(&[channel]).set(1);
+    }
+
+    /// Counts a refusal handed back to policy.
+    pub fn refusal_to_policy(&self) {
+        self.refusals_to_policy.inc();
+    }
+
+    /// Sends intended and not yet settled, as of the last commit.
+    pub fn set_sends_in_flight(&self, n: u64) {
+        self.sends_in_flight.set(n as i64);
+    }
+
+    /// Sends intended and not yet settled, as last set.
+    pub fn sends_in_flight(&self) -> u64 {
+        self.sends_in_flight.get().max(0) as u64
+    }
+
+    /// How many sends wait in `lane` now.
+    pub fn set_lane_waiting(&self, lane: &str, n: usize) {
+        self.lane_waiting.with_label_values(&[lane]).set(n as i64);
+    }
+
+    /// A send left `lane` after waiting `waited_ms`: the longest wait is kept.
+    pub fn lane_waited(&self, lane: &str, waited_ms: i64) {
+        let g = self.lane_longest_wait.with_label_values(&[lane]);
+        let secs = waited_ms.max(0) as f64 / 1000.0;
+        if secs > g.get() {
+            g.set(secs);
+        }
+    }
+
+    /// A channel's breaker opened.
+    pub fn breaker_opened(&self, channel: &str) {
+        self.breaker_opens.with_label_values(&[channel]).inc();
+    }
+
+    /// Whether a channel's breaker keeps calls back now.
+    pub fn set_breaker_open(&self, channel: &str, open: bool) {
+        self.breaker_open
+            .with_label_values(&[channel])
+            .set(i64::from(open));
+    }
+
+    /// Counts a partition restored by `stage`.
+    pub fn partition_restored(&self, stage: &str) {
+        self.partitions_restored.with_label_values(&[stage]).inc();
+    }
+
+    /// Counts customers' states loaded from the store.
+    pub fn customers_loaded(&self, n: u64) {
+        self.customers_loaded.inc_by(n);
+    }
+
+    /// Customers' states loaded so far.
+    pub fn customers_loaded_total(&self) -> u64 {
+        self.customers_loaded.get()
+    }
+
+    /// Counts customers' states let go from memory.
+    pub fn customers_evicted(&self, n: u64) {
+        self.customers_evicted.inc_by(n);
+    }
+
+    /// Customers' states let go so far.
+    pub fn customers_evicted_total(&self) -> u64 {
+        self.customers_evicted.get()
+    }
+
+    /// Customers' states in memory as of this checkpoint.
+    pub fn set_customers_in_memory(&self, n: usize) {
+        self.customers_in_memory.set(n as i64);
+    }
+
+    /// Customers' states in memory, as last set.
+    pub fn customers_in_memory(&self) -> u64 {
+        self.customers_in_memory.get().max(0) as u64
+    }
+
+    /// A batch of `stage` committed `took` after it started.
+    pub fn batch_committed(&self, stage: &str, took: Duration) {
+        self.batch_duration
+            .with_label_values(&[stage])
+            .observe(took.as_secs_f64());
+    }
+
+    /// What `stage` decided on records with these timestamps (ms since the epoch) became
+    /// visible at `committed_ms`.
+    pub fn decided(&self, stage: &str, record_timestamps: &[i64], committed_ms: i64) {
+        let h = self.event_to_decision.with_label_values(&[stage]);
+        for ts in record_timestamps {
+            h.observe(seconds_between(*ts, committed_ms));
+        }
+    }
+
+    /// The consumer lag of `stage`'s assigned partitions, as its Kafka client last reported;
+    /// a partition not in the report is no longer assigned and leaves the metric.
+    pub fn set_consumer_lag(&self, stage: &str, lags: &[(String, i32, i64)]) {
+        let reported: BTreeSet<(String, String)> = lags
+            .iter()
+            .map(|(t, p, _)| (t.clone(), p.to_string()))
+            .collect();
+        for family in self.consumer_lag.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                let (s, t, p) = (label("stage"), label("topic"), label("partition"));
+                if s == stage && !reported.contains(&(t.clone(), p.clone())) {
+                    let _ = self.consumer_lag.remove_label_values(&[&s, &t, &p]);
+                }
             }
         }
-        out
+        for (topic, partition, lag) in lags {
+            self.consumer_lag
+                .with_label_values(&[stage, topic, &partition.to_string()])
+                .set(*lag);
+        }
     }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        render_registry(&self.registry)
+    }
+}
+
+/// A counter family's series summed by the value of one label.
+fn by_label(v: &IntCounterVec, label: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for family in v.collect() {
+        for m in family.get_metric() {
+            if let Some(l) = m.get_label().iter().find(|l| l.name() == label) {
+                *out.entry(l.value().to_string()).or_default() +=
+                    m.get_counter().get_value() as u64;
+            }
+        }
+    }
+    out
+}
+
+/// The sum of every series of a counter family.
+fn sum_counters(v: &IntCounterVec) -> u64 {
+    sum_counters_where(v, |_| true)
+}
+
+/// The sum of the series of a counter family whose labels (name, value) pass `keep`.
+fn sum_counters_where(v: &IntCounterVec, keep: impl Fn(&[(&str, &str)]) -> bool) -> u64 {
+    v.collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            let labels: Vec<(&str, &str)> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            keep(&labels)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }
 
 /// Where a stage stands on its way to consuming.

@@ -197,12 +197,7 @@ fn two_processes_share_a_group_at_least_once() {
                 .await
                 .unwrap()
         });
-        let consumed: u64 = body
-            .lines()
-            .find(|l| l.starts_with("herald_records_in_total "))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let consumed = common::metric_sum(&body, "herald_records_in_total") as u64;
         assert!(
             consumed > 0,
             "process on metrics port {port} consumed nothing:\n{body}"

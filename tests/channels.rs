@@ -82,7 +82,7 @@ fn text_channels_carry_the_catalog_text_and_a_channel_without_provider_is_dead_l
     let dir = demo::fresh_temp_dir("channels").unwrap();
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("dispatch.redb")).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
-    let metrics = Metrics::shared();
+    let metrics = Metrics::shared().expect("metrics");
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "channels");
     let providers = Providers::default()
         .with(Arc::new(

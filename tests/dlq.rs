@@ -46,7 +46,7 @@ fn dead_letters_are_listed_replayed_on_request_and_never_decided_twice() {
             rt.handle().clone(),
         );
         std::thread::spawn(move || {
-            let metrics = Metrics::shared();
+            let metrics = Metrics::shared().expect("metrics");
             let mut stage = ProcessorStage::new(
                 topology,
                 codec,

@@ -200,6 +200,39 @@ fn the_gateway_accepts_every_genuine_webhook_and_no_tampered_one() {
     let health = format!("http://{}/healthz", cluster.gateway.health_addr);
     assert_eq!(get(&rt, &health).status, 200);
 
+    // Each answer is counted by channel and outcome, in a typed exposition.
+    let metrics = get(
+        &rt,
+        &format!("http://{}/metrics", cluster.gateway.health_addr),
+    )
+    .body;
+    let webhooks = |outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("herald_gateway_webhooks_total{"))
+            .filter(|l| l.contains("channel=\"whatsapp\""))
+            .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        (
+            webhooks("accepted"),
+            webhooks("unauthorized"),
+            webhooks("bad_request")
+        ),
+        (genuine, tampered, 2),
+        "{metrics}"
+    );
+    for typed in [
+        "# TYPE herald_gateway_webhooks_total counter",
+        "# TYPE herald_gateway_request_duration_seconds histogram",
+        "# TYPE herald_gateway_events_total counter",
+        "# TYPE herald_build_info gauge",
+    ] {
+        assert!(metrics.contains(typed), "{typed} missing:\n{metrics}");
+    }
+
     // The verification handshake.
     let hs = |token: &str| {
         get(

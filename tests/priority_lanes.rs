@@ -91,7 +91,7 @@ fn a_marketing_backlog_never_delays_transactional_sends_beyond_their_budget() {
     let dir = demo::fresh_temp_dir("lanes").unwrap();
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.join("dispatch.redb")).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
-    let metrics = Metrics::shared();
+    let metrics = Metrics::shared().expect("metrics");
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "lanes");
     let dispatch = {
         let (settings, stop, metrics, codec, h) = (

@@ -144,11 +144,7 @@ fn readyz_waits_for_the_restore_and_falls_when_the_broker_goes() {
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     let restored = || {
         get(&rt, &metrics)
-            .and_then(|(_, body)| {
-                body.lines()
-                    .find(|l| l.starts_with("herald_partitions_restored_total "))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
+            .map(|(_, body)| common::metric_sum(&body, "herald_partitions_restored_total") as u64)
             .unwrap_or(0)
     };
     let mut seen_restoring = 0;

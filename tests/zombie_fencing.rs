@@ -31,8 +31,24 @@ fn stopped(c: &Child) -> bool {
         .unwrap_or(false)
 }
 
-/// A counter from a process's `/metrics`; 0 when it does not answer.
+/// The transactions a process aborted, from its `/metrics`; 0 when it does not answer.
+fn aborted(rt: &tokio::runtime::Runtime, port: u16) -> u64 {
+    let body = scrape(rt, port);
+    body.lines()
+        .filter(|l| {
+            l.starts_with("herald_transactions_total{") && l.contains("outcome=\"aborted\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// A counter from a process's `/metrics`, summed over its labels; 0 when it does not answer.
 fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
+    common::metric_sum(&scrape(rt, port), name) as u64
+}
+
+/// A process's `/metrics`; empty when it does not answer.
+fn scrape(rt: &tokio::runtime::Runtime, port: u16) -> String {
     // A stopped process accepts the connection (the kernel does) but never answers.
     let body = rt.block_on(async {
         let client = reqwest::Client::builder()
@@ -47,11 +63,6 @@ fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
         r.text().await.ok()
     });
     body.unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The state of consumer group `group` and its members' client ids, as its coordinator says.
@@ -152,7 +163,7 @@ fn a_paused_processor_is_fenced_when_it_resumes_and_none_of_its_writes_is_visibl
     // A resumes inside its transaction: its offsets are refused, and the transaction aborted.
     common::signal(&a.0, 18); // SIGCONT
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&rt, port_a, "herald_transactions_aborted_total") == 0 {
+    while aborted(&rt, port_a) == 0 {
         assert!(
             Instant::now() < deadline,
             "A resumed, yet no transaction of A was aborted: the zombie was not fenced"

@@ -312,7 +312,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| default_group_prefix(&topo));
     settings.session_timeout_ms = args.session_timeout_ms;
     let stop = kafka::stop_on_signal(rt.handle());
-    let metrics = Metrics::shared();
+    let metrics = Metrics::shared()?;
     let bound = rt.block_on(telemetry::serve_metrics(args.metrics_addr, metrics.clone()))?;
     tracing::info!(metrics = %bound, instance, "herald run");
 

@@ -27,6 +27,101 @@ pub(crate) struct RebalanceLog {
     pub(crate) events: Mutex<Vec<RebalanceEvent>>,
     /// The consumer group state from the client's latest statistics, for `/readyz`.
     pub(crate) group: Mutex<Option<GroupReport>>,
+    /// The lag of each assigned partition from the client's latest statistics.
+    pub(crate) lags: Mutex<Option<Vec<PartitionLag>>>,
+}
+
+/// A topic, a partition and how many records of it are still to consume.
+pub(crate) type PartitionLag = (String, i32, i64);
+
+/// The part of librdkafka's statistics the consumer lag metric needs.
+#[derive(serde::Deserialize)]
+struct LagStatistics {
+    #[serde(default)]
+    topics: BTreeMap<String, TopicStatistics>,
+}
+
+#[derive(serde::Deserialize)]
+struct TopicStatistics {
+    #[serde(default)]
+    partitions: BTreeMap<String, PartitionStatistics>,
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionStatistics {
+    partition: i32,
+    #[serde(default)]
+    fetch_state: String,
+    /// The next offset to hand the application; negative until it has had a record.
+    #[serde(default = "no_offset")]
+    app_offset: i64,
+    /// The group's committed offset as this client knows it; negative when unknown.
+    #[serde(default = "no_offset")]
+    committed_offset: i64,
+    /// The end of the partition a read_committed reader sees (last stable offset).
+    #[serde(default = "no_offset")]
+    ls_offset: i64,
+}
+
+fn no_offset() -> i64 {
+    -1
+}
+
+/// Each partition the client fetches, with its lag, from one statistics report; `None` when
+/// the report cannot be read. librdkafka lists an internal partition -1 per topic, and every
+/// known partition whether fetched or not; only the fetched ones with a known position count.
+/// Its own `consumer_lag` counts from the offsets the consumer committed, and Herald commits
+/// them through the producer's transactions, so it stays -1: the lag is the last stable offset
+/// less the next offset the application will get (or the committed one, before any record).
+pub(crate) fn partition_lags(statistics: &[u8]) -> Option<Vec<PartitionLag>> {
+    let stats: LagStatistics = serde_json::from_slice(statistics).ok()?;
+    Some(
+        stats
+            .topics
+            .into_iter()
+            .flat_map(|(topic, t)| {
+                t.partitions
+                    .into_values()
+                    .filter(|p| p.partition >= 0 && p.fetch_state == "active")
+                    .filter_map(move |p| {
+                        let at = if p.app_offset >= 0 {
+                            p.app_offset
+                        } else {
+                            p.committed_offset
+                        };
+                        (at >= 0 && p.ls_offset >= 0)
+                            .then(|| (topic.clone(), p.partition, (p.ls_offset - at).max(0)))
+                    })
+            })
+            .collect(),
+    )
+}
+
+/// The context of the companion-topic consumer: end of log is expected, and its statistics
+/// carry the lag of the companion partitions.
+#[derive(Default)]
+pub(crate) struct CompanionLog {
+    pub(crate) lags: Mutex<Option<Vec<PartitionLag>>>,
+}
+
+impl ClientContext for CompanionLog {
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::kafka::settings::EndOfLogIsExpected.error(error, reason)
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        if let (Some(lags), Ok(mut slot)) = (partition_lags(statistics), self.lags.lock()) {
+            *slot = Some(lags);
+        }
+    }
+}
+
+impl ConsumerContext for CompanionLog {}
+
+impl CompanionLog {
+    pub(crate) fn take_lags(&self) -> Option<Vec<PartitionLag>> {
+        self.lags.lock().ok().and_then(|mut l| l.take())
+    }
 }
 
 /// The part of librdkafka's statistics readiness needs.
@@ -52,12 +147,19 @@ impl ClientContext for RebalanceLog {
                 });
             }
         }
+        if let (Some(lags), Ok(mut slot)) = (partition_lags(statistics), self.lags.lock()) {
+            *slot = Some(lags);
+        }
     }
 }
 
 impl RebalanceLog {
     pub(crate) fn take_group_report(&self) -> Option<GroupReport> {
         self.group.lock().ok().and_then(|mut g| g.take())
+    }
+
+    pub(crate) fn take_lags(&self) -> Option<Vec<PartitionLag>> {
+        self.lags.lock().ok().and_then(|mut l| l.take())
     }
 }
 
@@ -129,7 +231,7 @@ pub(crate) fn apply_rebalances<S: Stage>(
                             .readiness
                             .phase(stage.name(), StagePhase::Restoring { partition: p });
                         stage.restore(p, reader)?;
-                        Metrics::inc(&metrics.restored_partitions, 1);
+                        metrics.partition_restored(stage.name());
                         tracing::info!(
                             partition = p,
                             ms = t.elapsed().as_millis() as u64,
@@ -225,7 +327,7 @@ pub(crate) const POLL_BURST: usize = 1024;
 /// manually assigned one for the companion topics' partitions that follow it.
 pub(crate) struct Inputs {
     pub(crate) group: BaseConsumer<RebalanceLog>,
-    pub(crate) companions: BaseConsumer<EndOfLogIsExpected>,
+    pub(crate) companions: BaseConsumer<CompanionLog>,
     /// Asks where lanes end. It never fetches: a broker answers one connection's requests in
     /// order, so on a consumer's connection the question would wait out a parked fetch.
     pub(crate) probe: BaseConsumer<EndOfLogIsExpected>,
@@ -525,4 +627,34 @@ pub(crate) fn needs_an_operator(e: &KafkaError, settings: &KafkaSettings) -> Opt
         _ => return None,
     };
     Some(anyhow!("{why} ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_from_the_application_position_to_the_last_stable_offset() {
+        // Trimmed from a real report of a transactional consumer: librdkafka's own
+        // consumer_lag stays -1 because the offsets are committed by the producer.
+        let report = br#"{"type":"consumer","topics":{"herald.decisions.v1":{"partitions":{
+            "0":{"partition":0,"fetch_state":"active","app_offset":1700,"committed_offset":-1001,
+                 "ls_offset":1772,"hi_offset":1780,"consumer_lag":-1},
+            "1":{"partition":1,"fetch_state":"active","app_offset":-1001,"committed_offset":1500,
+                 "ls_offset":1587,"hi_offset":1587,"consumer_lag":-1},
+            "2":{"partition":2,"fetch_state":"none","app_offset":-1001,"committed_offset":-1001,
+                 "ls_offset":-1001,"hi_offset":-1001,"consumer_lag":-1},
+            "3":{"partition":3,"fetch_state":"active","app_offset":-1001,"committed_offset":-1001,
+                 "ls_offset":900,"hi_offset":900,"consumer_lag":-1},
+            "-1":{"partition":-1,"fetch_state":"none","app_offset":-1001,"committed_offset":-1001,
+                 "ls_offset":-1001,"hi_offset":-1001,"consumer_lag":-1}}}}}"#;
+        assert_eq!(
+            partition_lags(report),
+            Some(vec![
+                ("herald.decisions.v1".to_string(), 0, 72),
+                ("herald.decisions.v1".to_string(), 1, 87),
+            ])
+        );
+        assert_eq!(partition_lags(b"not json"), None);
+    }
 }

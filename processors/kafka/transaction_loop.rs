@@ -86,12 +86,15 @@ pub(crate) fn consume<S: Stage>(
     let companion_config = settings.consumer_config(
         &group,
         &format!("{client_id}-companions"),
-        &[("fetch.wait.max.ms", FETCH_WAIT_MS)],
+        &[
+            ("fetch.wait.max.ms", FETCH_WAIT_MS),
+            ("statistics.interval.ms", "1000"),
+        ],
     );
     let inputs = Inputs {
         group: consumer,
         companions: companion_config
-            .create_with_context(EndOfLogIsExpected)
+            .create_with_context(CompanionLog::default())
             .context("cannot create Kafka consumer for companion topics")?,
         probe: settings
             .consumer_config(&group, &format!("{client_id}-probe"), &[])
@@ -119,6 +122,8 @@ pub(crate) fn consume<S: Stage>(
     );
 
     let mut pace = TransactionPace::default();
+    // The lags each consumer last reported: the metric shows both together.
+    let (mut lead_lags, mut companion_lags) = (Vec::new(), Vec::new());
     while !stop.load(Ordering::SeqCst) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let started = Instant::now();
@@ -145,6 +150,14 @@ pub(crate) fn consume<S: Stage>(
             )?;
             if let Some(report) = inputs.group.context().take_group_report() {
                 metrics.readiness.group(stage.name(), report);
+            }
+            let lead = inputs.group.context().take_lags();
+            let companion = inputs.companions.context().take_lags();
+            if lead.is_some() || companion.is_some() {
+                lead_lags = lead.unwrap_or(lead_lags);
+                companion_lags = companion.unwrap_or(companion_lags);
+                let all: Vec<_> = lead_lags.iter().chain(&companion_lags).cloned().collect();
+                metrics.set_consumer_lag(stage.name(), &all);
             }
             metrics.readiness.phase(stage.name(), StagePhase::Consuming);
             check_lanes(&inputs, &mut intake, &now_ms);
@@ -186,7 +199,7 @@ pub(crate) fn consume<S: Stage>(
             Ok(()) => {}
             Err(BatchError::Abortable(why)) => {
                 tracing::warn!(error = %why, "transaction aborted; rewinding to the last commit");
-                Metrics::inc(&metrics.aborted_transactions, 1);
+                metrics.transaction(stage.name(), false);
                 if settings.exactly_once {
                     producer
                         .abort_transaction(Duration::from_secs(30))
@@ -367,7 +380,6 @@ pub(crate) fn run_batch<S: Stage>(
         offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
     }
     stage.end_of_batch(&mut out).map_err(BatchError::Fatal)?;
-    Metrics::inc(&metrics.records_in, batch.len() as u64);
 
     let mut pending = Vec::with_capacity(out.records.len());
     for r in &out.records {
@@ -447,8 +459,10 @@ pub(crate) fn run_batch<S: Stage>(
             .commit(&tpl, CommitMode::Sync)
             .map_err(|e| BatchError::Abortable(anyhow!("offset commit: {e}")))?;
     }
-    Metrics::inc(&metrics.transactions, 1);
     let t_committed = Instant::now();
+    metrics.transaction(stage.name(), true);
+    metrics.batch_committed(stage.name(), t_committed - t_start);
+    count_committed(stage.name(), batch, metrics);
     stage.committed(&produced).map_err(BatchError::Fatal)?;
     tracing::debug!(
         stage = stage.name(),
@@ -463,6 +477,23 @@ pub(crate) fn run_batch<S: Stage>(
     Ok(())
 }
 
+/// Counts a committed batch's records per topic-partition, and how long after their timestamps
+/// what was decided on them became visible.
+fn count_committed(stage: &str, batch: &[OwnedMessage], metrics: &Metrics) {
+    let mut counts: BTreeMap<(&str, i32), u64> = BTreeMap::new();
+    let mut stamps = Vec::with_capacity(batch.len());
+    for msg in batch {
+        *counts.entry((msg.topic(), msg.partition())).or_default() += 1;
+        if let Some(ts) = msg.timestamp().to_millis() {
+            stamps.push(ts);
+        }
+    }
+    for ((topic, partition), n) in counts {
+        metrics.records_in(stage, topic, partition, n);
+    }
+    metrics.decided(stage, &stamps, crate::clock::wall_clock_ms());
+}
+
 /// The transaction a fault-injection variable names, read once.
 fn fault_at(cell: &'static std::sync::OnceLock<Option<u64>>, var: &str) -> Option<u64> {
     *cell.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()))
@@ -473,7 +504,7 @@ fn fault_at(cell: &'static std::sync::OnceLock<Option<u64>>, var: &str) -> Optio
 pub(crate) fn crash_here_if_asked(metrics: &Metrics) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     if let Some(n) = fault_at(&AT, "HERALD_FAULT_CRASH_BEFORE_COMMIT") {
-        if metrics.transactions.load(Ordering::SeqCst) + 1 >= n {
+        if metrics.transactions_committed() + 1 >= n {
             eprintln!("herald: fault injection: aborting before commit of transaction {n}");
             std::process::abort();
         }
@@ -487,9 +518,7 @@ pub(crate) fn abort_here_if_asked(metrics: &Metrics) -> Result<(), BatchError> {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     static DONE: AtomicBool = AtomicBool::new(false);
     if let Some(n) = fault_at(&AT, "HERALD_FAULT_ABORT_TRANSACTION") {
-        if metrics.transactions.load(Ordering::SeqCst) + 1 >= n
-            && !DONE.swap(true, Ordering::SeqCst)
-        {
+        if metrics.transactions_committed() + 1 >= n && !DONE.swap(true, Ordering::SeqCst) {
             eprintln!("herald: fault injection: failing transaction {n} once");
             return Err(BatchError::Abortable(anyhow!(
                 "fault injection: transaction {n} failed"
@@ -506,9 +535,7 @@ pub(crate) fn pause_here_if_asked(metrics: &Metrics) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     static DONE: AtomicBool = AtomicBool::new(false);
     if let Some(n) = fault_at(&AT, "HERALD_FAULT_PAUSE_BEFORE_OFFSETS") {
-        if metrics.transactions.load(Ordering::SeqCst) + 1 >= n
-            && !DONE.swap(true, Ordering::SeqCst)
-        {
+        if metrics.transactions_committed() + 1 >= n && !DONE.swap(true, Ordering::SeqCst) {
             eprintln!("herald: fault injection: pausing inside transaction {n}");
             extern "C" {
                 fn kill(pid: i32, sig: i32) -> i32;

@@ -102,7 +102,7 @@ pub(crate) fn dead_letter_record(
     metrics: &Metrics,
 ) -> Result<OutRecord> {
     tracing::warn!(topic = %letter.source_topic, partition = letter.source_partition, offset = letter.source_offset, error = %letter.error, "record dead-lettered");
-    Metrics::inc(&metrics.dead_letters, 1);
+    metrics.dead_letter(&letter.stage, &letter.source_topic);
     let mut headers = provenance_of(
         &letter.source_topic,
         letter.source_partition,

@@ -14,12 +14,11 @@ use crate::pacing::{self, Lane, Limits, Pacer};
 use crate::provider::{Outgoing, Providers};
 use crate::registry::Codec;
 use crate::store::{self, SnapshotWrite};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, SendResult};
 use crate::topology::TemplateCatalog;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +69,8 @@ struct Answer {
     epoch: u64,
     send: PendingSend,
     outcome: SendOutcome,
+    /// From the request to the answer.
+    took: std::time::Duration,
 }
 
 /// An open intent settled from the provider topic, to be recorded with the next batch; a
@@ -395,10 +396,10 @@ impl DispatchStage {
             tracing::info!(message = %s.message_id, attempt = s.intent.attempt, settlement = ?s.settlement, "open send settled");
             match (s.settlement, s.approval) {
                 (dispatch::Settlement::Sent(_), _) => {
-                    Metrics::inc(&self.metrics.sends_settled, 1);
+                    self.metrics.send_settled();
                 }
                 (dispatch::Settlement::NotSent { next_attempt }, Some((decision, approved))) => {
-                    Metrics::inc(&self.metrics.sends_settled, 1);
+                    self.metrics.send_settled();
                     let offset = s.intent.approval_offset;
                     self.intend(s.partition, decision, approved, next_attempt, offset, out)?;
                 }
@@ -459,11 +460,8 @@ impl DispatchStage {
     fn call_released(&mut self, out: &mut Outbox) -> Result<()> {
         let now = wall_clock_ms();
         for released in self.pacer.release(now) {
-            let longest = match released.lane {
-                Lane::Transactional => &self.metrics.longest_wait_transactional_ms,
-                Lane::Marketing => &self.metrics.longest_wait_marketing_ms,
-            };
-            longest.fetch_max(released.waited_ms.max(0) as u64, AtomicOrdering::Relaxed);
+            self.metrics
+                .lane_waited(released.lane.name(), released.waited_ms);
             let s = released.send;
             let address = self.partitions.get(&s.partition).map(|part| {
                 part.contacts
@@ -503,7 +501,9 @@ impl DispatchStage {
                     );
                     let (answers, epoch) = (self.answers.clone(), self.epoch);
                     self.rt.spawn(async move {
+                        let called = std::time::Instant::now();
                         let outcome = provider.send(&outgoing).await;
+                        let took = called.elapsed();
                         answers
                             .lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -511,6 +511,7 @@ impl DispatchStage {
                                 epoch,
                                 send: s,
                                 outcome,
+                                took,
                             });
                     });
                 }
@@ -526,14 +527,10 @@ impl DispatchStage {
                 }
             }
         }
-        self.metrics.waiting_transactional.store(
-            self.pacer.waiting(Lane::Transactional) as u64,
-            AtomicOrdering::Relaxed,
-        );
-        self.metrics.waiting_marketing.store(
-            self.pacer.waiting(Lane::Marketing) as u64,
-            AtomicOrdering::Relaxed,
-        );
+        for lane in [Lane::Transactional, Lane::Marketing] {
+            self.metrics
+                .set_lane_waiting(lane.name(), self.pacer.waiting(lane));
+        }
         Ok(())
     }
 
@@ -545,7 +542,11 @@ impl DispatchStage {
         why: dispatch::Uncallable,
         out: &mut Outbox,
     ) -> Result<()> {
-        Metrics::inc(&self.metrics.send_failures, 1);
+        self.metrics.send_ended(
+            &channel_label(s.approved.channel),
+            SendResult::Uncalled,
+            None,
+        );
         let uncalled = dispatch::uncalled(&s.decision, &s.approved, why, wall_clock_ms());
         if let Some(why) = uncalled.dead_letter {
             tracing::error!(customer = %s.decision.customer_id, message = %s.approved.message_id, reason = %why, "send dead-lettered");
@@ -573,6 +574,9 @@ impl DispatchStage {
             }
             let now = wall_clock_ms();
             let channel = a.send.approved.channel;
+            let label = channel_label(channel);
+            self.metrics
+                .send_ended(&label, send_result(&a.outcome), Some(a.took));
             let before = self.pacer.breaker(channel);
             self.pacer.ended(
                 &a.send.decision.customer_id,
@@ -584,13 +588,21 @@ impl DispatchStage {
                 matches!(before, pacing::Breaker::Open { .. }),
                 self.pacer.breaker(channel),
             ) {
-                Metrics::inc(&self.metrics.breaker_opens, 1);
+                self.metrics.breaker_opened(&label);
                 tracing::error!(
                     ?channel,
                     reopen_at_ms = until,
                     "the provider keeps failing: its circuit breaker is open, sends wait"
                 );
             }
+            let breaker = self.pacer.breaker(channel);
+            self.metrics.set_breaker_open(
+                &label,
+                matches!(
+                    breaker,
+                    pacing::Breaker::Open { .. } | pacing::Breaker::Probing
+                ),
+            );
             let mut send = a.send;
             send.tries += 1;
             if let dispatch::AfterCall::Retry { not_before } =
@@ -621,34 +633,40 @@ impl DispatchStage {
         now: Millis,
         out: &mut Outbox,
     ) -> Result<()> {
-        match &outcome {
-            SendOutcome::Accepted(_) => Metrics::inc(&self.metrics.sends, 1),
-            SendOutcome::Unanswered(e) => {
-                tracing::info!(message = %s.approved.message_id, error = %e, "send unanswered; its status webhook will settle it");
-                Metrics::inc(&self.metrics.sends_unanswered, 1);
-            }
-            SendOutcome::Rejected { .. } | SendOutcome::NotDelivered(_) => {
-                Metrics::inc(&self.metrics.send_failures, 1)
-            }
+        if let SendOutcome::Unanswered(e) = &outcome {
+            tracing::info!(message = %s.approved.message_id, error = %e, "send unanswered; its status webhook will settle it");
         }
         let answered = dispatch::answer(&s.decision, &s.approved, s.attempt, tries, outcome, now);
         if let Some(event) = &answered.to_policy {
-            Metrics::inc(&self.metrics.refusals_to_policy, 1);
+            self.metrics.refusal_to_policy();
             out.records.push(self.to_policy_record(s.partition, event)?);
         }
         if let Some(why) = answered.dead_letter {
             out.records.push(self.dead_letter_approval(&s, why)?);
         }
         if let Some((channel, code)) = answered.halt {
-            Metrics::inc(&self.metrics.account_blocks, 1);
+            self.metrics.account_blocked(&channel_label(channel));
             self.pacer.halt(channel, code);
-            self.metrics.lanes_halted.store(1, AtomicOrdering::Relaxed);
             tracing::error!(code, ?channel, "the provider blocked the account or number: every send on this channel waits until someone acts and restarts dispatch");
         }
         for rec in answered.records {
             self.record(s.partition, rec, out)?;
         }
         Ok(())
+    }
+}
+
+/// A channel as metrics label it: its name in the decision log.
+fn channel_label(channel: Channel) -> String {
+    crate::events::wire_name(&channel)
+}
+
+/// How a provider call ended, as metrics count it.
+fn send_result(outcome: &SendOutcome) -> SendResult {
+    match outcome {
+        SendOutcome::Accepted(_) => SendResult::Accepted,
+        SendOutcome::Unanswered(_) => SendResult::Unanswered,
+        SendOutcome::Rejected { .. } | SendOutcome::NotDelivered(_) => SendResult::Refused,
     }
 }
 
@@ -898,9 +916,7 @@ impl Stage for DispatchStage {
             .flat_map(|p| p.customers.values())
             .map(|c| c.open.len())
             .sum();
-        self.metrics
-            .sends_in_flight
-            .store(open as u64, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_sends_in_flight(open as u64);
         Ok(())
     }
 }

@@ -176,7 +176,7 @@ fn admit_wanted(
     let mut found = with_retry(store, "customers' states", partition, || {
         store.load_customers(PROCESSORS, partition, &wanted)
     })?;
-    Metrics::inc(&metrics.customers_loaded, wanted.len() as u64);
+    metrics.customers_loaded(wanted.len() as u64);
     for customer in wanted {
         let state = match found.remove(&customer) {
             Some(s) => state_encoding::decode(&s.bytes)
@@ -272,13 +272,11 @@ impl ProcessorStage {
             for part in self.partitions.values_mut() {
                 let touched = &part.touched;
                 let gone = part.task.evict(share, |c| touched.contains(c));
-                Metrics::inc(&self.metrics.customers_evicted, gone as u64);
+                self.metrics.customers_evicted(gone as u64);
             }
         }
-        self.metrics.customers_in_memory.store(
-            in_memory(&self.partitions) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.metrics
+            .set_customers_in_memory(in_memory(&self.partitions));
     }
 
     /// Whether the wall-clock tick is on and its interval has passed since the last one.
@@ -377,14 +375,15 @@ impl ProcessorStage {
     ) -> Result<()> {
         for d in decisions {
             let value = self.rt.block_on(self.codec.encode_decision(&d))?;
-            Metrics::inc(&self.metrics.decisions_out, 1);
-            self.metrics.count_kind(d.outcome.kind());
+            self.metrics.decision(d.outcome.kind());
             match &d.outcome {
                 Outcome::MessageSuppressed(m) => {
-                    self.metrics.count_reason(&format!("{:?}", m.reason));
+                    // As the decision log names it, so a dashboard and a warehouse query agree.
+                    self.metrics
+                        .suppression(&crate::events::wire_name(&m.reason));
                 }
                 Outcome::DuplicateIgnored(dup) if dup.repeats_event_id.is_some() => {
-                    Metrics::inc(&self.metrics.repeats_recognised, 1);
+                    self.metrics.repeat_recognised();
                 }
                 _ => {}
             }
@@ -458,7 +457,7 @@ impl Stage for ProcessorStage {
             }
             if !part.task.is_resident(&d.customer_id) {
                 let (state, at) = load_state(store, partition, &d.customer_id)?;
-                Metrics::inc(&metrics.customers_loaded, 1);
+                metrics.customers_loaded(1);
                 part.task.admit(d.customer_id.clone(), state);
                 loaded_at.insert(d.customer_id.clone(), at);
             }

@@ -447,3 +447,17 @@ pub fn demo_cluster(
     rt.block_on(codec.register_all()).unwrap();
     (cluster, codec)
 }
+
+/// The sum of every series of metric `name` in a Prometheus text exposition (labelled or not);
+/// 0 when it has none.
+#[allow(dead_code)]
+pub fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
