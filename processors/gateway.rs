@@ -141,6 +141,19 @@ impl GatewayMetrics {
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
+        // Every route and answer has its series from the start: the first refusal is a change.
+        for channel in ["whatsapp", "sms", "email"] {
+            for outcome in [
+                WebhookOutcome::Accepted,
+                WebhookOutcome::Unauthorized,
+                WebhookOutcome::BadRequest,
+                WebhookOutcome::Unavailable,
+            ] {
+                webhooks
+                    .with_label_values(&[channel, outcome.label()])
+                    .inc_by(0);
+            }
+        }
         Ok(GatewayMetrics {
             registry,
             webhooks,

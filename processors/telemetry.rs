@@ -1,6 +1,7 @@
 //! Telemetry shell: tracing setup, Prometheus metrics, and the small HTTP helper every Herald
 //! server (registry, simulator, metrics) uses.
 
+use crate::events::Channel;
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -172,7 +173,7 @@ impl Metrics {
                 ),
             )
         };
-        Ok(Metrics {
+        let metrics = Metrics {
             records_in: counters(
                 "herald_records_in_total",
                 "Input records consumed and committed, by stage, topic and partition.",
@@ -293,7 +294,35 @@ impl Metrics {
             )?,
             registry: r,
             readiness: Readiness::default(),
-        })
+        };
+        // Every channel and lane has its series from the start, so a dashboard shows 0 rather
+        // than nothing, and an alert on a change sees the first one.
+        for channel in [Channel::Whatsapp, Channel::Sms, Channel::Email] {
+            let c = crate::events::wire_name(&channel);
+            metrics.breaker_open.with_label_values(&[&c]).set(0);
+            metrics.channel_halted.with_label_values(&[&c]).set(0);
+            metrics.breaker_opens.with_label_values(&[&c]).inc_by(0);
+            metrics.account_blocks.with_label_values(&[&c]).inc_by(0);
+        }
+        for lane in ["transactional", "marketing"] {
+            metrics.lane_waiting.with_label_values(&[lane]).set(0);
+        }
+        Ok(metrics)
+    }
+
+    /// Gives a starting stage its series: its transactions, and the dead letters of records of
+    /// its input topics that cannot be decoded.
+    pub fn stage_started(&self, stage: &str, input_topics: &[String]) {
+        for outcome in ["committed", "aborted"] {
+            self.transactions
+                .with_label_values(&[stage, outcome])
+                .inc_by(0);
+        }
+        for topic in input_topics {
+            self.dead_letters
+                .with_label_values(&["decode", topic])
+                .inc_by(0);
+        }
     }
 
     /// A process's metrics, shared by its stages and its `/metrics` server.

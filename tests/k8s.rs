@@ -1,9 +1,13 @@
-//! The Kubernetes manifests stay parseable and keep the properties operators rely on.
+//! The Kubernetes manifests (`k8s/base`, a kustomize base), the image recipe
+//! (`k8s/image/Containerfile`) and the shipped alert rules stay parseable, agree with each other
+//! and with the binary, and keep the properties operators rely on.
 
 use serde_yaml::Value;
 
+const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/base");
+
 fn docs() -> Vec<(String, Value)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s");
+    let dir = BASE;
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let path = e.unwrap().path();
@@ -240,5 +244,251 @@ fn every_deployment_starts_with_the_arguments_and_environment_its_manifest_gives
             known_anywhere.contains(name),
             "{file}: no Herald command reads {name}"
         );
+    }
+}
+
+/// The Deployments of the base, by name.
+fn deployments(docs: &[(String, Value)]) -> Vec<(&str, &Value)> {
+    docs.iter()
+        .filter(|(_, d)| d["kind"] == "Deployment")
+        .map(|(_, d)| (d["metadata"]["name"].as_str().unwrap(), d))
+        .collect()
+}
+
+#[test]
+fn the_kustomization_names_every_manifest_but_the_secret_template() {
+    let k: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{BASE}/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let listed: std::collections::BTreeSet<&str> = k["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    let mut present = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(BASE).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            present.insert(name);
+        }
+    }
+    let expected: std::collections::BTreeSet<&str> = present
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != "secret-template.yaml")
+        .collect();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn every_container_runs_unprivileged_with_requests_and_limits() {
+    let docs = docs();
+    for (name, d) in deployments(&docs) {
+        let pod = &d["spec"]["template"]["spec"];
+        for c in pod["containers"].as_sequence().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], true, "{name}");
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
+            assert_eq!(sc["runAsUser"], 65532, "{name}: the image's user");
+            for kind in ["requests", "limits"] {
+                for resource in ["cpu", "memory"] {
+                    assert!(
+                        c["resources"][kind].get(resource).is_some(),
+                        "{name}: no {resource} {kind}"
+                    );
+                }
+            }
+            // A read-only root: whatever the process writes goes to a mounted volume.
+            let mounts: Vec<&str> = c["volumeMounts"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter_map(|m| m["mountPath"].as_str())
+                .collect();
+            assert!(mounts.contains(&"/tmp"), "{name}: no writable /tmp");
+        }
+        assert_eq!(
+            pod["securityContext"]["fsGroup"], 65532,
+            "{name}: volumes writable by the image's user"
+        );
+    }
+}
+
+#[test]
+fn every_secret_key_a_pod_reads_is_in_the_secret_template_and_no_other() {
+    let docs = docs();
+    let template = docs
+        .iter()
+        .find(|(f, d)| {
+            f.ends_with("secret-template.yaml") && d["metadata"]["name"] == "herald-secrets"
+        })
+        .map(|(_, d)| d)
+        .expect("herald-secrets in secret-template.yaml");
+    let offered: std::collections::BTreeSet<&str> = template["stringData"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .filter_map(|k| k.as_str())
+        .collect();
+    let mut read = std::collections::BTreeSet::new();
+    for (_, d) in deployments(&docs) {
+        for c in d["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+        {
+            for e in c["env"].as_sequence().into_iter().flatten() {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                if r["name"] == "herald-secrets" {
+                    read.insert(r["key"].as_str().unwrap());
+                }
+            }
+        }
+    }
+    assert_eq!(read, offered);
+}
+
+#[test]
+fn disruption_budgets_and_autoscalers_cover_each_deployment_within_the_partition_count() {
+    let docs = docs();
+    let partitions = herald::topology::Topology::embedded().unwrap().partitions() as i64;
+    for (name, d) in deployments(&docs) {
+        let pod_labels = &d["spec"]["template"]["metadata"]["labels"];
+        let pdb = docs
+            .iter()
+            .find(|(_, p)| p["kind"] == "PodDisruptionBudget" && p["metadata"]["name"] == name)
+            .map(|(_, p)| p)
+            .unwrap_or_else(|| panic!("no PodDisruptionBudget for {name}"));
+        assert_eq!(
+            &pdb["spec"]["selector"]["matchLabels"], pod_labels,
+            "{name}"
+        );
+        let args = container_args(&d["spec"]["template"]["spec"]["containers"][0]);
+        if args[0] == "run" {
+            // A consumer beyond the partition count would own no partition: scale on lag, up
+            // to that count, with the lag of this stage.
+            let stage = args[args.iter().position(|a| *a == "--stage").unwrap() + 1];
+            let so = docs
+                .iter()
+                .find(|(_, s)| {
+                    s["kind"] == "ScaledObject" && s["spec"]["scaleTargetRef"]["name"] == name
+                })
+                .map(|(_, s)| s)
+                .unwrap_or_else(|| panic!("no ScaledObject for {name}"));
+            let max = so["spec"]["maxReplicaCount"].as_i64().unwrap();
+            assert!(
+                max <= partitions,
+                "{name}: {max} replicas for {partitions} partitions"
+            );
+            let query = so["spec"]["triggers"][0]["metadata"]["query"]
+                .as_str()
+                .unwrap();
+            assert!(
+                query.contains("herald_consumer_lag")
+                    && query.contains(&format!("stage=\"{stage}\"")),
+                "{name}: {query}"
+            );
+            assert!(
+                d["spec"]["replicas"].as_i64().unwrap() <= max,
+                "{name}: more replicas than partitions"
+            );
+        } else {
+            assert!(
+                docs.iter()
+                    .any(|(_, h)| h["kind"] == "HorizontalPodAutoscaler"
+                        && h["spec"]["scaleTargetRef"]["name"] == name),
+                "no autoscaler for {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_image_recipe_builds_in_stages_and_runs_as_the_manifests_user_on_their_ports() {
+    let recipe = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/k8s/image/Containerfile"
+    ))
+    .unwrap();
+    let lines: Vec<&str> = recipe.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(
+        lines.iter().filter(|l| l.starts_with("FROM ")).count() >= 2,
+        "a build stage and a runtime stage"
+    );
+    let last_from = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap();
+    let runtime = &lines[last_from..];
+    assert!(
+        runtime.iter().any(|l| l.starts_with("USER 65532")),
+        "the runtime stage runs as the manifests' runAsUser"
+    );
+    assert!(
+        runtime
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("herald")),
+        "the entrypoint is the herald binary"
+    );
+    let exposed: Vec<i64> = runtime
+        .iter()
+        .filter_map(|l| l.strip_prefix("EXPOSE "))
+        .flat_map(|p| p.split_whitespace())
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let docs = docs();
+    for (name, d) in deployments(&docs) {
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        for port in c["ports"].as_sequence().unwrap() {
+            let n = port["containerPort"].as_i64().unwrap();
+            assert!(
+                exposed.contains(&n),
+                "{name}: port {n} is not exposed by the image"
+            );
+        }
+        // The scrape annotation names the metrics port.
+        let metrics = c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "metrics")
+            .unwrap()["containerPort"]
+            .as_i64()
+            .unwrap();
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+            metrics.to_string(),
+            "{name}"
+        );
+    }
+    // What the recipe copies is what the build reads.
+    for dir in ["processors", "schemas", "topology"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("COPY {dir} "))),
+            "the build needs {dir}/"
+        );
+    }
+}
+
+#[test]
+fn every_alert_names_a_runbook_entry_in_the_readme() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rules: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{root}/k8s/observability/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    for group in rules["spec"]["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let alert = rule["alert"].as_str().unwrap();
+            let runbook = rule["annotations"]["runbook"].as_str().unwrap_or_default();
+            let anchor = runbook
+                .strip_prefix("README.md#")
+                .unwrap_or_else(|| panic!("{alert}: runbook {runbook:?} is not a README anchor"));
+            assert!(
+                readme.contains(&format!("<a id=\"{anchor}\"></a>")),
+                "{alert}: the README has no runbook entry {anchor}"
+            );
+        }
     }
 }

@@ -68,6 +68,91 @@ fn value(body: &str, name: &str, with: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The metrics an expression names, with the label names its matchers use.
+fn named_metrics(expr: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("herald_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = tail[..end].to_string();
+        let mut labels = Vec::new();
+        if let Some(matchers) = tail[end..].strip_prefix('{') {
+            let close = matchers.find('}').expect("a matcher list is closed");
+            for m in matchers[..close]
+                .split(',')
+                .filter(|m| !m.trim().is_empty())
+            {
+                let label = m.split(['=', '!', '~']).next().unwrap_or_default().trim();
+                labels.push(label.to_string());
+            }
+        }
+        out.push((name, labels));
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every metric the shipped Grafana dashboard and Prometheus rules name is one a process
+/// exposes, with the labels their matchers use (`namespace` is Prometheus's, from the target).
+fn shipped_dashboard_and_alerts_name_only_exposed_metrics(
+    process: &BTreeMap<String, Family>,
+    gateway: &BTreeMap<String, Family>,
+) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/k8s/observability/dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().expect("targets") {
+            let title = panel["title"].as_str().unwrap_or_default();
+            exprs.push((format!("panel {title}"), t["expr"].as_str().unwrap().into()));
+        }
+    }
+    let rules: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{root}/k8s/observability/alerts.yaml")).unwrap(),
+    )
+    .expect("the rules are YAML");
+    for group in rules["spec"]["groups"].as_sequence().expect("rule groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = rule["alert"].as_str().expect("an alert name");
+            exprs.push((
+                format!("alert {name}"),
+                rule["expr"].as_str().unwrap().into(),
+            ));
+        }
+    }
+    assert!(exprs.len() >= 20, "{} expressions", exprs.len());
+    for (what, expr) in &exprs {
+        let named = named_metrics(expr);
+        assert!(!named.is_empty(), "{what} names no Herald metric: {expr}");
+        for (name, labels) in named {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|base| {
+                    process
+                        .get(*base)
+                        .or(gateway.get(*base))
+                        .map(|f| f.kind.as_str())
+                        == Some("histogram")
+                })
+                .unwrap_or(&name);
+            let f = process
+                .get(family)
+                .or(gateway.get(family))
+                .unwrap_or_else(|| panic!("{what} names {name}, which no process exposes"));
+            for l in labels.iter().filter(|l| *l != "namespace") {
+                assert!(f.labels.contains(l), "{what}: {name} has no label {l}");
+            }
+        }
+    }
+}
+
 fn scrape(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
     rt.block_on(async {
         let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
@@ -149,6 +234,16 @@ fn a_running_process_exposes_typed_labelled_metrics() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let found = families(&body);
+    let gateway_body = rt
+        .block_on(async {
+            reqwest::get(format!("http://{}/metrics", cluster.gateway.health_addr))
+                .await?
+                .text()
+                .await
+        })
+        .expect("the gateway's /metrics answers");
+    let gateway = families(&gateway_body);
+    shipped_dashboard_and_alerts_name_only_exposed_metrics(&found, &gateway);
 
     let expected: &[(&str, &str, &[&str])] = &[
         ("herald_build_info", "gauge", &["version"]),

@@ -30,6 +30,7 @@ pub fn run_stage<S: Stage>(
     rt: &tokio::runtime::Handle,
 ) -> Result<()> {
     metrics.readiness.phase(stage.name(), StagePhase::Starting);
+    metrics.stage_started(stage.name(), &stage.input_topics());
     let result = consume(settings, stage, stop, metrics, rt);
     metrics.readiness.phase(stage.name(), StagePhase::Stopped);
     result
