@@ -44,6 +44,7 @@ pub mod kafka;
 
 pub mod gateway;
 pub mod provider;
+pub mod query;
 pub mod webhook;
 
 pub mod bench;

@@ -714,9 +714,14 @@ fn not_ready(s: &StageReadiness, now: Instant) -> Option<String> {
 /// process lives; `/readyz` answers 503, naming what each stage waits for, until every stage
 /// has joined its group, restored its partitions and is consuming, and again once it lost its
 /// group coordinator (the brokers).
-pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+/// `also` adds routes of the process's own (the query API).
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    also: Router,
+) -> Result<SocketAddr> {
     let ready = metrics.clone();
-    let router = Router::new()
+    let router = also
         .route(
             "/metrics",
             get(move || {

@@ -313,7 +313,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     settings.session_timeout_ms = args.session_timeout_ms;
     let stop = kafka::stop_on_signal(rt.handle());
     let metrics = Metrics::shared()?;
-    let bound = rt.block_on(telemetry::serve_metrics(args.metrics_addr, metrics.clone()))?;
+    let owners = Arc::new(crate::query::GroupOwners::new(&settings)?);
+    let query = crate::query::routes(Arc::new(crate::query::QueryApi {
+        store: store.clone(),
+        topology: topo.clone(),
+        instance: instance.clone(),
+        owners: Some(owners.clone()),
+    }));
+    let bound = rt.block_on(telemetry::serve_metrics(
+        args.metrics_addr,
+        metrics.clone(),
+        query,
+    ))?;
+    owners.listening_on(bound.port());
     tracing::info!(metrics = %bound, instance, "herald run");
 
     let mut handles = Vec::new();

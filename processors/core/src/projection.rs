@@ -3,7 +3,8 @@
 //! from what the state store keeps. Pure: the store is read by the shell.
 
 use crate::audit::ConsentEvent;
-use crate::events::{rfc3339, wire_name, Millis, Purpose};
+use crate::dispatch::DispatchState;
+use crate::events::{rfc3339, wire_name, Channel, DeferralReason, MessageStatus, Millis, Purpose};
 use crate::state::{ConsentEntry, CustomerState, JourneyInstance, HOUR_MS};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -206,6 +207,127 @@ impl CustomerSummary {
     }
 }
 
+/// A recent approval and the consent grant it relied on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecentReliance {
+    pub approved_at: Millis,
+    pub message_id: String,
+    pub template_name: String,
+    pub channel: Channel,
+    pub purpose: Purpose,
+    pub artifact_id: String,
+    pub consent_granted_at: Millis,
+}
+
+/// A customer's consent timeline as the store keeps it: every change, and the approvals still
+/// in state (the last `RECENT_SENDS_KEPT_MS`) with the grant each relied on. The whole history
+/// of reliance is in the decision log (`herald audit consent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsentView {
+    pub customer_id: String,
+    pub changes: Vec<ConsentEvent>,
+    pub relied_on_recently: Vec<RecentReliance>,
+}
+
+/// The consent view of a stored state and its consent history, approvals oldest first.
+pub fn consent_view(
+    customer_id: &str,
+    state: &CustomerState,
+    history: Vec<ConsentEvent>,
+) -> ConsentView {
+    let mut relied: Vec<RecentReliance> = state
+        .recent
+        .values()
+        .map(|r| RecentReliance {
+            approved_at: r.approved_at,
+            message_id: r.message.message_id.clone(),
+            template_name: r.message.template_name.clone(),
+            channel: r.message.channel,
+            purpose: r.message.purpose,
+            artifact_id: r.message.consent_artifact_id.clone(),
+            consent_granted_at: r.message.consent_granted_at,
+        })
+        .collect();
+    relied.sort_by(|a, b| (a.approved_at, &a.message_id).cmp(&(b.approved_at, &b.message_id)));
+    ConsentView {
+        customer_id: customer_id.to_string(),
+        changes: history,
+        relied_on_recently: relied,
+    }
+}
+
+/// What became of a recent approval: its delivery status, and dispatch's record of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecentMessage {
+    pub message_id: String,
+    pub approved_at: Millis,
+    pub template_name: String,
+    pub channel: Channel,
+    pub purpose: Purpose,
+    /// The furthest status the provider reported.
+    pub status: Option<MessageStatus>,
+    /// The provider's id once it accepted the message.
+    pub provider_message_id: Option<String>,
+    /// The attempt recorded as intended and not settled yet, if one is.
+    pub open_attempt: Option<i32>,
+}
+
+/// A message policy deferred, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeferredMessage {
+    pub message_id: String,
+    pub template_name: String,
+    pub reason: DeferralReason,
+    pub until: Millis,
+}
+
+/// A customer's recent messages, newest first, and those waiting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessagesView {
+    pub customer_id: String,
+    pub recent: Vec<RecentMessage>,
+    pub deferred: Vec<DeferredMessage>,
+}
+
+/// The messages view of a stored state and, when dispatch has one, its dispatch state.
+pub fn messages_view(
+    customer_id: &str,
+    state: &CustomerState,
+    dispatch: Option<&DispatchState>,
+) -> MessagesView {
+    let mut recent: Vec<RecentMessage> = state
+        .recent
+        .iter()
+        .map(|(id, r)| RecentMessage {
+            message_id: id.clone(),
+            approved_at: r.approved_at,
+            template_name: r.message.template_name.clone(),
+            channel: r.message.channel,
+            purpose: r.message.purpose,
+            status: r.status,
+            provider_message_id: dispatch.and_then(|d| d.sent.get(id).cloned()),
+            open_attempt: dispatch.and_then(|d| d.open.get(id).map(|o| o.attempt)),
+        })
+        .collect();
+    recent.sort_by(|a, b| (b.approved_at, &b.message_id).cmp(&(a.approved_at, &a.message_id)));
+    let mut deferred: Vec<DeferredMessage> = state
+        .deferred
+        .iter()
+        .map(|(id, d)| DeferredMessage {
+            message_id: id.clone(),
+            template_name: d.planned.template_name.clone(),
+            reason: d.reason,
+            until: d.deferred_until,
+        })
+        .collect();
+    deferred.sort_by_key(|d| d.until);
+    MessagesView {
+        customer_id: customer_id.to_string(),
+        recent,
+        deferred,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +388,27 @@ mod tests {
         let text = s.render();
         assert!(text.contains("MARKETING      WHATSAPP  GRANTED"), "{text}");
         assert!(text.contains("offset 77"), "{text}");
+
+        let consent = consent_view("c-1", &state, vec![]);
+        let relied: Vec<(Millis, &str)> = consent
+            .relied_on_recently
+            .iter()
+            .map(|r| (r.approved_at, r.artifact_id.as_str()))
+            .collect();
+        assert_eq!(relied, [(2_000, "art-1"), (3_000, "art-1")]);
+
+        let mut dispatch = DispatchState::default();
+        dispatch.sent.insert("m1".into(), "wamid.1".into());
+        let messages = messages_view("c-1", &state, Some(&dispatch));
+        let seen: Vec<(&str, Option<&str>)> = messages
+            .recent
+            .iter()
+            .map(|m| (m.message_id.as_str(), m.provider_message_id.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [("m2", None), ("m1", Some("wamid.1"))],
+            "newest first"
+        );
     }
 }
