@@ -16,14 +16,42 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Starts logging to stderr; `RUST_LOG` overrides the level.
-pub fn init_tracing(default_level: &str) {
+/// How log lines are written, from `HERALD_LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One readable line per event (the default).
+    Text,
+    /// One JSON object per line, for a log pipeline: level, target, message and fields.
+    Json,
+}
+
+impl LogFormat {
+    /// The format `HERALD_LOG_FORMAT` names (`text` when unset); an error naming the key for
+    /// anything else.
+    pub fn from_setting(value: Option<&str>) -> Result<LogFormat> {
+        match value.map(str::trim) {
+            None | Some("") | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => anyhow::bail!("HERALD_LOG_FORMAT is '{other}': it takes text or json"),
+        }
+    }
+}
+
+/// Starts logging to stderr in the format `HERALD_LOG_FORMAT` names; `RUST_LOG` overrides the
+/// level.
+pub fn init_tracing(default_level: &str) -> Result<()> {
+    let format = LogFormat::from_setting(std::env::var("HERALD_LOG_FORMAT").ok().as_deref())?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second start in one process (tests, the demo's stages) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    Ok(())
 }
 
 /// Binds `addr`, serves `router` in the background, and returns the bound address.
@@ -751,6 +779,19 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_format_is_text_or_json_and_anything_else_names_the_setting() {
+        assert_eq!(LogFormat::from_setting(None).unwrap(), LogFormat::Text);
+        assert_eq!(
+            LogFormat::from_setting(Some("json")).unwrap(),
+            LogFormat::Json
+        );
+        let e = LogFormat::from_setting(Some("xml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HERALD_LOG_FORMAT") && e.contains("xml"), "{e}");
+    }
 
     fn report(state: &str, join_state: &str, at: Instant) -> GroupReport {
         GroupReport {

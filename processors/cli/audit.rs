@@ -38,7 +38,7 @@ pub fn run(action: AuditAction) -> Result<()> {
             json,
             source,
         } => {
-            telemetry::init_tracing("warn");
+            telemetry::init_tracing("warn")?;
             let as_of = as_of
                 .as_deref()
                 .map(|t| parse_instant("--as-of", t))
@@ -60,7 +60,7 @@ pub fn run(action: AuditAction) -> Result<()> {
             Ok(())
         }
         AuditAction::Verify { json, source } => {
-            telemetry::init_tracing("warn");
+            telemetry::init_tracing("warn")?;
             let decisions = source.decisions()?;
             let v = crate::audit::verify(&decisions);
             if json {

@@ -58,7 +58,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         train_state_dictionary,
         security,
     } = args;
-    telemetry::init_tracing("error");
+    telemetry::init_tracing("error")?;
     if let Some(path) = train_state_dictionary {
         let topology = crate::topology::Topology::embedded()?;
         let dictionary = bench::train_state_dictionary(customers, &topology)?;

@@ -69,7 +69,7 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         broker_down_secs,
         state_cache_customers,
     } = args;
-    telemetry::init_tracing("error");
+    telemetry::init_tracing("error")?;
     let brokers = match &bootstrap {
         Some(b) => Some(connect(b, &security, true, "chaos")?),
         None => None,

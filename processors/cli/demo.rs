@@ -40,7 +40,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         record,
         state_dir,
     } = args;
-    telemetry::init_tracing(if json { "error" } else { "warn" });
+    telemetry::init_tracing(if json { "error" } else { "warn" })?;
     if let Some(path) = &record {
         // Refuse a bad file name before a run of minutes, not after it.
         crate::dump::Format::of(path)?;

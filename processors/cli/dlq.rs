@@ -50,7 +50,7 @@ pub enum DlqAction {
 
 /// `herald dlq list` and `herald dlq replay`.
 pub fn run(action: DlqAction) -> Result<()> {
-    telemetry::init_tracing("warn");
+    telemetry::init_tracing("warn")?;
     let (args, replay) = match action {
         DlqAction::List { args } => (args, None),
         DlqAction::Replay { args, all, execute } => (args, Some((all, execute))),

@@ -29,7 +29,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             },
         out,
     } = args;
-    telemetry::init_tracing("warn");
+    telemetry::init_tracing("warn")?;
     crate::dump::Format::of(&out)?;
     let topo = dir.load()?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -57,7 +57,7 @@ pub struct GatewayArgs {
 
 /// Runs `herald gateway`.
 pub fn run(args: GatewayArgs) -> Result<()> {
-    telemetry::init_tracing("info");
+    telemetry::init_tracing("info")?;
     if args.app_secret.is_empty() {
         bail!("HERALD_APP_SECRET (--app-secret) is empty: webhooks could not be verified");
     }

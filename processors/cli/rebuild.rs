@@ -36,7 +36,7 @@ pub fn run(args: RebuildArgs) -> Result<()> {
         verify,
         json,
     } = args;
-    telemetry::init_tracing("warn");
+    telemetry::init_tracing("warn")?;
     if let Some(live) = &verify {
         live.ensure_exists("--verify")?;
     }

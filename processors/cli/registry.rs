@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 /// `herald registry`: the schema registry subset, until Ctrl-C.
 pub fn run(listen: SocketAddr) -> Result<()> {
-    telemetry::init_tracing("info");
+    telemetry::init_tracing("info")?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let addr = crate::registry::serve(listen).await?;

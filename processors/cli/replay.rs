@@ -46,7 +46,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
         fail_on_difference,
         identifier_key,
     } = args;
-    telemetry::init_tracing("warn");
+    telemetry::init_tracing("warn")?;
     let key = identifier_key_from(&identifier_key)?;
     let topo = crate::topology_files::load(&policy)?;
     let mut records = Vec::new();

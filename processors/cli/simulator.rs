@@ -73,7 +73,7 @@ pub(crate) fn share(s: &str) -> Result<f64, String> {
 /// `herald simulator`: the provider simulator with the given limits, failures and callbacks.
 /// Runs `herald simulator`.
 pub fn run(args: SimulatorArgs) -> Result<()> {
-    telemetry::init_tracing("info");
+    telemetry::init_tracing("info")?;
     let email_webhook_auth = match args.email_webhook_auth.split_once(':') {
         Some((u, p)) => (u.to_string(), p.to_string()),
         None if args.email_webhook_auth.is_empty() => (String::new(), String::new()),

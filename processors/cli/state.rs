@@ -28,7 +28,7 @@ pub fn run(args: StateArgs) -> Result<()> {
         topology: dir,
         json,
     } = args;
-    telemetry::init_tracing("warn");
+    telemetry::init_tracing("warn")?;
     let topo = dir.load()?;
     let rt = store_runtime()?;
     store.ensure_exists("--store")?;

@@ -28,7 +28,7 @@ pub fn run(action: TopicsAction) -> Result<()> {
             topology: dir,
             replication,
         } => {
-            telemetry::init_tracing("warn");
+            telemetry::init_tracing("warn")?;
             let topo = dir.load()?;
             let settings = kafka.connect(false, "topics-apply")?;
             let report = topics_apply(&settings, &topo, replication)?;
