@@ -10,6 +10,7 @@ pub enum AuditAction {
     /// One customer's consent changes (grant, revoke, source, artifact, chain link) and every
     /// business-initiated decision that relied on each grant, in order.
     Consent {
+        /// The customer id, as the input events carry it.
         #[arg(long)]
         customer: String,
         /// Only what was decided up to this instant (RFC 3339, e.g. 2026-11-01T00:00:00Z).

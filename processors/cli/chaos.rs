@@ -12,6 +12,7 @@ pub struct ChaosArgs {
     /// Customers in the scenario (about 15 events each; 13,500 give over 200,000 events).
     #[arg(long, default_value_t = 13_500)]
     customers: usize,
+    /// Seed of the scenario: the same seed, the same events.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Time between two SIGKILLs (processors and dispatch take turns).

@@ -36,6 +36,8 @@ pub struct RunArgs {
     /// `scylla://HOST:PORT[,HOST:PORT]/KEYSPACE[?replication_factor=3&local_dc=DC&consistency=local_quorum&timeout_ms=5000]`.
     #[arg(long, env = "HERALD_STORE", default_value = ".herald/state.redb")]
     pub store: StoreAddress,
+    /// Which stages this process runs: the processors (dedupe, ordering guard, policy),
+    /// dispatch, or both.
     #[arg(long, env = "HERALD_STAGE", value_enum, default_value = "all")]
     pub stage: StageName,
     /// Secret key (16 bytes or more) of the keyed hashes that replace phone numbers and e-mail
@@ -62,7 +64,9 @@ pub struct RunArgs {
         env = "HERALD_PROVIDER_URL",
         default_value = "https://graph.facebook.com"
     )]
+    /// The WhatsApp Cloud API's root (Graph API).
     pub provider_url: String,
+    /// The WhatsApp sender's phone number id; dispatch needs it.
     #[arg(long, env = "HERALD_PHONE_NUMBER_ID", default_value = "")]
     pub phone_number_id: String,
     #[arg(
@@ -71,6 +75,7 @@ pub struct RunArgs {
         default_value = "",
         hide_env_values = true
     )]
+    /// The Cloud API access token (a system user's); dispatch needs it. Never printed.
     pub provider_token: String,
     /// The SMS provider's API root (Twilio-shaped Messages resource).
     #[arg(long, env = "HERALD_SMS_URL", default_value = "https://api.twilio.com")]
@@ -139,8 +144,10 @@ pub struct RunArgs {
     /// How long an open breaker holds every call to that provider before one probe call.
     #[arg(long, env = "HERALD_BREAKER_COOLDOWN_MS", default_value_t = crate::pacing::DEFAULT_LIMITS.breaker_cooldown_ms as u64)]
     pub breaker_cooldown_ms: u64,
+    /// Where `/metrics`, `/healthz`, `/readyz` and the query API (`/v1/customers/...`) listen.
     #[arg(long, env = "HERALD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
+    /// The most input records one transaction takes.
     #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
     /// Consumer group assignor for the lead topic: `cooperative-sticky` moves only the

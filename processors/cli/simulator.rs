@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 /// Settings of `herald simulator`.
 #[derive(Args, Debug)]
 pub struct SimulatorArgs {
+    /// Where the simulated provider APIs listen.
     #[arg(long, default_value = "127.0.0.1:8090")]
     pub listen: SocketAddr,
     /// Where to post signed WhatsApp status webhooks (the gateway's `/webhook`).
@@ -58,6 +59,7 @@ pub struct SimulatorArgs {
     /// Share of status callbacks posted twice.
     #[arg(long, default_value_t = 0.0, value_parser = share)]
     pub duplicate_webhook_rate: f64,
+    /// Seed of the simulated failures and delays: the same seed, the same run.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
 }

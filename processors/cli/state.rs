@@ -9,6 +9,7 @@ use clap::Args;
 /// The arguments of `herald state`.
 #[derive(Args, Debug)]
 pub struct StateArgs {
+    /// The customer id, as the input events carry it.
     #[arg(long)]
     customer: String,
     /// The store: a `state.redb` file or a `scylla://HOST:PORT/KEYSPACE` address.
