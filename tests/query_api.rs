@@ -243,11 +243,19 @@ fn the_query_api_answers_for_a_customer_from_the_process_that_owns_them() {
         "dispatch's record of sent messages shows in A's answers"
     );
 
-    // Nobody stores a customer Herald never heard of.
-    let nobody = get(&rt, port_a, "/v1/customers/nobody-at-all").unwrap();
-    assert_eq!(nobody.status, 404, "{}", nobody.body);
+    // Nobody stores a customer Herald never heard of: their partition's owner says so.
+    let whereabouts = get(&rt, port_a, "/v1/customers/nobody-at-all/owner").unwrap();
     assert_eq!(
-        nobody.body["partition"],
+        whereabouts.body["partition"],
         herald::query::partition_of(b"nobody-at-all", topology.partitions())
     );
+    assert_eq!(whereabouts.body["stored_here"], false);
+    let home = match whereabouts.body["owner"]["instance"].as_str() {
+        Some("a") => port_a,
+        Some("b") => port_b,
+        other => panic!("no owner for the partition: {other:?}"),
+    };
+    let nobody = get(&rt, home, "/v1/customers/nobody-at-all").unwrap();
+    assert_eq!(nobody.status, 404, "{}", nobody.body);
+    assert_eq!(nobody.body["partition"], whereabouts.body["partition"]);
 }
