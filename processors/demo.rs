@@ -21,7 +21,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -790,17 +789,16 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     feed_stock(&rt, &producer, &codec, &scenario::stock_levels())?;
     let started = Instant::now();
     let total = scenario.len();
+    // Counts the events the processors have taken; fed, decided, sent and dead-lettered after.
+    let progress = crate::telemetry::Progress::bar(total as u64, "events", !opts.json);
     let show = |fed: usize| {
-        if !opts.json {
-            eprint!(
-                "\r  fed {fed:>7}/{total}  processed {:>7}  decisions {:>7}  sends {:>6}  dlq {:>3}   ",
-                pm.records_in_total(),
-                pm.decisions_total(),
-                dm.sends_accepted(),
-                pm.dead_letters_total()
-            );
-            let _ = std::io::stderr().flush();
-        }
+        progress.at(pm.records_in_total());
+        progress.say(format!(
+            "fed {fed}  decisions {}  sends {}  dlq {}",
+            pm.decisions_total(),
+            dm.sends_accepted(),
+            pm.dead_letters_total()
+        ));
     };
     // Feed in chunks and let the processors catch up between them: records of different topics
     // are only ordered within what the consumer has in hand, as in a live system.
@@ -871,8 +869,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     )?;
     phase_ends("settling");
     let seconds = started.elapsed().as_secs_f64();
-    show(fed);
-    say(String::new());
+    drop(progress);
 
     // Counted as the processors committed them: librdkafka's mock cluster trims old log
     // segments of large partitions, so a read from the beginning would see only the tail.

@@ -16,6 +16,104 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The progress bar on screen now, if a long command shows one.
+static SHOWN: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+/// The progress of a long command (demo, rebuild, replay, export, chaos), drawn on stderr when
+/// it is a terminal and not at all otherwise (a pipe, a log file, `--json`). Log lines written
+/// while it shows go above it. It leaves the screen when dropped.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    /// A bar counting to `total` things (`what`: "events", "decisions").
+    pub fn bar(total: u64, what: &str, shown: bool) -> Progress {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(total), Self::target(shown));
+        let style = indicatif::ProgressStyle::with_template(&format!(
+            "  {{bar:30}} {{pos:>9}}/{{len}} {what}  {{per_sec}}  eta {{eta}}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        Self::show(bar)
+    }
+
+    /// A spinner for work whose size is not known in advance, with the time it has taken.
+    pub fn spinner(what: &str, shown: bool) -> Progress {
+        let bar = indicatif::ProgressBar::with_draw_target(None, Self::target(shown));
+        let style = indicatif::ProgressStyle::with_template(&format!(
+            "  {{spinner}} {what} {{elapsed}}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self::show(bar)
+    }
+
+    fn target(shown: bool) -> indicatif::ProgressDrawTarget {
+        if shown {
+            indicatif::ProgressDrawTarget::stderr_with_hz(8)
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        }
+    }
+
+    fn show(bar: indicatif::ProgressBar) -> Progress {
+        if let Ok(mut shown) = SHOWN.lock() {
+            *shown = Some(bar.clone());
+        }
+        Progress { bar }
+    }
+
+    /// Sets how far it is.
+    pub fn at(&self, position: u64) {
+        self.bar.set_position(position);
+    }
+
+    /// Sets the words after the bar.
+    pub fn say(&self, message: String) {
+        self.bar.set_message(message);
+    }
+
+    /// Writes a line above the bar (to stderr as it is, when the bar is hidden).
+    pub fn println(&self, line: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+        if let Ok(mut shown) = SHOWN.lock() {
+            *shown = None;
+        }
+    }
+}
+
+/// A log writer that takes the progress bar off the screen while a line is written, so the
+/// line lands above the bar and the bar is drawn again below it.
+pub struct LogsAboveTheBar<W: std::io::Write> {
+    sink: W,
+}
+
+impl<W: std::io::Write> std::io::Write for LogsAboveTheBar<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = SHOWN.lock().ok().and_then(|b| b.clone());
+        match bar {
+            Some(bar) => bar.suspend(|| self.sink.write_all(buf)).map(|()| buf.len()),
+            None => self.sink.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.flush()
+    }
+}
+
 /// How log lines are written, from `HERALD_LOG_FORMAT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -38,14 +136,16 @@ impl LogFormat {
 }
 
 /// Starts logging to stderr in the format `HERALD_LOG_FORMAT` names; `RUST_LOG` overrides the
-/// level.
+/// level. Lines go above a progress bar on screen, never through it.
 pub fn init_tracing(default_level: &str) -> Result<()> {
     let format = LogFormat::from_setting(std::env::var("HERALD_LOG_FORMAT").ok().as_deref())?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogsAboveTheBar {
+            sink: std::io::stderr(),
+        });
     // A second start in one process (tests, the demo's stages) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -779,6 +879,42 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_land_above_the_progress_bar_and_leave_it_whole() {
+        use std::io::Write;
+        let term = indicatif::InMemoryTerm::new(10, 100);
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(100),
+            indicatif::ProgressDrawTarget::term_like(Box::new(term.clone())),
+        );
+        bar.set_style(indicatif::ProgressStyle::with_template("[{bar:10}] {pos}/{len}").unwrap());
+        let _shown = Progress::show(bar.clone());
+        bar.set_position(40);
+        // The log line goes to the same screen, as stderr would take it.
+        struct Screen(indicatif::InMemoryTerm);
+        impl Write for Screen {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let line = String::from_utf8_lossy(buf);
+                indicatif::TermLike::write_line(&self.0, line.trim_end())?;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut log = LogsAboveTheBar {
+            sink: Screen(term.clone()),
+        };
+        log.write_all(b"WARN a log line\n").unwrap();
+        bar.set_position(41);
+        let screen = term.contents();
+        let lines: Vec<&str> = screen.lines().collect();
+        assert_eq!(lines.len(), 2, "{screen}");
+        assert_eq!(lines[0], "WARN a log line", "{screen}");
+        assert!(lines[1].starts_with("[█"), "the bar below, whole: {screen}");
+        assert!(lines[1].ends_with("41/100"), "{screen}");
+    }
 
     #[test]
     fn the_log_format_is_text_or_json_and_anything_else_names_the_setting() {

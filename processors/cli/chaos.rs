@@ -95,11 +95,14 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         broker_kills,
         state_cache: state_cache_customers,
     };
+    // Its own lines (kills, restarts) go above the spinner, as log lines do.
+    let spinner = crate::telemetry::Progress::spinner("chaos", !json);
     let report = crate::chaos::run(&opts, |line| {
         if !json {
-            eprintln!("{line}");
+            spinner.println(&line);
         }
     })?;
+    drop(spinner);
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

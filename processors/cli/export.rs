@@ -38,6 +38,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         &topo.names,
     )?);
     let settings = kafka.connect(true, "export")?;
+    let spinner = crate::telemetry::Progress::spinner("reading the cluster's topics", true);
     let records = crate::dump::export(
         &settings,
         crate::dump::replay_topics(&topo.names),
@@ -45,7 +46,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
         topo.partitions(),
         rt.handle().clone(),
     )?;
+    spinner.say(format!("writing {} records", records.len()));
     let n = crate::dump::write(&out, &records)?;
+    drop(spinner);
     println!("wrote {n} records to {}", out.display());
     Ok(())
 }

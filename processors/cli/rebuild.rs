@@ -55,17 +55,15 @@ pub fn run(args: RebuildArgs) -> Result<()> {
         .iter()
         .filter(|r| matches!(r.payload, crate::replay::Payload::Decision(_)))
         .count();
-    let progress = |n: u64| {
-        if !json {
-            eprint!("\r  folded {n:>9} of {total} decisions");
-        }
-    };
-    let folded = crate::rebuild::fold(&records, parallelism, &progress);
+    let bar = crate::telemetry::Progress::bar(total as u64, "decisions folded", !json);
+    let folded = crate::rebuild::fold(&records, parallelism, &|n| bar.at(n));
+    bar.say("writing the store".into());
     crate::rebuild::write(store.as_ref(), &folded)?;
+    drop(bar);
     let seconds = started.elapsed().as_secs_f64();
     let decisions: u64 = folded.values().map(|f| f.decisions).sum();
     if !json {
-        eprintln!("\r  folded {decisions:>9} of {total} decisions");
+        eprintln!("  folded {decisions} of {total} decisions");
     }
     let rebuilt = crate::rebuild::load_states(store.as_ref(), topo.partitions())?;
     let mut report = crate::rebuild::RebuildReport {

@@ -49,12 +49,20 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     telemetry::init_tracing("warn")?;
     let key = identifier_key_from(&identifier_key)?;
     let topo = crate::topology_files::load(&policy)?;
+    let spinner = crate::telemetry::Progress::spinner("replaying", !json);
     let mut records = Vec::new();
     for file in &events {
+        spinner.say(format!("reading {}", file.display()));
         records.extend(crate::dump::read(file, &topo.names)?);
     }
+    spinner.say(format!(
+        "{} records through policy {}",
+        records.len(),
+        topo.policy.version
+    ));
     let recorded = crate::dump::decisions(&records);
     let replayed = crate::replay::replay(&records, &topo, &key);
+    drop(spinner);
     let report = crate::replay::Report::new(&topo.policy.version, &recorded, &replayed, show);
     if json {
         println!("{}", serde_json::to_string(&report)?);
