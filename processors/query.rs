@@ -205,15 +205,20 @@ enum Found {
 }
 
 impl QueryApi {
+    /// The instance that owns `partition`, when this process can ask.
+    fn owner_of(&self, partition: i32) -> Result<Option<Owner>> {
+        match &self.owners {
+            Some(o) => o.owner_of(partition),
+            None => Ok(None),
+        }
+    }
+
     fn find(&self, customer: &str) -> Result<Found> {
         if let Some(view) = self.store.customer(customer)? {
             return Ok(Found::Here(view));
         }
         let partition = partition_of(customer.as_bytes(), self.topology.partitions());
-        let owner = match &self.owners {
-            Some(o) => o.owner_of(partition)?,
-            None => None,
-        };
+        let owner = self.owner_of(partition)?;
         Ok(match owner {
             Some(owner) if owner.instance != self.instance => Found::Elsewhere { partition, owner },
             owner => Found::Nowhere { partition, owner },
@@ -226,14 +231,10 @@ impl QueryApi {
             || partition_of(customer.as_bytes(), self.topology.partitions()),
             |v| v.partition,
         );
-        let owner = match &self.owners {
-            Some(o) => o.owner_of(partition)?,
-            None => None,
-        };
         Ok(Whereabouts {
             customer_id: customer.to_string(),
             partition,
-            owner,
+            owner: self.owner_of(partition)?,
             served_by: self.instance.clone(),
             stored_here: stored.is_some(),
         })
