@@ -215,7 +215,16 @@ impl QueryApi {
 
     fn find(&self, customer: &str) -> Result<Found> {
         if let Some(view) = self.store.customer(customer)? {
-            return Ok(Found::Here(view));
+            // A store of its own keeps the rows of partitions this process owned before; the
+            // owner now has newer ones. Only the owner answers (or this process, when no owner
+            // can be named).
+            return Ok(match self.owner_of(view.partition)? {
+                Some(owner) if owner.instance != self.instance => Found::Elsewhere {
+                    partition: view.partition,
+                    owner,
+                },
+                _ => Found::Here(view),
+            });
         }
         let partition = partition_of(customer.as_bytes(), self.topology.partitions());
         let owner = self.owner_of(partition)?;

@@ -492,3 +492,78 @@ fn every_alert_names_a_runbook_entry_in_the_readme() {
         }
     }
 }
+
+#[test]
+fn both_kustomizations_render_with_kubectl() {
+    // kubectl renders a kustomization without a cluster. Where it is not installed, the checks
+    // above still hold; this one says so and stops.
+    let installed = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("kubectl is not installed: the kustomizations were not rendered");
+        return;
+    }
+    let render = |dir: &str| -> Vec<Value> {
+        let o = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(format!("{}/{dir}", env!("CARGO_MANIFEST_DIR")))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_yaml::Deserializer::from_str(&String::from_utf8_lossy(&o.stdout))
+            .map(|d| Value::deserialize(d).unwrap())
+            .collect()
+    };
+    let kinds = |docs: &[Value]| -> Vec<String> {
+        let mut k: Vec<String> = docs
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+            .collect();
+        k.sort();
+        k
+    };
+    let base = render("k8s/base");
+    assert_eq!(
+        kinds(&base),
+        [
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
+            "ScaledObject",
+            "ScaledObject",
+            "Service",
+            "Service"
+        ]
+    );
+    // The kustomization's label reaches every object, and no Secret is applied.
+    for d in &base {
+        assert_eq!(
+            d["metadata"]["labels"]["app.kubernetes.io/part-of"], "herald",
+            "{:?}",
+            d["metadata"]["name"]
+        );
+    }
+    let observability = render("k8s/observability");
+    assert_eq!(kinds(&observability), ["ConfigMap", "PrometheusRule"]);
+    let dashboard = observability
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .unwrap();
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json = dashboard["data"]["herald.json"]
+        .as_str()
+        .expect("the dashboard file");
+    let parsed: serde_json::Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    assert_eq!(parsed["uid"], "herald");
+}
