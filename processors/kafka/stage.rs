@@ -68,6 +68,11 @@ pub trait Stage {
     fn end_of_batch(&mut self, out: &mut Outbox) -> Result<()>;
     /// Called after the transaction committed, with the positions it wrote.
     fn committed(&mut self, produced: &Produced) -> Result<()>;
+    /// Called between transactions when no record came: what a batch would have done after
+    /// its commit and still waits (a checkpoint) is done now.
+    fn idle(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Called once the loop stopped with every transaction committed: saves what a stage
     /// keeps for its next checkpoint, so the next start replays nothing.
     fn stopped(&mut self) -> Result<()> {

@@ -177,6 +177,7 @@ pub(crate) fn consume<S: Stage>(
             }
         }
         if batch.is_empty() && !stage.tick_due() {
+            stage.idle()?;
             continue;
         }
         pace.started(Instant::now());

@@ -722,6 +722,23 @@ impl Stage for ProcessorStage {
         self.checkpoint(self.checkpoint_every.is_zero())
     }
 
+    fn idle(&mut self) -> Result<()> {
+        // The last batches before a quiet spell are saved once the interval has passed, not
+        // when the next record comes: the store (and the query API, and `herald state`) is
+        // never more than an interval behind what was committed.
+        let pending = self
+            .partitions
+            .values()
+            .any(|p| !p.touched.is_empty() || p.inputs_moved || p.templates_moved);
+        let due = self
+            .last_checkpoint
+            .is_none_or(|t| t.elapsed() >= self.checkpoint_every);
+        if pending && due {
+            self.checkpoint(false)?;
+        }
+        Ok(())
+    }
+
     fn stopped(&mut self) -> Result<()> {
         self.checkpoint(true)
     }
