@@ -16,6 +16,7 @@ use crate::kafka::KafkaSettings;
 use crate::provider::callback::{constant_time_eq, Callback};
 use crate::provider::whatsapp::SIGNATURE_HEADER;
 use crate::registry::Codec;
+use crate::trace;
 use crate::webhook::{
     event_id, provider_event, read_email, read_sms, read_whatsapp, route, Refusal, Route,
 };
@@ -35,6 +36,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The Cloud API's own limit on a webhook body; anything larger is answered 413.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -244,21 +246,47 @@ async fn receive(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes)
     let arrived = std::time::Instant::now();
     let signature = headers.get(SIGNATURE_HEADER).map(|v| v.as_bytes());
     let read = read_whatsapp(&g.config.app_secret, signature, &body, wall_clock_ms());
-    answer(&g, "whatsapp", arrived, read, &body).await
+    answer(&g, "whatsapp", &headers, arrived, read, &body).await
 }
 
-/// Accepts or refuses a webhook as it read, and counts its answer.
+/// Accepts or refuses a webhook as it read, and counts its answer; the request is a span of
+/// the trace its `traceparent` header names, if any.
 async fn answer(
     g: &Arc<Gateway>,
     channel: &str,
+    headers: &HeaderMap,
     arrived: std::time::Instant,
     read: Result<Vec<Callback>, Refusal>,
     body: &[u8],
 ) -> Response {
-    let (outcome, response) = match read {
-        Ok(callbacks) => accept(g, &callbacks, body).await,
-        Err(r) => refused(r),
+    let route = match channel {
+        "sms" => "/webhooks/sms",
+        "email" => "/webhooks/email",
+        _ => "/webhook",
     };
+    let request = trace::webhook_span(
+        route,
+        headers
+            .get(trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let (outcome, response) = match read {
+        Ok(callbacks) => {
+            accept(g, &callbacks, body)
+                .instrument(request.span.clone())
+                .await
+        }
+        Err(r) => {
+            request.failed("refused");
+            refused(r)
+        }
+    };
+    request
+        .span
+        .record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        request.failed("unavailable");
+    }
     g.metrics.answered(channel, outcome, arrived);
     response
 }
@@ -308,7 +336,7 @@ async fn receive_sms(
         .get(crate::provider::sms::SIGNATURE_HEADER)
         .map(|v| v.as_bytes());
     let read = read_sms(token, signature, &url, &body, wall_clock_ms());
-    answer(&g, "sms", arrived, read, &body).await
+    answer(&g, "sms", &headers, arrived, read, &body).await
 }
 
 /// `POST /webhooks/email`: the e-mail provider's delivery events, under basic auth.
@@ -323,7 +351,7 @@ async fn receive_email(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: 
     };
     let authorization = headers.get("authorization").map(|v| v.as_bytes());
     let read = read_email((user, password), authorization, &body, wall_clock_ms());
-    answer(&g, "email", arrived, read, &body).await
+    answer(&g, "email", &headers, arrived, read, &body).await
 }
 
 /// Turns authenticated callbacks into provider events (or dead letters), and answers 200 once
@@ -336,6 +364,8 @@ async fn accept(
     let now = wall_clock_ms();
     let mut records: Vec<Outgoing> = Vec::new();
     let mut fresh = Vec::new();
+    // Each event's span lasts until Kafka acknowledged it.
+    let mut publishing = Vec::new();
     for c in callbacks {
         let id = event_id(c);
         let known = g.recent.lock().map(|r| r.contains(&id)).unwrap_or(false);
@@ -352,9 +382,22 @@ async fn accept(
                 })
             })
         };
+        // A status of Herald's message joins that message's trace, which its callback data
+        // carries back from the provider call.
+        let callback_trace = match c {
+            Callback::Status {
+                callback_data: Some(data),
+                ..
+            } => crate::provider::callback::trace_of_callback_data(data),
+            _ => None,
+        };
+        let publish = trace::publish_span(g.codec.topics().provider(), callback_trace);
+        let traceparent = publish.traceparent();
+        publishing.push(publish);
         let encoded = match &routed {
             Route::Customer(customer) => {
-                let e = provider_event(c, customer);
+                let mut e = provider_event(c, customer);
+                e.envelope.trace_parent = traceparent.clone();
                 match g.codec.encode_input(&e).await {
                     Ok(v) => vec![(customer.clone(), None, v)],
                     Err(e) => return unavailable(format!("cannot encode: {e:#}")),
@@ -393,6 +436,7 @@ async fn accept(
                             key: id.clone(),
                             partition: None,
                             error: Some(why.clone()),
+                            traceparent: traceparent.clone(),
                             value: v,
                         });
                         fresh.push(id);
@@ -408,6 +452,7 @@ async fn accept(
                 key,
                 partition,
                 error: None,
+                traceparent: traceparent.clone(),
                 value,
             });
         }
@@ -424,21 +469,33 @@ async fn accept(
         if let Some(p) = o.partition {
             r = r.partition(p);
         }
+        let mut headers = rdkafka::message::OwnedHeaders::new();
         if let Some(error) = &o.error {
-            r = r.headers(
-                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                    key: "herald.error",
-                    value: Some(error.as_bytes()),
-                }),
-            );
+            headers = headers.insert(rdkafka::message::Header {
+                key: "herald.error",
+                value: Some(error.as_bytes()),
+            });
+        }
+        if let Some(t) = &o.traceparent {
+            headers = headers.insert(rdkafka::message::Header {
+                key: trace::TRACEPARENT,
+                value: Some(t.as_bytes()),
+            });
+        }
+        if o.error.is_some() || o.traceparent.is_some() {
+            r = r.headers(headers);
         }
         producer.send(r, g.config.ack_timeout)
     });
     for result in futures::future::join_all(sends).await {
         if let Err((e, _)) = result {
+            for p in &publishing {
+                p.failed("not_acknowledged");
+            }
             return unavailable(format!("Kafka did not acknowledge: {e}"));
         }
     }
+    drop(publishing);
     if let Ok(mut r) = g.recent.lock() {
         for id in fresh {
             r.insert(id);
@@ -459,6 +516,8 @@ struct Outgoing {
     partition: Option<i32>,
     /// The reason, for a dead letter.
     error: Option<String>,
+    /// The trace context the record carries on.
+    traceparent: Option<String>,
     value: Vec<u8>,
 }
 

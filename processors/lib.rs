@@ -8,7 +8,7 @@
 //! - Vocabulary of the shells: `clock` (wall-clock time for shell-written timestamps),
 //!   `topology_files` (a topology folder read from disk), `scenario` (the seeded demo scenario).
 //! - Bytes: `avro` (schemas and the Avro mapping), `registry` (the registry client and server,
-//!   the wire-format codec), `telemetry` (tracing, metrics, HTTP helpers), `intake` (input
+//!   the wire-format codec), `telemetry` (logs, metrics, HTTP helpers), `trace` (spans and the W3C trace context), `intake` (input
 //!   topics merged in timestamp order), `store` (the state store contract, its two backends and
 //!   the address that opens one).
 //! - Kafka: `kafka` (settings, log reader, the stage contract, rebalances, the transaction loop,
@@ -38,6 +38,7 @@ pub mod intake;
 pub mod registry;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 pub mod unions;
 
 pub mod kafka;

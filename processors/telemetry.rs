@@ -2,6 +2,7 @@
 //! server (registry, simulator, metrics) uses.
 
 use crate::events::Channel;
+use crate::trace;
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -138,20 +139,47 @@ impl LogFormat {
 /// Starts logging to stderr in the format `HERALD_LOG_FORMAT` names; `RUST_LOG` overrides the
 /// level. Lines go above a progress bar on screen, never through it.
 pub fn init_tracing(default_level: &str) -> Result<()> {
+    init_logs_and_traces(default_level, None).map(|_| ())
+}
+
+/// As [`init_tracing`], and exports spans over OTLP as `service` when the standard `OTEL_*`
+/// variables ask for it (see [`crate::trace`]); keep the guard until the process ends, so the
+/// last spans are sent.
+pub fn init_tracing_and_export(
+    default_level: &str,
+    service: &str,
+) -> Result<Option<trace::Export>> {
+    init_logs_and_traces(default_level, Some(service))
+}
+
+fn init_logs_and_traces(
+    default_level: &str,
+    service: Option<&str>,
+) -> Result<Option<trace::Export>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, Registry};
     let format = LogFormat::from_setting(std::env::var("HERALD_LOG_FORMAT").ok().as_deref())?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| LogsAboveTheBar {
-            sink: std::io::stderr(),
-        });
-    // A second start in one process (tests, the demo's stages) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(|| LogsAboveTheBar {
+        sink: std::io::stderr(),
+    });
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match format {
+        LogFormat::Text => logs.with_filter(filter).boxed(),
+        LogFormat::Json => logs.json().flatten_event(true).with_filter(filter).boxed(),
+    }];
+    let export = match service {
+        Some(service) => trace::export_layer::<Registry>(service)?,
+        None => None,
     };
-    Ok(())
+    let export = export.map(|(layer, export)| {
+        layers.push(layer);
+        export
+    });
+    // A second start in one process (tests, the demo's stages) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(export)
 }
 
 /// Binds `addr`, serves `router` in the background, and returns the bound address.

@@ -456,6 +456,7 @@ fn sms_and_email_statuses_come_back_through_the_gateway_and_forgeries_do_not() {
             relied_on: Default::default(),
         },
         text: Some("Hi Ana, thanks for your order A-17. Total: EUR 12.50.".into()),
+        traceparent: None,
     };
     let sms = providers.of(Channel::Sms).expect("the demo has SMS");
     let email = providers.of(Channel::Email).expect("the demo has e-mail");

@@ -40,7 +40,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         record,
         state_dir,
     } = args;
-    telemetry::init_tracing(if json { "error" } else { "warn" })?;
+    let _export =
+        telemetry::init_tracing_and_export(if json { "error" } else { "warn" }, "herald-demo")?;
     if let Some(path) = &record {
         // Refuse a bad file name before a run of minutes, not after it.
         crate::dump::Format::of(path)?;

@@ -57,7 +57,7 @@ pub struct GatewayArgs {
 
 /// Runs `herald gateway`.
 pub fn run(args: GatewayArgs) -> Result<()> {
-    telemetry::init_tracing("info")?;
+    let _export = telemetry::init_tracing_and_export("info", "herald-gateway")?;
     if args.app_secret.is_empty() {
         bail!("HERALD_APP_SECRET (--app-secret) is empty: webhooks could not be verified");
     }

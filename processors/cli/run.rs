@@ -298,7 +298,12 @@ pub(crate) fn runtime_with_registry(
 /// Runs `herald run`.
 pub fn run(args: RunArgs) -> Result<()> {
     // A long-running stage: an operator reads aborts, rebalances and outages in its log.
-    telemetry::init_tracing("info")?;
+    let service = match args.stage {
+        StageName::Processors => "herald-processors",
+        StageName::Dispatch => "herald-dispatch",
+        StageName::All => "herald",
+    };
+    let _export = telemetry::init_tracing_and_export("info", service)?;
     let identifiers = identifier_key_from(&args.identifier_key)?;
     let topo = Arc::new(args.topology.load()?);
     let (rt, codec) = runtime_with_registry(&args.registry.settings(&args.kafka.security)?, &topo)?;

@@ -342,6 +342,13 @@ pub(crate) fn run_batch<S: Stage>(
     rt: &tokio::runtime::Handle,
 ) -> Result<(), BatchError> {
     let t_start = Instant::now();
+    // A tick with no record is not a batch anyone traces.
+    let batch_span = if batch.is_empty() {
+        tracing::Span::none()
+    } else {
+        crate::trace::batch_span(stage.name(), batch.len())
+    };
+    let _in_batch = batch_span.enter();
     // Outside the transaction, so that reading the inventory table never keeps one open. A
     // failed read is retried on a later batch; meanwhile guards see the table as it was, and
     // hold rather than send once its levels grow old.

@@ -15,6 +15,9 @@ pub struct Outgoing {
     pub customer_id: String,
     pub approved: MessageApproved,
     pub text: Option<String>,
+    /// The W3C trace context of the call, sent as its `traceparent` header and in the callback
+    /// data its status webhooks echo.
+    pub traceparent: Option<String>,
 }
 
 /// What each channel's provider adapter does: carry one message and say how the call ended.

@@ -41,7 +41,8 @@ pub fn mail_request(o: &Outgoing, from: &str, text: &str) -> Value {
         "personalizations": [{
             "to": [{"email": o.approved.recipient}],
             "custom_args": {
-                CALLBACK_ARG: crate::provider::callback::callback_data(&o.customer_id, &o.approved.message_id),
+                CALLBACK_ARG: crate::provider::callback::traced_callback_data(
+                    &o.customer_id, &o.approved.message_id, o.traceparent.as_deref()),
             },
         }],
         "from": {"email": from},
@@ -71,14 +72,15 @@ impl EmailClient {
                 detail: "an e-mail without its text".into(),
             };
         };
-        let resp = match self
+        let mut request = self
             .http
             .post(format!("{}/v3/mail/send", self.base_url))
             .bearer_auth(&self.api_key)
-            .json(&mail_request(o, &self.from, text))
-            .send()
-            .await
-        {
+            .json(&mail_request(o, &self.from, text));
+        if let Some(t) = &o.traceparent {
+            request = request.header(crate::trace::TRACEPARENT, t);
+        }
+        let resp = match request.send().await {
             Ok(r) => r,
             Err(e) => return crate::provider::adapter::unanswered_or_undelivered(e),
         };

@@ -74,8 +74,11 @@ impl SmsClient {
             ("Body".to_string(), text.to_string()),
         ];
         if let Some(url) = &self.status_callback {
-            let data =
-                crate::provider::callback::callback_data(&o.customer_id, &o.approved.message_id);
+            let data = crate::provider::callback::traced_callback_data(
+                &o.customer_id,
+                &o.approved.message_id,
+                o.traceparent.as_deref(),
+            );
             form.push((
                 "StatusCallback".to_string(),
                 status_callback_url(url, &data),
@@ -96,14 +99,15 @@ impl SmsClient {
             "{}/2010-04-01/Accounts/{}/Messages.json",
             self.base_url, self.account_sid
         );
-        let resp = match self
+        let mut request = self
             .http
             .post(url)
             .basic_auth(&self.account_sid, Some(&self.auth_token))
-            .form(&self.form(o, text))
-            .send()
-            .await
-        {
+            .form(&self.form(o, text));
+        if let Some(t) = &o.traceparent {
+            request = request.header(crate::trace::TRACEPARENT, t);
+        }
+        let resp = match request.send().await {
             Ok(r) => r,
             Err(e) => return crate::provider::adapter::unanswered_or_undelivered(e),
         };

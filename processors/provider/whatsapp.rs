@@ -3,7 +3,7 @@
 //! status changes) it posts, and the simulator's side of the same API.
 
 use super::adapter::{http_client, unanswered_or_undelivered, Outgoing, Provider};
-use super::callback::{callback_data, BodyError, Callback};
+use super::callback::{traced_callback_data, BodyError, Callback};
 use super::simulated::{message_id_of, Simulator};
 use super::simulated::{Bucket, SimulatedSend};
 use crate::dispatch::SendOutcome;
@@ -34,7 +34,7 @@ pub struct CloudApiClient {
 
 /// The Cloud API request body for an approved template message, with named parameters and the
 /// customer and message id as `biz_opaque_callback_data` so status callbacks can be matched.
-pub fn template_request(customer_id: &str, m: &MessageApproved) -> Value {
+pub fn template_request(customer_id: &str, m: &MessageApproved, trace: Option<&str>) -> Value {
     let parameters: Vec<Value> = m
         .variables
         .iter()
@@ -50,20 +50,25 @@ pub fn template_request(customer_id: &str, m: &MessageApproved) -> Value {
             "language": {"code": m.locale},
             "components": [{"type": "body", "parameters": parameters}],
         },
-        "biz_opaque_callback_data": callback_data(customer_id, &m.message_id),
+        "biz_opaque_callback_data": traced_callback_data(customer_id, &m.message_id, trace),
     })
 }
 
 /// The Cloud API request body for a session (free-form text) message, which the provider
 /// takes only inside the customer service window.
-pub fn session_request(customer_id: &str, m: &MessageApproved, text: &str) -> Value {
+pub fn session_request(
+    customer_id: &str,
+    m: &MessageApproved,
+    text: &str,
+    trace: Option<&str>,
+) -> Value {
     json!({
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
         "to": m.recipient,
         "type": "text",
         "text": {"preview_url": false, "body": text},
-        "biz_opaque_callback_data": callback_data(customer_id, &m.message_id),
+        "biz_opaque_callback_data": traced_callback_data(customer_id, &m.message_id, trace),
     })
 }
 
@@ -90,7 +95,8 @@ impl CloudApiClient {
 
     /// Sends one approved template message to one of `customer_id`'s addresses.
     pub async fn send(&self, customer_id: &str, m: &MessageApproved) -> SendOutcome {
-        self.post(&template_request(customer_id, m)).await
+        self.post(&template_request(customer_id, m, None), None)
+            .await
     }
 
     /// Sends one message as its approval says it travels: a template, or a session message
@@ -98,31 +104,36 @@ impl CloudApiClient {
     pub async fn send_outgoing(&self, o: &Outgoing) -> SendOutcome {
         match (o.approved.delivery, &o.text) {
             (Delivery::Session, Some(text)) => {
-                self.post(&session_request(&o.customer_id, &o.approved, text))
-                    .await
+                let trace = o.traceparent.as_deref();
+                self.post(
+                    &session_request(&o.customer_id, &o.approved, text, trace),
+                    trace,
+                )
+                .await
             }
             (Delivery::Session, None) => SendOutcome::Rejected {
                 code: 131008,
                 retryable: false,
                 detail: "a session message without its text".into(),
             },
-            (Delivery::Template, _) => self.send(&o.customer_id, &o.approved).await,
+            (Delivery::Template, _) => {
+                let trace = o.traceparent.as_deref();
+                self.post(&template_request(&o.customer_id, &o.approved, trace), trace)
+                    .await
+            }
         }
     }
 
-    async fn post(&self, body: &Value) -> SendOutcome {
+    async fn post(&self, body: &Value, trace: Option<&str>) -> SendOutcome {
         let url = format!(
             "{}/{GRAPH_VERSION}/{}/messages",
             self.base_url, self.phone_number_id
         );
-        let resp = match self
-            .http
-            .post(url)
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-        {
+        let mut request = self.http.post(url).bearer_auth(&self.token).json(body);
+        if let Some(t) = trace {
+            request = request.header(crate::trace::TRACEPARENT, t);
+        }
+        let resp = match request.send().await {
             Ok(r) => r,
             Err(e) => return unanswered_or_undelivered(e),
         };

@@ -16,11 +16,13 @@ use crate::registry::Codec;
 use crate::store::{self, SnapshotWrite};
 use crate::telemetry::{Metrics, SendResult};
 use crate::topology::TemplateCatalog;
+use crate::trace;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 #[derive(Default)]
 struct DispatchPartition {
@@ -62,6 +64,8 @@ struct PendingSend {
     tries: u32,
     /// When it first joined its lane, for the lane's longest-wait figure.
     queued_at: Millis,
+    /// The trace context of the dispatch step that intended it: its calls are its children.
+    traceparent: Option<String>,
 }
 
 /// A finished provider call, as its task left it.
@@ -71,6 +75,8 @@ struct Answer {
     outcome: SendOutcome,
     /// From the request to the answer.
     took: std::time::Duration,
+    /// The trace context of the call, which the steps recording its answer carry on.
+    traceparent: Option<String>,
 }
 
 /// An open intent settled from the provider topic, to be recorded with the next batch; a
@@ -81,7 +87,7 @@ struct Settled {
     message_id: String,
     intent: dispatch::OpenIntent,
     settlement: dispatch::Settlement,
-    approval: Option<(Decision, MessageApproved)>,
+    approval: Option<(Decision, MessageApproved, Option<String>)>,
 }
 
 /// Carries approved messages to the provider and records each step on `herald.dispatch.v1`.
@@ -298,7 +304,8 @@ impl DispatchStage {
                     match &d.outcome {
                         Outcome::MessageApproved(a) if a.message_id == message_id => {
                             let a = a.clone();
-                            Some((d, a))
+                            // The new attempt stays in the approval's trace.
+                            Some((d, a, trace::header_of(&msg)))
                         }
                         _ => bail!(
                             "{decisions}/{partition}@{} is not the approval of {message_id}",
@@ -319,7 +326,14 @@ impl DispatchStage {
         Ok(())
     }
 
-    fn record(&mut self, partition: i32, rec: DispatchRecord, out: &mut Outbox) -> Result<()> {
+    /// Records one dispatch step, in the trace `trace` names.
+    fn record(
+        &mut self,
+        partition: i32,
+        rec: DispatchRecord,
+        trace: Option<&str>,
+        out: &mut Outbox,
+    ) -> Result<()> {
         if let Some(part) = self.partitions.get_mut(&partition) {
             dispatch::evolve(
                 part.customers.entry(rec.customer_id.clone()).or_default(),
@@ -335,12 +349,15 @@ impl DispatchStage {
             partition,
             key: rec.customer_id.clone().into_bytes(),
             value: self.rt.block_on(self.codec.encode_dispatch(&rec))?,
-            headers: vec![],
+            headers: trace
+                .map(|t| vec![(trace::TRACEPARENT, t.as_bytes().to_vec())])
+                .unwrap_or_default(),
         });
         Ok(())
     }
 
     /// Records the intent of a send; the call follows once the intent is committed.
+    #[allow(clippy::too_many_arguments)]
     fn intend(
         &mut self,
         partition: i32,
@@ -348,6 +365,7 @@ impl DispatchStage {
         approved: MessageApproved,
         attempt: i32,
         approval_offset: i64,
+        traceparent: Option<String>,
         out: &mut Outbox,
     ) -> Result<()> {
         // Any status of this send is written after it, so after what was read so far.
@@ -365,7 +383,7 @@ impl DispatchStage {
             }),
             wall_clock_ms(),
         );
-        self.record(partition, rec, out)?;
+        self.record(partition, rec, traceparent.as_deref(), out)?;
         self.held.insert(approved.message_id.clone(), partition);
         self.intending.push(PendingSend {
             partition,
@@ -374,6 +392,7 @@ impl DispatchStage {
             attempt,
             tries: 0,
             queued_at: 0,
+            traceparent,
         });
         Ok(())
     }
@@ -392,16 +411,28 @@ impl DispatchStage {
                 step,
                 now,
             );
-            self.record(s.partition, rec, out)?;
+            let trace = s.approval.as_ref().and_then(|(_, _, t)| t.clone());
+            self.record(s.partition, rec, trace.as_deref(), out)?;
             tracing::info!(message = %s.message_id, attempt = s.intent.attempt, settlement = ?s.settlement, "open send settled");
             match (s.settlement, s.approval) {
                 (dispatch::Settlement::Sent(_), _) => {
                     self.metrics.send_settled();
                 }
-                (dispatch::Settlement::NotSent { next_attempt }, Some((decision, approved))) => {
+                (
+                    dispatch::Settlement::NotSent { next_attempt },
+                    Some((decision, approved, trace)),
+                ) => {
                     self.metrics.send_settled();
                     let offset = s.intent.approval_offset;
-                    self.intend(s.partition, decision, approved, next_attempt, offset, out)?;
+                    self.intend(
+                        s.partition,
+                        decision,
+                        approved,
+                        next_attempt,
+                        offset,
+                        trace,
+                        out,
+                    )?;
                 }
                 (dispatch::Settlement::NotSent { .. }, None) => {
                     bail!(
@@ -438,13 +469,20 @@ impl DispatchStage {
 
     /// The refusal policy must hear of, on `provider.events.v1` under the customer's key, in
     /// the transaction that records the failure.
-    fn to_policy_record(&self, partition: i32, event: &InputEvent) -> Result<OutRecord> {
+    fn to_policy_record(
+        &self,
+        partition: i32,
+        event: &InputEvent,
+        trace: Option<&str>,
+    ) -> Result<OutRecord> {
         Ok(OutRecord {
             topic: self.codec.topics().provider().clone(),
             partition,
             key: event.envelope.customer_id.clone().into_bytes(),
             value: self.rt.block_on(self.codec.encode_input(event))?,
-            headers: vec![],
+            headers: trace
+                .map(|t| vec![(trace::TRACEPARENT, t.as_bytes().to_vec())])
+                .unwrap_or_default(),
         })
     }
 
@@ -490,10 +528,16 @@ impl DispatchStage {
                     };
                     let mut approved = s.approved.clone();
                     approved.recipient = to;
+                    let call = trace::provider_call_span(
+                        &channel_label(channel),
+                        &s.approved.message_id,
+                        s.traceparent.as_deref(),
+                    );
                     let outgoing = Outgoing {
                         customer_id: s.decision.customer_id.clone(),
                         approved,
                         text,
+                        traceparent: call.traceparent(),
                     };
                     self.calls.insert(
                         s.approved.message_id.clone(),
@@ -502,8 +546,11 @@ impl DispatchStage {
                     let (answers, epoch) = (self.answers.clone(), self.epoch);
                     self.rt.spawn(async move {
                         let called = std::time::Instant::now();
-                        let outcome = provider.send(&outgoing).await;
+                        let outcome = provider.send(&outgoing).instrument(call.span.clone()).await;
                         let took = called.elapsed();
+                        if let Some(kind) = failure_kind(&outcome) {
+                            call.failed(kind);
+                        }
                         answers
                             .lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -512,6 +559,7 @@ impl DispatchStage {
                                 send: s,
                                 outcome,
                                 took,
+                                traceparent: outgoing.traceparent,
                             });
                     });
                 }
@@ -554,7 +602,8 @@ impl DispatchStage {
         }
         self.pacer.forget_call(&s.decision.customer_id);
         self.held.remove(&s.approved.message_id);
-        self.record(s.partition, uncalled.record, out)
+        let trace = s.traceparent.clone();
+        self.record(s.partition, uncalled.record, trace.as_deref(), out)
     }
 
     /// Records the answers of the calls that finished since the last batch.
@@ -619,17 +668,20 @@ impl DispatchStage {
             }
             self.held.remove(&message_id);
             let tries = send.tries;
-            self.record_answer(send, tries, a.outcome, now, out)?;
+            let call = a.traceparent.as_deref();
+            self.record_answer(send, tries, a.outcome, call, now, out)?;
         }
         Ok(())
     }
 
-    /// Records what one attempt came to and carries out what `dispatch::answer` says.
+    /// Records what one attempt came to and carries out what `dispatch::answer` says, in the
+    /// trace of its last call (`call`).
     fn record_answer(
         &mut self,
         s: PendingSend,
         tries: u32,
         outcome: SendOutcome,
+        call: Option<&str>,
         now: Millis,
         out: &mut Outbox,
     ) -> Result<()> {
@@ -639,7 +691,8 @@ impl DispatchStage {
         let answered = dispatch::answer(&s.decision, &s.approved, s.attempt, tries, outcome, now);
         if let Some(event) = &answered.to_policy {
             self.metrics.refusal_to_policy();
-            out.records.push(self.to_policy_record(s.partition, event)?);
+            out.records
+                .push(self.to_policy_record(s.partition, event, call)?);
         }
         if let Some(why) = answered.dead_letter {
             out.records.push(self.dead_letter_approval(&s, why)?);
@@ -650,7 +703,7 @@ impl DispatchStage {
             tracing::error!(code, ?channel, "the provider blocked the account or number: every send on this channel waits until someone acts and restarts dispatch");
         }
         for rec in answered.records {
-            self.record(s.partition, rec, out)?;
+            self.record(s.partition, rec, call, out)?;
         }
         Ok(())
     }
@@ -667,6 +720,16 @@ fn send_result(outcome: &SendOutcome) -> SendResult {
         SendOutcome::Accepted(_) => SendResult::Accepted,
         SendOutcome::Unanswered(_) => SendResult::Unanswered,
         SendOutcome::Rejected { .. } | SendOutcome::NotDelivered(_) => SendResult::Refused,
+    }
+}
+
+/// The `error.type` of a provider call that did not end with the message accepted.
+fn failure_kind(outcome: &SendOutcome) -> Option<&'static str> {
+    match outcome {
+        SendOutcome::Accepted(_) => None,
+        SendOutcome::Unanswered(_) => Some("unanswered"),
+        SendOutcome::Rejected { .. } => Some("rejected"),
+        SendOutcome::NotDelivered(_) => Some("not_delivered"),
     }
 }
 
@@ -858,6 +921,9 @@ impl Stage for DispatchStage {
         let Outcome::MessageApproved(approved) = &decision.outcome else {
             return Ok(());
         };
+        // Only approvals are traced here: every other decision passes through untouched.
+        let traced = trace::record_span(self.name(), msg, None);
+        let _in_span = traced.span.enter();
         let approved = approved.clone();
         let p = msg.partition();
         let state = self
@@ -878,11 +944,12 @@ impl Stage for DispatchStage {
                     }),
                     wall_clock_ms(),
                 );
-                self.record(p, rec, out)?;
+                self.record(p, rec, traced.traceparent().as_deref(), out)?;
             }
             Plan::AwaitingOutcome => {}
             Plan::Intend { attempt } => {
-                self.intend(p, decision, approved, attempt, msg.offset(), out)?
+                let trace = traced.traceparent();
+                self.intend(p, decision, approved, attempt, msg.offset(), trace, out)?
             }
         }
         Ok(())

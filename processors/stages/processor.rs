@@ -15,6 +15,7 @@ use crate::tables::Tables;
 use crate::task::Task;
 use crate::telemetry::Metrics;
 use crate::topology::Topology;
+use crate::trace;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -577,6 +578,10 @@ impl Stage for ProcessorStage {
         else {
             return Ok(());
         };
+        // Joins the trace the record carries (its header, else its envelope's), so every
+        // decision taken on it is part of that trace.
+        let traced = trace::record_span(self.name(), msg, input.envelope.trace_parent.as_deref());
+        let _in_span = traced.span.enter();
         if msg.key() != Some(input.envelope.customer_id.as_bytes()) {
             let why = format!("record key does not match envelope.customer_id '{}'; records must be keyed by customer", input.envelope.customer_id);
             out.records.push(dead_letter(
@@ -629,7 +634,9 @@ impl Stage for ProcessorStage {
             }
             None => None,
         };
-        self.emit(p, decisions, provenance(msg), out)?;
+        let mut headers = provenance(msg);
+        headers.extend(traced.header());
+        self.emit(p, decisions, headers, out)?;
         if let Some(value) = card {
             out.records.push(OutRecord {
                 topic: self.codec.topics().contacts().clone(),
