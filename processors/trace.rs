@@ -106,18 +106,21 @@ impl Traced {
     }
 
     /// Makes `carried` the span's parent, so the span joins the trace that context belongs to.
-    fn adopt(self, parent: Option<&str>, link_to_enclosing: bool) -> Traced {
-        if let Some(remote) = parent.and_then(parse) {
-            if link_to_enclosing {
-                // The batch it ran in, as a link: the record's own trace is its parent.
-                let enclosing = tracing::Span::current().context();
-                let enclosing = enclosing.span().span_context().clone();
-                self.span.add_link(enclosing);
-            }
-            let _ = self
-                .span
-                .set_parent(Context::new().with_remote_span_context(remote));
+    /// The enclosing span (a record's batch, an event's webhook request) becomes a link when
+    /// the span joins another trace. A record's span without a context to join starts a trace
+    /// of its own (`alone`): one fact, one trace, not one trace per batch.
+    fn adopt(self, parent: Option<&str>, alone: bool) -> Traced {
+        if self.span.is_disabled() {
+            return self;
         }
+        let parent = match parent.and_then(parse) {
+            Some(remote) => Context::new().with_remote_span_context(remote),
+            None if alone => Context::new(),
+            None => return self,
+        };
+        let enclosing = tracing::Span::current().context();
+        self.span.add_link(enclosing.span().span_context().clone());
+        let _ = self.span.set_parent(parent);
         self
     }
 }
@@ -223,7 +226,7 @@ pub fn publish_span(topic: &str, callback_trace: Option<&str>) -> Traced {
     let carried = callback_trace
         .filter(|t| parse(t).is_some())
         .map(str::to_string);
-    Traced { span, carried }.adopt(callback_trace, true)
+    Traced { span, carried }.adopt(callback_trace, false)
 }
 
 /// Span export over OTLP, when configured; flushes what is left when dropped.
