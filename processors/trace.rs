@@ -360,6 +360,33 @@ mod tests {
     }
 
     #[test]
+    fn a_records_header_names_its_trace_before_its_payload() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let payload = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let with = |value: &str| {
+            rdkafka::message::OwnedMessage::new(
+                None,
+                None,
+                "oms.events.v1".into(),
+                rdkafka::Timestamp::NotAvailable,
+                0,
+                7,
+                Some(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: TRACEPARENT,
+                        value: Some(value.as_bytes()),
+                    }),
+                ),
+            )
+        };
+        let traced = record_span("processors", &with(header), Some(payload));
+        assert_eq!(traced.traceparent().as_deref(), Some(header));
+        // A malformed header gives way to the payload's context.
+        let traced = record_span("processors", &with("00-junk"), Some(payload));
+        assert_eq!(traced.traceparent().as_deref(), Some(payload));
+    }
+
+    #[test]
     fn export_follows_the_standard_variables() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| {

@@ -6,8 +6,7 @@
 mod common;
 
 use common::Killed;
-use herald::kafka::KafkaSettings;
-use herald::scenario::{self, FeedItem};
+use herald::scenario::FeedItem;
 use herald::topology::Topology;
 use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, BTreeSet};
@@ -167,14 +166,8 @@ fn a_running_process_exposes_typed_labelled_metrics() {
     let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let (cluster, codec) = common::demo_cluster(&rt, &topology, common::broker());
-    let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
-        .producer(None)
-        .unwrap();
-    let items: Vec<FeedItem> = scenario::generate(40, 3)
-        .items
-        .into_iter()
-        .filter(|i| matches!(i, FeedItem::Event(_)))
-        .collect();
+    let producer = common::feeder(&cluster);
+    let items = common::scenario_events(40, 3);
     let fed = items.len();
     // The provider topic also carries what dispatch writes back; the other inputs only what
     // was fed here.

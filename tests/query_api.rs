@@ -8,8 +8,7 @@ mod common;
 
 use common::Killed;
 use herald::events::{Fact, Family};
-use herald::kafka::KafkaSettings;
-use herald::scenario::{self, FeedItem};
+use herald::scenario::FeedItem;
 use herald::topology::Topology;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -78,14 +77,8 @@ fn the_query_api_answers_for_a_customer_from_the_process_that_owns_them() {
     let rt = common::runtime();
     let topology = Topology::embedded().unwrap();
     let (cluster, codec) = common::demo_cluster(&rt, &topology, common::broker());
-    let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
-        .producer(None)
-        .unwrap();
-    let items: Vec<FeedItem> = scenario::generate(30, 5)
-        .items
-        .into_iter()
-        .filter(|i| matches!(i, FeedItem::Event(_)))
-        .collect();
+    let producer = common::feeder(&cluster);
+    let items = common::scenario_events(30, 5);
     let fed_outside_provider = items
         .iter()
         .filter(|i| matches!(i, FeedItem::Event(e) if e.fact.family() != Family::Provider))

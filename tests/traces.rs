@@ -10,12 +10,10 @@ mod common;
 use axum::routing::post;
 use common::Killed;
 use herald::events::Family;
-use herald::kafka::KafkaSettings;
-use herald::scenario::{self, FeedItem};
+use herald::scenario::FeedItem;
 use herald::topology::{TopicRole, Topology};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -149,13 +147,9 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
         ))
         .unwrap();
 
-    // Every fact carries a context of its own: half in the envelope, half in a header would
-    // need two feeders; the envelope is what a source system without Kafka headers sets.
-    let mut items: Vec<FeedItem> = scenario::generate(12, 3)
-        .items
-        .into_iter()
-        .filter(|i| matches!(i, FeedItem::Event(_)))
-        .collect();
+    // Every fact carries a context of its own, in its envelope (as a source system without
+    // Kafka headers sets it; the header's precedence is a unit test of `trace`).
+    let mut items = common::scenario_events(12, 3);
     let mut fed: BTreeMap<String, (String, Family)> = BTreeMap::new();
     for (n, item) in items.iter_mut().enumerate() {
         if let FeedItem::Event(e) = item {
@@ -164,24 +158,12 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
             fed.insert(trace, (span, e.fact.family()));
         }
     }
-    let producer = KafkaSettings::new(&cluster.bootstrap, true, "feeder")
-        .producer(None)
-        .unwrap();
-    common::feed(&rt, &producer, &codec, &items);
+    common::feed(&rt, &common::feeder(&cluster), &codec, &items);
 
     let dir = tempfile::tempdir().unwrap();
-    let mut run = Command::new(env!("CARGO_BIN_EXE_herald"));
-    run.env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
-        .args(["run", "--stage", "all", "--instance-id", "traces"])
-        .args(["--bootstrap", &cluster.bootstrap])
-        .args(["--registry", &cluster.registry_url])
-        .args(["--provider-url", &format!("http://{simulator}")])
-        .args(["--phone-number-id", "1055501234567890"])
-        .args(["--provider-token", "traces"])
-        .arg("--store")
-        .arg(dir.path().join("state.redb"))
-        .env("HERALD_WALL_CLOCK_TICK_SECS", "0")
-        .env("RUST_LOG", "error");
+    let simulator_url = format!("http://{simulator}");
+    let store = dir.path().join("state.redb");
+    let mut run = common::stage_command_calling(&cluster, &simulator_url, "all", "traces", &store);
     for (k, v) in otel {
         run.env(k, v);
     }

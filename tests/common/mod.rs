@@ -260,6 +260,20 @@ pub fn runtime_with_registry() -> (tokio::runtime::Runtime, String) {
     (rt, format!("http://{reg}"))
 }
 
+/// A transactional producer on a demo cluster's broker, for feeding it.
+pub fn feeder(cluster: &herald::demo::Cluster) -> rdkafka::producer::FutureProducer {
+    cluster.settings(true, "feeder").producer(None).unwrap()
+}
+
+/// The input facts of the seeded scenario of `customers` customers (no stock levels).
+pub fn scenario_events(customers: usize, seed: u64) -> Vec<herald::scenario::FeedItem> {
+    herald::scenario::generate(customers, seed)
+        .items
+        .into_iter()
+        .filter(|i| matches!(i, herald::scenario::FeedItem::Event(_)))
+        .collect()
+}
+
 /// Feeds scenario items to a real broker, stamped with their produce time: a broker deletes
 /// records dated beyond retention, and the scenario's dates lie weeks back.
 pub fn feed(
@@ -288,12 +302,23 @@ pub fn stage_command(
     instance_id: &str,
     store: &Path,
 ) -> Command {
+    stage_command_calling(cluster, &cluster.simulator_url, stage, instance_id, store)
+}
+
+/// As `stage_command`, calling the provider at `provider_url` instead of the cluster's simulator.
+pub fn stage_command_calling(
+    cluster: &herald::demo::Cluster,
+    provider_url: &str,
+    stage: &str,
+    instance_id: &str,
+    store: &Path,
+) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
     c.env("HERALD_IDENTIFIER_KEY", herald::identity::DEMO_KEY)
         .args(["run", "--stage", stage, "--instance-id", instance_id])
         .args(["--bootstrap", &cluster.bootstrap])
         .args(["--registry", &cluster.registry_url])
-        .args(["--provider-url", &cluster.simulator_url])
+        .args(["--provider-url", provider_url])
         .args(["--phone-number-id", "1055501234567890"])
         .args(["--provider-token", instance_id])
         .arg("--store")
