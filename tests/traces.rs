@@ -164,6 +164,8 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
     let simulator_url = format!("http://{simulator}");
     let store = dir.path().join("state.redb");
     let mut run = common::stage_command_calling(&cluster, &simulator_url, "all", "traces", &store);
+    // The wall clock decides again the messages deferred near the scenario's end.
+    run.env("HERALD_WALL_CLOCK_TICK_SECS", "1");
     for (k, v) in otel {
         run.env(k, v);
     }
@@ -282,6 +284,67 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
             .any(|s| input.links.contains(&s.id) && s.name == "process"),
         "the input's span links to no batch span: {input:?}"
     );
+
+    // A message deferred (quiet hours, a blackout...) is decided again, when a timer fires or
+    // a later record moves time on, in the trace of the fact that asked for it.
+    let read_deferrals = || {
+        let mut deferred: BTreeMap<String, String> = BTreeMap::new();
+        let mut decided: BTreeMap<String, String> = BTreeMap::new();
+        herald::demo::read_topic(
+            &cluster.bootstrap,
+            topology.names.decisions(),
+            topology.partitions(),
+            |m| {
+                use rdkafka::message::Message;
+                let d = rt.block_on(codec.decode_decision(m.payload()))?;
+                let trace = herald::trace::header_of(m).unwrap_or_default();
+                match d.outcome {
+                    herald::events::Outcome::MessageDeferred(x) => {
+                        deferred.entry(x.planned.message_id).or_insert(trace);
+                    }
+                    herald::events::Outcome::MessageApproved(x) => {
+                        decided.insert(x.message_id, trace);
+                    }
+                    herald::events::Outcome::MessageSuppressed(x) => {
+                        if let Some(id) = x.message_id {
+                            decided.insert(id, trace);
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        let released: Vec<(String, String, String)> = deferred
+            .iter()
+            .filter_map(|(m, t)| decided.get(m).map(|a| (m.clone(), t.clone(), a.clone())))
+            .collect();
+        (deferred, released)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let released = loop {
+        let (deferred, released) = read_deferrals();
+        if !released.is_empty() {
+            break released;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no deferred message was decided again: {deferred:?} deferred"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (message, at_deferral, again) in released {
+        assert!(
+            !at_deferral.is_empty(),
+            "the deferral of {message} carries no trace"
+        );
+        assert_eq!(
+            at_deferral.split('-').nth(1),
+            again.split('-').nth(1),
+            "{message} was decided again outside the trace it was deferred in"
+        );
+    }
 
     // The records Herald wrote carry the trace on: the decision log and the dispatch log.
     for topic in [topology.names.decisions(), topology.names.dispatch()] {

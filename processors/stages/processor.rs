@@ -40,9 +40,40 @@ struct ProcessorPartition {
     contacts: HashMap<String, Box<[u8]>>,
     /// A template status change arrived since the last save: the next one saves the table.
     templates_moved: bool,
+    /// The trace context of each message deferred while this process held the partition, by
+    /// message id, so that its release, hours later, continues the trace of the fact that
+    /// asked for it. In memory only: a message deferred before a restore is released in a
+    /// trace of its own.
+    deferred_traces: HashMap<String, String>,
+}
+
+/// The message a decision settles or defers, if any.
+fn message_of(outcome: &Outcome) -> Option<&str> {
+    match outcome {
+        Outcome::MessageDeferred(m) => Some(&m.planned.message_id),
+        Outcome::MessageApproved(m) => Some(&m.message_id),
+        Outcome::MessageSuppressed(m) => m.message_id.as_deref(),
+        _ => None,
+    }
 }
 
 impl ProcessorPartition {
+    /// The trace a decision belongs in: a deferred message's, once it is decided again;
+    /// `current` (the record's, or none for a timer) otherwise. Remembers deferrals.
+    fn trace_of(&mut self, d: &Decision, current: Option<&str>) -> Option<String> {
+        let message = message_of(&d.outcome)?;
+        let earlier = match &d.outcome {
+            // Deferred again: it keeps the trace it had.
+            Outcome::MessageDeferred(_) => self.deferred_traces.get(message).cloned(),
+            _ => self.deferred_traces.remove(message),
+        };
+        let trace = earlier.or_else(|| current.map(str::to_string));
+        if let (Outcome::MessageDeferred(_), Some(t)) = (&d.outcome, &trace) {
+            self.deferred_traces.insert(message.to_string(), t.clone());
+        }
+        trace
+    }
+
     /// Keeps the decisions' customers and consent changes for the next save.
     fn note(&mut self, decisions: &[Decision]) {
         for d in decisions {
@@ -367,14 +398,24 @@ impl ProcessorStage {
         Ok(())
     }
 
+    /// Writes decisions to the decision log with `headers`, each in the trace its message
+    /// belongs in (see [`ProcessorPartition::trace_of`]), or `current`'s.
     fn emit(
-        &self,
+        &mut self,
         p: i32,
         decisions: Vec<Decision>,
         headers: Vec<(&'static str, Vec<u8>)>,
+        current: Option<&str>,
         out: &mut Outbox,
     ) -> Result<()> {
         for d in decisions {
+            let trace = self
+                .partitions
+                .get_mut(&p)
+                .and_then(|part| part.trace_of(&d, current))
+                .or_else(|| current.map(str::to_string));
+            let mut headers = headers.clone();
+            headers.extend(trace.map(|t| (trace::TRACEPARENT, t.into_bytes())));
             let value = self.rt.block_on(self.codec.encode_decision(&d))?;
             self.metrics.decision(d.outcome.kind());
             match &d.outcome {
@@ -393,7 +434,7 @@ impl ProcessorStage {
                 partition: p,
                 key: d.customer_id.into_bytes(),
                 value,
-                headers: headers.clone(),
+                headers,
             });
         }
         Ok(())
@@ -453,6 +494,8 @@ impl Stage for ProcessorStage {
             let d = rt
                 .block_on(codec.decode_decision(m.payload()))
                 .map_err(|e| anyhow!("decision log {decisions}/{partition}@{}: {e}", m.offset()))?;
+            // Deferrals still waiting, as far back as this replay reads.
+            part.trace_of(&d, trace::header_of(m).as_deref());
             if let Outcome::EventAccepted(a) = &d.outcome {
                 part.templates_moved |= tables.observe(&a.fact, a.envelope.occurred_at);
             }
@@ -634,9 +677,8 @@ impl Stage for ProcessorStage {
             }
             None => None,
         };
-        let mut headers = provenance(msg);
-        headers.extend(traced.header());
-        self.emit(p, decisions, headers, out)?;
+        let current = traced.traceparent();
+        self.emit(p, decisions, provenance(msg), current.as_deref(), out)?;
         if let Some(value) = card {
             out.records.push(OutRecord {
                 topic: self.codec.topics().contacts().clone(),
@@ -678,7 +720,8 @@ impl Stage for ProcessorStage {
             fired.push((*p, ds));
         }
         for (p, ds) in fired {
-            self.emit(p, ds, vec![("herald.timer", b"wall-clock".to_vec())], out)?;
+            let timer = vec![("herald.timer", b"wall-clock".to_vec())];
+            self.emit(p, ds, timer, None, out)?;
         }
         Ok(())
     }
