@@ -42,6 +42,8 @@ pub struct DemoOptions {
     pub state_dir: Option<PathBuf>,
     /// Dump file to write the run's inputs, stock and decisions to, for `herald replay`.
     pub record: Option<PathBuf>,
+    /// Where the metrics and the query API listen.
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 /// What the demo prints at the end (the `--json` line).
@@ -732,8 +734,25 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         None => None,
     };
     let stop = kafka::stop_on_signal(rt.handle());
+    // One registry for the process, as `herald run --stage all` has; `pm` and `dm` name the
+    // side each count is read for.
     let pm = Metrics::shared()?;
-    let dm = Metrics::shared()?;
+    let dm = pm.clone();
+    // As `herald run` serves them: the process's metrics, and the query API on its store.
+    let query = crate::query::routes(Arc::new(crate::query::QueryApi {
+        store: store.clone(),
+        topology: topology.clone(),
+        instance: "demo".into(),
+        owners: None,
+    }));
+    let served = rt.block_on(crate::telemetry::serve_metrics(
+        opts.metrics_addr,
+        pm.clone(),
+        query,
+    ))?;
+    say(format!(
+        "  metrics and query API   http://{served}/metrics  http://{served}/v1/customers/{{id}}"
+    ));
     let settings = KafkaSettings::new(&cluster.bootstrap, true, "demo");
     let mut handles = Vec::new();
     {
@@ -792,7 +811,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     // Counts the events the processors have taken; fed, decided, sent and dead-lettered after.
     let progress = crate::telemetry::Progress::bar(total as u64, "events", !opts.json);
     let show = |fed: usize| {
-        progress.at(pm.records_in_total());
+        progress.at(pm.records_in_of("processors"));
         progress.say(format!(
             "fed {fed}  decisions {}  sends {}  dlq {}",
             pm.decisions_total(),
@@ -818,7 +837,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             &stop,
             "the processors",
             Duration::from_secs(600),
-            || pm.records_in_total() >= target || handles.iter().any(|h| h.is_finished()),
+            || pm.records_in_of("processors") >= target || handles.iter().any(|h| h.is_finished()),
             || show(fed),
         )?;
         phase_ends("processors");
@@ -829,7 +848,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             "dispatch keeping up",
             Duration::from_secs(600),
             || {
-                dm.records_in_total() + DISPATCH_LAG >= pm.decisions_total()
+                dm.records_in_of("dispatch") + DISPATCH_LAG >= pm.decisions_total()
                     || handles.iter().any(|h| h.is_finished())
             },
             || show(fed),
@@ -854,8 +873,8 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
             // Quiet: every decision dispatched, no send unsettled, no status webhook still
             // on its way, and nothing new decided for a second (a status may bring a
             // fallback decision).
-            let counts = (pm.records_in_total(), pm.decisions_total());
-            let quiet = dm.records_in_total() >= counts.1
+            let counts = (pm.records_in_of("processors"), pm.decisions_total());
+            let quiet = dm.records_in_of("dispatch") >= counts.1
                 && dm.sends_in_flight() == 0
                 && cluster.simulator.webhooks_pending.load(Ordering::Relaxed) == 0;
             if !quiet || last_counts != Some(counts) {
@@ -936,7 +955,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     };
     if opts.keep_running {
         print_summary(&summary, opts.json);
-        eprintln!("\nherald demo keeps running (Ctrl-C to stop):\n  bootstrap.servers   {}\n  schema.registry.url {}\n  provider simulator  {}\n  e.g. kcat -b {} -t {} -s value=avro -r {} -X isolation.level=read_committed",
+        eprintln!("\nherald demo keeps running (Ctrl-C to stop):\n  bootstrap.servers   {}\n  schema.registry.url {}\n  provider simulator  {}\n  metrics             http://{served}/metrics\n  query API           http://{served}/v1/customers/cust-000001\n  e.g. kcat -b {} -t {} -s value=avro -r {} -X isolation.level=read_committed",
             cluster.bootstrap, cluster.registry_url, cluster.simulator_url, cluster.bootstrap, topology.names.decisions(), cluster.registry_url);
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));

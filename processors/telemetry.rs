@@ -498,6 +498,13 @@ impl Metrics {
         sum_counters(&self.records_in)
     }
 
+    /// Input records `stage` consumed so far, across topics and partitions.
+    pub fn records_in_of(&self, stage: &str) -> u64 {
+        sum_counters_where(&self.records_in, |labels| {
+            labels.contains(&("stage", stage))
+        })
+    }
+
     /// Counts a decision by its kind.
     pub fn decision(&self, kind: &str) {
         self.decisions.with_label_values(&[kind]).inc();

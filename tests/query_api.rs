@@ -252,3 +252,86 @@ fn the_query_api_answers_for_a_customer_from_the_process_that_owns_them() {
     assert_eq!(nobody.status, 404, "{}", nobody.body);
     assert_eq!(nobody.body["partition"], whereabouts.body["partition"]);
 }
+
+/// `herald demo --keep-running` serves, as `herald run` does, the metrics of its stages and the
+/// query API on its store: what an operator tries first, with nothing installed.
+#[test]
+fn a_running_demo_serves_its_metrics_and_the_query_api() {
+    let rt = common::runtime();
+    let port = common::free_port();
+    let _demo = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "demo",
+                "--customers",
+                "20",
+                "--seed",
+                "7",
+                "--json",
+                "--keep-running",
+            ])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the demo starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let customer = loop {
+        match get(&rt, port, "/v1/customers/cust-000000") {
+            Some(a) if a.status == 200 => break a.body,
+            other => assert!(
+                Instant::now() < deadline,
+                "the demo's query API never answered for cust-000000: {:?}",
+                other.map(|a| (a.status, a.body))
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(customer["customer_id"], "cust-000000", "{customer}");
+    // Sends follow the decisions: the scrape waits for the first.
+    let metrics = loop {
+        let body = rt
+            .block_on(async {
+                reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                    .await?
+                    .text()
+                    .await
+            })
+            .expect("the demo's /metrics answers");
+        if common::metric_sum(&body, "herald_sends_total") > 0.0 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo's /metrics never counted a send:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for name in [
+        "herald_records_in_total",
+        "herald_decisions_total",
+        "herald_consumer_lag",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name} is not in the demo's /metrics:\n{metrics}"
+        );
+    }
+    assert!(common::metric_sum(&metrics, "herald_decisions_total") > 0.0);
+    // Both stages count under one registry, each under its own label.
+    for stage in ["processors", "dispatch"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("herald_records_in_total{")
+                    && l.contains(&format!("stage=\"{stage}\""))),
+            "no records counted for {stage}:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        get(&rt, port, "/v1/customers/nobody-like-this").map(|a| a.status),
+        Some(404)
+    );
+}

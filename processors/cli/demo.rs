@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// temporary one, e.g. for `herald rebuild --verify`.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz`, `/readyz` and the query API (`/v1/customers/...`) of the
+    /// demo's processes listen (port 0: a free one, printed at the start).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 /// Runs `herald demo`.
@@ -39,6 +43,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         keep_running,
         record,
         state_dir,
+        metrics_addr,
     } = args;
     let _export =
         telemetry::init_tracing_and_export(if json { "error" } else { "warn" }, "herald-demo")?;
@@ -53,6 +58,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         keep_running,
         state_dir,
         record,
+        metrics_addr,
     };
     let summary = demo::run(&opts)?;
     if !keep_running {
