@@ -125,8 +125,9 @@ impl Traced {
     }
 }
 
-/// The span of one transaction's batch of records of a stage (`process`, kind consumer).
-pub fn batch_span(stage: &str, records: usize) -> tracing::Span {
+/// The span of one transaction's batch of records of a stage, consumed in `group` (`process`,
+/// kind consumer).
+pub fn batch_span(stage: &str, group: &str, records: usize) -> tracing::Span {
     tracing::debug_span!(
         target: TARGET,
         "process",
@@ -134,8 +135,9 @@ pub fn batch_span(stage: &str, records: usize) -> tracing::Span {
         messaging.system = "kafka",
         messaging.operation.type = "process",
         messaging.operation.name = "process",
-        messaging.consumer.group.name = stage,
+        messaging.consumer.group.name = group,
         messaging.batch.message_count = records as i64,
+        herald.stage = stage,
     )
 }
 
@@ -161,7 +163,7 @@ pub fn record_span<M: Message>(stage: &str, msg: &M, payload_trace: Option<&str>
         messaging.destination.name = msg.topic(),
         messaging.destination.partition.id = msg.partition().to_string(),
         messaging.kafka.offset = msg.offset(),
-        messaging.consumer.group.name = stage,
+        herald.stage = stage,
         messaging.kafka.message.key = msg
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())

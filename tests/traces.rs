@@ -278,11 +278,16 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
         Some("200")
     );
     // The batch a record ran in is a link of the record's span, not its parent.
-    assert!(
-        spans
-            .iter()
-            .any(|s| input.links.contains(&s.id) && s.name == "process"),
-        "the input's span links to no batch span: {input:?}"
+    let batch = spans
+        .iter()
+        .find(|s| input.links.contains(&s.id) && s.name == "process")
+        .unwrap_or_else(|| panic!("the input's span links to no batch span: {input:?}"));
+    assert_eq!(
+        batch
+            .attributes
+            .get("messaging.consumer.group.name")
+            .map(String::as_str),
+        Some("herald-processors")
     );
 
     // A message deferred (quiet hours, a blackout...) is decided again, when a timer fires or

@@ -346,7 +346,8 @@ pub(crate) fn run_batch<S: Stage>(
     let batch_span = if batch.is_empty() {
         tracing::Span::none()
     } else {
-        crate::trace::batch_span(stage.name(), batch.len())
+        let group = format!("{}-{}", settings.group_prefix, stage.name());
+        crate::trace::batch_span(stage.name(), &group, batch.len())
     };
     let _in_batch = batch_span.enter();
     // Outside the transaction, so that reading the inventory table never keeps one open. A
