@@ -955,7 +955,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
     };
     if opts.keep_running {
         print_summary(&summary, opts.json);
-        eprintln!("\nherald demo keeps running (Ctrl-C to stop):\n  bootstrap.servers   {}\n  schema.registry.url {}\n  provider simulator  {}\n  metrics             http://{served}/metrics\n  query API           http://{served}/v1/customers/cust-000001\n  e.g. kcat -b {} -t {} -s value=avro -r {} -X isolation.level=read_committed",
+        eprintln!("\nherald demo keeps running (Ctrl-C to stop):\n  bootstrap.servers   {}\n  schema.registry.url {}\n  provider simulator  {}\n  metrics             http://{served}/metrics\n  query API           http://{served}/v1/customers/cust-000000\n  e.g. kcat -b {} -t {} -s value=avro -r {} -X isolation.level=read_committed",
             cluster.bootstrap, cluster.registry_url, cluster.simulator_url, cluster.bootstrap, topology.names.decisions(), cluster.registry_url);
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
