@@ -79,6 +79,11 @@ pub fn header_of<M: Message>(msg: &M) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A record header carrying `traceparent`.
+pub fn kafka_header(traceparent: &str) -> (&'static str, Vec<u8>) {
+    (TRACEPARENT, traceparent.as_bytes().to_vec())
+}
+
 /// A span and the trace context what happens under it carries on.
 pub struct Traced {
     /// The span itself: enter it, or instrument a future with it.
@@ -92,11 +97,6 @@ impl Traced {
     /// the one it came with.
     pub fn traceparent(&self) -> Option<String> {
         format(self.span.context().span().span_context()).or_else(|| self.carried.clone())
-    }
-
-    /// The `traceparent` as a Kafka header, if there is one.
-    pub fn header(&self) -> Option<(&'static str, Vec<u8>)> {
-        self.traceparent().map(|t| (TRACEPARENT, t.into_bytes()))
     }
 
     /// Marks the span failed, with the kind of error (`error.type`).

@@ -152,15 +152,6 @@ fn shipped_dashboard_and_alerts_name_only_exposed_metrics(
     }
 }
 
-fn scrape(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
-    rt.block_on(async {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .ok()?;
-        r.text().await.ok()
-    })
-}
-
 #[test]
 fn a_running_process_exposes_typed_labelled_metrics() {
     let rt = common::runtime();
@@ -210,7 +201,7 @@ fn a_running_process_exposes_typed_labelled_metrics() {
     // reported its lag since.
     let deadline = Instant::now() + Duration::from_secs(120);
     let body = loop {
-        let body = scrape(&rt, port).unwrap_or_default();
+        let body = common::scrape(&rt, port).unwrap_or_default();
         let consumed = value(&body, "herald_records_in_total", &[("stage", "processors")]);
         let sent = value(&body, "herald_sends_total", &[("outcome", "accepted")]);
         let lag_reported = body

@@ -119,14 +119,7 @@ fn the_query_api_answers_for_a_customer_from_the_process_that_owns_them() {
         let consumed: f64 = [port_a, port_b]
             .iter()
             .map(|p| {
-                let body = rt
-                    .block_on(async {
-                        reqwest::get(format!("http://127.0.0.1:{p}/metrics"))
-                            .await?
-                            .text()
-                            .await
-                    })
-                    .unwrap_or_default();
+                let body = common::scrape(&rt, *p).unwrap_or_default();
                 body.lines()
                     .filter(|l| l.starts_with("herald_records_in_total{"))
                     .filter(|l| l.contains("stage=\"processors\"") && !l.contains("provider"))
@@ -292,14 +285,7 @@ fn a_running_demo_serves_its_metrics_and_the_query_api() {
     assert_eq!(customer["customer_id"], "cust-000000", "{customer}");
     // Sends follow the decisions: the scrape waits for the first.
     let metrics = loop {
-        let body = rt
-            .block_on(async {
-                reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                    .await?
-                    .text()
-                    .await
-            })
-            .expect("the demo's /metrics answers");
+        let body = common::scrape(&rt, port).expect("the demo's /metrics answers");
         if common::metric_sum(&body, "herald_sends_total") > 0.0 {
             break body;
         }

@@ -33,7 +33,7 @@ fn stopped(c: &Child) -> bool {
 
 /// The transactions a process aborted, from its `/metrics`; 0 when it does not answer.
 fn aborted(rt: &tokio::runtime::Runtime, port: u16) -> u64 {
-    let body = scrape(rt, port);
+    let body = common::scrape(rt, port).unwrap_or_default();
     body.lines()
         .filter(|l| {
             l.starts_with("herald_transactions_total{") && l.contains("outcome=\"aborted\"")
@@ -44,25 +44,7 @@ fn aborted(rt: &tokio::runtime::Runtime, port: u16) -> u64 {
 
 /// A counter from a process's `/metrics`, summed over its labels; 0 when it does not answer.
 fn metric(rt: &tokio::runtime::Runtime, port: u16, name: &str) -> u64 {
-    common::metric_sum(&scrape(rt, port), name) as u64
-}
-
-/// A process's `/metrics`; empty when it does not answer.
-fn scrape(rt: &tokio::runtime::Runtime, port: u16) -> String {
-    // A stopped process accepts the connection (the kernel does) but never answers.
-    let body = rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .ok()?;
-        let r = client
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .ok()?;
-        r.text().await.ok()
-    });
-    body.unwrap_or_default()
+    common::metric_sum(&common::scrape(rt, port).unwrap_or_default(), name) as u64
 }
 
 /// The state of consumer group `group` and its members' client ids, as its coordinator says.

@@ -350,7 +350,7 @@ impl DispatchStage {
             key: rec.customer_id.clone().into_bytes(),
             value: self.rt.block_on(self.codec.encode_dispatch(&rec))?,
             headers: trace
-                .map(|t| vec![(trace::TRACEPARENT, t.as_bytes().to_vec())])
+                .map(|t| vec![trace::kafka_header(t)])
                 .unwrap_or_default(),
         });
         Ok(())
@@ -481,7 +481,7 @@ impl DispatchStage {
             key: event.envelope.customer_id.clone().into_bytes(),
             value: self.rt.block_on(self.codec.encode_input(event))?,
             headers: trace
-                .map(|t| vec![(trace::TRACEPARENT, t.as_bytes().to_vec())])
+                .map(|t| vec![trace::kafka_header(t)])
                 .unwrap_or_default(),
         })
     }

@@ -415,7 +415,7 @@ impl ProcessorStage {
                 .and_then(|part| part.trace_of(&d, current))
                 .or_else(|| current.map(str::to_string));
             let mut headers = headers.clone();
-            headers.extend(trace.map(|t| (trace::TRACEPARENT, t.into_bytes())));
+            headers.extend(trace.as_deref().map(trace::kafka_header));
             let value = self.rt.block_on(self.codec.encode_decision(&d))?;
             self.metrics.decision(d.outcome.kind());
             match &d.outcome {

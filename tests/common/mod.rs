@@ -473,6 +473,23 @@ pub fn demo_cluster(
     (cluster, codec)
 }
 
+/// A process's `/metrics` on `port`; `None` when it does not answer within 2 s (a stopped
+/// process accepts the connection, as the kernel does, but never answers).
+pub fn scrape(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()
+            .ok()?;
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .ok()?;
+        r.text().await.ok()
+    })
+}
+
 /// The sum of every series of metric `name` in a Prometheus text exposition (labelled or not);
 /// 0 when it has none.
 #[allow(dead_code)]
