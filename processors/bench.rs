@@ -798,11 +798,18 @@ fn rebuild_pass(
     {
         return Err(anyhow!("the folded log does not rebuild the live states"));
     }
-    let active: Vec<usize> = live
-        .values()
-        .filter(|s| !s.approved.is_empty())
-        .map(|s| state_encoding::encode(s).map(|b| b.len()))
-        .collect::<Result<_>>()?;
+    let mut active = Vec::new();
+    for (customer, state) in live {
+        let stored = state_encoding::encode(state)?;
+        if state_encoding::decode(&stored)? != **state {
+            return Err(anyhow!(
+                "{customer}'s stored state does not read back as it was"
+            ));
+        }
+        if !state.approved.is_empty() {
+            active.push(stored.len());
+        }
+    }
     let mean = active.iter().sum::<usize>() as f64 / active.len().max(1) as f64;
     Ok((rate, mean))
 }
