@@ -16,12 +16,18 @@
 //! place. The dictionary a state names also says its form: `customer_state.zdict` states are
 //! the whole JSON, `customer_state_compact.zdict` states the compact form.
 
-use crate::events::{Channel, MessageApproved};
-use crate::state::{AcceptedFact, CustomerState, Profile, ANNOUNCES};
+use crate::events::{
+    Channel, Delivery, MarketingStopped, MessageApproved, MessageDeferred, MessageStatus, Millis,
+    Purpose,
+};
+use crate::state::{
+    AcceptedFact, CartFacts, ConsentEntry, CustomerState, HeldShipment, JourneyInstance,
+    OrderFacts, Profile, RecentSend, SubscriptionFacts, ANNOUNCES,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::LazyLock;
 use zstd::bulk::{Compressor, Decompressor};
 use zstd::dict::{DecoderDictionary, EncoderDictionary};
@@ -81,13 +87,69 @@ struct Folded {
 
 #[derive(Serialize)]
 struct CompactOut<'a> {
-    state: &'a CustomerState,
+    state: CompactState<'a>,
     #[serde(skip_serializing_if = "is_nothing_folded")]
-    folded: &'a Folded,
+    folded: Folded,
 }
 
-fn is_nothing_folded(f: &&Folded) -> bool {
-    **f == Folded::default()
+fn is_nothing_folded(f: &Folded) -> bool {
+    *f == Folded::default()
+}
+
+/// A state as the compact form writes it: its own fields, borrowed, in `CustomerState`'s
+/// shape, so that it reads back as one; the repeats it leaves out are missing from the
+/// collections or blank in the messages.
+#[derive(Serialize)]
+struct CompactState<'a> {
+    seen: &'a BTreeMap<String, Millis>,
+    identities: BTreeMap<&'a String, &'a AcceptedFact>,
+    consent: &'a [ConsentEntry],
+    profile: &'a Profile,
+    orders: &'a BTreeMap<String, OrderFacts>,
+    held: &'a BTreeMap<String, HeldShipment>,
+    approved: BTreeSet<&'a String>,
+    announced: BTreeSet<&'a String>,
+    deferred: &'a BTreeMap<String, MessageDeferred>,
+    erased: bool,
+    carts: &'a BTreeMap<String, CartFacts>,
+    subscriptions: &'a BTreeMap<String, SubscriptionFacts>,
+    last_inbound_at: Option<Millis>,
+    recent: BTreeMap<&'a String, CompactRecent<'a>>,
+    journeys: &'a BTreeMap<String, JourneyInstance>,
+    consent_chain_head: &'a Option<String>,
+    erased_at: Option<Millis>,
+    marketing_turned_off: &'a Option<MarketingStopped>,
+    marketing_paused: &'a Option<MarketingStopped>,
+}
+
+/// A `RecentSend` as the compact form writes it.
+#[derive(Serialize)]
+struct CompactRecent<'a> {
+    approved_at: Millis,
+    message: CompactMessage<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<MessageStatus>,
+}
+
+/// A `MessageApproved` as the compact form writes it: its id, recipient and consent blank
+/// where they repeat the key, the profile and the consent.
+#[derive(Serialize)]
+struct CompactMessage<'a> {
+    message_id: &'a str,
+    trigger_event_id: &'a str,
+    template_name: &'a str,
+    template_version: i32,
+    locale: &'a str,
+    purpose: Purpose,
+    channel: Channel,
+    recipient: &'a str,
+    variables: &'a BTreeMap<String, String>,
+    consent_artifact_id: &'a str,
+    consent_granted_at: Millis,
+    category: &'a str,
+    delivery: &'a Delivery,
+    journey: &'a Option<String>,
+    relied_on: &'a BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -113,26 +175,49 @@ fn address_on(profile: &Profile, channel: Channel) -> Option<&String> {
     }
 }
 
-/// The state with its repeats of itself left out, and what was left out.
-fn fold(whole: &CustomerState) -> (CustomerState, Folded) {
-    let mut state = whole.clone();
+/// The state with its repeats of itself left out, and what was left out. Borrows rather than
+/// copies: a checkpoint encodes every changed customer, and copying a state costs as much as
+/// compressing it.
+fn fold(whole: &CustomerState) -> (CompactState<'_>, Folded) {
+    // Naming every field, so that a field added to the state cannot be forgotten here.
+    let CustomerState {
+        seen,
+        identities,
+        consent,
+        profile,
+        orders,
+        held,
+        approved,
+        announced,
+        deferred,
+        erased,
+        carts,
+        subscriptions,
+        last_inbound_at,
+        recent,
+        journeys,
+        consent_chain_head,
+        erased_at,
+        marketing_turned_off,
+        marketing_paused,
+    } = whole;
     let mut folded = Folded::default();
 
     // An identity accepted with a fact still in the window repeats that entry's event and time.
-    let mut identity_of: HashMap<&str, &str> = HashMap::new();
-    for (key, fact) in &whole.identities {
-        if whole.seen.get(&fact.event_id) == Some(&fact.first_seen_at) {
+    let mut identity_of: HashMap<&str, &String> = HashMap::new();
+    for (key, fact) in identities {
+        if seen.get(&fact.event_id) == Some(&fact.first_seen_at) {
             identity_of.entry(fact.event_id.as_str()).or_insert(key);
         }
     }
+    let mut kept_identities: BTreeMap<&String, &AcceptedFact> = identities.iter().collect();
     if !identity_of.is_empty() {
-        folded.seen_identities = whole
-            .seen
+        folded.seen_identities = seen
             .keys()
             .map(|event| {
                 identity_of.get(event.as_str()).map(|key| {
-                    state.identities.remove(*key);
-                    (*key).to_string()
+                    kept_identities.remove(*key);
+                    (*key).clone()
                 })
             })
             .collect();
@@ -141,45 +226,110 @@ fn fold(whole: &CustomerState) -> (CustomerState, Folded) {
         }
     }
 
-    for (id, recent) in state.recent.iter_mut() {
-        let message = &mut recent.message;
-        if message.message_id == *id {
-            message.message_id.clear();
-        } else if message.message_id.is_empty() {
+    let mut kept_approved: BTreeSet<&String> = approved.iter().collect();
+    let mut compact_recent = BTreeMap::new();
+    for (id, send) in recent {
+        let RecentSend {
+            approved_at,
+            message,
+            status,
+        } = send;
+        let MessageApproved {
+            message_id,
+            trigger_event_id,
+            template_name,
+            template_version,
+            locale,
+            purpose,
+            channel,
+            recipient,
+            variables,
+            consent_artifact_id,
+            consent_granted_at,
+            category,
+            delivery,
+            journey,
+            relied_on,
+        } = message;
+        if message_id.is_empty() && message_id != id {
             folded.blank_message_ids.push(id.clone());
         }
-        if !state.approved.remove(id) {
+        if !kept_approved.remove(id) {
             folded.unapproved_recent.push(id.clone());
         }
-        if address_on(&whole.profile, message.channel) == Some(&message.recipient) {
-            message.recipient.clear();
-        } else if message.recipient.is_empty() {
+        let recipient_is_the_profiles = address_on(profile, *channel) == Some(recipient);
+        if recipient.is_empty() && !recipient_is_the_profiles {
             folded.blank_recipients.push(id.clone());
         }
-        let consent = whole.consent_for(message.purpose, message.channel);
-        if consent.is_some_and(|c| {
-            c.artifact_id == message.consent_artifact_id
-                && c.changed_at == message.consent_granted_at
-        }) {
-            clear_consent(message);
-        } else if message.consent_artifact_id.is_empty() && message.consent_granted_at == 0 {
+        let consent_is_current = whole.consent_for(*purpose, *channel).is_some_and(|c| {
+            c.artifact_id == *consent_artifact_id && c.changed_at == *consent_granted_at
+        });
+        if consent_artifact_id.is_empty() && *consent_granted_at == 0 && !consent_is_current {
             folded.blank_consents.push(id.clone());
         }
+        let (consent_artifact_id, consent_granted_at) = if consent_is_current {
+            ("", 0)
+        } else {
+            (consent_artifact_id.as_str(), *consent_granted_at)
+        };
+        let message = CompactMessage {
+            message_id: if message_id == id { "" } else { message_id },
+            trigger_event_id,
+            template_name,
+            template_version: *template_version,
+            locale,
+            purpose: *purpose,
+            channel: *channel,
+            recipient: if recipient_is_the_profiles {
+                ""
+            } else {
+                recipient
+            },
+            variables,
+            consent_artifact_id,
+            consent_granted_at,
+            category,
+            delivery,
+            journey,
+            relied_on,
+        };
+        let send = CompactRecent {
+            approved_at: *approved_at,
+            message,
+            status: *status,
+        };
+        compact_recent.insert(id, send);
     }
 
+    let mut kept_announced: BTreeSet<&String> = announced.iter().collect();
     let mut announced_recently = BTreeSet::new();
     for subject in recent_announces(whole) {
-        if announced_recently.insert(subject) && !state.announced.remove(subject) {
+        if announced_recently.insert(subject) && !kept_announced.remove(subject) {
             folded.unannounced_recent.push(subject.clone());
         }
     }
+    let state = CompactState {
+        seen,
+        identities: kept_identities,
+        consent,
+        profile,
+        orders,
+        held,
+        approved: kept_approved,
+        announced: kept_announced,
+        deferred,
+        erased: *erased,
+        carts,
+        subscriptions,
+        last_inbound_at: *last_inbound_at,
+        recent: compact_recent,
+        journeys,
+        consent_chain_head,
+        erased_at: *erased_at,
+        marketing_turned_off,
+        marketing_paused,
+    };
     (state, folded)
-}
-
-/// Leaves out a message's consent, which is the customer's current one.
-fn clear_consent(message: &mut MessageApproved) {
-    message.consent_artifact_id.clear();
-    message.consent_granted_at = 0;
 }
 
 /// The whole state from its compact form.
@@ -247,10 +397,7 @@ fn dictionary_id(dictionary: &[u8]) -> u32 {
 /// The compact form's JSON, which the dictionary was trained on.
 fn compact_json(state: &CustomerState) -> Result<Vec<u8>> {
     let (state, folded) = fold(state);
-    Ok(serde_json::to_vec(&CompactOut {
-        state: &state,
-        folded: &folded,
-    })?)
+    Ok(serde_json::to_vec(&CompactOut { state, folded })?)
 }
 
 /// The stored form of a customer's state.
@@ -384,7 +531,7 @@ mod tests {
                 template_name: "shipment_delivered".into(),
                 template_version: 1,
                 locale: "en_GB".into(),
-                purpose: Purpose::Transactional,
+                purpose: Purpose::Marketing,
                 channel: Channel::Whatsapp,
                 recipient: "+447700900123".into(),
                 variables: [("order_id".to_string(), "ord-1".to_string())].into(),
@@ -450,18 +597,23 @@ mod tests {
         let state = active_customer();
         let (compact, folded) = fold(&state);
         assert!(compact.identities.is_empty(), "{:?}", compact.identities);
+        fn names<'a>(set: &BTreeSet<&'a String>) -> Vec<&'a str> {
+            set.iter().map(|s| s.as_str()).collect()
+        }
         assert_eq!(
-            compact.approved,
-            ["f034179b19dea0faea6893d534488142".to_string()].into()
+            names(&compact.approved),
+            ["f034179b19dea0faea6893d534488142"]
         );
         assert_eq!(
-            compact.announced,
-            ["7415e2af096df5537ad4894bbc6f0435".to_string()].into()
+            names(&compact.announced),
+            ["7415e2af096df5537ad4894bbc6f0435"]
         );
         assert!(compact
             .recent
             .values()
-            .all(|r| r.message.message_id.is_empty()));
+            .all(|r| r.message.message_id.is_empty()
+                && r.message.recipient.is_empty()
+                && r.message.consent_artifact_id.is_empty()));
         assert_eq!(folded.seen_identities.len(), 2);
         assert_eq!(decode(&encode(&state).unwrap()).unwrap(), state);
     }
