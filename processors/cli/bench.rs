@@ -37,8 +37,8 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["bootstrap", "memory_customers"])]
     core_only: bool,
     /// Instead of measuring, train a state dictionary on a scenario of --customers customers
-    /// and write it here (`schemas/customer_state.zdict`; a dictionary that stored states
-    /// must stay readable, see the README).
+    /// and write it here (`schemas/customer_state_compact.zdict`; a dictionary that stored
+    /// states must stay readable, see the README).
     #[arg(long, conflicts_with_all = ["bootstrap", "memory_customers", "core_only"])]
     train_state_dictionary: Option<std::path::PathBuf>,
     #[command(flatten)]
