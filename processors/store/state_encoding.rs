@@ -6,8 +6,9 @@
 //! existed still loads.
 //!
 //! The compact form leaves out what a state repeats of itself (`Folded`): a recent message's
-//! id (its key), the recent ids in `approved`, the subjects recent messages announce, and each
-//! identity whose fact is still in the dedupe window (its event and time are that entry's).
+//! id (its key), recipient (the profile's address) and consent (the current one), the recent
+//! ids in `approved`, the subjects recent messages announce, and each identity whose fact is
+//! still in the dedupe window (its event and time are that entry's).
 //! Random ids and timestamps are most of what is left, and nothing compresses them; each
 //! repeat left in costs a few bytes of back-reference.
 //!
