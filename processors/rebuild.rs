@@ -96,7 +96,7 @@ pub fn digest<'a>(customers: impl IntoIterator<Item = (&'a String, &'a CustomerS
         h.update(serde_json::to_vec(state).unwrap_or_default());
         h.update([0x1e]);
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::context::hex(&h.finalize())
 }
 
 /// Fails unless the store holds nothing at all.

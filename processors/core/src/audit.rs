@@ -25,8 +25,7 @@ pub fn chain_link(previous: Option<&str>, d: &Decision) -> String {
     h.update(d.decided_at.to_be_bytes());
     // Struct fields serialise in declaration order and maps are BTreeMaps: stable bytes.
     h.update(serde_json::to_vec(&d.outcome).unwrap_or_default());
-    let digest = h.finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::context::hex(&h.finalize())
 }
 
 /// One change of consent, as the timeline shows it.

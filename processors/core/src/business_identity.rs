@@ -57,8 +57,13 @@ impl BusinessIdentity {
 pub fn of(fact: &Fact, occurred_at: Millis) -> Option<BusinessIdentity> {
     let kind = fact.kind();
     let id = |subject: String, news: String| {
+        // Pushed rather than formatted: every input takes an identity.
+        let mut named = String::with_capacity(kind.len() + 1 + subject.len());
+        named.push_str(kind);
+        named.push(' ');
+        named.push_str(&subject);
         Some(BusinessIdentity {
-            subject: format!("{kind} {subject}"),
+            subject: named,
             news,
         })
     };

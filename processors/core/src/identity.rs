@@ -55,9 +55,7 @@ impl IdentifierKey {
         let bytes = mac.finalize().into_bytes();
         let mut out = String::with_capacity(PREFIX.len() + 32);
         out.push_str(PREFIX);
-        for b in &bytes[..16] {
-            out.push_str(&format!("{b:02x}"));
-        }
+        out.push_str(&crate::context::hex(&bytes[..16]));
         out
     }
 }
