@@ -371,6 +371,8 @@ fn unfold(mut state: CustomerState, folded: Folded) -> Result<CustomerState> {
             && message.consent_granted_at == 0
             && !folded.blank_consents.contains(id)
         {
+            // `CustomerState::consent_for` would borrow the whole state while this message is
+            // borrowed from it.
             let consent = state
                 .consent
                 .iter()
