@@ -34,6 +34,7 @@ pub mod topology_files;
 
 pub mod avro;
 pub mod datum;
+pub mod schema_plan;
 pub mod intake;
 pub mod registry;
 pub mod store;
