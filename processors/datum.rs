@@ -769,7 +769,10 @@ mod tests {
         };
         let mut out = Vec::new();
         let refused = Datums::get().plans[&TopicRole::Contacts].write(&Shuffled(&card), &mut out);
-        assert!(matches!(refused, Err(PlanError::Unplanned(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(PlanError::Unplanned(_))),
+            "{refused:?}"
+        );
         let bytes = direct(TopicRole::Contacts, &Shuffled(&card));
         assert_eq!(bytes, apache_bytes(TopicRole::Contacts, &card));
         let back: ContactCard = Datums::get().read(TopicRole::Contacts, &bytes).unwrap();

@@ -34,9 +34,9 @@ pub mod topology_files;
 
 pub mod avro;
 pub mod datum;
-pub mod schema_plan;
 pub mod intake;
 pub mod registry;
+pub mod schema_plan;
 pub mod store;
 pub mod telemetry;
 pub mod trace;

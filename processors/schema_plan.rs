@@ -634,6 +634,15 @@ impl SerializeStruct for Fields<'_, '_> {
 /// A map key: Avro map keys are strings.
 struct MapKey<'o>(&'o mut Vec<u8>);
 
+/// The serializer methods of a map key that is not a string.
+macro_rules! not_a_key {
+    ($($f:ident($($t:ty),*) -> $r:ty;)*) => {$(
+        fn $f(self, $(_: $t),*) -> Result<$r, PlanError> {
+            unplanned("a map key that is not a string")
+        }
+    )*};
+}
+
 impl ser::Serializer for MapKey<'_> {
     type Ok = ();
     type Error = PlanError;
@@ -649,56 +658,8 @@ impl ser::Serializer for MapKey<'_> {
         put_bytes(self.0, v.as_bytes());
         Ok(())
     }
-    fn serialize_bool(self, _: bool) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_i8(self, _: i8) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_i16(self, _: i16) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_i32(self, _: i32) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_i64(self, _: i64) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_u8(self, _: u8) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_u16(self, _: u16) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_u32(self, _: u32) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_u64(self, _: u64) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_f32(self, _: f32) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_f64(self, _: f64) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
     fn serialize_char(self, v: char) -> Result<(), PlanError> {
         self.serialize_str(v.encode_utf8(&mut [0; 4]))
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_none(self) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_unit(self) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_unit_struct(self, _: &'static str) -> Result<(), PlanError> {
-        unplanned("a map key that is not a string")
     }
     fn serialize_unit_variant(
         self,
@@ -715,6 +676,9 @@ impl ser::Serializer for MapKey<'_> {
     ) -> Result<(), PlanError> {
         v.serialize(self)
     }
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), PlanError> {
+        unplanned("a map key that is not a string")
+    }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
         _: &'static str,
@@ -724,55 +688,35 @@ impl ser::Serializer for MapKey<'_> {
     ) -> Result<(), PlanError> {
         unplanned("a map key that is not a string")
     }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleStruct, PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, PlanError> {
-        unplanned("a map key that is not a string")
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, PlanError> {
-        unplanned("a map key that is not a string")
+    not_a_key! {
+        serialize_bool(bool) -> ();
+        serialize_i8(i8) -> ();
+        serialize_i16(i16) -> ();
+        serialize_i32(i32) -> ();
+        serialize_i64(i64) -> ();
+        serialize_u8(u8) -> ();
+        serialize_u16(u16) -> ();
+        serialize_u32(u32) -> ();
+        serialize_u64(u64) -> ();
+        serialize_f32(f32) -> ();
+        serialize_f64(f64) -> ();
+        serialize_bytes(&[u8]) -> ();
+        serialize_none() -> ();
+        serialize_unit() -> ();
+        serialize_unit_struct(&'static str) -> ();
+        serialize_seq(Option<usize>) -> Self::SerializeSeq;
+        serialize_tuple(usize) -> Self::SerializeTuple;
+        serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct;
+        serialize_tuple_variant(&'static str, u32, &'static str, usize) -> Self::SerializeTupleVariant;
+        serialize_map(Option<usize>) -> Self::SerializeMap;
+        serialize_struct(&'static str, usize) -> Self::SerializeStruct;
+        serialize_struct_variant(&'static str, u32, &'static str, usize) -> Self::SerializeStructVariant;
     }
 }
 
 fn take<'de>(input: &mut &'de [u8], n: usize) -> Result<&'de [u8], PlanError> {
     if input.len() < n {
-        return invalid(format!(
-            "the datum ends {} bytes early",
-            n - input.len()
-        ));
+        return invalid(format!("the datum ends {} bytes early", n - input.len()));
     }
     let (head, rest) = input.split_at(n);
     *input = rest;
@@ -813,7 +757,8 @@ fn get_bytes<'de>(input: &mut &'de [u8]) -> Result<&'de [u8], PlanError> {
 }
 
 fn get_str<'de>(input: &mut &'de [u8]) -> Result<&'de str, PlanError> {
-    std::str::from_utf8(get_bytes(input)?).or_else(|e| invalid(format!("a string that is not UTF-8: {e}")))
+    std::str::from_utf8(get_bytes(input)?)
+        .or_else(|e| invalid(format!("a string that is not UTF-8: {e}")))
 }
 
 /// Reads one value at `node` of the plan.
@@ -833,7 +778,10 @@ impl<'p, 'de, 'r> Reader<'p, 'de, 'r> {
     }
 
     fn wrong(&self, wanted: &str) -> PlanError {
-        PlanError::Invalid(format!("{wanted} read where the schema has {:?}", self.node()))
+        PlanError::Invalid(format!(
+            "{wanted} read where the schema has {:?}",
+            self.node()
+        ))
     }
 
     /// The branch of the union at this node, its index read.
@@ -903,7 +851,9 @@ impl<'p, 'de, 'r> Reader<'p, 'de, 'r> {
                 let i = get_long(self.input)?;
                 match usize::try_from(i).ok().and_then(|i| branches.get(i)) {
                     Some(b) => self.skip(*b)?,
-                    None => return invalid(format!("union branch {i} of {} branches", branches.len())),
+                    None => {
+                        return invalid(format!("union branch {i} of {} branches", branches.len()))
+                    }
                 }
             }
             Node::Record { fields, .. } => {
@@ -1196,7 +1146,6 @@ impl Items<'_, '_, '_> {
         self.left -= 1;
         Ok(true)
     }
-
 }
 
 impl<'de> Items<'_, 'de, '_> {
@@ -1469,7 +1418,13 @@ mod tests {
         }
         let mut rest = &out[..];
         let narrow: Narrow = plan.read(&mut rest).unwrap();
-        assert_eq!(narrow, Narrow { n: 5, kind: Kind::B });
+        assert_eq!(
+            narrow,
+            Narrow {
+                n: 5,
+                kind: Kind::B
+            }
+        );
         assert!(rest.is_empty(), "{} bytes left unskipped", rest.len());
     }
 
@@ -1481,7 +1436,9 @@ mod tests {
         let read = |b: &[u8]| plan.read::<Probe>(&mut &b[..]).map_err(|e| e.to_string());
         assert!(read(&out[..out.len() - 1]).unwrap_err().contains("ends"));
         let overlong = [0xff; 11];
-        assert!(read(&overlong).unwrap_err().contains("longer than ten bytes"));
+        assert!(read(&overlong)
+            .unwrap_err()
+            .contains("longer than ten bytes"));
         let mut bad_branch = out[..10].to_vec();
         bad_branch[7] = 4; // the note's union branch: 2 of 2
         assert!(read(&bad_branch).unwrap_err().contains("union branch 2"));
