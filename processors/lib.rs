@@ -7,7 +7,8 @@
 //!
 //! - Vocabulary of the shells: `clock` (wall-clock time for shell-written timestamps),
 //!   `topology_files` (a topology folder read from disk), `scenario` (the seeded demo scenario).
-//! - Bytes: `avro` (schemas and the Avro mapping), `registry` (the registry client and server,
+//! - Bytes: `avro` (schemas and the Avro mapping), `datum` and `schema_plan` (Herald's types
+//!   straight to and from Avro binary through schemas compiled once), `registry` (the registry client and server,
 //!   the wire-format codec), `telemetry` (logs, metrics, HTTP helpers), `trace` (spans and the W3C trace context), `intake` (input
 //!   topics merged in timestamp order), `store` (the state store contract, its two backends and
 //!   the address that opens one).
