@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -366,6 +366,7 @@ pub(crate) fn run_batch<S: Stage>(
             .map_err(|e| kafka_error(e, "begin_transaction"))?;
     }
     let mut out = Outbox::default();
+    let mut pending = Vec::new();
     let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for msg in batch {
         if !stage.owns(msg.partition()) {
@@ -387,50 +388,24 @@ pub(crate) fn run_batch<S: Stage>(
             metrics.readiness.phase(stage.name(), StagePhase::Consuming);
         }
         stage.handle(msg, &mut out).map_err(BatchError::Fatal)?;
+        // Sent as soon as they are decided, so that librdkafka and the broker deliver them
+        // while the rest of the batch is handled rather than after it.
+        produce(producer, &mut out, &mut pending)?;
         offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
     }
     stage.end_of_batch(&mut out).map_err(BatchError::Fatal)?;
+    produce(producer, &mut out, &mut pending)?;
 
-    let mut pending = Vec::with_capacity(out.records.len());
-    for r in &out.records {
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let record = FutureRecord::to(&r.topic)
-            .partition(r.partition)
-            .key(&r.key)
-            .headers(headers);
-        let mut record = if r.value.is_empty() {
-            record
-        } else {
-            record.payload(&r.value)
-        };
-        loop {
-            match producer.send_result(record) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(kafka_error(e, "produce")),
-            }
-        }
-    }
     let t_handled = Instant::now();
     let mut produced: Produced = BTreeMap::new();
-    let deliveries = rt.block_on(futures::future::join_all(pending));
-    for (d, r) in deliveries.into_iter().zip(&out.records) {
+    let sent = pending.len();
+    let (futures, topics): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+    let deliveries = rt.block_on(futures::future::join_all(futures));
+    for (d, topic) in deliveries.into_iter().zip(topics) {
         match d {
             Ok(Ok(delivery)) => {
                 let next = produced
-                    .entry((r.topic.to_string(), delivery.partition))
+                    .entry((topic.to_string(), delivery.partition))
                     .or_insert(0);
                 *next = (*next).max(delivery.offset + 1);
             }
@@ -477,13 +452,54 @@ pub(crate) fn run_batch<S: Stage>(
     tracing::debug!(
         stage = stage.name(),
         records = batch.len(),
-        produced = out.records.len(),
+        produced = sent,
         prepare_ms = (t_prepared - t_start).as_millis() as u64,
         handle_ms = (t_handled - t_prepared).as_millis() as u64,
         commit_ms = (t_committed - t_handled).as_millis() as u64,
         store_ms = t_committed.elapsed().as_millis() as u64,
         "batch committed"
     );
+    Ok(())
+}
+
+/// Hands the records `out` holds to the producer, each with the topic its delivery is
+/// counted under, and empties it.
+fn produce(
+    producer: &FutureProducer,
+    out: &mut Outbox,
+    pending: &mut Vec<(DeliveryFuture, Arc<str>)>,
+) -> Result<(), BatchError> {
+    for r in out.records.drain(..) {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let record = FutureRecord::to(&r.topic)
+            .partition(r.partition)
+            .key(&r.key)
+            .headers(headers);
+        let mut record = if r.value.is_empty() {
+            record
+        } else {
+            record.payload(&r.value)
+        };
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push((f, r.topic.clone()));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(kafka_error(e, "produce")),
+            }
+        }
+    }
     Ok(())
 }
 
