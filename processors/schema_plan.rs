@@ -866,8 +866,30 @@ impl<'p, 'de, 'r> Reader<'p, 'de, 'r> {
     }
 }
 
+/// Deserializer methods that read what another one reads.
+macro_rules! read_as {
+    ($($f:ident => $to:ident),* $(,)?) => {$(
+        fn $f<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
+            self.$to(v)
+        }
+    )*};
+}
+
 impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
     type Error = PlanError;
+
+    read_as! {
+        deserialize_i8 => deserialize_i64,
+        deserialize_i16 => deserialize_i64,
+        deserialize_u8 => deserialize_i64,
+        deserialize_u16 => deserialize_i64,
+        deserialize_u32 => deserialize_i64,
+        deserialize_u64 => deserialize_i64,
+        deserialize_char => deserialize_str,
+        deserialize_string => deserialize_str,
+        deserialize_byte_buf => deserialize_bytes,
+        deserialize_identifier => deserialize_str,
+    }
 
     fn deserialize_any<V: Visitor<'de>>(mut self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
@@ -900,12 +922,6 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
         }
     }
 
-    fn deserialize_i8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_i64(v)
-    }
-    fn deserialize_i16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_i64(v)
-    }
     fn deserialize_i32<V: Visitor<'de>>(mut self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
             Node::Int => v.visit_i32(get_int(self.input)?),
@@ -914,18 +930,6 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
     }
     fn deserialize_i64<V: Visitor<'de>>(mut self, v: V) -> Result<V::Value, PlanError> {
         v.visit_i64(self.number()?)
-    }
-    fn deserialize_u8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_i64(v)
-    }
-    fn deserialize_u16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_i64(v)
-    }
-    fn deserialize_u32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_i64(v)
-    }
-    fn deserialize_u64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_i64(v)
     }
 
     fn deserialize_f32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
@@ -949,19 +953,11 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
         }
     }
 
-    fn deserialize_char<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_str(v)
-    }
-
     fn deserialize_str<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
             Node::String => v.visit_borrowed_str(get_str(self.input)?),
             _ => Err(self.wrong("a string")),
         }
-    }
-
-    fn deserialize_string<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_str(v)
     }
 
     fn deserialize_bytes<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
@@ -970,10 +966,6 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
             Node::Fixed(n) => v.visit_borrowed_bytes(take(self.input, *n)?),
             _ => Err(self.wrong("bytes")),
         }
-    }
-
-    fn deserialize_byte_buf<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_bytes(v)
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
@@ -1022,14 +1014,7 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
 
     fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
-            Node::Array(item) => v.visit_seq(Items {
-                plan: self.plan,
-                item: *item,
-                input: self.input,
-                left: 0,
-                done: false,
-                keys: false,
-            }),
+            Node::Array(item) => v.visit_seq(Items::new(self.plan, *item, self.input, false)),
             _ => Err(self.wrong("a sequence")),
         }
     }
@@ -1049,14 +1034,7 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
 
     fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
-            Node::Map(item) => v.visit_map(Items {
-                plan: self.plan,
-                item: *item,
-                input: self.input,
-                left: 0,
-                done: false,
-                keys: true,
-            }),
+            Node::Map(item) => v.visit_map(Items::new(self.plan, *item, self.input, true)),
             Node::Record { fields, .. } => v.visit_map(RecordFields {
                 plan: self.plan,
                 fields,
@@ -1104,10 +1082,6 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
         }
     }
 
-    fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
-        self.deserialize_str(v)
-    }
-
     fn deserialize_ignored_any<V: Visitor<'de>>(mut self, v: V) -> Result<V::Value, PlanError> {
         self.skip(self.node)?;
         v.visit_unit()
@@ -1128,7 +1102,18 @@ struct Items<'p, 'de, 'r> {
     keys: bool,
 }
 
-impl Items<'_, '_, '_> {
+impl<'p, 'de, 'r> Items<'p, 'de, 'r> {
+    fn new(plan: &'p Plan, item: NodeId, input: &'r mut &'de [u8], keys: bool) -> Self {
+        Items {
+            plan,
+            item,
+            input,
+            left: 0,
+            done: false,
+            keys,
+        }
+    }
+
     /// Whether another item follows, reading the next block's count when one ends.
     fn more(&mut self) -> Result<bool, PlanError> {
         while self.left == 0 && !self.done {
