@@ -635,6 +635,14 @@ impl Codec {
             .await
     }
 
+    /// Wire bytes of each decision, the schema id looked up once for them all.
+    pub async fn encode_decisions(&self, ds: &[Decision]) -> Result<Vec<Vec<u8>>> {
+        let id = self.writer_id(TopicRole::Decisions).await?;
+        ds.iter()
+            .map(|d| Datums::get().write(TopicRole::Decisions, id, &datum::DecisionOut(d)))
+            .collect()
+    }
+
     /// Wire bytes of a dispatch step.
     pub async fn encode_dispatch(&self, r: &DispatchRecord) -> Result<Vec<u8>> {
         self.write(TopicRole::Dispatch, &datum::DispatchOut(r))

@@ -76,8 +76,13 @@ impl ProcessorPartition {
 
     /// Keeps the decisions' customers and consent changes for the next save.
     fn note(&mut self, decisions: &[Decision]) {
+        let mut noted: Option<&str> = None;
         for d in decisions {
-            self.touched.insert(d.customer_id.clone());
+            // An input's decisions are mostly its own customer's: look each up once.
+            if noted != Some(d.customer_id.as_str()) && !self.touched.contains(&d.customer_id) {
+                self.touched.insert(d.customer_id.clone());
+            }
+            noted = Some(&d.customer_id);
             self.consent.apply(d);
         }
     }
@@ -408,15 +413,24 @@ impl ProcessorStage {
         current: Option<&str>,
         out: &mut Outbox,
     ) -> Result<()> {
-        for d in decisions {
+        // One runtime entry per input, not per decision.
+        let values = self.rt.block_on(self.codec.encode_decisions(&decisions))?;
+        let mut headers = Some(headers);
+        let last = decisions.len().saturating_sub(1);
+        for (i, (d, value)) in decisions.into_iter().zip(values).enumerate() {
             let trace = self
                 .partitions
                 .get_mut(&p)
                 .and_then(|part| part.trace_of(&d, current))
                 .or_else(|| current.map(str::to_string));
-            let mut headers = headers.clone();
+            // The last decision takes the input's headers; the others copy them.
+            let mut headers = if i == last {
+                headers.take()
+            } else {
+                headers.clone()
+            }
+            .unwrap_or_default();
             headers.extend(trace.as_deref().map(trace::kafka_header));
-            let value = self.rt.block_on(self.codec.encode_decision(&d))?;
             self.metrics.decision(d.outcome.kind());
             match &d.outcome {
                 Outcome::MessageSuppressed(m) => {
