@@ -292,6 +292,8 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
 
     // A message deferred (quiet hours, a blackout...) is decided again, when a timer fires or
     // a later record moves time on, in the trace of the fact that asked for it.
+    // Every decision also names what it was decided on: its input record, or a timer.
+    let unsourced = std::cell::RefCell::new(BTreeSet::new());
     let read_deferrals = || {
         let mut deferred: BTreeMap<String, String> = BTreeMap::new();
         let mut decided: BTreeMap<String, String> = BTreeMap::new();
@@ -300,8 +302,14 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
             topology.names.decisions(),
             topology.partitions(),
             |m| {
-                use rdkafka::message::Message;
+                use rdkafka::message::{Headers, Message};
                 let d = rt.block_on(codec.decode_decision(m.payload()))?;
+                let by_timer = m
+                    .headers()
+                    .is_some_and(|h| h.iter().any(|x| x.key == "herald.timer"));
+                if !by_timer && herald::stages::source_position(m).is_none() {
+                    unsourced.borrow_mut().insert(d.decision_id.clone());
+                }
                 let trace = herald::trace::header_of(m).unwrap_or_default();
                 match d.outcome {
                     herald::events::Outcome::MessageDeferred(x) => {
@@ -330,6 +338,11 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let released = loop {
         let (deferred, released) = read_deferrals();
+        assert!(
+            unsourced.borrow().is_empty(),
+            "decisions naming neither their input record nor a timer: {:?}",
+            unsourced.borrow()
+        );
         if !released.is_empty() {
             break released;
         }
