@@ -338,10 +338,12 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let released = loop {
         let (deferred, released) = read_deferrals();
+        let unsourced = unsourced.borrow();
         assert!(
-            unsourced.borrow().is_empty(),
-            "decisions naming neither their input record nor a timer: {:?}",
-            unsourced.borrow()
+            unsourced.is_empty(),
+            "{} decisions name neither their input record nor a timer, e.g. {:?}",
+            unsourced.len(),
+            unsourced.iter().take(3).collect::<Vec<_>>()
         );
         if !released.is_empty() {
             break released;
