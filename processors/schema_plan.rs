@@ -1014,7 +1014,7 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
 
     fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
-            Node::Array(item) => v.visit_seq(Items::new(self.plan, *item, self.input, false)),
+            Node::Array(item) => v.visit_seq(Items::new(self.plan, *item, self.input)),
             _ => Err(self.wrong("a sequence")),
         }
     }
@@ -1034,7 +1034,7 @@ impl<'de> de::Deserializer<'de> for Reader<'_, 'de, '_> {
 
     fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, PlanError> {
         match self.node() {
-            Node::Map(item) => v.visit_map(Items::new(self.plan, *item, self.input, true)),
+            Node::Map(item) => v.visit_map(Items::new(self.plan, *item, self.input)),
             Node::Record { fields, .. } => v.visit_map(RecordFields {
                 plan: self.plan,
                 fields,
@@ -1099,18 +1099,16 @@ struct Items<'p, 'de, 'r> {
     input: &'r mut &'de [u8],
     left: u64,
     done: bool,
-    keys: bool,
 }
 
 impl<'p, 'de, 'r> Items<'p, 'de, 'r> {
-    fn new(plan: &'p Plan, item: NodeId, input: &'r mut &'de [u8], keys: bool) -> Self {
+    fn new(plan: &'p Plan, item: NodeId, input: &'r mut &'de [u8]) -> Self {
         Items {
             plan,
             item,
             input,
             left: 0,
             done: false,
-            keys,
         }
     }
 
@@ -1162,7 +1160,6 @@ impl<'de> MapAccess<'de> for Items<'_, 'de, '_> {
         &mut self,
         seed: S,
     ) -> Result<Option<S::Value>, PlanError> {
-        debug_assert!(self.keys);
         if !self.more()? {
             return Ok(None);
         }
