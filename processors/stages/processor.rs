@@ -136,9 +136,11 @@ fn write_checkpoint(store: &SharedStore, saves: Vec<PartitionSave>) -> Result<()
     for save in saves {
         let mut changed = Vec::with_capacity(save.customers.len());
         let mut timers = Vec::with_capacity(save.customers.len());
-        for (customer, state) in &save.customers {
-            changed.push((customer.clone(), state_encoding::encode(state)?));
+        // Each state is let go once encoded, not after the whole checkpoint is written: while
+        // the save holds it, the stage's next decision for that customer copies it whole.
+        for (customer, state) in save.customers {
             timers.push((customer.clone(), state.next_timer()));
+            changed.push((customer, state_encoding::encode(&state)?));
         }
         let write = SnapshotWrite {
             changed,
