@@ -86,7 +86,7 @@ union_branches!(
     2 => ShipmentHeld(ShipmentHeld),
     3 => ShipmentReleased(ShipmentReleased),
     4 => HoldExpired(HoldExpired),
-    5 => MessageApproved(MessageApproved),
+    5 => MessageApproved(std::sync::Arc<MessageApproved>),
     6 => MessageSuppressed(MessageSuppressed),
     7 => MessageDeferred(MessageDeferred),
     8 => OptedOut(OptedOut),

@@ -56,7 +56,7 @@ fn approval(id: &str, channel: Channel, delivery: Delivery, recipient: &str) -> 
         processor: Processor::Policy,
         decided_at: 0,
         policy_version: "channels-test".into(),
-        outcome: Outcome::MessageApproved(m),
+        outcome: Outcome::MessageApproved(m.into()),
         consent_chain: None,
     }
 }

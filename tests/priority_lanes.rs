@@ -64,7 +64,7 @@ fn approval(customer: usize, n: usize, purpose: Purpose) -> Decision {
         processor: Processor::Policy,
         decided_at: 0,
         policy_version: "load-test".into(),
-        outcome: Outcome::MessageApproved(m),
+        outcome: Outcome::MessageApproved(m.into()),
         consent_chain: None,
     }
 }

@@ -316,7 +316,7 @@ fn one_order_is_one_trace_from_its_input_to_the_status_webhook() {
                         deferred.entry(x.planned.message_id).or_insert(trace);
                     }
                     herald::events::Outcome::MessageApproved(x) => {
-                        decided.insert(x.message_id, trace);
+                        decided.insert(x.message_id.clone(), trace);
                     }
                     herald::events::Outcome::MessageSuppressed(x) => {
                         if let Some(id) = x.message_id {

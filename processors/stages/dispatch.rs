@@ -303,7 +303,7 @@ impl DispatchStage {
                         .map_err(|e| anyhow!("approval of {message_id}: {e}"))?;
                     match &d.outcome {
                         Outcome::MessageApproved(a) if a.message_id == message_id => {
-                            let a = a.clone();
+                            let a = MessageApproved::clone(a);
                             // The new attempt stays in the approval's trace.
                             Some((d, a, trace::header_of(&msg)))
                         }
@@ -924,7 +924,7 @@ impl Stage for DispatchStage {
         // Only approvals are traced here: every other decision passes through untouched.
         let traced = trace::record_span(self.name(), msg, None);
         let _in_span = traced.span.enter();
-        let approved = approved.clone();
+        let approved = MessageApproved::clone(approved);
         let p = msg.partition();
         let state = self
             .partitions

@@ -29,7 +29,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use zstd::bulk::{Compressor, Decompressor};
 use zstd::dict::{DecoderDictionary, EncoderDictionary};
 use zstd::zstd_safe::CParameter;
@@ -251,7 +251,7 @@ fn fold(whole: &CustomerState) -> (CompactState<'_>, Folded) {
             delivery,
             journey,
             relied_on,
-        } = message;
+        } = message.as_ref();
         if message_id.is_empty() && message_id != id {
             folded.blank_message_ids.push(id.clone());
         }
@@ -355,12 +355,13 @@ fn unfold(mut state: CustomerState, folded: Folded) -> Result<CustomerState> {
     }
     for (id, recent) in state.recent.iter_mut() {
         if recent.message.message_id.is_empty() && !folded.blank_message_ids.contains(id) {
-            recent.message.message_id = id.clone();
+            Arc::make_mut(&mut recent.message).message_id = id.clone();
         }
         if !folded.unapproved_recent.contains(id) {
             state.approved.insert(id.clone());
         }
-        let message = &mut recent.message;
+        // Unshared while the state is decoded: no copy is made.
+        let message = Arc::make_mut(&mut recent.message);
         if message.recipient.is_empty() && !folded.blank_recipients.contains(id) {
             let address = address_on(&state.profile, message.channel);
             message.recipient = address.cloned().ok_or_else(|| {
@@ -528,7 +529,7 @@ mod tests {
     fn approved(id: &str, announces: Option<&str>) -> RecentSend {
         RecentSend {
             approved_at: 1_700_000_100_000,
-            message: MessageApproved {
+            message: Arc::new(MessageApproved {
                 message_id: id.into(),
                 trigger_event_id: "oms-1".into(),
                 template_name: "shipment_delivered".into(),
@@ -547,7 +548,7 @@ mod tests {
                     .map(|a| (ANNOUNCES.to_string(), a.to_string()))
                     .into_iter()
                     .collect(),
-            },
+            }),
             status: None,
         }
     }
@@ -682,11 +683,12 @@ mod tests {
         )
             .prop_map(|(key, (message_id, c, p, to, artifact, at), announces)| {
                 let mut r = approved(message_id, announces);
-                r.message.channel = c;
-                r.message.purpose = p;
-                r.message.recipient = to.unwrap_or("").into();
-                r.message.consent_artifact_id = artifact.into();
-                r.message.consent_granted_at = at;
+                let m = Arc::make_mut(&mut r.message);
+                m.channel = c;
+                m.purpose = p;
+                m.recipient = to.unwrap_or("").into();
+                m.consent_artifact_id = artifact.into();
+                m.consent_granted_at = at;
                 (key.to_string(), r)
             });
         let identity = (id(), id(), at()).prop_map(|(key, event, at)| {

@@ -134,7 +134,7 @@ pub fn timeline(customer_id: &str, decisions: &[&Decision], as_of: Option<Millis
             t.changes.push(change);
         }
         let planned = match &d.outcome {
-            Outcome::MessageApproved(m) => Some(m),
+            Outcome::MessageApproved(m) => Some(&**m),
             Outcome::MessageDeferred(m) => Some(&m.planned),
             _ => None,
         };

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Milliseconds since the Unix epoch, UTC (Avro `timestamp-millis`).
 pub type Millis = i64;
@@ -752,7 +753,8 @@ pub enum Outcome {
     ShipmentHeld(ShipmentHeld),
     ShipmentReleased(ShipmentReleased),
     HoldExpired(HoldExpired),
-    MessageApproved(MessageApproved),
+    /// Shared with the customer's state, which keeps approved messages for caps and fallback.
+    MessageApproved(Arc<MessageApproved>),
     MessageSuppressed(MessageSuppressed),
     MessageDeferred(MessageDeferred),
     OptedOut(OptedOut),

@@ -359,7 +359,7 @@ mod tests {
         );
         let approved = |at: Millis| RecentSend {
             approved_at: at,
-            message: MessageApproved {
+            message: std::sync::Arc::new(MessageApproved {
                 message_id: format!("m{at}"),
                 trigger_event_id: "e".into(),
                 template_name: "t".into(),
@@ -375,7 +375,7 @@ mod tests {
                 delivery: Default::default(),
                 journey: None,
                 relied_on: Default::default(),
-            },
+            }),
             status: None,
         };
         state.recent.insert("m1".into(), approved(2_000));

@@ -4,6 +4,7 @@
 use crate::events::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// One hour in milliseconds.
 pub const HOUR_MS: Millis = 3_600_000;
@@ -94,7 +95,8 @@ pub struct SubscriptionFacts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecentSend {
     pub approved_at: Millis,
-    pub message: MessageApproved,
+    /// The approval decision's own message, shared rather than copied.
+    pub message: Arc<MessageApproved>,
     /// The furthest delivery status the provider reported; statuses arrive out of order and
     /// repeated, and never move it back (read is not followed by delivered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -488,7 +490,7 @@ mod tests {
             "m-1".into(),
             RecentSend {
                 approved_at: 0,
-                message,
+                message: message.into(),
                 status: None,
             },
         );

@@ -235,7 +235,7 @@ pub(crate) mod tests {
             processor: Processor::Policy,
             decided_at: 0,
             policy_version: "v".into(),
-            outcome: Outcome::MessageApproved(m.clone()),
+            outcome: Outcome::MessageApproved(m.clone().into()),
             consent_chain: None,
         };
         (d, m)

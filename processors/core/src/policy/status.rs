@@ -126,7 +126,7 @@ pub(crate) fn fall_back(
     }
     let redo = MessageApproved {
         message_id: message_id.clone(),
-        ..failed.clone()
+        ..MessageApproved::clone(failed)
     };
     let (channel, consent, recipient) =
         match choose_channel(state, failed.purpose, &channels[after..]) {

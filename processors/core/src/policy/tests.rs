@@ -178,7 +178,7 @@ fn planned_now(state: &CustomerState, purpose: Purpose) -> Vec<Outcome> {
     };
     let planned = MessageApproved {
         purpose,
-        ..m.clone()
+        ..MessageApproved::clone(m)
     };
     at_t0(|ctx| when_to_send(state, planned, T0 + 72 * HOUR, ctx))
 }

@@ -114,7 +114,7 @@ pub(crate) fn when_to_send(
     }
     let quiet = match &policy.quiet_hours {
         Some(q) if !q.exempt_purposes.contains(&planned.purpose) => q,
-        _ => return vec![Outcome::MessageApproved(planned)],
+        _ => return vec![Outcome::MessageApproved(planned.into())],
     };
     let zone_name = state.profile.time_zone.clone().unwrap_or_default();
     let Some(tz) = crate::quiet_hours::time_zone(&zone_name) else {
@@ -133,7 +133,7 @@ pub(crate) fn when_to_send(
     match crate::quiet_hours::next_allowed(ctx.now, &tz, region(state), quiet, &policy.blackout) {
         SendWindow::Now => {
             planned.relied_on.insert("time_zone".into(), zone_name);
-            vec![Outcome::MessageApproved(planned)]
+            vec![Outcome::MessageApproved(planned.into())]
         }
         SendWindow::NotBefore(at, reason) if at <= expires_at => defer(planned, reason, at),
         SendWindow::NotBefore(at, reason) => suppressed_planned(
