@@ -7,32 +7,34 @@ use crate::policy::Trigger;
 use crate::state::{evolve, CustomerState};
 use crate::{dedupe, journey, ordering, policy};
 
-struct Recorder<'s> {
-    state: &'s mut CustomerState,
-    customer_id: String,
-    input_event_id: String,
-    input_ref: String,
+/// Stamps an input's outcomes into decisions and folds each as it is made. It borrows what
+/// every decision of the input repeats: each decision owns its copy, the recorder needs none.
+struct Recorder<'a> {
+    state: &'a mut CustomerState,
+    customer_id: &'a str,
+    input_event_id: std::borrow::Cow<'a, str>,
+    input_ref: &'a str,
     now: Millis,
-    policy_version: String,
+    policy_version: &'a str,
     out: Vec<Decision>,
 }
 
 impl Recorder<'_> {
     fn record(&mut self, processor: Processor, outcomes: Vec<Outcome>) {
         for outcome in outcomes {
-            let seq = self.out.len().to_string();
+            let mut seq = [0u8; 20];
             let mut d = Decision {
                 decision_id: deterministic_id(&[
-                    &self.customer_id,
-                    &self.input_ref,
+                    self.customer_id,
+                    self.input_ref,
                     &self.input_event_id,
-                    &seq,
+                    decimal(self.out.len(), &mut seq),
                 ]),
-                customer_id: self.customer_id.clone(),
-                input_event_id: self.input_event_id.clone(),
+                customer_id: self.customer_id.to_string(),
+                input_event_id: self.input_event_id.to_string(),
                 processor,
                 decided_at: self.now,
-                policy_version: self.policy_version.clone(),
+                policy_version: self.policy_version.to_string(),
                 outcome,
                 consent_chain: None,
             };
@@ -46,16 +48,32 @@ impl Recorder<'_> {
     }
 }
 
+/// `n` in decimal, written into `buf`: a decision's sequence number goes into its id, and
+/// formatting it allocated a string per decision.
+fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
+}
+
 /// Runs one input through dedupe, the ordering guard and policy, folding as it goes.
 pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<Decision> {
-    let event_id = input.envelope.event_id.clone();
+    let event_id = input.envelope.event_id.as_str();
     let mut r = Recorder {
         state,
-        customer_id: input.envelope.customer_id.clone(),
-        input_event_id: event_id.clone(),
-        input_ref: ctx.input_ref.to_string(),
+        customer_id: &input.envelope.customer_id,
+        input_event_id: event_id.into(),
+        input_ref: ctx.input_ref,
         now: ctx.now,
-        policy_version: ctx.topology.policy.version.clone(),
+        policy_version: &ctx.topology.policy.version,
         out: Vec::new(),
     };
     let dedupe = dedupe::decide(r.state, input, ctx);
@@ -66,7 +84,7 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
     }
 
     let guard = ordering::decide(r.state, input, ctx);
-    let held = ordering::held_now(&guard, &event_id);
+    let held = ordering::held_now(&guard, event_id);
     // Released shipments are policy triggers; take their facts before the fold forgets them.
     let released: Vec<(String, Fact, Millis)> = guard
         .iter()
@@ -85,7 +103,7 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
 
     if !held {
         let t = Trigger {
-            event_id: &event_id,
+            event_id,
             fact: &input.fact,
             occurred_at: input.envelope.occurred_at,
         };
@@ -101,7 +119,7 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
     }
     // A step due at once (an order confirmation) is taken with the fact that started it.
     while let Some(slot) = journey::next_due_step(r.state, ctx.now) {
-        let outcomes = journey::take_step(r.state, &r.customer_id.clone(), &slot, ctx);
+        let outcomes = journey::take_step(r.state, r.customer_id, &slot, ctx);
         if outcomes.is_empty() {
             break;
         }
@@ -113,34 +131,34 @@ pub fn process(state: &mut CustomerState, input: &InputEvent, ctx: &Ctx) -> Vec<
 /// Policy's own reading of a fact (inbound keywords, delivery failures), then every journey's.
 /// Each journey decides on the state the previous one left, so caps count what was just approved.
 fn route(r: &mut Recorder, t: &Trigger, ctx: &Ctx) {
-    let customer_id = r.customer_id.clone();
+    let customer_id = r.customer_id;
     let own = match t.fact {
         Fact::InboundMessageReceived(m) => {
             policy::decide_inbound(r.state, t.event_id, m, t.occurred_at, ctx)
         }
-        Fact::MessageStatusChanged(s) => policy::decide_status(r.state, &customer_id, s, ctx),
+        Fact::MessageStatusChanged(s) => policy::decide_status(r.state, customer_id, s, ctx),
         _ => vec![],
     };
     r.record(Processor::Policy, own);
     for j in &ctx.topology.journeys {
-        let outcomes = journey::on_fact(r.state, &customer_id, j, t, ctx);
+        let outcomes = journey::on_fact(r.state, customer_id, j, t, ctx);
         r.record(Processor::Policy, outcomes);
     }
 }
 
-fn timer<'s>(
-    state: &'s mut CustomerState,
-    customer_id: &str,
+fn timer<'a>(
+    state: &'a mut CustomerState,
+    customer_id: &'a str,
     id: String,
-    ctx: &Ctx,
-) -> Recorder<'s> {
+    ctx: &Ctx<'a>,
+) -> Recorder<'a> {
     Recorder {
         state,
-        customer_id: customer_id.to_string(),
-        input_event_id: id,
-        input_ref: "timer".to_string(),
+        customer_id,
+        input_event_id: id.into(),
+        input_ref: "timer",
         now: ctx.now,
-        policy_version: ctx.topology.policy.version.clone(),
+        policy_version: &ctx.topology.policy.version,
         out: Vec::new(),
     }
 }
@@ -212,6 +230,14 @@ pub fn fold<'a>(decisions: impl IntoIterator<Item = &'a Decision>) -> CustomerSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sequence_number_is_written_as_its_decimal_digits() {
+        for n in [0, 7, 10, 99, 12_345, usize::MAX] {
+            let mut buf = [0u8; 20];
+            assert_eq!(decimal(n, &mut buf), n.to_string());
+        }
+    }
 
     #[test]
     fn ids_are_stable_across_releases() {
