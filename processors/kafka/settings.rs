@@ -84,6 +84,9 @@ impl KafkaSettings {
     pub fn producer(&self, transactional_id: Option<&str>) -> Result<FutureProducer> {
         let mut c = self.base();
         c.set("enable.idempotence", "true")
+            // 1 ms on the stages' producers made more, smaller requests: handling slowed
+            // by more than the shorter wait for the batch's last deliveries saved (herald
+            // bench, mock cluster: 15,100-15,200 end-to-end events/s against 18,600-22,600).
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000")
             .set("partitioner", "murmur2_random");

@@ -400,6 +400,10 @@ pub(crate) fn run_batch<S: Stage>(
     let mut produced: Produced = BTreeMap::new();
     let sent = pending.len();
     let (futures, topics): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+    // Awaited here rather than left to commit_transaction, which also flushes: its flush waits
+    // in steps of about 100 ms while another thread serves the delivery reports. Sending the
+    // offsets and committing before these had arrived took a commit from 7 to 105 ms (p50 per
+    // batch, herald bench on the mock cluster).
     let deliveries = rt.block_on(futures::future::join_all(futures));
     for (d, topic) in deliveries.into_iter().zip(topics) {
         match d {
