@@ -1,9 +1,9 @@
 //! The short chaos run, on a three-node Apache Kafka cluster (`scripts/kafka`, replication 3,
 //! min.insync.replicas 2): the processors and dispatch run as separate processes (static
-//! members of their groups), and one of
-//! them (in turn) is SIGKILLed every 1.5 s (each at most every 3 s) while a scenario is fed; the
-//! leader of a decision-log partition is SIGKILLed and restarted every 20 s; the provider
-//! simulator withholds 5 % of its answers although the message went out. A
+//! members of their groups), and one of them (in turn) is SIGKILLed every 1.5 s (each at most
+//! every 3 s) while a scenario is fed; the leader of a decision-log partition is SIGKILLed and
+//! restarted 5 s in and every 20 s after; the provider simulator withholds 5 % of its answers
+//! although the message went out. A
 //! read_committed reader must then find no event lost, no decision twice, no customer's records
 //! decided out of order, no send without consent, no send twice, and no approval whose dispatch
 //! never ended. The processors keep 60 of the 300 customers in memory, loading the others from

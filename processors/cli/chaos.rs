@@ -41,7 +41,7 @@ pub struct ChaosArgs {
     /// The shell command that starts broker `{node}` again and waits until it is up.
     #[arg(long, requires = "kill_broker_cmd")]
     start_broker_cmd: Option<String>,
-    /// Time between two broker kills.
+    /// Time between two broker kills; the first comes a quarter of this into the run.
     #[arg(long, default_value_t = 60)]
     broker_kill_every_secs: u64,
     /// How long a killed broker stays down.
