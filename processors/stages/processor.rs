@@ -18,7 +18,7 @@ use crate::topology::Topology;
 use crate::trace;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,10 @@ struct ProcessorPartition {
     /// Input positions advanced since the last save.
     inputs_moved: bool,
     next_decision_offset: i64,
-    touched: BTreeSet<String>,
+    /// Customers decided for since the last save. Hashed, not ordered: it is asked about
+    /// every decision, and a search of a sorted set of thousands of ids took 5.6 % of the
+    /// stage's handling (perf, herald bench on the mock cluster).
+    touched: HashSet<String>,
     /// Consent-history changes decided since the last save.
     consent: ConsentProjection,
     /// Each customer's card in the contact changelog, as the record last written: kept
