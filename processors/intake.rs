@@ -219,31 +219,32 @@ impl<R: Stamped> Intake<R> {
         })
     }
 
-    /// Empty lanes holding back a partition that has records to decide, with the offset they
-    /// wait for if known.
-    pub fn waiting(&self, now_ms: u64) -> Vec<(String, i32, Option<i64>)> {
-        let has_records: BTreeSet<i32> = self
-            .lanes
-            .iter()
-            .filter(|(_, l)| !l.records.is_empty())
-            .map(|((p, _), _)| *p)
-            .collect();
+    /// Empty lanes holding back a partition that has records to decide.
+    fn waiting(&self, now_ms: u64) -> impl Iterator<Item = (&(i32, String), &Lane<R>)> {
         self.blocking(now_ms)
-            .filter(|((p, _), _)| has_records.contains(p))
-            .map(|((p, t), l)| (t.clone(), *p, l.next_offset))
-            .collect()
+            .filter(|((p, _), _)| self.has_records(*p))
     }
 
-    /// The waiting lanes the broker should be asked about now (see [`Intake::checked`]).
+    /// Whether any lane of partition `p` holds a record. A partition's lanes are adjacent in
+    /// the map, so this reads only them.
+    fn has_records(&self, p: i32) -> bool {
+        self.lanes
+            .range((p, String::new())..)
+            .take_while(|((q, _), _)| *q == p)
+            .any(|(_, l)| !l.records.is_empty())
+    }
+
+    /// The waiting lanes the broker should be asked about now (see [`Intake::checked`]), with
+    /// the offset each waits for if known. Asked on every poll of the inputs, so it builds
+    /// nothing for the lanes it leaves out (it was 9 % of the stage thread's samples in the
+    /// bench when it collected every waiting lane first).
     pub fn to_check(&self, now_ms: u64) -> Vec<(String, i32, Option<i64>)> {
         self.waiting(now_ms)
-            .into_iter()
-            .filter(|(t, p, _)| {
+            .filter(|((p, _), l)| {
                 let last_fill = self.last_fill.get(p).copied().unwrap_or(0);
-                self.lanes
-                    .get(&(*p, t.clone()))
-                    .is_some_and(|l| l.needs_check(now_ms, last_fill))
+                l.needs_check(now_ms, last_fill)
             })
+            .map(|((p, t), l)| (t.clone(), *p, l.next_offset))
             .collect()
     }
 
