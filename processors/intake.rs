@@ -235,9 +235,8 @@ impl<R: Stamped> Intake<R> {
     }
 
     /// The waiting lanes the broker should be asked about now (see [`Intake::checked`]), with
-    /// the offset each waits for if known. Asked on every poll of the inputs, so it builds
-    /// nothing for the lanes it leaves out (it was 9 % of the stage thread's samples in the
-    /// bench when it collected every waiting lane first).
+    /// the offset each waits for if known. Asked on every round of the loop's poll, so it
+    /// builds nothing for the lanes it leaves out.
     pub fn to_check(&self, now_ms: u64) -> Vec<(String, i32, Option<i64>)> {
         self.waiting(now_ms)
             .filter(|((p, _), l)| {

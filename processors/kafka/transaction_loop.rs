@@ -342,7 +342,7 @@ const STALLED_POLL: Duration = Duration::from_millis(1);
 
 /// How long a stalled intake is polled without waiting before [`STALLED_POLL`] applies. In
 /// steady running a partition waits on a lane for well under this, and waiting there at once
-/// cost 8 % of the end-to-end rate (herald bench, three alternating pairs): a companion
+/// cost about 8 % of the end-to-end rate (herald bench, three alternating pairs): a companion
 /// lane's record does not end the lead consumer's wait.
 const STALL_SPIN: Duration = Duration::from_millis(5);
 
