@@ -147,6 +147,18 @@ pub struct Intake<R> {
     paused: BTreeSet<(i32, String)>,
     /// Per partition, when records last arrived on one of its empty lanes.
     last_fill: BTreeMap<i32, u64>,
+    /// Per partition, the latest timestamp handed out: a record stamped before it came late.
+    released: BTreeMap<i32, i64>,
+}
+
+/// A record that came after its partition had handed out records stamped later.
+#[derive(Debug, PartialEq)]
+pub struct Late {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// How much earlier it is stamped than the latest record its partition handed out.
+    pub behind_ms: i64,
 }
 
 /// Lanes whose fetching should stop or start again, so one fast topic cannot fill memory
@@ -166,6 +178,7 @@ impl<R: Stamped> Intake<R> {
             lanes: BTreeMap::new(),
             paused: BTreeSet::new(),
             last_fill: BTreeMap::new(),
+            released: BTreeMap::new(),
         }
     }
 
@@ -187,6 +200,7 @@ impl<R: Stamped> Intake<R> {
         self.paused.remove(&key);
         if !self.lanes.keys().any(|(p, _)| *p == partition) {
             self.last_fill.remove(&partition);
+            self.released.remove(&partition);
         }
     }
 
@@ -195,21 +209,34 @@ impl<R: Stamped> Intake<R> {
         for lane in self.lanes.values_mut() {
             *lane = Lane::new(now_ms, None);
         }
+        // What is read again was handed out before the rewind, not late.
+        self.released.clear();
     }
 
     /// Buffers a record; one for a lane that is not open (revoked meanwhile) is dropped.
-    pub fn push(&mut self, record: R, now_ms: u64) {
+    /// Returns it as [`Late`] when it is stamped before a record its partition already handed
+    /// out: it reached the broker after the intake had stopped waiting for it.
+    pub fn push(&mut self, record: R, now_ms: u64) -> Option<Late> {
         let p = record.partition();
-        if let Some(lane) = self.lanes.get_mut(&(p, record.topic().to_string())) {
-            if lane.records.is_empty() {
-                self.last_fill.insert(p, now_ms);
-            }
-            lane.next_offset = Some(record.offset() + 1);
-            lane.checked = None;
-            lane.unanswered_since = None;
-            lane.fresh = false;
-            lane.records.push_back(record);
+        let lane = self.lanes.get_mut(&(p, record.topic().to_string()))?;
+        if lane.records.is_empty() {
+            self.last_fill.insert(p, now_ms);
         }
+        lane.next_offset = Some(record.offset() + 1);
+        lane.checked = None;
+        lane.unanswered_since = None;
+        lane.fresh = false;
+        let late = match (record.timestamp_ms(), self.released.get(&p)) {
+            (Some(at), Some(&released)) if at < released => Some(Late {
+                topic: record.topic().to_string(),
+                partition: p,
+                offset: record.offset(),
+                behind_ms: released - at,
+            }),
+            _ => None,
+        };
+        lane.records.push_back(record);
+        late
     }
 
     fn blocking(&self, now_ms: u64) -> impl Iterator<Item = (&(i32, String), &Lane<R>)> {
@@ -298,7 +325,10 @@ impl<R: Stamped> Intake<R> {
                 }
             }
         }
-        let key = best?.1.clone();
+        let (at, key) = best?;
+        let key = key.clone();
+        let released = self.released.entry(key.0).or_insert(at);
+        *released = (*released).max(at);
         let lane = self.lanes.get_mut(&key)?;
         let record = lane.records.pop_front();
         if lane.records.is_empty() {
@@ -363,6 +393,33 @@ mod tests {
 
     fn drain(i: &mut Intake<R>, now: u64) -> Vec<R> {
         std::iter::from_fn(|| i.next(now)).collect()
+    }
+
+    #[test]
+    fn a_record_stamped_before_what_its_partition_handed_out_is_reported_late() {
+        let mut i = intake(&["crm", "oms"], &[0, 1]);
+        i.push(R("oms", 0, 30), 0);
+        i.checked("crm", 0, 0, Lag::AtEnd);
+        assert_eq!(drain(&mut i, 0), vec![R("oms", 0, 30)]);
+        // The revocation at 20 reached the broker after the order at 30 was decided.
+        assert_eq!(
+            i.push(R("crm", 0, 20), 0),
+            Some(Late {
+                topic: "crm".into(),
+                partition: 0,
+                offset: 20,
+                behind_ms: 10
+            })
+        );
+        assert_eq!(i.push(R("crm", 0, 31), 0), None, "in order");
+        assert_eq!(
+            i.push(R("crm", 1, 20), 0),
+            None,
+            "another partition's stream time is its own"
+        );
+        // A rewind reads again what was handed out: not late.
+        i.clear(0);
+        assert_eq!(i.push(R("oms", 0, 30), 0), None);
     }
 
     #[test]

@@ -259,6 +259,7 @@ pub struct Metrics {
     batch_duration: HistogramVec,
     provider_call_duration: HistogramVec,
     event_to_decision: HistogramVec,
+    late_records: IntCounterVec,
     consumer_lag: IntGaugeVec,
     /// What `/readyz` answers from.
     pub readiness: Readiness,
@@ -442,6 +443,11 @@ impl Metrics {
                 "herald_event_to_decision_seconds",
                 "From an input record's timestamp to the commit of what the stage decided on it, by stage.",
                 &["stage"],
+            )?,
+            late_records: counters(
+                "herald_late_records_total",
+                "Input records that reached the broker after their partition had decided records stamped later, by stage and topic.",
+                &["stage", "topic"],
             )?,
             consumer_lag: gauges(
                 "herald_consumer_lag",
@@ -683,6 +689,11 @@ impl Metrics {
         for ts in record_timestamps {
             h.observe(seconds_between(*ts, committed_ms));
         }
+    }
+
+    /// A record of `topic` came after `stage` had decided later-stamped records of its partition.
+    pub fn late_record(&self, stage: &str, topic: &str) {
+        self.late_records.with_label_values(&[stage, topic]).inc();
     }
 
     /// The consumer lag of `stage`'s assigned partitions, as its Kafka client last reported;

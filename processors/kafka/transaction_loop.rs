@@ -142,7 +142,19 @@ pub(crate) fn consume<S: Stage>(
                 stalled_since.is_some_and(|t| t.elapsed() >= STALL_SPIN),
             );
             for m in inputs.poll(wait, settings)? {
-                intake.push(m, now_ms());
+                if let Some(late) = intake.push(m, now_ms()) {
+                    // The source's producer delivered it after the intake stopped waiting
+                    // (KIP-695's producer lateness): it is decided after later records.
+                    tracing::warn!(
+                        stage = stage.name(),
+                        topic = late.topic,
+                        partition = late.partition,
+                        offset = late.offset,
+                        behind_ms = late.behind_ms,
+                        "a record came after its partition had decided later records"
+                    );
+                    metrics.late_record(stage.name(), &late.topic);
+                }
             }
             apply_rebalances(
                 &inputs,
