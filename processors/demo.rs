@@ -350,24 +350,86 @@ pub fn feed(
     codec: &Codec,
     items: &[FeedItem],
     stamp_with: FeedStamp,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<usize> {
+    let pending = produce_items(rt, producer, codec, items, stamp_with, progress)?;
+    for d in rt.block_on(futures::future::join_all(
+        pending.into_iter().map(|(_, f)| f),
+    )) {
+        delivered(d)?;
+    }
+    Ok(items.len())
+}
+
+/// As [`feed`], and returns when the broker acknowledged each event's record (wall-clock ms,
+/// by event id). With `acks=all` a record is acknowledged once a read_committed reader can
+/// see it, so a decision stamped before that was made without it.
+pub fn feed_noting_acknowledgements(
+    rt: &tokio::runtime::Runtime,
+    producer: &FutureProducer,
+    codec: &Codec,
+    items: &[FeedItem],
+    stamp_with: FeedStamp,
+) -> Result<HashMap<String, i64>> {
+    let pending = produce_items(rt, producer, codec, items, stamp_with, |_| {})?;
+    // Each on its own task, so an acknowledgement is timed when it comes, not when the last
+    // record has been handed to the producer.
+    let waits: Vec<_> = pending
+        .into_iter()
+        .map(|(id, f)| rt.spawn(async move { (id, f.await, crate::clock::wall_clock_ms()) }))
+        .collect();
+    let mut acknowledged = HashMap::new();
+    for w in rt.block_on(futures::future::join_all(waits)) {
+        let (id, d, at) = w.map_err(|e| anyhow!("feeding: {e}"))?;
+        delivered(d)?;
+        if let Some(id) = id {
+            acknowledged.insert(id, at);
+        }
+    }
+    Ok(acknowledged)
+}
+
+type Delivery = std::result::Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
+
+fn delivered(d: Delivery) -> Result<()> {
+    match d {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(anyhow!("feeding: {e}")),
+        Err(_) => Err(anyhow!("feeding: delivery report lost")),
+    }
+}
+
+/// Hands every item to the producer, in feed order, with the event id of each (none for
+/// garbage) and its delivery to wait for.
+fn produce_items(
+    rt: &tokio::runtime::Runtime,
+    producer: &FutureProducer,
+    codec: &Codec,
+    items: &[FeedItem],
+    stamp_with: FeedStamp,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<(Option<String>, rdkafka::producer::DeliveryFuture)>> {
     let mut pending = Vec::with_capacity(items.len());
     let mut stamp = None;
     for (i, item) in items.iter().enumerate() {
-        let (topic, key, bytes) = match item {
+        let (topic, key, bytes, id) = match item {
             FeedItem::Event(e) => {
                 stamp = Some(e.envelope.occurred_at);
                 (
                     codec.topics().of_family(e.fact.family()).clone(),
                     e.envelope.customer_id.clone(),
                     rt.block_on(codec.encode_input(e))?,
+                    Some(e.envelope.event_id.clone()),
                 )
             }
             FeedItem::Garbage { topic, key, bytes } => (
                 codec.topics().of(*topic).clone(),
                 key.clone(),
                 bytes.clone(),
+                None,
             ),
         };
         let mut record = FutureRecord::to(&topic).key(key.as_bytes()).payload(&bytes);
@@ -379,7 +441,7 @@ pub fn feed(
         loop {
             match producer.send_result(record) {
                 Ok(f) => {
-                    pending.push(f);
+                    pending.push((id, f));
                     break;
                 }
                 Err((
@@ -394,14 +456,7 @@ pub fn feed(
         }
         progress(i + 1);
     }
-    for d in rt.block_on(futures::future::join_all(pending)) {
-        match d {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(anyhow!("feeding: {e}")),
-            Err(_) => return Err(anyhow!("feeding: delivery report lost")),
-        }
-    }
-    Ok(items.len())
+    Ok(pending)
 }
 
 /// Produces stock levels to the inventory topic, keyed by SKU.
@@ -489,16 +544,31 @@ pub fn read_topic_with(
     Ok(n)
 }
 
+/// When records reached the broker and when messages were approved, in wall-clock ms: what
+/// the processors could have seen when they decided.
+#[derive(Debug, Default)]
+pub struct Visibility {
+    /// By event id: when the broker acknowledged the event's record.
+    pub acknowledged: HashMap<String, i64>,
+    /// By message id: the timestamp of the first decision record approving it.
+    pub approved: HashMap<String, i64>,
+}
+
 /// Checks the simulator's log against the scenario's own consent events, without policy code:
 /// a send counts as without consent when, at its trigger's time, the scenario's latest consent
-/// event for the template's purpose was a grant on no channel.
+/// event for the template's purpose was a grant on no channel. With `visible`, a send the
+/// consent events acknowledged before its approval allowed is counted apart, as decided before
+/// a consent change reached the broker: Kafka orders no records across topics, and a source's
+/// producer may deliver a change after later records of other topics were decided.
 pub fn independent_checks(
     items: &[FeedItem],
     topology: &Topology,
     sends: &[SimulatedSend],
+    visible: Option<&Visibility>,
 ) -> IndependentChecks {
-    // Ground truth from the scenario: consent timeline and trigger times per message id.
-    let mut timeline: HashMap<&str, Vec<(Millis, Purpose, Channel, bool)>> = HashMap::new();
+    // Ground truth from the scenario: consent timeline (with each change's event id) and
+    // trigger times per message id.
+    let mut timeline: HashMap<&str, Vec<(Millis, Purpose, Channel, bool, &str)>> = HashMap::new();
     // Message id -> (customer, when it was asked for, template): an SMS or e-mail carries
     // text, not the template's name, so the template is known from what asked for it.
     let mut triggers: HashMap<String, (&str, Millis, &str)> = HashMap::new();
@@ -511,12 +581,14 @@ pub fn independent_checks(
                 x.purpose,
                 x.channel,
                 true,
+                &e.envelope.event_id,
             )),
             Fact::ConsentRevoked(x) => timeline.entry(c).or_default().push((
                 e.envelope.occurred_at,
                 x.purpose,
                 x.channel,
                 false,
+                &e.envelope.event_id,
             )),
             _ => {}
         }
@@ -604,28 +676,47 @@ pub fn independent_checks(
             });
             continue;
         };
-        let granted = timeline.get(customer).is_some_and(|t| {
-            [Channel::Whatsapp, Channel::Sms, Channel::Email]
-                .iter()
-                .any(|channel| {
-                    let mut events: Vec<_> = t
-                        .iter()
-                        .filter(|(when, p, c, _)| *p == purpose && c == channel && when <= at)
-                        .collect();
-                    events.sort_by_key(|(when, _, _, granted)| (*when, !*granted));
-                    events.last().is_some_and(|(_, _, _, g)| *g)
-                })
+        // Granted on some channel at `at`, by the consent changes `counts` lets through.
+        let granted = |counts: &dyn Fn(&str) -> bool| {
+            timeline.get(customer).is_some_and(|t| {
+                [Channel::Whatsapp, Channel::Sms, Channel::Email]
+                    .iter()
+                    .any(|channel| {
+                        let mut events: Vec<_> = t
+                            .iter()
+                            .filter(|(when, p, c, _, id)| {
+                                *p == purpose && c == channel && when <= at && counts(id)
+                            })
+                            .collect();
+                        events.sort_by_key(|(when, _, _, granted, _)| (*when, !*granted));
+                        events.last().is_some_and(|(_, _, _, g, _)| *g)
+                    })
+            })
+        };
+        if granted(&|_| true) {
+            continue;
+        }
+        let why = format!(
+            "no {purpose:?} consent at its trigger, {}",
+            crate::events::rfc3339(*at)
+        );
+        // Approved at `decided`: only the consent changes the broker had by then could count.
+        let decided = visible.and_then(|v| v.approved.get(&s.message_id).map(|d| (v, *d)));
+        let unseen = decided.filter(|(v, decided)| {
+            granted(&|id| v.acknowledged.get(id).is_some_and(|a| a <= decided))
         });
-        if !granted {
-            checks.without_consent.push(UnconsentedSend {
-                message_id: s.message_id.clone(),
-                template: s.template.clone(),
-                customer_id: Some(customer.to_string()),
-                why: format!(
-                    "no {purpose:?} consent at its trigger, {}",
-                    crate::events::rfc3339(*at)
-                ),
-            });
+        let send = |why: String| UnconsentedSend {
+            message_id: s.message_id.clone(),
+            template: s.template.clone(),
+            customer_id: Some(customer.to_string()),
+            why,
+        };
+        match unseen {
+            Some((_, decided)) => checks.before_late_consent_change.push(send(format!(
+                "{why}; approved at {} before the change reached the broker",
+                crate::events::rfc3339(decided)
+            ))),
+            None => checks.without_consent.push(send(why)),
         }
     }
     checks
@@ -656,6 +747,8 @@ impl std::fmt::Display for UnconsentedSend {
 pub struct IndependentChecks {
     /// Each send without consent.
     pub without_consent: Vec<UnconsentedSend>,
+    /// Sends approved before the consent change that forbids them reached the broker.
+    pub before_late_consent_change: Vec<UnconsentedSend>,
     /// Sends of a message id to a number that had already received it.
     pub duplicates: u64,
 }
@@ -902,7 +995,7 @@ pub fn run(opts: &DemoOptions) -> Result<Summary> {
         |_| Ok(()),
     )?;
     let sends = cluster.simulator.sent();
-    let checks = independent_checks(&scenario.items, &topology, &sends);
+    let checks = independent_checks(&scenario.items, &topology, &sends, None);
     for w in &checks.without_consent {
         say(format!("  send without consent: {w}"));
     }
@@ -1035,6 +1128,106 @@ mod tests {
             ("dispatch".to_string(), dispatch),
             ("processors".to_string(), processors),
         ])
+    }
+
+    /// A customer who granted marketing on WhatsApp, had a delivery (the re-engagement
+    /// journey nudges 14 days later), and revoked marketing an hour after the delivery; and
+    /// the nudge the simulator received.
+    fn nudged_after_revoking() -> (Vec<FeedItem>, SimulatedSend) {
+        const T0: Millis = 1_772_445_600_000;
+        const HOUR: Millis = 3_600_000;
+        let consent = |kind: &str| {
+            serde_json::from_value::<Fact>(serde_json::json!({"type": kind, "purpose": "MARKETING", "channel": "WHATSAPP", "source": "crm", "artifact_id": "a-1"})).unwrap()
+        };
+        let delivered: Fact = serde_json::from_value(
+            serde_json::json!({"type": "ShipmentDelivered", "order_id": "o-1", "shipment_id": "s-1"}),
+        )
+        .unwrap();
+        let items = vec![
+            FeedItem::Event(InputEvent::new(
+                "crm",
+                "c-1",
+                "granted",
+                T0,
+                consent("ConsentGranted"),
+            )),
+            FeedItem::Event(InputEvent::new(
+                "oms",
+                "c-1",
+                "delivered",
+                T0 + HOUR,
+                delivered,
+            )),
+            FeedItem::Event(InputEvent::new(
+                "crm",
+                "c-1",
+                "revoked",
+                T0 + 2 * HOUR,
+                consent("ConsentRevoked"),
+            )),
+        ];
+        let nudge = SimulatedSend {
+            channel: Channel::Whatsapp,
+            to: "+15550100001".into(),
+            template: "we_miss_you".into(),
+            language: "en_US".into(),
+            callback_data: String::new(),
+            message_id: deterministic_id(&["c-1", "re_engagement", "c-1", "delivered", "0"]),
+            parameters: vec![],
+            text: None,
+            wamid: "wamid.1".into(),
+        };
+        (items, nudge)
+    }
+
+    #[test]
+    fn a_send_after_a_revocation_is_without_consent_unless_approved_before_the_broker_had_it() {
+        let topology = Topology::embedded().unwrap();
+        let (items, nudge) = nudged_after_revoking();
+        let strict = independent_checks(&items, &topology, std::slice::from_ref(&nudge), None);
+        assert_eq!(
+            strict.without_consent.len(),
+            1,
+            "{:?}",
+            strict.without_consent
+        );
+
+        let acknowledged = |revoked: i64| {
+            HashMap::from([
+                ("granted".to_string(), 1_000),
+                ("delivered".to_string(), 1_001),
+                ("revoked".to_string(), revoked),
+            ])
+        };
+        let approved = HashMap::from([(nudge.message_id.clone(), 5_000)]);
+        // The revocation was on the broker before the nudge was approved: a broken guarantee.
+        let visible = Visibility {
+            acknowledged: acknowledged(4_999),
+            approved: approved.clone(),
+        };
+        let c = independent_checks(
+            &items,
+            &topology,
+            std::slice::from_ref(&nudge),
+            Some(&visible),
+        );
+        assert_eq!(c.without_consent.len(), 1);
+        assert!(c.before_late_consent_change.is_empty());
+        // It reached the broker only after: counted apart, named as such.
+        let late = Visibility {
+            acknowledged: acknowledged(5_001),
+            approved,
+        };
+        let c = independent_checks(&items, &topology, std::slice::from_ref(&nudge), Some(&late));
+        assert!(c.without_consent.is_empty());
+        assert_eq!(c.before_late_consent_change.len(), 1);
+        assert!(
+            c.before_late_consent_change[0]
+                .why
+                .contains("before the change reached the broker"),
+            "{}",
+            c.before_late_consent_change[0]
+        );
     }
 
     #[test]
