@@ -734,6 +734,7 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     let suspects: BTreeSet<&str> = checks
         .without_consent
         .iter()
+        .chain(&checks.before_late_consent_change)
         .filter_map(|w| w.customer_id.as_deref())
         .collect();
     for c in suspects {

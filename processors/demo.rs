@@ -712,10 +712,25 @@ pub fn independent_checks(
             why,
         };
         match unseen {
-            Some((_, decided)) => checks.before_late_consent_change.push(send(format!(
-                "{why}; approved at {} before the change reached the broker",
-                crate::events::rfc3339(decided)
-            ))),
+            Some((v, decided)) => {
+                // The changes the broker acknowledged only after the approval.
+                let late: Vec<String> = timeline
+                    .get(customer)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(when, p, ..)| *p == purpose && when <= at)
+                    .filter_map(|(.., id)| {
+                        let acked = *v.acknowledged.get(*id)?;
+                        (acked > decided)
+                            .then(|| format!("{id} at {}", crate::events::rfc3339(acked)))
+                    })
+                    .collect();
+                checks.before_late_consent_change.push(send(format!(
+                    "{why}; approved at {}, before the broker acknowledged {}",
+                    crate::events::rfc3339(decided),
+                    late.join(", ")
+                )))
+            }
             None => checks.without_consent.push(send(why)),
         }
     }
@@ -1224,7 +1239,7 @@ mod tests {
         assert!(
             c.before_late_consent_change[0]
                 .why
-                .contains("before the change reached the broker"),
+                .contains("before the broker acknowledged revoked at 1970-01-01T00:00:05.001Z"),
             "{}",
             c.before_late_consent_change[0]
         );
