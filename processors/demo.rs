@@ -544,6 +544,9 @@ pub fn read_topic_with(
     Ok(n)
 }
 
+/// A consent change of the scenario: when, purpose, channel, granted, its event id.
+type ConsentChangeAt<'a> = (Millis, Purpose, Channel, bool, &'a str);
+
 /// When records reached the broker and when messages were approved, in wall-clock ms: what
 /// the processors could have seen when they decided.
 #[derive(Debug, Default)]
@@ -568,7 +571,7 @@ pub fn independent_checks(
 ) -> IndependentChecks {
     // Ground truth from the scenario: consent timeline (with each change's event id) and
     // trigger times per message id.
-    let mut timeline: HashMap<&str, Vec<(Millis, Purpose, Channel, bool, &str)>> = HashMap::new();
+    let mut timeline: HashMap<&str, Vec<ConsentChangeAt>> = HashMap::new();
     // Message id -> (customer, when it was asked for, template): an SMS or e-mail carries
     // text, not the template's name, so the template is known from what asked for it.
     let mut triggers: HashMap<String, (&str, Millis, &str)> = HashMap::new();
