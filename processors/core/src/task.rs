@@ -197,7 +197,7 @@ impl Task {
             input_ref,
         };
         let state = Arc::make_mut(self.customers.entry(customer.clone()).or_default());
-        out.extend(pipeline::process(state, input, &ctx));
+        pipeline::process_into(state, input, &ctx, &mut out);
         self.touch(&customer);
         self.reindex(&customer);
         out.extend(self.advance_to(self.stream_time, topology, tables));
