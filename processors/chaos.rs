@@ -708,20 +708,9 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
         .filter(|m| !ended.contains(**m))
         .count() as u64;
     let sends = cluster.simulator.sent();
-    // A decision record's timestamp is when the processors produced it, on this machine's
-    // clock, as are the acknowledgements.
-    let mut approved = HashMap::new();
-    for r in &records {
-        if let (crate::replay::Payload::Decision(d), Some(at)) = (&r.payload, r.timestamp) {
-            if let crate::events::Outcome::MessageApproved(a) = &d.outcome {
-                let first = approved.entry(a.message_id.clone()).or_insert(at);
-                *first = (*first).min(at);
-            }
-        }
-    }
     let seen = demo::Visibility {
+        triggered_at: approval_triggers(&records, &acknowledged),
         acknowledged,
-        approved,
     };
     let checks = demo::independent_checks(&scenario.items, &topology, &sends, Some(&seen));
     for w in &checks.without_consent {
@@ -771,6 +760,44 @@ pub fn run(opts: &ChaosOptions, say: impl Fn(String)) -> Result<ChaosReport> {
     })
 }
 
+/// By message id: when the broker acknowledged the input record on which its approval was
+/// decided. An approval decided on an input carries that input's id; one a timer decided
+/// (`timer:...`) was decided while stream time moved to the next input of its partition, whose
+/// decisions follow it in the log. Taking that next fed input, and not the previous one,
+/// makes the time at least the true one, so the check can only be stricter than the
+/// intake's guarantee: a record the broker had when the deciding input arrived is decided
+/// before it.
+fn approval_triggers(
+    records: &[crate::replay::DumpedRecord],
+    acknowledged: &HashMap<String, i64>,
+) -> HashMap<String, i64> {
+    let mut by_partition: BTreeMap<i32, Vec<(i64, &crate::events::Decision)>> = BTreeMap::new();
+    for r in records {
+        if let crate::replay::Payload::Decision(d) = &r.payload {
+            by_partition
+                .entry(r.partition)
+                .or_default()
+                .push((r.offset, d));
+        }
+    }
+    let mut triggered = HashMap::new();
+    for log in by_partition.values_mut() {
+        log.sort_by_key(|(offset, _)| *offset);
+        // Walking back, the acknowledgement of the nearest fed input at or after each decision.
+        let mut next_fed: Option<i64> = None;
+        for (_, d) in log.iter().rev() {
+            if let Some(at) = acknowledged.get(&d.input_event_id) {
+                next_fed = Some(*at);
+            }
+            if let (crate::events::Outcome::MessageApproved(a), Some(at)) = (&d.outcome, next_fed) {
+                let t = triggered.entry(a.message_id.clone()).or_insert(at);
+                *t = (*t).max(at);
+            }
+        }
+    }
+    triggered
+}
+
 /// From the fed events and the committed decision log (per partition in offset order): input
 /// records with no dedupe decision, decision ids written twice, and customers whose records of
 /// one topic were decided in another order than they were fed.
@@ -818,4 +845,90 @@ pub fn check_log(fed: &[&crate::events::InputEvent], log: &[Decision]) -> (u64, 
 /// The `herald` binary to run: this one.
 pub fn this_binary() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find the herald binary to run")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::*;
+    use crate::replay::{DumpedRecord, Payload};
+
+    fn decided(partition: i32, offset: i64, input: &str, outcome: Outcome) -> DumpedRecord {
+        DumpedRecord {
+            topic: "herald.decisions.v1".into(),
+            partition,
+            offset,
+            timestamp: None,
+            key: None,
+            payload: Payload::Decision(Decision {
+                decision_id: format!("d-{partition}-{offset}"),
+                customer_id: "c-1".into(),
+                input_event_id: input.into(),
+                processor: Processor::Policy,
+                decided_at: 0,
+                policy_version: "v1".into(),
+                outcome,
+                consent_chain: None,
+            }),
+        }
+    }
+
+    fn approval(message_id: &str) -> Outcome {
+        Outcome::MessageApproved(std::sync::Arc::new(MessageApproved {
+            message_id: message_id.into(),
+            trigger_event_id: String::new(),
+            template_name: "we_miss_you".into(),
+            template_version: 1,
+            locale: "en_US".into(),
+            purpose: Purpose::Marketing,
+            channel: Channel::Whatsapp,
+            recipient: String::new(),
+            variables: Default::default(),
+            consent_artifact_id: String::new(),
+            consent_granted_at: 0,
+            category: String::new(),
+            delivery: Default::default(),
+            journey: None,
+            relied_on: Default::default(),
+        }))
+    }
+
+    fn other() -> Outcome {
+        Outcome::DuplicateIgnored(DuplicateIgnored {
+            event_id: String::new(),
+            first_seen_at: 0,
+            repeats_event_id: None,
+            identity: None,
+        })
+    }
+
+    #[test]
+    fn an_approval_is_timed_by_the_input_it_was_decided_on_or_the_next_one_for_a_timer() {
+        let acknowledged = HashMap::from([
+            ("oms-1".to_string(), 100),
+            ("oms-2".to_string(), 200),
+            ("oms-3".to_string(), 300),
+        ]);
+        let log = vec![
+            decided(0, 0, "oms-1", approval("on-input")),
+            // A status webhook (not fed) between a timer and the input it fired before.
+            decided(0, 3, "oms-2", other()),
+            decided(0, 1, "timer:journey:x", approval("on-timer")),
+            decided(0, 2, "wamid-status", other()),
+            decided(1, 0, "oms-3", other()),
+            decided(1, 1, "timer:journey:y", approval("last-timer")),
+        ];
+        let t = approval_triggers(&log, &acknowledged);
+        assert_eq!(t.get("on-input"), Some(&100));
+        assert_eq!(
+            t.get("on-timer"),
+            Some(&200),
+            "the next fed input of its partition"
+        );
+        assert_eq!(
+            t.get("last-timer"),
+            None,
+            "no input followed: judged strictly"
+        );
+    }
 }

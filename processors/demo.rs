@@ -547,14 +547,15 @@ pub fn read_topic_with(
 /// A consent change of the scenario: when, purpose, channel, granted, its event id.
 type ConsentChangeAt<'a> = (Millis, Purpose, Channel, bool, &'a str);
 
-/// When records reached the broker and when messages were approved, in wall-clock ms: what
-/// the processors could have seen when they decided.
+/// When records reached the broker, in wall-clock ms: what the processors could have seen
+/// when they decided.
 #[derive(Debug, Default)]
 pub struct Visibility {
     /// By event id: when the broker acknowledged the event's record.
     pub acknowledged: HashMap<String, i64>,
-    /// By message id: the timestamp of the first decision record approving it.
-    pub approved: HashMap<String, i64>,
+    /// By message id: when the broker acknowledged the input record its approval was decided
+    /// on (for a timer, the input that moved stream time past it).
+    pub triggered_at: HashMap<String, i64>,
 }
 
 /// Checks the simulator's log against the scenario's own consent events, without policy code:
@@ -703,8 +704,9 @@ pub fn independent_checks(
             "no {purpose:?} consent at its trigger, {}",
             crate::events::rfc3339(*at)
         );
-        // Approved at `decided`: only the consent changes the broker had by then could count.
-        let decided = visible.and_then(|v| v.approved.get(&s.message_id).map(|d| (v, *d)));
+        // Decided on an input the broker acknowledged at `decided`: the intake decides every
+        // record the broker had by then first, so only those consent changes could count.
+        let decided = visible.and_then(|v| v.triggered_at.get(&s.message_id).map(|d| (v, *d)));
         let unseen = decided.filter(|(v, decided)| {
             granted(&|id| v.acknowledged.get(id).is_some_and(|a| a <= decided))
         });
@@ -729,7 +731,7 @@ pub fn independent_checks(
                     })
                     .collect();
                 checks.before_late_consent_change.push(send(format!(
-                    "{why}; approved at {}, before the broker acknowledged {}",
+                    "{why}; approved on an input acknowledged at {}, before the broker acknowledged {}",
                     crate::events::rfc3339(decided),
                     late.join(", ")
                 )))
@@ -1218,10 +1220,11 @@ mod tests {
             ])
         };
         let approved = HashMap::from([(nudge.message_id.clone(), 5_000)]);
-        // The revocation was on the broker before the nudge was approved: a broken guarantee.
+        // The revocation was on the broker before the input the nudge was decided on: a
+        // broken guarantee.
         let visible = Visibility {
             acknowledged: acknowledged(4_999),
-            approved: approved.clone(),
+            triggered_at: approved.clone(),
         };
         let c = independent_checks(
             &items,
@@ -1234,7 +1237,7 @@ mod tests {
         // It reached the broker only after: counted apart, named as such.
         let late = Visibility {
             acknowledged: acknowledged(5_001),
-            approved,
+            triggered_at: approved,
         };
         let c = independent_checks(&items, &topology, std::slice::from_ref(&nudge), Some(&late));
         assert!(c.without_consent.is_empty());
