@@ -77,6 +77,8 @@ pub enum Lag {
 
 struct Lane<R> {
     records: VecDeque<R>,
+    /// When each buffered record arrived, in step with `records`.
+    arrivals: VecDeque<u64>,
     /// Monotonic ms at which the lane last became empty.
     empty_since: u64,
     /// Offset after the last record buffered, once one was.
@@ -93,6 +95,7 @@ impl<R> Lane<R> {
     fn new(now_ms: u64, start: Option<i64>) -> Self {
         Lane {
             records: VecDeque::new(),
+            arrivals: VecDeque::new(),
             empty_since: now_ms,
             next_offset: start,
             checked: None,
@@ -102,9 +105,9 @@ impl<R> Lane<R> {
     }
 
     /// Empty, and may still receive records older than what other lanes hold. `last_fill` is
-    /// when records last arrived on an empty lane of the partition: whatever was written before
-    /// them is on the broker by then, so only an answer asked at or after it proves the lane
-    /// has nothing older.
+    /// the latest arrival among the records at the heads of the partition's lanes: only an
+    /// answer asked at or after it proves that the lane holds nothing the broker had before the
+    /// record handed out next arrived.
     fn holds_back(&self, now_ms: u64, last_fill: u64, max_idle_ms: u64) -> bool {
         if !self.records.is_empty() {
             return false;
@@ -145,7 +148,7 @@ pub struct Intake<R> {
     pause_above: usize,
     lanes: BTreeMap<(i32, String), Lane<R>>,
     paused: BTreeSet<(i32, String)>,
-    /// Per partition, when records last arrived on one of its empty lanes.
+    /// Per partition, the latest arrival among the records at its lanes' heads.
     last_fill: BTreeMap<i32, u64>,
     /// Per partition, the latest timestamp handed out: a record stamped before it came late.
     released: BTreeMap<i32, i64>,
@@ -236,6 +239,7 @@ impl<R: Stamped> Intake<R> {
             _ => None,
         };
         lane.records.push_back(record);
+        lane.arrivals.push_back(now_ms);
         late
     }
 
@@ -331,8 +335,15 @@ impl<R: Stamped> Intake<R> {
         *released = (*released).max(at);
         let lane = self.lanes.get_mut(&key)?;
         let record = lane.records.pop_front();
-        if lane.records.is_empty() {
-            lane.empty_since = now_ms;
+        lane.arrivals.pop_front();
+        match lane.arrivals.front() {
+            // The lane's next record may have arrived after the other lanes were last asked
+            // about (it came while this one waited): they must be asked again before it goes.
+            Some(&arrived) => {
+                let fill = self.last_fill.entry(key.0).or_insert(arrived);
+                *fill = (*fill).max(arrived);
+            }
+            None => lane.empty_since = now_ms,
         }
         record
     }
@@ -393,6 +404,27 @@ mod tests {
 
     fn drain(i: &mut Intake<R>, now: u64) -> Vec<R> {
         std::iter::from_fn(|| i.next(now)).collect()
+    }
+
+    #[test]
+    fn a_record_that_arrived_after_the_other_lanes_were_asked_waits_for_a_new_answer() {
+        let mut i = intake(&["crm", "oms"], &[0]);
+        i.push(R("oms", 0, 10), 0);
+        i.checked("crm", 0, 1, Lag::AtEnd);
+        // The order at 30 arrives while the one at 10 still waits: the crm answer predates it.
+        i.push(R("oms", 0, 30), 5);
+        assert_eq!(i.next(6), Some(R("oms", 0, 10)));
+        assert_eq!(
+            i.next(6),
+            None,
+            "a revocation the broker had before the order at 30 arrived may not be fetched yet"
+        );
+        assert_eq!(i.to_check(6), vec![("crm".to_string(), 0, None)]);
+        // It was: it comes first.
+        i.push(R("crm", 0, 20), 7);
+        assert_eq!(drain(&mut i, 7), vec![R("crm", 0, 20)]);
+        i.checked("crm", 0, 8, Lag::AtEnd);
+        assert_eq!(drain(&mut i, 8), vec![R("oms", 0, 30)]);
     }
 
     #[test]
