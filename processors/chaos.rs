@@ -75,10 +75,10 @@ pub struct ChaosReport {
     pub duplicate_decisions: u64,
     pub order_violations: u64,
     pub sends_without_consent: u64,
-    /// Sends approved before the consent change that forbids them reached the broker: its
-    /// source's producer delivered it after later records of other topics were decided (a
-    /// partition leader died with the change in flight). Not a guarantee broken: Kafka orders
-    /// nothing across topics, and the processors count such records as late.
+    /// Sends approved on an input the broker acknowledged before the consent change that
+    /// forbids them: the change became readable after later records of other topics (a killed
+    /// broker's followers catching up, say). Not a guarantee broken: Kafka orders nothing
+    /// across topics, and the processors count such records as late.
     pub sends_before_late_consent_change: u64,
     pub duplicate_sends: u64,
     /// Approved messages whose dispatch never ended (sent, failed, or skipped as a repeat):

@@ -363,7 +363,7 @@ pub fn feed(
 
 /// As [`feed`], and returns when the broker acknowledged each event's record (wall-clock ms,
 /// by event id). With `acks=all` a record is acknowledged once a read_committed reader can
-/// see it, so a decision stamped before that was made without it.
+/// see it.
 pub fn feed_noting_acknowledgements(
     rt: &tokio::runtime::Runtime,
     producer: &FutureProducer,
@@ -560,10 +560,10 @@ pub struct Visibility {
 
 /// Checks the simulator's log against the scenario's own consent events, without policy code:
 /// a send counts as without consent when, at its trigger's time, the scenario's latest consent
-/// event for the template's purpose was a grant on no channel. With `visible`, a send the
-/// consent events acknowledged before its approval allowed is counted apart, as decided before
-/// a consent change reached the broker: Kafka orders no records across topics, and a source's
-/// producer may deliver a change after later records of other topics were decided.
+/// event for the template's purpose was a grant on no channel. With `visible`, a send that the
+/// consent events acknowledged before the input its approval was decided on allowed is counted
+/// apart, as decided before a consent change reached the broker: Kafka orders no records across
+/// topics, and a change may become readable after later records of other topics were decided.
 pub fn independent_checks(
     items: &[FeedItem],
     topology: &Topology,

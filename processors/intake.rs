@@ -218,7 +218,7 @@ impl<R: Stamped> Intake<R> {
 
     /// Buffers a record; one for a lane that is not open (revoked meanwhile) is dropped.
     /// Returns it as [`Late`] when it is stamped before a record its partition already handed
-    /// out: it reached the broker after the intake had stopped waiting for it.
+    /// out: it came after the intake had stopped waiting for it.
     pub fn push(&mut self, record: R, now_ms: u64) -> Option<Late> {
         let p = record.partition();
         let lane = self.lanes.get_mut(&(p, record.topic().to_string()))?;

@@ -143,8 +143,9 @@ pub(crate) fn consume<S: Stage>(
             );
             for m in inputs.poll(wait, settings)? {
                 if let Some(late) = intake.push(m, now_ms()) {
-                    // The source's producer delivered it after the intake stopped waiting
-                    // (KIP-695's producer lateness): it is decided after later records.
+                    // It became readable after the intake stopped waiting for it (records of
+                    // different partitions become readable in no set order): it is decided
+                    // after records stamped later.
                     tracing::warn!(
                         stage = stage.name(),
                         topic = late.topic,
