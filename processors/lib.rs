@@ -26,7 +26,7 @@
 pub use herald_core::{
     audit, business_identity, context, dedupe, dispatch, driver, events, identity, journey,
     journey_guard, ordering, pacing, pipeline, policy, projection, provider_codes, quiet_hours,
-    replay, state, tables, task, topology,
+    replay, sorted_map, state, tables, task, topology,
 };
 
 pub mod clock;

@@ -21,7 +21,6 @@ use herald::store::EmbeddedStore;
 use herald::telemetry::Metrics;
 use herald::topology::Topology;
 use rdkafka::producer::FutureRecord;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +36,7 @@ fn approval(id: &str, channel: Channel, delivery: Delivery, recipient: &str) -> 
         channel,
         // Clear addresses: no CRM directory is needed to resolve them.
         recipient: recipient.into(),
-        variables: BTreeMap::from([
+        variables: herald::sorted_map::SortedMap::from([
             ("first_name".to_string(), "Ana".to_string()),
             ("order_id".to_string(), format!("A-{id}")),
             ("total".to_string(), "EUR 12.50".to_string()),
@@ -47,7 +46,7 @@ fn approval(id: &str, channel: Channel, delivery: Delivery, recipient: &str) -> 
         category: "UTILITY".into(),
         delivery,
         journey: None,
-        relied_on: BTreeMap::new(),
+        relied_on: Default::default(),
     };
     Decision {
         decision_id: format!("d-{id}"),

@@ -16,7 +16,7 @@ use herald::store::EmbeddedStore;
 use herald::telemetry::Metrics;
 use herald::topology::Topology;
 use rdkafka::producer::FutureRecord;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,13 +49,13 @@ fn approval(customer: usize, n: usize, purpose: Purpose) -> Decision {
         channel: Channel::Whatsapp,
         // A clear number: no CRM directory is needed to resolve it.
         recipient: format!("+1555{customer:07}"),
-        variables: BTreeMap::new(),
+        variables: Default::default(),
         consent_artifact_id: "form-1".into(),
         consent_granted_at: 0,
         category: if marketing { "MARKETING" } else { "UTILITY" }.into(),
         delivery: Delivery::Template,
         journey: None,
-        relied_on: BTreeMap::new(),
+        relied_on: Default::default(),
     };
     Decision {
         decision_id: format!("d-{message_id}"),

@@ -21,6 +21,7 @@ use crate::events::{
     Channel, Delivery, MarketingStopped, MessageApproved, MessageDeferred, MessageStatus, Millis,
     Purpose,
 };
+use crate::sorted_map::SortedMap;
 use crate::state::{
     AcceptedFact, CartFacts, ConsentEntry, CustomerState, HeldShipment, JourneyInstance,
     OrderFacts, Profile, RecentSend, SubscriptionFacts, ANNOUNCES,
@@ -102,21 +103,21 @@ fn is_nothing_folded(f: &Folded) -> bool {
 /// collections or blank in the messages.
 #[derive(Serialize)]
 struct CompactState<'a> {
-    seen: &'a BTreeMap<String, Millis>,
+    seen: &'a SortedMap<String, Millis>,
     identities: BTreeMap<&'a String, &'a AcceptedFact>,
     consent: &'a [ConsentEntry],
     profile: &'a Profile,
-    orders: &'a BTreeMap<String, OrderFacts>,
-    held: &'a BTreeMap<String, HeldShipment>,
+    orders: &'a SortedMap<String, OrderFacts>,
+    held: &'a SortedMap<String, HeldShipment>,
     approved: BTreeSet<&'a String>,
     announced: BTreeSet<&'a String>,
-    deferred: &'a BTreeMap<String, MessageDeferred>,
+    deferred: &'a SortedMap<String, MessageDeferred>,
     erased: bool,
-    carts: &'a BTreeMap<String, CartFacts>,
-    subscriptions: &'a BTreeMap<String, SubscriptionFacts>,
+    carts: &'a SortedMap<String, CartFacts>,
+    subscriptions: &'a SortedMap<String, SubscriptionFacts>,
     last_inbound_at: Option<Millis>,
     recent: BTreeMap<&'a String, CompactRecent<'a>>,
-    journeys: &'a BTreeMap<String, JourneyInstance>,
+    journeys: &'a SortedMap<String, JourneyInstance>,
     consent_chain_head: &'a Option<String>,
     erased_at: Option<Millis>,
     marketing_turned_off: &'a Option<MarketingStopped>,
@@ -144,13 +145,13 @@ struct CompactMessage<'a> {
     purpose: Purpose,
     channel: Channel,
     recipient: &'a str,
-    variables: &'a BTreeMap<String, String>,
+    variables: &'a SortedMap<String, String>,
     consent_artifact_id: &'a str,
     consent_granted_at: Millis,
     category: &'a str,
     delivery: &'a Delivery,
     journey: &'a Option<String>,
-    relied_on: &'a BTreeMap<String, String>,
+    relied_on: &'a SortedMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -710,7 +711,7 @@ mod tests {
             .prop_map(
                 |(seen, identities, consent, (phone, email), recent, approved, announced)| {
                     CustomerState {
-                        seen,
+                        seen: seen.into_iter().collect(),
                         identities: identities.into_iter().collect(),
                         consent,
                         profile: Profile {

@@ -2,6 +2,7 @@
 //! that mirror the Avro schemas in `schemas/` field for field.
 
 use serde::{Deserialize, Serialize};
+use crate::sorted_map::SortedMap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -641,7 +642,7 @@ pub struct MessageApproved {
     pub purpose: Purpose,
     pub channel: Channel,
     pub recipient: String,
-    pub variables: BTreeMap<String, String>,
+    pub variables: SortedMap<String, String>,
     pub consent_artifact_id: String,
     pub consent_granted_at: Millis,
     /// The template's category at the provider (MARKETING, UTILITY, AUTHENTICATION, SERVICE);
@@ -655,7 +656,7 @@ pub struct MessageApproved {
     pub journey: Option<String>,
     /// Other facts the decision relied on, by name (stock levels, the session window...).
     #[serde(default)]
-    pub relied_on: BTreeMap<String, String>,
+    pub relied_on: SortedMap<String, String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageSuppressed {

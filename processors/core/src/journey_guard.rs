@@ -7,7 +7,7 @@ use crate::events::*;
 use crate::state::{journey_slot, CustomerState, HOUR_MS as HOUR};
 use crate::tables::Stock;
 use crate::topology::{Guard, JourneyKey};
-use std::collections::BTreeMap;
+use crate::sorted_map::SortedMap;
 
 /// `relied_on` key of a held message's subject fact (JSON), rendered once its locale is known.
 pub const SUBJECT_FACT: &str = "subject_fact";
@@ -16,7 +16,7 @@ pub const SUBJECT_FACT: &str = "subject_fact";
 #[derive(Debug, Clone, PartialEq)]
 pub enum Check {
     /// Go ahead; the facts the guards relied on, by name.
-    Clear(BTreeMap<String, String>),
+    Clear(SortedMap<String, String>),
     /// Hold: the signal a guard needs is ambiguous.
     Hold(DeferralReason),
     /// Do not send: a suppression (its message fields are filled in by policy), and maybe the
@@ -38,9 +38,9 @@ fn guard_refusal(reason: SuppressionReason, detail: String) -> Outcome {
 /// Checks a journey's guards for instance `key`.
 pub fn check(state: &CustomerState, name: &str, key: &str, ctx: &Ctx) -> Check {
     let Some(journey) = ctx.topology.journey(name) else {
-        return Check::Clear(BTreeMap::new());
+        return Check::Clear(SortedMap::new());
     };
-    let mut relied_on = BTreeMap::new();
+    let mut relied_on = SortedMap::new();
     if journey.key == JourneyKey::Order {
         match state.orders.get(key) {
             Some(o) if o.cancelled => {

@@ -23,6 +23,7 @@
 pub mod context;
 pub mod events;
 pub mod state;
+pub mod sorted_map;
 pub mod tables;
 pub mod topology;
 

@@ -3,7 +3,8 @@
 
 use crate::events::*;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::sorted_map::SortedMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// One hour in milliseconds.
@@ -53,7 +54,7 @@ pub struct OrderFacts {
     pub skus: Vec<String>,
     /// Shipments by id: a split order has several.
     #[serde(default)]
-    pub shipments: BTreeMap<String, ShipmentFacts>,
+    pub shipments: SortedMap<String, ShipmentFacts>,
     /// Refunded so far, in minor units of the order's currency.
     #[serde(default)]
     pub refunded_minor_units: i64,
@@ -154,17 +155,17 @@ pub struct CustomerState {
     /// Dedupe window: accepted event id -> stream time when it was accepted. The window counts
     /// from when Herald saw the id, not from when the fact occurred: a late fact is still
     /// remembered for the whole window.
-    pub seen: BTreeMap<String, Millis>,
+    pub seen: SortedMap<String, Millis>,
     /// The business identities (`business_identity`) of the facts accepted in the dedupe
     /// window, by key: a fact with the same subject and news under a new event id repeats one.
     #[serde(default)]
-    pub identities: BTreeMap<String, AcceptedFact>,
+    pub identities: SortedMap<String, AcceptedFact>,
     /// Latest consent per purpose and channel, kept sorted by (purpose, channel).
     pub consent: Vec<ConsentEntry>,
     pub profile: Profile,
-    pub orders: BTreeMap<String, OrderFacts>,
+    pub orders: SortedMap<String, OrderFacts>,
     /// Held shipment facts by event id.
-    pub held: BTreeMap<String, HeldShipment>,
+    pub held: SortedMap<String, HeldShipment>,
     /// Messages approved so far (deterministic ids).
     pub approved: BTreeSet<String>,
     /// The subjects (journey, fact identity and news) approved messages were about: one
@@ -173,22 +174,22 @@ pub struct CustomerState {
     pub announced: BTreeSet<String>,
     /// Messages deferred by policy and not yet decided again, by message id.
     #[serde(default)]
-    pub deferred: BTreeMap<String, MessageDeferred>,
+    pub deferred: SortedMap<String, MessageDeferred>,
     /// Set once an erasure request was applied.
     pub erased: bool,
     #[serde(default)]
-    pub carts: BTreeMap<String, CartFacts>,
+    pub carts: SortedMap<String, CartFacts>,
     #[serde(default)]
-    pub subscriptions: BTreeMap<String, SubscriptionFacts>,
+    pub subscriptions: SortedMap<String, SubscriptionFacts>,
     /// When the customer last wrote to the brand: opens the customer service window.
     #[serde(default)]
     pub last_inbound_at: Option<Millis>,
     /// Messages approved in the last `RECENT_SENDS_KEPT_MS`, by message id.
     #[serde(default)]
-    pub recent: BTreeMap<String, RecentSend>,
+    pub recent: SortedMap<String, RecentSend>,
     /// Running journey instances, by `journey/key`.
     #[serde(default)]
-    pub journeys: BTreeMap<String, JourneyInstance>,
+    pub journeys: SortedMap<String, JourneyInstance>,
     /// The last link of the consent hash chain, which the next consent change extends.
     #[serde(default)]
     pub consent_chain_head: Option<String>,

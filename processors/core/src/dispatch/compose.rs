@@ -95,7 +95,6 @@ pub fn subject_of(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::dispatch::intent::tests::approval;
-    use std::collections::BTreeMap;
 
     fn catalog() -> TemplateCatalog {
         crate::topology::Topology::embedded()
@@ -107,7 +106,7 @@ mod tests {
     fn a_text_channel_gets_the_catalog_body_with_the_approved_values() {
         let (_, mut m) = approval();
         m.template_version = 3;
-        m.variables = BTreeMap::from([
+        m.variables = crate::sorted_map::SortedMap::from([
             ("first_name".to_string(), "Ana".to_string()),
             ("order_id".to_string(), "A-17".to_string()),
             ("total".to_string(), "EUR 12.50".to_string()),

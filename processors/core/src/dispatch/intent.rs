@@ -220,13 +220,13 @@ pub(crate) mod tests {
             purpose: Purpose::Transactional,
             channel: Channel::Whatsapp,
             recipient: "+15550100001".into(),
-            variables: BTreeMap::new(),
+            variables: Default::default(),
             consent_artifact_id: "form-1".into(),
             consent_granted_at: 0,
             category: "UTILITY".into(),
             delivery: Delivery::Template,
             journey: None,
-            relied_on: BTreeMap::new(),
+            relied_on: Default::default(),
         };
         let d = Decision {
             decision_id: "d-1".into(),

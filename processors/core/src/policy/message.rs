@@ -9,7 +9,7 @@ use crate::policy::outcome::*;
 use crate::policy::template::*;
 use crate::policy::timing::*;
 use crate::state::{CustomerState, ANNOUNCES, HOUR_MS as HOUR};
-use std::collections::BTreeMap;
+use crate::sorted_map::SortedMap;
 
 /// Decides one message a journey asks for.
 pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Outcome> {
@@ -57,7 +57,7 @@ pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Ou
             Ok(c) => c,
             Err((reason, detail)) => return refuse(reason, detail),
         };
-    let mut relied_on = BTreeMap::new();
+    let mut relied_on = SortedMap::new();
     relied_on.insert("journey_key".to_string(), req.journey.1.to_string());
     if let Some(subject) = &req.announces {
         relied_on.insert(ANNOUNCES.to_string(), subject.clone());
@@ -71,7 +71,7 @@ pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Ou
         purpose: head.purpose,
         channel,
         recipient: recipient.to_string(),
-        variables: BTreeMap::new(),
+        variables: SortedMap::new(),
         consent_artifact_id: consent.artifact_id.clone(),
         consent_granted_at: consent.changed_at,
         category: head.category.clone(),

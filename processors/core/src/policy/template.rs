@@ -6,7 +6,7 @@ use crate::events::*;
 use crate::policy::channel::*;
 use crate::state::CustomerState;
 use crate::topology::{Template, VariableType};
-use std::collections::BTreeMap;
+use crate::sorted_map::SortedMap;
 
 pub(crate) fn language(locale: &str) -> &str {
     locale.split(['_', '-']).next().unwrap_or(locale)
@@ -188,8 +188,8 @@ pub(crate) fn render(
     template: &Template,
     state: &CustomerState,
     fact: Option<&Fact>,
-) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
+) -> Result<SortedMap<String, String>, String> {
+    let mut out = SortedMap::new();
     for v in &template.variables {
         let rendered = match (source_value(&v.source, state, fact), v.kind) {
             (Some(Raw::Money(m)), VariableType::Money) => Some(m.display()),
