@@ -1,8 +1,8 @@
 //! Herald's domain events: the input facts, the decisions and the dispatch steps, as Rust types
 //! that mirror the Avro schemas in `schemas/` field for field.
 
-use serde::{Deserialize, Serialize};
 use crate::sorted_map::SortedMap;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -4,10 +4,10 @@
 
 use crate::context::Ctx;
 use crate::events::*;
+use crate::sorted_map::SortedMap;
 use crate::state::{journey_slot, CustomerState, HOUR_MS as HOUR};
 use crate::tables::Stock;
 use crate::topology::{Guard, JourneyKey};
-use crate::sorted_map::SortedMap;
 
 /// `relied_on` key of a held message's subject fact (JSON), rendered once its locale is known.
 pub const SUBJECT_FACT: &str = "subject_fact";

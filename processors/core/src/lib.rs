@@ -22,8 +22,8 @@
 
 pub mod context;
 pub mod events;
-pub mod state;
 pub mod sorted_map;
+pub mod state;
 pub mod tables;
 pub mod topology;
 

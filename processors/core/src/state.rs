@@ -2,8 +2,8 @@
 //! produced the decision lives in the processors.
 
 use crate::events::*;
-use serde::{Deserialize, Serialize};
 use crate::sorted_map::SortedMap;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 

@@ -8,8 +8,8 @@ use crate::policy::channel::*;
 use crate::policy::outcome::*;
 use crate::policy::template::*;
 use crate::policy::timing::*;
-use crate::state::{CustomerState, ANNOUNCES, HOUR_MS as HOUR};
 use crate::sorted_map::SortedMap;
+use crate::state::{CustomerState, ANNOUNCES, HOUR_MS as HOUR};
 
 /// Decides one message a journey asks for.
 pub fn decide_message(state: &CustomerState, req: &Request, ctx: &Ctx) -> Vec<Outcome> {

@@ -4,9 +4,9 @@
 use crate::context::Ctx;
 use crate::events::*;
 use crate::policy::channel::*;
+use crate::sorted_map::SortedMap;
 use crate::state::CustomerState;
 use crate::topology::{Template, VariableType};
-use crate::sorted_map::SortedMap;
 
 pub(crate) fn language(locale: &str) -> &str {
     locale.split(['_', '-']).next().unwrap_or(locale)
