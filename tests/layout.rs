@@ -174,6 +174,8 @@ fn the_core_depends_only_on_crates_that_cannot_do_io() {
         "anyhow",
         "hmac",
         "jiff",
+        // A sorted-vector map, no_std with only `alloc` on: it holds data and nothing else.
+        "litemap",
         "serde",
         "serde_json",
         "sha2",
