@@ -128,20 +128,12 @@ fn two_processes_share_a_group_at_least_once() {
     };
     let mut a = common::Killed(spawn("a", metrics[0]));
     let mut b = common::Killed(spawn("b", metrics[1]));
-    let scrape = |port: u16| {
-        rt.block_on(async {
-            reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                .await?
-                .text()
-                .await
-        })
-    };
     // The records go in once both processes own partitions: fed before, the first to join
     // could decide them all before the second is given any.
     let joined = Instant::now() + Duration::from_secs(60);
     while !metrics.iter().all(|port| {
-        scrape(*port)
-            .is_ok_and(|body| common::metric_sum(&body, "herald_partitions_restored_total") > 0.0)
+        common::scrape(&rt, *port)
+            .is_some_and(|body| common::metric_sum(&body, "herald_partitions_restored_total") > 0.0)
     }) {
         assert!(Instant::now() < joined, "both processes joined the group");
         std::thread::sleep(Duration::from_millis(200));
@@ -224,7 +216,7 @@ fn two_processes_share_a_group_at_least_once() {
 
     // Both processes took part in the group.
     for port in &metrics {
-        let body = scrape(*port).unwrap();
+        let body = common::scrape(&rt, *port).expect("the process answers on /metrics");
         let consumed = common::metric_sum(&body, "herald_records_in_total") as u64;
         assert!(
             consumed > 0,
