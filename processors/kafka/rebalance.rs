@@ -290,7 +290,13 @@ pub(crate) fn check_lanes(
         return;
     }
     let asked_at = now_ms();
+    let asking = Instant::now();
     let ends = inputs.ends(&lanes);
+    tracing::debug!(
+        lanes = lanes.len(),
+        us = asking.elapsed().as_micros() as u64,
+        "lane ends asked"
+    );
     let positions = inputs.positions();
     for (topic, p, next) in lanes {
         // The consumer's own position steps over transaction markers; the lane's next offset
