@@ -13,6 +13,7 @@ use crate::telemetry::Metrics;
 use crate::topology::Topology;
 use anyhow::{anyhow, Result};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,11 @@ pub struct BenchResult {
     pub core: CoreFigures,
     pub e2e_events_per_s: f64,
     pub passthrough_events_per_s: f64,
+    /// The mean milliseconds per batch of the end-to-end pass in each phase of its
+    /// transactions: prepare, handle, deliver, commit (see `herald_batch_phase_seconds`).
+    pub e2e_batch_ms: BTreeMap<String, f64>,
+    /// The same for the pass-through.
+    pub passthrough_batch_ms: BTreeMap<String, f64>,
     /// Signed status webhooks per second the gateway verified, normalised and answered 200
     /// after Kafka acknowledged their events (32 in flight at a time).
     pub gateway_webhooks_per_s: f64,
@@ -144,9 +150,11 @@ pub fn run(
     let _ = std::fs::remove_dir_all(&dir);
     let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
 
-    let timed = |run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| timed(n, run);
+    let timed = |stage: &str, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| {
+        timed_with_phases(n, stage, run)
+    };
     let h = rt.handle().clone();
-    let e2e = timed(&|stop, m| {
+    let (e2e, e2e_batch_ms) = timed("processors", &|stop, m| {
         let mut stage = processors(&topology, &codec, &store, &h)?;
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
@@ -173,7 +181,7 @@ pub fn run(
             measured
         })?
     };
-    let passthrough = timed(&|stop, m| {
+    let (passthrough, passthrough_batch_ms) = timed("passthrough", &|stop, m| {
         let mut stage = PassthroughStage::new(topology.names.clone());
         kafka::run_stage(&settings, &mut stage, stop, m, &h)
     })?;
@@ -198,6 +206,8 @@ pub fn run(
         core,
         e2e_events_per_s: e2e.round(),
         passthrough_events_per_s: passthrough.round(),
+        e2e_batch_ms,
+        passthrough_batch_ms,
         gateway_webhooks_per_s: gateway.round(),
         latency_events: latency.events,
         latency_rate_per_s: latency.rate.round(),
@@ -639,9 +649,19 @@ fn memory_pass(
 /// Runs `run` until it consumed `n` records; returns records per second in steady state, from
 /// the first committed batch (after the group join and restore).
 fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> Result<f64> {
+    Ok(timed_with_phases(n, "", run)?.0)
+}
+
+/// [`timed`], with the mean milliseconds per batch of `stage` in each phase of its
+/// transactions (`herald_batch_phase_seconds`): what bounds the rate.
+fn timed_with_phases(
+    n: u64,
+    stage: &str,
+    run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync),
+) -> Result<(f64, BTreeMap<String, f64>)> {
     let stop = AtomicBool::new(false);
     let m = Metrics::new()?;
-    std::thread::scope(|s| -> Result<f64> {
+    std::thread::scope(|s| -> Result<(f64, BTreeMap<String, f64>)> {
         let h = s.spawn(|| run(&stop, &m));
         let mut first: Option<(Instant, u64)> = None;
         while m.records_in_total() < n {
@@ -661,7 +681,7 @@ fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> 
         if m.records_in_total() < n {
             return Err(anyhow!("bench stage stopped before consuming every event"));
         }
-        Ok((n - n0) as f64 / secs)
+        Ok(((n - n0) as f64 / secs, m.batch_phase_means_ms(stage)))
     })
 }
 

@@ -207,6 +207,11 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// A committed batch's phases, in order: prepare (tables and prefetch), handle (deciding and
+/// handing records to the producer), deliver (the brokers' acknowledgements of the batch's
+/// records), commit (the input offsets and the end of the transaction).
+pub const BATCH_PHASES: [&str; 4] = ["prepare", "handle", "deliver", "commit"];
+
 /// How a send's provider call ended, as the `outcome` label of send metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendResult {
@@ -257,6 +262,7 @@ pub struct Metrics {
     customers_evicted: IntCounter,
     customers_in_memory: IntGauge,
     batch_duration: HistogramVec,
+    batch_phase: HistogramVec,
     provider_call_duration: HistogramVec,
     event_to_decision: HistogramVec,
     late_records: IntCounterVec,
@@ -433,6 +439,11 @@ impl Metrics {
                 "herald_batch_duration_seconds",
                 "From a batch's start to its commit, by stage.",
                 &["stage"],
+            )?,
+            batch_phase: histograms(
+                "herald_batch_phase_seconds",
+                "Where a committed batch's time went, by stage and phase: prepare (tables, prefetch), handle (decide and produce), deliver (the brokers' acknowledgements), commit (offsets and the transaction's end).",
+                &["stage", "phase"],
             )?,
             provider_call_duration: histograms(
                 "herald_provider_call_duration_seconds",
@@ -680,6 +691,28 @@ impl Metrics {
         self.batch_duration
             .with_label_values(&[stage])
             .observe(took.as_secs_f64());
+    }
+
+    /// How long each phase of a committed batch of `stage` took (see [`BATCH_PHASES`]).
+    pub fn batch_phases(&self, stage: &str, took: [Duration; 4]) {
+        for (phase, took) in BATCH_PHASES.iter().zip(took) {
+            self.batch_phase
+                .with_label_values(&[stage, phase])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// The mean milliseconds per committed batch of `stage` in each phase, for the bench.
+    pub fn batch_phase_means_ms(&self, stage: &str) -> BTreeMap<String, f64> {
+        BATCH_PHASES
+            .iter()
+            .map(|phase| {
+                let h = self.batch_phase.with_label_values(&[stage, phase]);
+                let n = h.get_sample_count().max(1) as f64;
+                let mean = h.get_sample_sum() / n * 1000.0;
+                (phase.to_string(), (mean * 100.0).round() / 100.0)
+            })
+            .collect()
     }
 
     /// What `stage` decided on records with these timestamps (ms since the epoch) became

@@ -247,6 +247,11 @@ fn a_running_process_exposes_typed_labelled_metrics() {
         ("herald_sends_total", "counter", &["channel", "outcome"]),
         ("herald_batch_duration_seconds", "histogram", &["stage"]),
         (
+            "herald_batch_phase_seconds",
+            "histogram",
+            &["stage", "phase"],
+        ),
+        (
             "herald_provider_call_duration_seconds",
             "histogram",
             &["channel", "outcome"],

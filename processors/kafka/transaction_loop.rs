@@ -502,6 +502,15 @@ pub(crate) fn run_batch<S: Stage>(
     let t_committed = Instant::now();
     metrics.transaction(stage.name(), true);
     metrics.batch_committed(stage.name(), t_committed - t_start);
+    metrics.batch_phases(
+        stage.name(),
+        [
+            t_prepared - t_start,
+            t_handled - t_prepared,
+            t_delivered - t_handled,
+            t_committed - t_delivered,
+        ],
+    );
     count_committed(stage.name(), batch, metrics);
     stage.committed(&produced).map_err(BatchError::Fatal)?;
     tracing::debug!(
