@@ -150,8 +150,10 @@ pub fn run(
     let _ = std::fs::remove_dir_all(&dir);
     let store: kafka::SharedStore = Arc::new(EmbeddedStore::open(&dir.join("state.redb"))?);
 
+    // Each pass's rate, and the mean milliseconds per batch of `stage` in each phase of its
+    // transactions (`herald_batch_phase_seconds`): what bounds the rate.
     let timed = |stage: &str, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)| {
-        timed_with_phases(n, stage, run)
+        timed_with_metrics(n, run).map(|(rate, m)| (rate, m.batch_phase_means_ms(stage)))
     };
     let h = rt.handle().clone();
     let (e2e, e2e_batch_ms) = timed("processors", &|stop, m| {
@@ -649,19 +651,17 @@ fn memory_pass(
 /// Runs `run` until it consumed `n` records; returns records per second in steady state, from
 /// the first committed batch (after the group join and restore).
 fn timed(n: u64, run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync)) -> Result<f64> {
-    Ok(timed_with_phases(n, "", run)?.0)
+    Ok(timed_with_metrics(n, run)?.0)
 }
 
-/// [`timed`], with the mean milliseconds per batch of `stage` in each phase of its
-/// transactions (`herald_batch_phase_seconds`): what bounds the rate.
-fn timed_with_phases(
+/// [`timed`], with the metrics the run counted into (its batch phases say what bounds it).
+fn timed_with_metrics(
     n: u64,
-    stage: &str,
     run: &(dyn Fn(&AtomicBool, &Metrics) -> Result<()> + Sync),
-) -> Result<(f64, BTreeMap<String, f64>)> {
+) -> Result<(f64, Metrics)> {
     let stop = AtomicBool::new(false);
     let m = Metrics::new()?;
-    std::thread::scope(|s| -> Result<(f64, BTreeMap<String, f64>)> {
+    let rate = std::thread::scope(|s| -> Result<f64> {
         let h = s.spawn(|| run(&stop, &m));
         let mut first: Option<(Instant, u64)> = None;
         while m.records_in_total() < n {
@@ -681,8 +681,9 @@ fn timed_with_phases(
         if m.records_in_total() < n {
             return Err(anyhow!("bench stage stopped before consuming every event"));
         }
-        Ok(((n - n0) as f64 / secs, m.batch_phase_means_ms(stage)))
-    })
+        Ok((n - n0) as f64 / secs)
+    })?;
+    Ok((rate, m))
 }
 
 /// A copy of the topics behind `prefix`, created empty, with its codec's schemas registered.
