@@ -453,8 +453,8 @@ pub(crate) fn run_batch<S: Stage>(
     // these had arrived took a commit from 7 to 105 ms (p50 per batch, herald bench on the
     // mock cluster). One by one, in the order sent, rather than through `join_all`: that
     // collected a batch's few thousand reports (each with room for a whole record) into a
-    // vector grown afresh every batch, and the kernel zeroing its new pages was a third of
-    // the wait's samples.
+    // vector grown afresh every batch, and the kernel zeroing its new pages was nearly half
+    // of the wait's samples.
     let mut next_offsets: BTreeMap<(Arc<str>, i32), i64> = BTreeMap::new();
     rt.block_on(async {
         for (delivery, topic) in pending {
